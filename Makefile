@@ -1,0 +1,31 @@
+# The two commands of the README. Both create .venv when it is missing; torch stays pinned to
+# the CPU build through constraints.txt (a loose torch would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+QUICKSTART_DATA := data/quickstart
+
+.PHONY: quickstart test test-fast venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/rlhf data synth --out $(QUICKSTART_DATA)
+	$(BIN)/rlhf sft --config configs/sft.yaml
+
+# Fast tests first; the slow end-to-end ones run after them in the same session.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs $(QUICKSTART_DATA)

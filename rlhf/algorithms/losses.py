@@ -1,0 +1,394 @@
+"""Losses of the three RLHF stages (SFT, reward model, PPO / PPO-ptx).
+
+All functions are pure: tensors in, ``(loss, stats)`` out, where ``stats``
+holds detached scalar tensors meant for logging (no host sync happens here;
+the caller decides when to call ``.item()``).
+"""
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.algorithms.masked import masked_mean, masked_var
+
+__all__ = [
+    "token_logprobs",
+    "sft_loss",
+    "ptx_loss",
+    "pairwise_ranking_loss",
+    "kwise_ranking_loss",
+    "ppo_policy_loss",
+    "value_loss",
+    "entropy_from_logits",
+    "explained_variance",
+]
+
+Stats = Dict[str, torch.Tensor]
+Margin = Optional[Union[float, torch.Tensor]]
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # log softmax(z)[y] = z_y - logsumexp(z): avoids materialising a second
+    # (.., vocab) tensor of log-probabilities just to read one entry per row.
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each token under ``softmax(logits / temperature)``.
+
+    The logits must already be aligned with ``tokens`` (``logits[:, t]`` is the
+    distribution that produced ``tokens[:, t]``): the caller does the shift.
+    The temperature must match the one used for sampling, otherwise the PPO
+    ratio compares two different distributions.
+
+    Half-precision logits are upcast one batch row at a time: logsumexp over a
+    large vocabulary in bf16 is too coarse for importance ratios, and a single
+    float32 copy of the whole batch can be several GiB.
+
+    Args:
+        logits: ``(batch, seq, vocab)``.
+        tokens: ``(batch, seq)`` long token ids.
+        temperature: sampling temperature, > 0.
+
+    Returns:
+        ``(batch, seq)`` log-probabilities, float32 (or float64 for float64 logits).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be tokens {tuple(tokens.shape)} plus a vocab dim"
+        )
+    if logits.dtype in _FULL_PRECISION:
+        return _gather_logprobs(logits, tokens, temperature)
+    if logits.shape[0] == 0:
+        return logits.new_zeros(tokens.shape, dtype=torch.float32)
+    rows = [
+        _gather_logprobs(row.float(), row_tokens, temperature)
+        for row, row_tokens in zip(logits.split(1), tokens.split(1))
+    ]
+    return torch.cat(rows, dim=0)
+
+
+def sft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy, mean over non-ignored tokens.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]``; the shift happens here, so
+    ``labels`` is the input ids with prompt/padding positions set to
+    ``ignore_index``. Also used as the PPO-ptx pretraining term (Ouyang et al.
+    2022, eq. 2, gamma * E[log pi(x)]), see :data:`ptx_loss`.
+
+    The count is returned so that callers can average over all tokens of a
+    gradient-accumulation step or of all ranks (``loss * n_tokens`` is the sum)
+    instead of averaging per-micro-batch means, which overweights short batches.
+
+    Args:
+        logits: ``(batch, seq, vocab)``.
+        labels: ``(batch, seq)`` long, ``ignore_index`` where no loss is wanted.
+        ignore_index: label value to skip.
+
+    Returns:
+        ``(loss, n_tokens)``: scalar float32 loss (0 when nothing is counted)
+        and scalar long number of counted tokens.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} plus a vocab dim"
+        )
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    n_tokens = (shift_labels != ignore_index).sum()
+    # Upcast because a bf16 log-softmax over tens of thousands of classes
+    # visibly biases the loss; a fused/chunked CE is the fix if memory bites.
+    summed = F.cross_entropy(
+        shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction="sum"
+    )
+    return summed / n_tokens.clamp_min(1), n_tokens
+
+
+# PPO-ptx mixes in the pretraining log-likelihood (Ouyang et al. 2022, eq. 2);
+# it is the SFT loss on pretraining batches, so the same function is reused.
+ptx_loss = sft_loss
+
+
+def _margin_tensor(margin: Margin, like: torch.Tensor) -> torch.Tensor:
+    if margin is None:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    if isinstance(margin, torch.Tensor):
+        return margin.to(dtype=like.dtype, device=like.device)
+    return torch.tensor(float(margin), dtype=like.dtype, device=like.device)
+
+
+def _safe_mean(x: torch.Tensor) -> torch.Tensor:
+    # Statistics of an empty set of pairs are reported as 0 rather than nan.
+    return x.sum() / max(x.numel(), 1)
+
+
+def pairwise_ranking_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: Margin = None
+) -> Tuple[torch.Tensor, Stats]:
+    """Bradley-Terry loss on (chosen, rejected) reward pairs.
+
+    ``loss = mean(-log sigmoid(r_w - r_l - m))`` (Ouyang et al. 2022, eq. 1
+    with K = 2). The optional margin ``m`` (Touvron et al. 2023, Llama 2)
+    asks for a larger gap on pairs the labellers rated as clearly different.
+
+    Args:
+        chosen_rewards: ``(batch,)`` scalar rewards of the preferred answers.
+        rejected_rewards: ``(batch,)`` rewards of the other answers.
+        margin: ``None``, a float, or a ``(batch,)`` tensor.
+
+    Returns:
+        ``(loss, stats)``; stats: ``accuracy`` (fraction with r_w > r_l),
+        ``reward_margin`` (mean r_w - r_l), ``chosen_reward``,
+        ``rejected_reward`` (means).
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"chosen {tuple(chosen_rewards.shape)} and rejected {tuple(rejected_rewards.shape)} differ in shape"
+        )
+    diff = chosen_rewards - rejected_rewards
+    # -log sigmoid(x) computed as softplus(-x) by logsigmoid: stable for large |x|.
+    loss = -F.logsigmoid(diff - _margin_tensor(margin, diff)).mean()
+    with torch.no_grad():
+        stats = {
+            "accuracy": _safe_mean((diff > 0).to(diff.dtype)),
+            "reward_margin": _safe_mean(diff),
+            "chosen_reward": _safe_mean(chosen_rewards),
+            "rejected_reward": _safe_mean(rejected_rewards),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def kwise_ranking_loss(
+    scores: torch.Tensor,
+    pair_index: torch.Tensor,
+    pair_group: torch.Tensor,
+    num_groups: int,
+    margin: Margin = None,
+    center_coef: float = 0.0,
+) -> Tuple[torch.Tensor, Stats]:
+    """InstructGPT K-wise ranking loss with every answer scored once.
+
+    Ouyang et al. 2022, eq. 1::
+
+        loss(theta) = -1/C(K,2) * E_{(x, y_w, y_l)} [log sigmoid(r(x, y_w) - r(x, y_l))]
+
+    All C(K,2) comparisons of a prompt come from the same K forward passes
+    (scored once, compared many times) and are averaged per prompt, so each
+    prompt counts equally whatever its K; Ouyang et al. found that treating
+    the pairs as independent samples overfits. Tied answers yield no pair, so
+    a prompt may have fewer than C(K,2) pairs: its mean is over the pairs it
+    has, and a prompt with none is left out of the outer mean.
+
+    Optional reward centring adds ``center_coef * mean(scores^2)``: the
+    ranking loss only sees differences, so the common offset of the scores is
+    unconstrained and can drift; this keeps the mean score near 0 so rewards
+    fed to PPO are on a stable scale (an auxiliary loss in the spirit of
+    Eisenstein et al. 2023; InstructGPT instead subtracts a bias after
+    training).
+
+    Args:
+        scores: ``(N,)`` reward of every answer in the batch.
+        pair_index: ``(P, 2)`` long indices into ``scores`` of
+            (better, worse), ties excluded.
+        pair_group: ``(P,)`` long prompt id of each pair, in ``[0, num_groups)``.
+        num_groups: number of prompts in the batch.
+        margin: ``None``, a float, or a ``(P,)`` tensor of per-pair margins.
+        center_coef: weight of the centring penalty; 0 disables it.
+
+    Returns:
+        ``(loss, stats)``; stats (over pairs, not prompt-weighted):
+        ``accuracy``, ``reward_margin`` (mean s_better - s_worse),
+        ``score_mean``, ``num_pairs``.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D (one reward per answer), got {tuple(scores.shape)}")
+    if pair_index.dim() != 2 or pair_index.shape[1] != 2:
+        raise ValueError(f"pair_index must be (P, 2), got {tuple(pair_index.shape)}")
+    if pair_group.shape != pair_index.shape[:1]:
+        raise ValueError(f"pair_group must be ({pair_index.shape[0]},), got {tuple(pair_group.shape)}")
+
+    diff = scores[pair_index[:, 0]] - scores[pair_index[:, 1]]
+    per_pair = -F.logsigmoid(diff - _margin_tensor(margin, diff))
+    group_sum = per_pair.new_zeros(num_groups).index_add(0, pair_group, per_pair)
+    group_count = per_pair.new_zeros(num_groups).index_add(0, pair_group, torch.ones_like(per_pair))
+    has_pairs = group_count > 0
+    # The 1/C(K,2) of eq. 1, with C(K,2) replaced by the actual untied pair count.
+    group_loss = group_sum / group_count.clamp_min(1)
+    loss = torch.where(has_pairs, group_loss, torch.zeros_like(group_loss)).sum() / has_pairs.sum().clamp_min(1)
+    if center_coef:
+        loss = loss + center_coef * scores.pow(2).mean()
+
+    with torch.no_grad():
+        stats = {
+            "accuracy": _safe_mean((diff > 0).to(diff.dtype)),
+            "reward_margin": _safe_mean(diff),
+            "score_mean": _safe_mean(scores),
+            "num_pairs": torch.tensor(float(diff.numel()), device=diff.device),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    dual_clip: Optional[float] = None,
+) -> Tuple[torch.Tensor, Stats]:
+    """PPO clipped surrogate, token-level masked mean over response tokens.
+
+    Schulman et al. 2017, eq. 7, written as a loss (negated objective)::
+
+        ratio = exp(logp - old_logp)
+        L     = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+
+    The max is the pessimistic bound: once the ratio has moved past the clip
+    edge in the direction the advantage favours, the clipped (constant) term
+    is selected and the token's gradient is zero.
+
+    ``dual_clip`` = c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA
+    Games with Deep RL", eq. 5) additionally caps the loss at ``-c * A`` for
+    negative advantages: a huge ratio on a bad action would otherwise give an
+    unbounded step.
+
+    Args:
+        logprobs: ``(batch, seq)`` current policy log-probs (with grad).
+        old_logprobs: ``(batch, seq)`` rollout policy log-probs.
+        advantages: ``(batch, seq)``.
+        response_mask: ``(batch, seq)`` float or bool, 1 on response tokens.
+        clip_eps: epsilon of the ratio clip, > 0.
+        dual_clip: ``None`` or c > 1.
+
+    Returns:
+        ``(loss, stats)``; stats: ``clip_frac`` (fraction of response tokens
+        where the clipped term was strictly larger, i.e. selected),
+        ``approx_kl`` (k3 estimate of KL(pi_old || pi), Schulman 2020 note:
+        ``(ratio - 1) - log ratio``, masked mean), ``ratio_mean``, and
+        ``dual_clip_frac`` when dual clipping is on.
+    """
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+
+    # Off-mask positions may hold -inf log-probs; zero their log-ratio so that
+    # exp() stays finite and no nan reaches the gradient through torch.where.
+    keep = response_mask.to(torch.bool)
+    log_ratio = torch.where(keep, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        capped = torch.minimum(per_token, -dual_clip * advantages)
+        dual_active = (advantages < 0) & (capped < per_token)
+        per_token = torch.where(advantages < 0, capped, per_token)
+    loss = masked_mean(per_token, keep)
+
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), keep),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, keep),
+            "ratio_mean": masked_mean(ratio, keep),
+        }
+        if dual_clip is not None:
+            stats["dual_clip_frac"] = masked_mean(dual_active.to(ratio.dtype), keep)
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: Optional[float] = 0.2,
+) -> Tuple[torch.Tensor, Stats]:
+    """Clipped value-function loss, masked mean over response tokens.
+
+    ``0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)``: the
+    value clipping of OpenAI Baselines' PPO2 (analysed in Engstrom et al.
+    2020, "Implementation Matters in Deep Policy Gradients"); not in the PPO
+    paper, whose eq. 9 uses the plain squared error ``(V - R)^2``. As with
+    the policy, the max is pessimistic: the critic gets no gradient for moving
+    further than ``eps`` from its rollout estimate.
+
+    Args:
+        values: ``(batch, seq)`` current critic output (with grad).
+        old_values: ``(batch, seq)`` critic output at rollout time.
+        returns: ``(batch, seq)`` targets (e.g. from :func:`compute_gae`).
+        response_mask: ``(batch, seq)`` float or bool, 1 on response tokens.
+        clip_eps: clip range in value units; ``None`` disables clipping.
+
+    Returns:
+        ``(loss, stats)``; stats: ``clip_frac`` (fraction of response tokens
+        where the clipped error was strictly larger, i.e. selected).
+    """
+    keep = response_mask.to(torch.bool)
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        per_token = unclipped
+        clip_frac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        if clip_eps <= 0:
+            raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps}")
+        values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        clipped = (values_clipped - returns) ** 2
+        per_token = torch.maximum(unclipped, clipped)
+        with torch.no_grad():
+            clip_frac = masked_mean((clipped > unclipped).to(values.dtype), keep)
+    loss = 0.5 * masked_mean(per_token, keep)
+    return loss, {"clip_frac": clip_frac.detach()}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` at every position.
+
+    ``H = logsumexp(z) - sum_i softmax(z)_i * z_i``, which needs no
+    log-probability tensor. Entries set to ``-inf`` (top-k / top-p masking)
+    have probability 0 and contribute 0 rather than ``0 * -inf = nan``.
+
+    Args:
+        logits: ``(batch, seq, vocab)``.
+
+    Returns:
+        ``(batch, seq)`` entropy in nats; the masked mean is the caller's.
+    """
+    if logits.dtype not in _FULL_PRECISION:
+        logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    finite = torch.where(probs > 0, logits, torch.zeros_like(logits))
+    return torch.logsumexp(logits, dim=-1) - (probs * finite).sum(-1)
+
+
+@torch.no_grad()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fraction of the return variance the critic explains, over masked tokens.
+
+    ``1 - Var[R - V] / Var[R]``: 1 is a perfect critic, 0 is no better than
+    predicting the mean return, negative is worse than that. ``nan`` when the
+    returns are constant (the ratio is undefined, and a fake number would
+    hide it on a dashboard).
+
+    Args:
+        values: ``(batch, seq)`` critic predictions.
+        returns: ``(batch, seq)`` targets.
+        mask: ``(batch, seq)`` float or bool, 1 on response tokens.
+
+    Returns:
+        Detached scalar tensor.
+    """
+    var_returns = masked_var(returns, mask, unbiased=False)
+    var_error = masked_var(returns - values, mask, unbiased=False)
+    nan = torch.full_like(var_returns, float("nan"))
+    return torch.where(var_returns > 0, 1.0 - var_error / var_returns, nan)

@@ -1,0 +1,155 @@
+"""The `rlhf` command: one sub-command per stage plus data tools.
+
+User mistakes (bad config, bad data, missing paths) print one line and exit 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from rlhf.errors import UserError
+
+STAGES = {
+    "sft": "Supervised fine-tuning on (prompt, response) demonstrations.",
+    "rm": "Train a reward model on ranked answers (pairwise / K-wise ranking loss).",
+    "ppo": "Optimise the policy against the reward model with PPO / PPO-ptx and a KL penalty.",
+    "pipeline": "Run SFT -> RM -> PPO with lineage, skipping stages that are up to date.",
+}
+NOT_YET = {"rm", "ppo", "pipeline"}
+
+
+def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
+    from rlhf.config import STAGE_CONFIGS, describe
+
+    epilog = None
+    if name in STAGE_CONFIGS:
+        epilog = "config keys (override any with key=value):\n" + "\n".join(describe(STAGE_CONFIGS[name]))
+    parser = sub.add_parser(
+        name,
+        help=STAGES[name],
+        description=STAGES[name],
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config; repeat to layer several (later files win)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="Align language models with human feedback.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name in STAGES:
+        _stage_parser(sub, name)
+
+    data = sub.add_parser("data", help="Inspect data files; write the quickstart task.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="action")
+    inspect = data_sub.add_parser("inspect", help="Counts, token-length percentiles and truncation of a data file.")
+    inspect.add_argument("file", help="JSONL/JSON/Parquet/CSV file, saved datasets dir, or hub id")
+    inspect.add_argument("--kind", required=True, choices=("sft", "rank", "prompt", "pretrain"))
+    inspect.add_argument("--tokenizer", help="tokenizer (model dir or hub id) to count tokens with; "
+                         "without it, lengths are whitespace-separated words")
+    inspect.add_argument("--max-length", type=int, default=512)
+    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                         help="read canonical FIELD from COLUMN, e.g. prompt=question")
+    inspect.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    synth = data_sub.add_parser("synth", help="Write the quickstart task (SFT, ranked, prompt, pretraining sets).")
+    synth.add_argument("--out", required=True, help="directory to write the .jsonl files into")
+    synth.add_argument("--seed", type=int, default=0)
+
+    generate = sub.add_parser("generate", help="Answer prompts with a trained model.")
+    generate.add_argument("--model", required=True, help="model directory or hub id")
+    generate.add_argument("--prompt", action="append", default=[], help="a user message; repeatable")
+    generate.add_argument("--prompts", help="prompt-set file (any accepted prompt format)")
+    generate.add_argument("--out", help="write JSONL rows {prompt, response} here instead of printing")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _run_stage(name: str, args: argparse.Namespace) -> None:
+    if name in NOT_YET:
+        raise UserError(f"'rlhf {name}' is not available yet in this version; 'rlhf sft' is")
+    from rlhf.config import STAGE_CONFIGS, load_config
+
+    cfg = load_config(STAGE_CONFIGS[name], args.config, args.overrides)
+    if name == "sft":
+        from stages import sft
+
+        sft.main(cfg)
+
+
+def _columns(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--column {pair!r} must look like FIELD=COLUMN")
+        field, column = pair.split("=", 1)
+        out[field] = column
+    return out
+
+
+def _run_data(args: argparse.Namespace) -> None:
+    if args.data_command == "synth":
+        from rlhf.data.quickstart import synthesize
+
+        for name, path in synthesize(args.out, seed=args.seed).items():
+            print(f"{name}: {path}")
+        return
+    from rlhf.config_sections import DataSourceConfig
+    from rlhf.data.inspect import inspect_data
+
+    if args.tokenizer:
+        from rlhf.config_sections import ModelConfig
+        from rlhf.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(ModelConfig(path=args.tokenizer))
+        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    else:
+        count = lambda text: len(text.split())  # noqa: E731
+    source = DataSourceConfig(path=args.file, split=args.split, columns=_columns(args.column))
+    stats = inspect_data(args.kind, source, count, args.max_length, args.on_error)
+    stats["length_unit"] = "tokens" if args.tokenizer else "words (pass --tokenizer for tokens)"
+    if args.json:
+        print(json.dumps(stats))
+        return
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from rlhf.generate import generate_cli
+
+    generate_cli(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in STAGES:
+            _run_stage(args.command, args)
+        elif args.command == "data":
+            _run_data(args)
+        elif args.command == "generate":
+            _run_generate(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Config sections shared by the stages. Each field's docstring is its documentation.
+
+Stage configs (`SFTConfig`, ...) live in `rlhf/config.py` and are built from these sections.
+Cross-field rules live in each section's `validate()`; `load_config` calls them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from rlhf.errors import ConfigError
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(choices)}")
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = ""
+    """A local file (.jsonl, .json, .parquet, .csv), a directory saved with
+    `datasets.save_to_disk`, or a hub dataset id. Empty means "not given"."""
+    split: str = "train"
+    """Split to read from a saved DatasetDict or a hub dataset."""
+    name: Optional[str] = None
+    """Hub dataset configuration name, if the dataset has several."""
+    columns: Dict[str, str] = field(default_factory=dict)
+    """Canonical field -> column in this data, e.g. {prompt: question, response: answer}."""
+    format: str = "auto"
+    """Row format; "auto" detects it per row from the fields present. See rlhf/data/formats.py."""
+
+    @property
+    def given(self) -> bool:
+        return bool(self.path)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 trains all weights."""
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Llama built from scratch, with a byte-level BPE tokenizer trained on the
+    stage's training texts. Used by tests and the quickstart; never for real work."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    vocab_size: int = 512
+    """Target size of the trained tokenizer (the BPE may stop below it on a small corpus)."""
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """A local Hugging Face model directory or a hub id."""
+    gguf_file: Optional[str] = None
+    """GGUF file inside `path` (or an absolute path); weights are dequantised on load."""
+    tokenizer: Optional[str] = None
+    """Tokenizer location when it differs from `path`."""
+    tiny: Optional[TinyModelConfig] = None
+    """Build a tiny model from this config instead of loading `path`."""
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    """Run model code shipped with a checkpoint. Off: only enable for code you have read."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on GPUs that support it), float32, bfloat16, float16."""
+    attn_implementation: Optional[str] = None
+    """sdpa, eager, flash_attention_2; None lets transformers choose."""
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        if not self.path and self.tiny is None:
+            raise ConfigError("model.path is required (a model directory, hub id or GGUF location), or set model.tiny")
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = -1
+    """Optimizer steps to run; -1 runs `epochs` full passes."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one worker."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all workers; accumulation = global / (micro * workers)."""
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule as a fraction of `lr`."""
+    lr_scheduler: str = "cosine"
+    """cosine, linear or constant, each after a linear warmup."""
+    warmup_ratio: float = 0.03
+    """Fraction of the total steps spent warming up linearly from 0."""
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    eval_every: int = 50
+    """Evaluate every N optimizer steps (and always at the end); 0 evaluates only at the end."""
+    log_every: int = 1
+    save_every: int = 0
+    """Save a resumable checkpoint every N steps; 0 saves none."""
+    keep_last: int = 2
+    """Checkpoints to keep."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in output_dir if any), never, or a checkpoint path."""
+
+    def validate(self) -> None:
+        _choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("train.warmup_ratio must be in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+        if len(self.adam_betas) != 2:
+            raise ConfigError("train.adam_betas must have two values")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "single"
+    """single (one process), deepspeed or fsdp."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed_config: Optional[str] = None
+    """A raw DeepSpeed JSON whose keys override the ones built from this config."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16."""
+
+    def validate(self) -> None:
+        _choice("strategy.name", self.name, ("single", "deepspeed", "fsdp"))
+        _choice("strategy.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"strategy.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class LoggingConfig:
+    backends: List[str] = field(default_factory=list)
+    """Trackers besides the always-on metrics.jsonl: wandb, tensorboard."""
+    project: str = "rlhf"
+    run_name: Optional[str] = None
+    progress: bool = True
+    """Show a tqdm progress bar (plain log lines when output is not a terminal)."""
+
+    def validate(self) -> None:
+        for backend in self.backends:
+            _choice("logging.backends[]", backend, ("wandb", "tensorboard"))

@@ -1,0 +1,82 @@
+"""One process, no process group: the reference every sharded engine must match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from rlhf.distributed.strategy import Strategy, TrainedModel, seed_everything
+from rlhf.models.export import export_pretrained
+from rlhf.training.optim import OptimizerSpec, build_optimizer, build_scheduler
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class SingleStrategy(Strategy):
+    name = "single"
+
+    def setup(self, seed: int) -> None:
+        self.device = pick_device()
+        seed_everything(seed)
+
+    def wrap(self, model: torch.nn.Module, spec: OptimizerSpec) -> TrainedModel:
+        model.to(self.device)
+        optimizer = build_optimizer(model, spec)
+        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm)
+
+    def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, model: TrainedModel) -> float:
+        params = [p for p in model.module.parameters() if p.requires_grad]
+        max_norm = model.max_grad_norm if model.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        model.optimizer.step()
+        model.scheduler.step()
+        model.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def save_state(self, model: TrainedModel, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.module.state_dict().items()}
+        # Tied embeddings share storage; safetensors wants each tensor once.
+        save_file(_dedupe(weights), directory / "model.safetensors")
+        torch.save(
+            {"optimizer": model.optimizer.state_dict(), "scheduler": model.scheduler.state_dict()},
+            directory / "optimizer.pt",
+        )
+
+    def load_state(self, model: TrainedModel, directory: Path) -> None:
+        weights = load_file(directory / "model.safetensors", device=str(self.device))
+        missing, unexpected = model.module.load_state_dict(weights, strict=False)
+        if unexpected or any(not _is_tied(model.module, name) for name in missing):
+            raise RuntimeError(f"checkpoint {directory} does not match the model: {missing or unexpected}")
+        state = torch.load(directory / "optimizer.pt", weights_only=True, map_location=self.device)
+        model.optimizer.load_state_dict(state["optimizer"])
+        model.scheduler.load_state_dict(state["scheduler"])
+
+    def export(self, model: TrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, extra_files: dict | None = None) -> None:
+        export_pretrained(model.module, tokenizer, directory, extra_files=extra_files)
+
+
+def _dedupe(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[int, str] = {}
+    out = {}
+    for name, tensor in weights.items():
+        key = tensor.data_ptr()
+        if key in seen and tensor.numel() > 0:
+            continue
+        seen[key] = name
+        out[name] = tensor
+    return out
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    names = tied.keys() if isinstance(tied, dict) else tied
+    return any(name == t or name.endswith(t) for t in names)

@@ -1,0 +1,119 @@
+"""Loading tokenizers and causal LMs: a local HF directory, a hub id, a GGUF file, or a tiny
+model built from a config (see `rlhf/models/tiny.py`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config_sections import ModelConfig
+from rlhf.data.template import ensure_chat_template
+from rlhf.errors import UserError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on CPU (bf16 matmuls are ~100x slower there) and bf16 on GPUs that have it."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path)
+
+
+def _gguf_location(cfg: ModelConfig, path: str) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name) as `from_pretrained` wants them."""
+    if not cfg.gguf_file:
+        return path, None
+    gguf = Path(cfg.gguf_file)
+    if gguf.is_absolute():
+        if not gguf.is_file():
+            raise UserError(f"model.gguf_file: {gguf}: file not found")
+        return str(gguf.parent), gguf.name
+    if _looks_local(path) and not (Path(path) / gguf).is_file():
+        raise UserError(f"model.gguf_file: {Path(path) / gguf}: file not found")
+    return path, cfg.gguf_file
+
+
+def _check_path(path: str, field: str) -> None:
+    if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+        raise UserError(f"{field}: {path}: no such directory")
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `path` (default `cfg.tokenizer` or `cfg.path`), with a chat template
+    (a documented fallback when the model has none) and a pad token set."""
+    path = path or cfg.tokenizer or cfg.path
+    _check_path(path, "model.tokenizer" if cfg.tokenizer else "model.path")
+    location, gguf_file = _gguf_location(cfg, path) if path == cfg.path else (path, None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            location,
+            gguf_file=gguf_file,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except OSError as exc:
+        raise UserError(f"cannot load the tokenizer from '{path}': {str(exc).splitlines()[0]}") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"the tokenizer of '{path}' has no EOS token; responses could never end")
+    if tokenizer.pad_token is None:
+        # Padding positions are always excluded through attention/response masks, never by
+        # comparing ids with pad_token_id, so reusing EOS here is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def _detach_gguf_quantizer(model: PreTrainedModel) -> None:
+    """GGUF weights are dequantised on load; detach the quantizer so save_pretrained works."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_causal_lm(
+    cfg: ModelConfig, device: torch.device, path: str | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Load the causal LM at `path` (default `cfg.path`) on `device`, dropout off unless training
+    wants it is a caller decision; `trust_remote_code` only when the config says so."""
+    path = path or cfg.path
+    _check_path(path, "model.path")
+    location, gguf_file = _gguf_location(cfg, path) if path == cfg.path else (path, None)
+    kwargs = {}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            gguf_file=gguf_file,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype or resolve_dtype(cfg.dtype, device),
+            **kwargs,
+        )
+    except OSError as exc:
+        raise UserError(f"cannot load a model from '{path}': {str(exc).splitlines()[0]}") from None
+    if gguf_file:
+        _detach_gguf_quantizer(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.to(device)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RLHF compares log-probs of the same tokens across models and passes: dropout would make
+    them noisy, so every role runs without it."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny model on disk, the quickstart data, the shared real datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Slow end-to-end tests run last, so a time-boxed run still covers every fast test.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+@pytest.fixture(scope="session")
+def quickstart_data(tmp_path_factory) -> dict[str, str]:
+    from rlhf.data.quickstart import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("quickstart"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, quickstart_data) -> Path:
+    """A tiny Llama + tokenizer trained on the quickstart texts, saved as a HF directory."""
+    import json
+
+    from rlhf.config_sections import TinyModelConfig
+    from rlhf.models.tiny import create_tiny_checkpoint
+
+    rows = [json.loads(line) for line in Path(quickstart_data["sft"]).read_text().splitlines()]
+    texts = [r["prompt"] for r in rows] + [r["response"] for r in rows]
+    return create_tiny_checkpoint(TinyModelConfig(hidden_size=32, intermediate_size=64), texts,
+                                  tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip("../shared/datasets is absent")
+    return SHARED_DATASETS
