@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import SFTConfig, describe, load_config, save_config
+from rlhf.errors import ConfigError
+
+BASE = ["model.path=some/model", "data.train.path=train.jsonl"]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_overrides_later_wins(tmp_path):
+    path = write(tmp_path, "model:\n  path: a\ndata:\n  train:\n    path: t.jsonl\ntrain:\n  lr: 0.1\n")
+    cfg = load_config(SFTConfig, [path], ["train.lr=0.5", "data.train.columns.prompt=question"])
+    assert cfg.train.lr == 0.5
+    assert cfg.model.path == "a"
+    assert cfg.data.train.columns == {"prompt": "question"}
+    assert isinstance(cfg, SFTConfig)
+
+
+def test_unknown_key_in_file_names_file_line_and_valid_keys(tmp_path):
+    path = write(tmp_path, "model:\n  path: a\ntrain:\n  lr: 0.1\n  lrr: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, [path], [])
+    message = str(err.value)
+    assert f"{path}:5" in message
+    assert "unknown key 'train.lrr'" in message
+    assert "micro_batch_size" in message and "warmup_ratio" in message
+
+
+def test_unknown_override_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"override 'data.colums=1'.*unknown key 'data.colums'.*max_length"):
+        load_config(SFTConfig, [], BASE + ["data.colums=1"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: key 'train.epochs'"):
+        load_config(SFTConfig, [path], [])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="max_prompt_length"):
+        load_config(SFTConfig, [], BASE + ["data.max_length=64", "data.max_prompt_length=64"])
+    with pytest.raises(ConfigError, match="global_batch_size=10 is not a multiple"):
+        load_config(SFTConfig, [], BASE + ["train.micro_batch_size=4", "train.global_batch_size=10"])
+    with pytest.raises(ConfigError, match="model.path is required"):
+        load_config(SFTConfig, [], ["data.train.path=x"])
+    with pytest.raises(ConfigError, match="strategy.name='ddp' is not one of"):
+        load_config(SFTConfig, [], BASE + ["strategy.name=ddp"])
+
+
+def test_tiny_model_enabled_from_an_override():
+    cfg = load_config(SFTConfig, [], ["data.train.path=x", "model.tiny={}", "model.tiny.hidden_size=32"])
+    assert cfg.model.tiny.hidden_size == 32 and cfg.model.tiny.num_layers == 2
+
+
+def test_missing_config_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(SFTConfig, [str(tmp_path / "nope.yaml")], [])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(SFTConfig, [], BASE + ["train.lr"])
+
+
+def test_saved_config_reloads_to_the_same_object(tmp_path):
+    cfg = load_config(SFTConfig, [], BASE + ["train.lr=0.25", "seed=7"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(SFTConfig, [str(tmp_path / "config.yaml")], []) == cfg
+
+
+def test_describe_documents_fields():
+    lines = "\n".join(describe(SFTConfig))
+    assert "train.global_batch_size = 16  # Sequences per optimizer step" in lines
+    assert "data.train.path = ''" in lines
