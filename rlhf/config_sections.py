@@ -6,6 +6,7 @@ Cross-field rules live in each section's `validate()`; `load_config` calls them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -82,6 +83,8 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.path and self.tiny is None:
             raise ConfigError("model.path is required (a model directory, hub id or GGUF location), or set model.tiny")
+        if self.tiny is None and self.path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(self.path)):
+            raise ConfigError(f"model.path: {self.path}: no such directory")
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 

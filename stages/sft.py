@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from rlhf.config import SFTConfig, save_config
 from rlhf.data.sft_dataset import SFTBatches, tokenize_sft
@@ -28,12 +31,19 @@ def _texts(records) -> list[str]:
     return [m.content for r in records for m in r.messages]
 
 
-def main(cfg: SFTConfig) -> dict[str, float]:
+@dataclass
+class SFTResult:
+    metrics: dict[str, float]
+    """Final train loss, eval loss/perplexity and the eval loss before training."""
+    model_dir: Path
+    model: torch.nn.Module
+    """The trained model in memory (sharded under a sharded strategy)."""
+
+
+def main(cfg: SFTConfig) -> SFTResult:
     run_dir = Path(cfg.output_dir)
     strategy = build_strategy(cfg.strategy)
     strategy.setup(cfg.seed)
-    if strategy.is_main:
-        save_config(cfg, run_dir / "config.yaml")
     say = print if strategy.is_main else (lambda *a, **k: None)
 
     # 1. Data: canonical records from any accepted format, with a held-out eval set.
@@ -44,6 +54,8 @@ def main(cfg: SFTConfig) -> dict[str, float]:
     model_path = resolve_model_path(cfg.model, run_dir, _texts(data.train), cfg.seed)
     tokenizer = load_tokenizer(cfg.model, model_path if cfg.model.tiny else None)
     model = apply_lora(load_causal_lm(cfg.model, strategy.device, model_path), cfg.model.lora)
+    if strategy.is_main:
+        save_config(cfg, run_dir / "config.yaml")
 
     # 3. Tokenise with the chat template; prompt tokens get label -100.
     lengths = (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.all_assistant_turns)
@@ -127,5 +139,5 @@ def main(cfg: SFTConfig) -> dict[str, float]:
         save_config(cfg, run_dir / "model" / "rlhf_config.yaml")
     say(f"[sft] done: eval loss {last_eval.get('eval/loss', float('nan')):.4f}; model in {run_dir / 'model'}")
     strategy.teardown()
-    return summary
+    return SFTResult(summary, run_dir / "model", strategy.unwrap(trained))
 

@@ -13,6 +13,11 @@ from rlhf.config_sections import ModelConfig
 from rlhf.data.template import ensure_chat_template
 from rlhf.errors import UserError
 
+if not torch.cuda.is_available():
+    # transformers imports deepspeed when it is installed; telling it the accelerator up front
+    # spares every command a "could not detect a GPU" warning on CPU machines.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

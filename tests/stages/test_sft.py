@@ -1,0 +1,87 @@
+"""End-to-end SFT on CPU with tiny models: it learns, exports loadable weights, is seeded."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.config import SFTConfig, load_config
+from rlhf.logging.metrics import read_metrics
+from stages import sft
+
+TINY = ["model.tiny={}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.vocab_size=400"]
+
+
+def run_sft(tmp_path: Path, train_path: str, *overrides: str):
+    cfg = load_config(
+        SFTConfig,
+        [],
+        [f"data.train.path={train_path}", f"output_dir={tmp_path / 'run'}", "logging.progress=false",
+         "train.micro_batch_size=8", "train.global_batch_size=16", "train.lr=3e-3", "train.eval_every=0",
+         "data.max_length=128", "data.max_prompt_length=64", *TINY, *overrides],
+    )
+    return cfg, sft.main(cfg)
+
+
+@pytest.mark.slow
+def test_quickstart_sft_learns_and_exports_same_logits(tmp_path, quickstart_data):
+    cfg, result = run_sft(tmp_path, quickstart_data["sft"], "train.epochs=2")
+    initial, final = result.metrics["eval/initial_loss"], result.metrics["eval/loss"]
+    assert final <= 0.7 * initial, f"eval loss fell only from {initial:.3f} to {final:.3f}"
+
+    run_dir = Path(cfg.output_dir)
+    rows = read_metrics(run_dir)
+    assert rows[0]["step"] == 0 and "eval/loss" in rows[0]
+    assert {"sft/loss", "sft/lr", "sft/grad_norm", "perf/tokens_per_s"} <= set(rows[1])
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "model" / "rlhf_config.yaml").is_file()
+    assert list((run_dir / "model").glob("*.safetensors")) and not list((run_dir / "model").glob("*.bin"))
+
+    # The export reloads with plain transformers and gives the trained model's logits.
+    reloaded = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    ids = tokenizer(["List 3 fruits in uppercase.", "Name 2 birds, in lowercase."], return_tensors="pt", padding=True)
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**ids).logits, result.model(**ids).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path, quickstart_data):
+    losses = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        cfg, _ = run_sft(tmp_path / name, quickstart_data["sft"], "train.max_steps=6", f"seed={seed}")
+        losses.append([r["sft/loss"] for r in read_metrics(cfg.output_dir) if "sft/loss" in r])
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+@pytest.mark.slow
+def test_packing_and_lora_run_and_merge_on_export(tmp_path, quickstart_data):
+    cfg, result = run_sft(tmp_path, quickstart_data["sft"], "train.max_steps=30", "data.packing=true",
+                          "model.lora.r=8", "model.lora.alpha=16", "train.lr=1e-2")
+    assert result.metrics["eval/loss"] < result.metrics["eval/initial_loss"]
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert "peft" not in json.dumps(saved).lower()
+    assert not (result.model_dir / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_self_instruct_seed_tasks_train_without_conversion(tmp_path, shared_datasets):
+    _, result = run_sft(tmp_path, str(shared_datasets / "self_instruct_seed_tasks.jsonl"), "train.max_steps=30",
+                        "data.max_length=256", "data.max_prompt_length=128", "data.eval_fraction=0.1")
+    assert result.metrics["eval/loss"] < 0.9 * result.metrics["eval/initial_loss"]
+
+
+@pytest.mark.slow
+def test_hh_pairs_train_as_sft_on_chosen_without_conversion(tmp_path, shared_datasets):
+    _, result = run_sft(tmp_path, str(shared_datasets / "hh_rlhf_harmless_pairs.jsonl"), "train.max_steps=30",
+                        "data.max_length=256", "data.max_prompt_length=192", "data.eval_fraction=0.02",
+                        "data.on_error=skip")
+    assert result.metrics["eval/loss"] < 0.9 * result.metrics["eval/initial_loss"]
