@@ -18,7 +18,7 @@ STAGES = {
     "ppo": "Optimise the policy against the reward model with PPO / PPO-ptx and a KL penalty.",
     "pipeline": "Run SFT -> RM -> PPO with lineage, skipping stages that are up to date.",
 }
-NOT_YET = {"rm", "ppo", "pipeline"}
+NOT_YET = {"pipeline"}
 
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -27,10 +27,13 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
     epilog = None
     if name in STAGE_CONFIGS:
         epilog = "config keys (override any with key=value):\n" + "\n".join(describe(STAGE_CONFIGS[name]))
+    description = STAGES[name]
+    if name == "rm":
+        description += "\n\nAlso: rlhf rm score --model DIR --data FILE --out FILE (see rlhf rm score --help)."
     parser = sub.add_parser(
         name,
         help=STAGES[name],
-        description=STAGES[name],
+        description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -85,6 +88,14 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
         from stages import sft
 
         sft.main(cfg)
+    elif name == "rm":
+        from stages import rm
+
+        rm.main(cfg)
+    elif name == "ppo":
+        from stages import ppo
+
+        ppo.main(cfg)
 
 
 def _columns(pairs: Sequence[str]) -> dict[str, str]:
@@ -132,7 +143,38 @@ def _run_generate(args: argparse.Namespace) -> None:
     generate_cli(args)
 
 
+def build_score_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf rm score",
+                                     description="Score every answer of a ranked data file with a reward model.")
+    parser.add_argument("--model", required=True, help="reward-model directory (the model/ of an rm run)")
+    parser.add_argument("--data", required=True, help="ranked data file (any accepted rank format)")
+    parser.add_argument("--out", required=True, help="JSONL file to write, one row per data row")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    return parser
+
+
+def _run_score(argv: Sequence[str]) -> None:
+    from rlhf.scoring import score_file
+
+    args = build_score_parser().parse_args(argv)
+    summary = score_file(args.model, args.data, args.out, args.max_length, args.max_prompt_length,
+                         args.on_error, args.batch_size)
+    print(f"wrote scores of {summary['rows']} rows to {args.out}; pairwise accuracy {summary['accuracy']:.3f} "
+          f"over {summary['pairs']} pairs" + (f"; {summary['skipped']} malformed rows skipped" if summary["skipped"] else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["rm", "score"]:
+        try:
+            _run_score(argv[2:])
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

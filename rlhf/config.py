@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -79,7 +79,218 @@ class SFTConfig:
             section.validate()
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+@dataclass
+class RMDataConfig:
+    train: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Ranked answers: prompt+chosen+rejected, HH pairs, or prompt+responses(+scores/ranks)."""
+    eval: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Held-out set; when its path is empty, `eval_fraction` of train is held out."""
+    eval_fraction: float = 0.1
+    max_length: int = 512
+    max_prompt_length: int = 256
+    on_error: str = "raise"
+    """raise: stop at the first malformed row; skip: skip and count malformed rows."""
+
+    def validate(self) -> None:
+        SFTDataConfig.validate(self)  # same rules: train given, on_error, fractions, lengths
+
+
+@dataclass
+class RewardLossConfig:
+    center_coef: float = 0.0
+    """Weight of mean(score^2) added to the loss, keeping scores centred near 0."""
+    use_margin: bool = True
+    """Subtract the data's per-row `margin` inside the sigmoid when rows carry one."""
+
+
+@dataclass
+class RMConfig:
+    """Reward model: scalar head on the SFT backbone, InstructGPT K-wise ranking loss."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Starts from the SFT export by default (model.path = runs/.../sft/model)."""
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, micro_batch_size=2, global_batch_size=8))
+    """micro/global batch sizes count prompts; each prompt brings its K answers."""
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "runs/rm"
+    """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the best model/."""
+    seed: int = 42
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.strategy, self.logging):
+            section.validate()
+
+
+@dataclass
+class PPODataConfig:
+    prompts: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Prompt set for rollouts: `prompt` (text or messages) or `messages` without the answer."""
+    eval_prompts: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Held-out prompts for evaluation; when empty, `eval_fraction` of the prompts is held out."""
+    eval_fraction: float = 0.1
+    pretrain: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Plain `text` rows for the PPO-ptx term; required when ppo.ptx_coef > 0."""
+    max_prompt_length: int = 256
+    """Prompts keep their last tokens beyond this."""
+    pretrain_max_length: int = 256
+    on_error: str = "raise"
+
+    def validate(self) -> None:
+        if not self.prompts.given:
+            raise ConfigError("data.prompts.path is required")
+        _choice("data.on_error", self.on_error, ("raise", "skip"))
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError("data.eval_fraction must be in [0, 1)")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """hf: transformers generate with a KV cache (vllm: reserved for GPU deployments)."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    """Sampling temperature; PPO log-probs are computed from logits divided by the same value."""
+    top_k: int = 0
+    """0 disables top-k filtering."""
+    top_p: float = 1.0
+    batch_size: int = 32
+    """Prompts generated together."""
+
+    def validate(self) -> None:
+        _choice("rollout.engine", self.engine, ("hf",))
+        if self.temperature <= 0:
+            raise ConfigError("rollout.temperature must be > 0 (PPO needs a stochastic policy)")
+        if self.max_new_tokens < 1:
+            raise ConfigError("rollout.max_new_tokens must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    normalize: str = "rm_stats"
+    """rm_stats: (r - mean) / std with the statistics saved by the RM stage; running: a running
+    estimate over rollouts; none."""
+    clip: float = 5.0
+    """Clip the (normalised) score to [-clip, clip]; 0 disables."""
+    missing_eos_penalty: Optional[float] = None
+    """Added to the score of responses that end without EOS (cut at max_new_tokens)."""
+
+    def validate(self) -> None:
+        _choice("reward.normalize", self.normalize, ("rm_stats", "running", "none"))
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.05
+    """β in r(x, y) - β·KL(π || π_SFT); the initial value when adaptive."""
+    estimator: str = "k1"
+    """Per-token estimator: k1 (log ratio), k2 (½ log² ratio) or k3 ((1/r - 1) + log r)."""
+    in_loss: bool = False
+    """Put the KL term in the policy loss instead of the per-token reward."""
+    adaptive: bool = False
+    """Ziegler et al.'s proportional controller towards `target`."""
+    target: float = 6.0
+    """Target KL (nats per response) of the adaptive controller."""
+    horizon: int = 10000
+    """Samples over which the adaptive controller moves the coefficient by at most 20%."""
+
+    def validate(self) -> None:
+        _choice("kl.estimator", self.estimator, ("k1", "k2", "k3"))
+        if self.coef < 0:
+            raise ConfigError("kl.coef must be >= 0")
+
+
+@dataclass
+class PPOAlgoConfig:
+    iterations: int = 100
+    """Rollout-then-train iterations."""
+    rollout_batch_size: int = 64
+    """Prompts rolled out per iteration (over all workers)."""
+    mini_batch_size: int = 16
+    """Samples per optimizer step within an iteration."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on one worker."""
+    ppo_epochs: int = 1
+    """Passes over each iteration's rollouts."""
+    clip_eps: float = 0.2
+    value_clip_eps: Optional[float] = 0.2
+    """Clip the value update around the rollout's values; None disables."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+    ptx_coef: float = 0.0
+    """γ of PPO-ptx: weight of the pretraining LM loss in the actor update; 0 is plain PPO."""
+    ptx_micro_batch_size: int = 8
+    actor_lr: float = 1e-6
+    critic_lr: float = 5e-6
+    critic_init: str = "reward"
+    """Initialise the critic from the reward model (reward) or the SFT model (sft)."""
+    critic_warmup_iterations: int = 0
+    """Iterations that train only the critic, before the actor moves."""
+    ema_decay: float = 0.0
+    """Keep an EMA of the actor weights with this decay (0: off); the EMA is exported too."""
+    eval_every: int = 10
+    """Evaluate every N iterations (and at the start and end)."""
+    sample_every: int = 10
+
+    def validate(self) -> None:
+        _choice("ppo.critic_init", self.critic_init, ("reward", "sft"))
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not a multiple of "
+                              f"ppo.mini_batch_size={self.mini_batch_size}")
+        if self.mini_batch_size % self.micro_batch_size:
+            raise ConfigError(f"ppo.mini_batch_size={self.mini_batch_size} is not a multiple of "
+                              f"ppo.micro_batch_size={self.micro_batch_size}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ppo.ema_decay must be in [0, 1)")
+
+
+@dataclass
+class PPOEvalConfig:
+    gold_reward: Optional[str] = None
+    """"module:function" scoring (prompt, response) by a known rule, e.g.
+    rlhf.data.quickstart:gold_reward; reported beside the reward model's score."""
+    max_prompts: int = 64
+    samples_per_prompt: int = 4
+    """Answers sampled per held-out prompt; more samples make the eval means less noisy."""
+    temperature: Optional[float] = None
+    """Sampling temperature of eval rollouts; None uses rollout.temperature."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO / PPO-ptx: maximise r(x, y) - β·log(π(y|x)/π_SFT(y|x)) (+ γ·log π(x_pretrain))."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The SFT model: initialises the actor and is the frozen reference."""
+    reward_model: ModelConfig = field(default_factory=ModelConfig)
+    """The RM stage's export: the frozen reward model (and the critic's start by default)."""
+    data: PPODataConfig = field(default_factory=PPODataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr_scheduler="constant", warmup_ratio=0.0))
+    """Optimizer settings shared by actor and critic (their learning rates are ppo.actor_lr and
+    ppo.critic_lr); save_every/resume count iterations."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "runs/ppo"
+    seed: int = 42
+
+    def validate(self) -> None:
+        for section in (self.model, self.reward_model, self.data, self.rollout, self.reward, self.kl, self.ppo,
+                        self.train, self.strategy, self.logging):
+            section.validate()
+        if self.ppo.ptx_coef > 0 and not self.data.pretrain.given:
+            raise ConfigError("ppo.ptx_coef > 0 needs data.pretrain.path (plain `text` rows)")
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
 
 
 # ---------------------------------------------------------------------------------------

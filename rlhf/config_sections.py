@@ -55,7 +55,7 @@ class TinyModelConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    vocab_size: int = 512
+    vocab_size: int = 1024
     """Target size of the trained tokenizer (the BPE may stop below it on a small corpus)."""
     max_position_embeddings: int = 512
 
@@ -143,7 +143,10 @@ class StrategyConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3."""
     offload_optimizer: bool = False
+    """Keep optimizer states (and the optimizer step) in CPU memory: DeepSpeed ZeRO 1-3;
+    under FSDP2 either offload flag offloads parameters, gradients and optimizer together."""
     offload_params: bool = False
+    """Keep parameters in CPU memory between uses: DeepSpeed ZeRO-3 or FSDP2."""
     deepspeed_config: Optional[str] = None
     """A raw DeepSpeed JSON whose keys override the ones built from this config."""
     mixed_precision: str = "auto"
@@ -154,6 +157,12 @@ class StrategyConfig:
         _choice("strategy.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"strategy.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.name == "single" and (self.offload_params or self.offload_optimizer):
+            raise ConfigError("strategy.offload_*: offload needs strategy.name=deepspeed or fsdp")
+        if self.name == "deepspeed" and self.offload_params and self.zero_stage != 3:
+            raise ConfigError("strategy.offload_params needs strategy.zero_stage=3 (only ZeRO-3 partitions parameters)")
+        if self.name == "deepspeed" and self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("strategy.offload_optimizer needs strategy.zero_stage 1, 2 or 3")
 
 
 @dataclass

@@ -44,6 +44,7 @@ def main(cfg: SFTConfig) -> SFTResult:
     run_dir = Path(cfg.output_dir)
     strategy = build_strategy(cfg.strategy)
     strategy.setup(cfg.seed)
+    accumulation = strategy.accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     say = print if strategy.is_main else (lambda *a, **k: None)
 
     # 1. Data: canonical records from any accepted format, with a held-out eval set.
@@ -51,7 +52,8 @@ def main(cfg: SFTConfig) -> SFTResult:
     say(f"[sft] {data.summary()}")
 
     # 2. Model and tokenizer (a tiny model is built from the training texts when asked).
-    model_path = resolve_model_path(cfg.model, run_dir, _texts(data.train), cfg.seed)
+    with strategy.main_first():
+        model_path = resolve_model_path(cfg.model, run_dir, _texts(data.train), cfg.seed)
     tokenizer = load_tokenizer(cfg.model, model_path if cfg.model.tiny else None)
     model = apply_lora(load_causal_lm(cfg.model, strategy.device, model_path), cfg.model.lora)
     if strategy.is_main:
@@ -67,10 +69,9 @@ def main(cfg: SFTConfig) -> SFTResult:
     eval_batches = SFTBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length, cfg.seed, shuffle=False)
 
     # 4. Step plan, optimizer and schedule on the chosen engine.
-    accumulation = cfg.train.global_batch_size // (micro * strategy.world_size)
     plan = StepPlan(len(train_batches), accumulation, strategy.world_size)
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
-    trained = strategy.wrap(model, OptimizerSpec.from_train(cfg.train, total_steps))
+    trained = strategy.wrap(model, OptimizerSpec.from_train(cfg.train, total_steps), accumulation, micro)
 
     def evaluate() -> dict[str, float]:
         nll, tokens = evaluate_lm(trained.module, eval_batches.epoch(0), strategy.device)
@@ -86,7 +87,7 @@ def main(cfg: SFTConfig) -> SFTResult:
         start_step = checkpoints.load({"policy": trained}, resume_from)["step"]
         say(f"[sft] resumed from {resume_from} at step {start_step}")
 
-    metrics = MetricsWriter(run_dir, enabled=strategy.is_main)
+    metrics = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start_step)
     first_eval = evaluate() if start_step == 0 else None
     if first_eval:
         metrics.log(0, first_eval)

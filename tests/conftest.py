@@ -46,3 +46,23 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip("../shared/datasets is absent")
     return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def quickstart_models(tmp_path_factory, quickstart_data) -> dict[str, Path]:
+    """The quickstart SFT model and reward model, trained once per test session with the
+    shipped configs (about 2-3 minutes on 2 cores)."""
+    from rlhf.config import RMConfig, SFTConfig, load_config
+    from stages import rm, sft
+
+    root = tmp_path_factory.mktemp("quickstart_models")
+    sft_cfg = load_config(SFTConfig, [str(REPO / "configs" / "sft.yaml")],
+                          [f"data.train.path={quickstart_data['sft']}", f"output_dir={root / 'sft'}",
+                           "logging.progress=false"])
+    sft_result = sft.main(sft_cfg)
+    rm_cfg = load_config(RMConfig, [str(REPO / "configs" / "rm.yaml")],
+                         [f"data.train.path={quickstart_data['rank']}", f"model.path={sft_result.model_dir}",
+                          f"output_dir={root / 'rm'}", "logging.progress=false"])
+    rm_result = rm.main(rm_cfg)
+    return {"sft": sft_result.model_dir, "rm": rm_result.model_dir, "sft_metrics": sft_result.metrics,
+            "rm_metrics": rm_result.metrics}

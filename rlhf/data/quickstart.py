@@ -114,7 +114,7 @@ def synthesize(
     out_dir: str | Path,
     seed: int = 0,
     sft_rows: int = 2000,
-    rank_rows: int = 1000,
+    rank_rows: int = 8000,
     k: int = 4,
     prompt_rows: int = 512,
     pretrain_rows: int = 1000,

@@ -93,6 +93,9 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
+        # Temp directories of saves that were killed midway: never complete, never pointed at.
+        for stale in self.root.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         steps = sorted(
             (int(p.name.split("-", 1)[1]), p)
             for p in self.root.glob("step-*")

@@ -24,10 +24,12 @@ class SingleStrategy(Strategy):
         self.device = pick_device()
         seed_everything(seed)
 
-    def wrap(self, model: torch.nn.Module, spec: OptimizerSpec) -> TrainedModel:
+    def wrap(
+        self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
+    ) -> TrainedModel:
         model.to(self.device)
         optimizer = build_optimizer(model, spec)
-        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm)
+        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation)
 
     def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
         loss.backward()

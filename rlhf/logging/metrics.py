@@ -15,12 +15,19 @@ T = TypeVar("T")
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
+        """A fresh run (resume_step 0) starts a new file; a resumed one keeps the rows up to
+        its checkpoint's step, since later steps are about to be run again."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self._start = time.time()
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [row for row in read_metrics(run_dir) if row["step"] <= resume_step] if resume_step else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        tmp.replace(self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

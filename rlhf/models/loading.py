@@ -70,12 +70,27 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedToken
         raise UserError(f"cannot load the tokenizer from '{path}': {str(exc).splitlines()[0]}") from None
     if tokenizer.eos_token is None:
         raise UserError(f"the tokenizer of '{path}' has no EOS token; responses could never end")
-    if tokenizer.pad_token is None:
-        # Padding positions are always excluded through attention/response masks, never by
-        # comparing ids with pad_token_id, so reusing EOS here is safe.
-        tokenizer.pad_token = tokenizer.eos_token
+    _choose_pad_token(tokenizer)
     ensure_chat_template(tokenizer)
     return tokenizer
+
+
+_PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
+
+
+def _choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Prefer a pad token distinct from EOS (SmolLM2 ships pad == EOS): transformers' sequence
+    classification pooling finds the last token by comparing with pad_token_id. Our own code
+    never derives masks from pad ids, so falling back to EOS is still correct."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in _PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def _detach_gguf_quantizer(model: PreTrainedModel) -> None:

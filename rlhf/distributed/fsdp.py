@@ -1,0 +1,121 @@
+"""PyTorch FSDP2 (`fully_shard`) behind the Strategy interface.
+
+Each transformer block (the classes a model lists in `_no_split_modules`) is its own FSDP
+unit, the root module holds the rest (embeddings, final norm, tied head). Options:
+- CPU offload (`strategy.offload_params` or `offload_optimizer`): FSDP2's CPUOffloadPolicy
+  keeps sharded parameters, gradients and the optimizer step on CPU; it offloads all three
+  together, so either flag turns it on.
+- Mixed precision on GPU only: bf16/fp16 compute and all-gathers, fp32 sharded parameters
+  and fp32 gradient reduction (a low-precision model is upcast before sharding so that the
+  optimizer steps fp32 weights). On CPU training stays fp32.
+Checkpoints are sharded with torch.distributed.checkpoint (DCP), one file per rank; export
+gathers a full state dict on rank 0 (CPU).
+
+Loss contract (see strategy.py): the reduce-scatter averages over ranks, so `backward` runs
+on loss * world_size. Gradient accumulation without communication: the gradient sync is
+switched off for every micro-batch but the last of a step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from rlhf.distributed.env import resolve_precision
+from rlhf.distributed.strategy import DistributedStrategy, TrainedModel
+from rlhf.errors import UserError
+from rlhf.training.optim import OptimizerSpec, build_optimizer, build_scheduler
+
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one, found by the class names transformers lists
+    in `_no_split_modules` (PEFT wrappers are looked through)."""
+    names: set[str] = set()
+    for module in (model, getattr(model, "get_base_model", lambda: model)()):
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise UserError(
+            f"FSDP: no transformer blocks found in {type(model).__name__} (it lists no _no_split_modules); "
+            "use strategy.name=deepspeed for this model"
+        )
+    return blocks
+
+
+class FSDPStrategy(DistributedStrategy):
+    name = "fsdp"
+
+    def setup(self, seed: int) -> None:
+        super().setup(seed)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.precision = resolve_precision(self.cfg.mixed_precision, self.device)
+
+    def wrap(
+        self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
+    ) -> TrainedModel:
+        low = _LOW_PRECISION.get(self.precision) if self.device.type == "cuda" else None
+        mp_policy = MixedPrecisionPolicy()
+        if low is not None:
+            model.to(torch.float32)
+            mp_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+        offload = self.cfg.offload_params or self.cfg.offload_optimizer
+        policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
+        model.to(self.device)
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=self.mesh, mp_policy=mp_policy, offload_policy=policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, offload_policy=policy)
+        optimizer = build_optimizer(model, spec)
+        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation)
+
+    def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
+        last = self._count_backward(model)
+        module = model.module
+        if model.accumulation > 1 and isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(last)
+        (loss * self.world_size).backward()
+
+    def step(self, model: TrainedModel) -> float:
+        self._check_step(model)
+        params = [p for p in model.module.parameters() if p.requires_grad]
+        max_norm = model.max_grad_norm if model.max_grad_norm > 0 else float("inf")
+        # Gradients are DTensor shards: the norm is reduced over ranks, clipping is global.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        model.optimizer.step()
+        model.scheduler.step()
+        model.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- state --------------------------------------------------------------------------
+    def save_state(self, model: TrainedModel, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(model.module, model.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / "dcp"))
+        if self.is_main:
+            torch.save(model.scheduler.state_dict(), directory / "scheduler.pt")
+
+    def load_state(self, model: TrainedModel, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(model.module, model.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(directory / "dcp"))
+        set_state_dict(model.module, model.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        model.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+
+    def full_state_dict(self, model: TrainedModel) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model.module, options=options)
+        return state if self.is_main else {}

@@ -1,0 +1,127 @@
+"""Reward (and value) models: a causal-LM backbone with a scalar head.
+
+The model is a transformers `*ForSequenceClassification` with `num_labels=1`, so the export
+reloads with `AutoModelForSequenceClassification`. We compute scores ourselves instead of
+calling its forward: the score is read at the last attended position of each sequence (the
+EOS of the answer, or its last token when truncated), whatever the padding side, and
+independent of pad_token_id (transformers' own pooling compares ids with pad_token_id,
+which is wrong for tokenizers whose pad and EOS coincide).
+
+Score statistics on the RM eval set (`reward_stats.json`) travel with the export; PPO
+normalises rewards with them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from rlhf.config_sections import ModelConfig
+from rlhf.errors import UserError
+from rlhf.models.loading import _check_path, _detach_gguf_quantizer, _gguf_location, resolve_dtype
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+@dataclass
+class RewardStats:
+    mean: float
+    std: float
+    count: int
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / REWARD_STATS_FILE).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "RewardStats | None":
+        path = Path(directory) / REWARD_STATS_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _is_scalar_head_checkpoint(location: str, cfg: ModelConfig) -> bool:
+    try:
+        config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])) and config.num_labels == 1
+
+
+def load_scalar_model(
+    cfg: ModelConfig, device: torch.device, path: str | None = None, seed: int = 0, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Load a backbone with a scalar head. From a causal LM (the SFT model) the head is new
+    and initialised N(0, 1/(d+1)) (Stiennon et al. 2020 / InstructGPT's reward-head init, so
+    initial scores have unit-scale variance); from a reward-model export it is kept."""
+    path = path or cfg.path
+    _check_path(path, "model.path")
+    location, gguf_file = _gguf_location(cfg, path) if path == cfg.path else (path, None)
+    has_head = gguf_file is None and _is_scalar_head_checkpoint(location, cfg)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            location,
+            gguf_file=gguf_file,
+            num_labels=1,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype or resolve_dtype(cfg.dtype, device),
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a reward/value model from '{path}': {str(exc).splitlines()[0]}") from None
+    if gguf_file:
+        _detach_gguf_quantizer(model)
+    head = score_head(model)
+    if not has_head:
+        hidden = head.weight.shape[-1]
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device)
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Linear:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise UserError(f"{type(model).__name__} has no scalar head this project knows (score / classifier)")
+
+
+def backbone(model: PreTrainedModel) -> torch.nn.Module:
+    return getattr(model, model.base_model_prefix)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch,) index of the last attended position, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=-1)
+
+
+def _hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # Positions count attended tokens only, so a sequence scores the same left- or right-padded.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) head output at every position (the critic's per-token values)."""
+    return score_head(model)(_hidden(model, input_ids, attention_mask)).squeeze(-1).float()
+
+
+def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch,) score of each sequence, read at its last attended token."""
+    hidden = _hidden(model, input_ids, attention_mask)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    return score_head(model)(last).squeeze(-1).float()

@@ -1,0 +1,67 @@
+"""The tensors one rollout carries between generation, scoring and training.
+
+Per-token tensors cover the response region only: column j is response token j, i.e.
+`sequences[:, prompt_length + j]`, predicted from position `prompt_length + j - 1`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor
+    """(batch, prompt_length + response_length) left-padded prompt, then the response; after
+    the first EOS every position holds the pad id."""
+    attention_mask: torch.Tensor
+    """(batch, prompt_length + response_length) 1 on prompt and response tokens (EOS included)."""
+    prompt_length: int
+    """Columns of the (left-padded) prompt region."""
+    response_mask: torch.Tensor
+    """(batch, response_length) float, 1 on response tokens up to and including the first EOS."""
+    eos_found: torch.Tensor
+    """(batch,) bool, the response ended with EOS (False: cut at max_new_tokens)."""
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """(batch, response_length) response token ids."""
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1).long()
+
+    def to(self, device: torch.device) -> "Rollout":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+@dataclass
+class Experience:
+    """A scored rollout, ready for PPO updates. Per-token tensors are (batch, response_length)."""
+
+    rollout: Rollout
+    logprobs: torch.Tensor
+    """Actor log-probs of the sampled tokens at rollout time (temperature-scaled)."""
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    """Per-token rewards: -β·KL on every response token (unless kl.in_loss) plus the
+    normalised reward-model score on the last response token."""
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor
+    """(batch,) raw reward-model scores."""
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        return Experience(
+            self.rollout.select(index),
+            **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "rollout"},
+        )

@@ -1,0 +1,56 @@
+"""`rlhf rm score`: a trained reward model's score for every answer of a data file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from rlhf.config_sections import DataSourceConfig, ModelConfig
+from rlhf.data.builders import load_records
+from rlhf.data.rank_dataset import RankBatches, encode_rank
+from rlhf.data.records import RankRecord
+from rlhf.distributed.single import pick_device
+from rlhf.models.loading import load_tokenizer
+from rlhf.models.reward import load_scalar_model, sequence_scores
+
+
+@torch.no_grad()
+def score_records(model: torch.nn.Module, tokenizer, records: list[RankRecord], max_length: int,
+                  max_prompt_length: int, batch_size: int = 8) -> list[list[float]]:
+    """Scores of each record's answers, in order."""
+    device = next(model.parameters()).device
+    examples = [encode_rank(tokenizer, r, max_length, max_prompt_length) for r in records]
+    batches = RankBatches(examples, batch_size, tokenizer.pad_token_id, seed=0, shuffle=False)
+    flat: list[float] = []
+    for batch in batches.epoch(0):
+        flat.extend(sequence_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device)).tolist())
+    out, at = [], 0
+    for record in records:
+        out.append(flat[at : at + len(record.responses)])
+        at += len(record.responses)
+    return out
+
+
+def score_file(model_dir: str, data: str, out: str, max_length: int, max_prompt_length: int,
+               on_error: str = "raise", batch_size: int = 8) -> dict[str, float]:
+    records, report = load_records("rank", DataSourceConfig(path=data), on_error)
+    cfg = ModelConfig(path=model_dir)
+    tokenizer = load_tokenizer(cfg)
+    model = load_scalar_model(cfg, pick_device()).eval()
+    scores = score_records(model, tokenizer, records, max_length, max_prompt_length, batch_size)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    pairs = correct = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record, row_scores in zip(records, scores):
+            handle.write(json.dumps({"source": record.source, "prompt": record.prompt[-1].content,
+                                     "responses": record.responses, "scores": row_scores}) + "\n")
+            for better, worse in record.pairs():
+                pairs += 1
+                correct += row_scores[better] > row_scores[worse]
+    os.replace(tmp, out_path)
+    return {"rows": len(records), "skipped": report.skipped, "pairs": pairs, "accuracy": correct / max(pairs, 1)}

@@ -1,0 +1,170 @@
+"""PPO pieces used by stages/ppo.py: turning a rollout into experience (rewards, advantages)
+and the clipped actor/critic updates (with the PPO-ptx term)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlhf.algorithms import (
+    compute_gae,
+    explained_variance,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    value_loss,
+)
+from rlhf.algorithms.rewards import RunningMoments, normalize_scores, shape_rewards
+from rlhf.config import PPOConfig
+from rlhf.distributed.strategy import Strategy
+from rlhf.roles.forward import policy_logprobs, response_values
+from rlhf.roles.roles import Actor, Critic, Reference, RewardModel
+from rlhf.rollout.types import Experience, Rollout
+from rlhf.training.lm import lm_forward_nll
+
+
+@dataclass
+class RewardNormalizer:
+    """Turns raw RM scores into the scalar PPO optimises: normalise, penalise, clip."""
+
+    mode: str
+    clip: float
+    missing_eos_penalty: float | None
+    stats_mean: float = 0.0
+    stats_std: float = 1.0
+    running: RunningMoments | None = None
+
+    def __call__(self, raw: torch.Tensor, eos_found: torch.Tensor) -> torch.Tensor:
+        scores = raw.float()
+        if self.mode == "rm_stats":
+            scores = normalize_scores(scores, self.stats_mean, self.stats_std)
+        elif self.mode == "running":
+            self.running.update(scores)
+            scores = normalize_scores(scores, self.running.mean, self.running.std)
+        if self.missing_eos_penalty is not None:
+            scores = scores + self.missing_eos_penalty * (~eos_found).float()
+        return scores.clamp(-self.clip, self.clip) if self.clip > 0 else scores
+
+
+def _sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch,) summed per-token log-ratio: an unbiased estimate of KL(π || π_ref) per response."""
+    return ((logprobs - ref_logprobs) * mask).sum(-1)
+
+
+@torch.no_grad()
+def make_experience(
+    rollout: Rollout,
+    actor: Actor,
+    reference: Reference,
+    critic: Critic,
+    reward_model: RewardModel,
+    normalizer: RewardNormalizer,
+    cfg: PPOConfig,
+    kl_coef: float,
+) -> tuple[Experience, dict[str, float]]:
+    """Score a rollout and compute per-token rewards, advantages and returns."""
+    mask = rollout.response_mask
+    logprobs = actor.logprobs(rollout)
+    ref_logprobs = reference.logprobs(rollout)
+    values = critic.values(rollout)
+    raw = reward_model.scores(rollout)
+    scores = normalizer(raw, rollout.eos_found)
+    kl = kl_estimate(logprobs, ref_logprobs, cfg.kl.estimator) * mask
+    rewards = shape_rewards(scores, kl, mask, 0.0 if cfg.kl.in_loss else kl_coef)
+    advantages, returns = compute_gae(rewards, values * mask, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    if cfg.ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    experience = Experience(rollout, logprobs, ref_logprobs, values, rewards, advantages, returns, raw)
+    lengths = rollout.response_lengths.float()
+    metrics = {
+        "ppo/reward_raw": float(raw.mean()),
+        "ppo/reward_normalized": float(scores.mean()),
+        "ppo/kl": float(_sequence_kl(logprobs, ref_logprobs, mask).mean()),
+        "ppo/kl_estimator_mean": float(kl.sum(-1).mean()),
+        "ppo/kl_coef": kl_coef,
+        "ppo/response_length": float(lengths.mean()),
+        "ppo/eos_rate": float(rollout.eos_found.float().mean()),
+        "ppo/advantage_mean": float(masked_mean(advantages, mask)),
+        "ppo/advantage_std": float(advantages[mask > 0].std()) if mask.sum() > 1 else 0.0,
+        "ppo/return_mean": float(masked_mean(returns, mask)),
+        "ppo/value_mean": float(masked_mean(values, mask)),
+        "ppo/explained_variance": float(explained_variance(values, returns, mask)),
+    }
+    return experience, metrics
+
+
+class _Means:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def ppo_update(
+    experience: Experience,
+    actor: Actor,
+    critic: Critic,
+    strategy: Strategy,
+    cfg: PPOConfig,
+    kl_coef: float,
+    train_actor: bool,
+    ptx_batch: Callable[[int], object] | None,
+    generator: torch.Generator,
+    step_offset: int,
+) -> tuple[dict[str, float], int]:
+    """`ppo_epochs` passes over shuffled mini-batches; one actor and one critic optimizer step
+    per mini-batch, micro-batches accumulated. Losses are token means over the mini-batch.
+    `ptx_batch(step)` gives the pretraining micro-batch of a step (PPO-ptx). Returns the
+    averaged metrics and the number of optimizer steps taken."""
+    algo = cfg.ppo
+    total = experience.rollout.sequences.shape[0]
+    mini = algo.mini_batch_size // strategy.world_size
+    micro = algo.micro_batch_size
+    means = _Means()
+    steps = 0
+    temperature = cfg.rollout.temperature
+    for _ in range(algo.ppo_epochs):
+        order = torch.randperm(total, generator=generator)
+        for start in range(0, total, mini):
+            batch = experience.select(order[start : start + mini].to(experience.rollout.sequences.device))
+            tokens = strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"]
+            for m in range(0, batch.rollout.sequences.shape[0], micro):
+                part = batch.select(torch.arange(m, min(m + micro, batch.rollout.sequences.shape[0]),
+                                                 device=batch.rollout.sequences.device))
+                mask = part.rollout.response_mask
+                weight = float(mask.sum()) / max(tokens, 1.0)
+                if train_actor:
+                    logprobs, entropy = policy_logprobs(actor.trained.module, part.rollout, temperature, with_entropy=True)
+                    pg_loss, pg_stats = ppo_policy_loss(logprobs, part.logprobs, part.advantages, mask, algo.clip_eps)
+                    entropy_mean = masked_mean(entropy, mask)
+                    loss = pg_loss - algo.entropy_coef * entropy_mean
+                    if cfg.kl.in_loss:
+                        loss = loss + kl_coef * masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl.estimator), mask)
+                    strategy.backward(actor.trained, loss * weight)
+                    means.add(**{"ppo/policy_loss": pg_loss.detach(), "ppo/entropy": entropy_mean.detach(),
+                                 "ppo/clip_frac": pg_stats["clip_frac"], "ppo/approx_kl": pg_stats["approx_kl"]})
+                values = response_values(critic.trained.module, part.rollout)
+                vf_loss, vf_stats = value_loss(values, part.values, part.returns, mask, algo.value_clip_eps)
+                strategy.backward(critic.trained, vf_loss * weight)
+                means.add(**{"ppo/value_loss": vf_loss.detach(), "ppo/value_clip_frac": vf_stats["clip_frac"]})
+            if train_actor and ptx_batch is not None:
+                ptx = ptx_batch(step_offset + steps).to(strategy.device)
+                nll, n = lm_forward_nll(actor.trained.module, ptx)
+                n_total = strategy.all_reduce({"n": float(n)}, op="sum")["n"]
+                strategy.backward(actor.trained, algo.ptx_coef * nll / max(n_total, 1.0))
+                means.add(**{"ppo/ptx_loss": float(nll.detach()) / max(n, 1)})
+            if train_actor:
+                means.add(**{"ppo/actor_grad_norm": strategy.step(actor.trained)})
+            means.add(**{"ppo/critic_grad_norm": strategy.step(critic.trained)})
+            steps += 1
+    return means.result(), steps

@@ -1,0 +1,89 @@
+"""The DeepSpeed config built from ours, and the strategy-level config checks."""
+
+import json
+
+import pytest
+
+from rlhf.config import SFTConfig, load_config
+from rlhf.config_sections import StrategyConfig, TrainConfig
+from rlhf.distributed.deepspeed import build_deepspeed_config, load_raw_config
+from rlhf.distributed.single import SingleStrategy
+from rlhf.distributed.strategy import build_strategy
+from rlhf.errors import ConfigError, UserError
+from rlhf.training.optim import OptimizerSpec
+
+SPEC = OptimizerSpec.from_train(TrainConfig(lr=3e-4, weight_decay=0.1, max_grad_norm=0.5, adam_betas=[0.9, 0.99]), 100)
+
+
+def test_zero3_offload_config_from_ours():
+    cfg = StrategyConfig(name="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True)
+    ds = build_deepspeed_config(cfg, SPEC, micro_batch_size=4, accumulation=2, world_size=8, device_type="cpu")
+    # 4 sequences x 2 accumulation steps x 8 workers
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 64)
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                       "offload_param": {"device": "cpu", "pin_memory": False}}
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8,
+                                                           "weight_decay": 0.1, "torch_adam": True}}
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # fp32 on CPU
+
+
+def test_gpu_config_uses_deepspeed_kernels_and_bf16(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: True)
+    cfg = StrategyConfig(name="deepspeed", zero_stage=2, offload_optimizer=True)
+    ds = build_deepspeed_config(cfg, SPEC, 1, 1, 2, "cuda")
+    assert ds["optimizer"]["params"]["torch_adam"] is False
+    assert ds["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
+    assert "offload_param" not in ds["zero_optimization"]
+    assert ds["bf16"]["enabled"]
+
+
+def test_raw_json_overrides_key_by_key_but_not_the_batch_geometry(tmp_path):
+    raw_path = tmp_path / "ds.json"
+    raw_path.write_text(json.dumps({"zero_optimization": {"overlap_comm": False}, "gradient_clipping": 2.0,
+                                    "train_batch_size": 16}))
+    cfg = StrategyConfig(name="deepspeed", zero_stage=2, deepspeed_config=str(raw_path))
+    raw = load_raw_config(cfg.deepspeed_config)
+    ds = build_deepspeed_config(cfg, SPEC, 2, 4, 2, "cpu", raw)  # 2 x 4 x 2 = 16: agrees
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False}
+    assert ds["gradient_clipping"] == 2.0
+    with pytest.raises(ConfigError, match="train_batch_size=16.*give 8"):
+        build_deepspeed_config(cfg, SPEC, 2, 2, 2, "cpu", raw)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        load_raw_config(str(tmp_path / "bad.json"))
+
+
+def test_offload_rules():
+    base = ["data.train.path=x.jsonl", "model.path=m", "strategy.name=deepspeed"]
+    with pytest.raises(ConfigError, match="offload_params needs strategy.zero_stage=3"):
+        load_config(SFTConfig, [], [*base, "strategy.zero_stage=2", "strategy.offload_params=true"])
+    with pytest.raises(ConfigError, match="offload_optimizer needs strategy.zero_stage 1, 2 or 3"):
+        load_config(SFTConfig, [], [*base, "strategy.zero_stage=0", "strategy.offload_optimizer=true"])
+    load_config(SFTConfig, [], [*base, "strategy.zero_stage=3", "strategy.offload_params=true"])
+
+
+def test_global_batch_must_split_over_workers():
+    strategy = SingleStrategy(StrategyConfig())
+    strategy.world_size = 2  # as a two-worker engine sees it
+    assert strategy.accumulation_steps(16, 4) == 2
+    with pytest.raises(ConfigError, match="global_batch_size=12 must be a multiple of .* 4 x 2 = 8"):
+        strategy.accumulation_steps(12, 4)
+
+
+def test_single_refuses_a_multi_process_launch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="use strategy.name=deepspeed or strategy.name=fsdp"):
+        build_strategy(StrategyConfig(name="single"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert build_strategy(StrategyConfig(name="fsdp")).name == "fsdp"
+    assert build_strategy(StrategyConfig(name="deepspeed")).name == "deepspeed"
+
+
+@pytest.mark.parametrize("name", ["single", "zero2", "zero3_offload", "fsdp"])
+def test_strategy_presets_load(name):
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[2] / "configs" / "strategy" / f"{name}.yaml"
+    cfg = load_config(SFTConfig, [str(preset)], ["data.train.path=x.jsonl", "model.path=m"])
+    assert cfg.strategy.name == {"zero2": "deepspeed", "zero3_offload": "deepspeed"}.get(name, name)
