@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 quickstart: $(STAMP)
 	$(BIN)/rlhf data synth --out $(QUICKSTART_DATA)
-	$(BIN)/rlhf sft --config configs/sft.yaml
+	$(BIN)/rlhf sft --config configs/sft.yaml train.resume=never
+	$(BIN)/rlhf rm --config configs/rm.yaml train.resume=never
+	$(BIN)/rlhf ppo --config configs/ppo.yaml train.resume=never
+	$(BIN)/python -m rlhf.summary runs/quickstart
 
 # Fast tests first; the slow end-to-end ones run after them in the same session.
 test: $(STAMP)

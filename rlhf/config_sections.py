@@ -55,7 +55,7 @@ class TinyModelConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    vocab_size: int = 1024
+    vocab_size: int = 512
     """Target size of the trained tokenizer (the BPE may stop below it on a small corpus)."""
     max_position_embeddings: int = 512
 

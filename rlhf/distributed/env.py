@@ -67,12 +67,14 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchInfo:
 
 def export_single_process_env(launch: LaunchInfo) -> None:
     """`env://` initialisation (and DeepSpeed, which otherwise looks for MPI) needs the
-    launcher variables even for one process."""
+    launcher variables even for one process. They stay for the life of the process, as the
+    process group they describe does."""
     if launch.launcher != "none":
         return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    values = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
 
 
 def pick_device(local_rank: int) -> tuple[torch.device, str]:

@@ -14,6 +14,7 @@ gets the loss times world_size (its reduce-scatter averages over ranks).
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 from abc import ABC, abstractmethod
@@ -27,6 +28,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config_sections import StrategyConfig
+from rlhf.distributed import env
 from rlhf.errors import ConfigError, UserError
 from rlhf.training.optim import OptimizerSpec
 
@@ -72,7 +74,7 @@ class Strategy(ABC):
         """Join the process group (if any), pick the device, seed every RNG."""
 
     def teardown(self) -> None:
-        """Leave the process group."""
+        """End of a stage: release what `setup` took (see DistributedStrategy for the group)."""
 
     @property
     def is_main(self) -> bool:
@@ -145,14 +147,17 @@ class Strategy(ABC):
 
 class DistributedStrategy(Strategy):
     """What the multi-process engines share. A world of one (no launcher) still gets a
-    process group, so a sharded engine also runs as one plain process."""
+    process group, so a sharded engine also runs as one plain process.
+
+    The process group lives as long as the process: the first `setup` creates it, later ones
+    (the next stage of a pipeline run in the same process) reuse it, and it is destroyed at
+    exit. DeepSpeed caches its groups on first use, so a destroyed and re-created group would
+    break a second DeepSpeed stage in the same process."""
 
     backend: str = "gloo"
     local_rank: int = 0
 
     def setup(self, seed: int) -> None:
-        from rlhf.distributed import env
-
         launch = env.detect_launch()
         env.export_single_process_env(launch)
         self.rank, self.world_size, self.local_rank = launch.rank, launch.world_size, launch.local_rank
@@ -163,11 +168,13 @@ class DistributedStrategy(Strategy):
             kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
             torch.distributed.init_process_group(self.backend, init_method="env://", rank=self.rank,
                                                  world_size=self.world_size, **kwargs)
+            atexit.register(_destroy_process_group)
         seed_everything(seed)
 
     def teardown(self) -> None:
+        """Wait for every worker; the process group itself is destroyed at exit."""
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            self.barrier()
 
     def barrier(self) -> None:
         if self.backend == "nccl":
@@ -218,6 +225,11 @@ class DistributedStrategy(Strategy):
 
             export_gathered(self.unwrap(model), state, tokenizer, directory, extra_files)
         self.barrier()
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def build_strategy(cfg: StrategyConfig) -> Strategy:

@@ -23,7 +23,8 @@ from _die_during_save import SPEC  # noqa: E402
 @pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir):
     root = tmp_path / "checkpoints"
-    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1]), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(HERE.parents[1]), OMP_NUM_THREADS="1")
     child = subprocess.run([sys.executable, str(HERE / "_die_during_save.py"), str(tiny_model_dir), str(root)],
                            env=env, capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stderr[-3000:]

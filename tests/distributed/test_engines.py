@@ -38,6 +38,8 @@ ENGINES = {
 }
 # ZeRO-1 goes through the deepspeed launcher, the others through torchrun.
 LAUNCHER = {"zero1": "deepspeed"}
+LAUNCH_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                    "MASTER_PORT", "OMP_NUM_THREADS"}
 
 
 def _overrides(data: str, model: Path, out: Path) -> list[str]:
@@ -92,9 +94,9 @@ class Runs:
                        "--master_port", str(free_port()), "--module", *args[1:]]
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-            env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
-                       TOKENIZERS_PARALLELISM="false")
-            env.pop("OMP_NUM_THREADS", None)  # let each launcher / our env detection decide
+            # The launcher sets these; values left by an in-process run of this session must not leak in.
+            env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+            env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
             assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
             self.done[key] = out

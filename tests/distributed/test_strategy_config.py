@@ -19,7 +19,8 @@ def test_zero3_offload_config_from_ours():
     cfg = StrategyConfig(name="deepspeed", zero_stage=3, offload_optimizer=True, offload_params=True)
     ds = build_deepspeed_config(cfg, SPEC, micro_batch_size=4, accumulation=2, world_size=8, device_type="cpu")
     # 4 sequences x 2 accumulation steps x 8 workers
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 2, 64)
+    batch = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]
+    assert batch == (4, 2, 64)
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
                                        "offload_param": {"device": "cpu", "pin_memory": False}}

@@ -1,0 +1,49 @@
+"""A short table of a quickstart-style run: SFT eval loss, RM held-out accuracy, PPO gold
+reward before/after and KL. `python -m rlhf.summary runs/quickstart`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _summary(stage_dir: Path) -> dict:
+    path = stage_dir / "model" / "rlhf_summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def summary_rows(root: str | Path) -> list[tuple[str, str]]:
+    root = Path(root)
+    sft, rm, ppo = (_summary(root / name) for name in ("sft", "rm", "ppo"))
+    rows = []
+    if sft:
+        rows.append(("SFT eval loss", f"{sft.get('eval/initial_loss', float('nan')):.3f} -> {sft['eval/loss']:.3f}"))
+    if rm:
+        rows.append(("RM held-out pairwise accuracy", f"{rm['eval/accuracy']:.3f}"))
+    if ppo:
+        if "eval/gold_reward" in ppo:
+            before, after = ppo["initial_eval/gold_reward"], ppo["eval/gold_reward"]
+            gain = (after / before - 1) * 100 if before else float("nan")
+            rows.append(("PPO gold reward (held-out)", f"{before:.3f} -> {after:.3f} ({gain:+.0f}%)"))
+        rows.append(("PPO RM reward (held-out)", f"{ppo['initial_eval/reward']:.3f} -> {ppo['eval/reward']:.3f}"))
+        rows.append(("PPO KL to reference (nats/answer)", f"{ppo['eval/kl']:.3f}"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rows = summary_rows(argv[0] if argv else "runs/quickstart")
+    if not rows:
+        print("no finished stages found", file=sys.stderr)
+        return 1
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'metric':<{width}} | value |")
+    print(f"| {'-' * width} | ----- |")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
