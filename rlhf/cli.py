@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--seed", type=int, default=0)
+
+    report = sub.add_parser("report", help="Plot runs' metrics (PNG) and write a Markdown summary.",
+                            description="PNG plots and report.md from the metrics.jsonl of one or more runs: SFT "
+                            "loss, RM accuracy, PPO reward / KL / kl_coef and diagnostics, and with several PPO "
+                            "runs the reward-KL frontier. See docs/dashboards.md.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a stage's output directory, or a directory of them (e.g. runs/quickstart)")
+    report.add_argument("--out", help="where to write the report (default: RUN_DIR/report for one run "
+                        "directory, ./report for several)")
     return parser
 
 
@@ -137,6 +146,15 @@ def _run_data(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _run_report(args: argparse.Namespace) -> None:
+    from rlhf.logging.report import make_report
+
+    out = args.out or (f"{args.run_dirs[0]}/report" if len(args.run_dirs) == 1 else "report")
+    report = make_report(args.run_dirs, out)
+    print(report.text)
+    print(f"\nwrote {len(report.images)} plots and {report.markdown}")
+
+
 def _run_generate(args: argparse.Namespace) -> None:
     from rlhf.generate import generate_cli
 
@@ -184,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_data(args)
         elif args.command == "generate":
             _run_generate(args)
+        elif args.command == "report":
+            _run_report(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -235,6 +235,8 @@ class PPOAlgoConfig:
     eval_every: int = 10
     """Evaluate every N iterations (and at the start and end)."""
     sample_every: int = 10
+    """Every N iterations, log a table of the first 8 rollouts (prompt, response, reward, KL,
+    length) to samples.jsonl and the trackers; 0: never. Eval samples are logged at each eval."""
 
     def validate(self) -> None:
         _choice("ppo.critic_init", self.critic_init, ("reward", "sft"))

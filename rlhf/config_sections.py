@@ -170,10 +170,24 @@ class LoggingConfig:
     backends: List[str] = field(default_factory=list)
     """Trackers besides the always-on metrics.jsonl: wandb, tensorboard."""
     project: str = "rlhf"
+    """W&B project."""
     run_name: Optional[str] = None
+    """W&B run name; None names the run after its output directory."""
+    group: Optional[str] = None
+    """W&B group: a pipeline id, so the SFT, RM and PPO runs of one pipeline show side by side."""
+    wandb_mode: Optional[str] = None
+    """offline (no account, no network; upload later with `wandb sync`), online or disabled.
+    None: the WANDB_MODE environment variable if set, else offline. WANDB_MODE wins when both are set."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for perf/mfu; None detects H100/H200/A100/L40S/L4 (dense bf16)
+    and assumes 1.4e11 on CPU. Unknown GPUs log no perf/mfu unless this is set."""
     progress: bool = True
     """Show a tqdm progress bar (plain log lines when output is not a terminal)."""
 
     def validate(self) -> None:
         for backend in self.backends:
             _choice("logging.backends[]", backend, ("wandb", "tensorboard"))
+        if self.wandb_mode is not None:
+            _choice("logging.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError("logging.peak_flops must be > 0 (FLOP/s of one device)")

@@ -10,7 +10,6 @@ checkpoints/ and the final actor as model/ (and model_ema/ with ppo.ema_decay) i
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,9 @@ from rlhf.data.sft_dataset import SFTBatches, SFTExample
 from rlhf.data.splits import load_split
 from rlhf.distributed.checkpoint import CheckpointManager
 from rlhf.distributed.strategy import build_strategy
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 from rlhf.logging.metrics import MetricsWriter, Progress
+from rlhf.logging.tables import rollout_rows
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
 from rlhf.models.reward import RewardStats, load_scalar_model
@@ -63,6 +63,14 @@ def main(cfg: PPOConfig) -> PPOResult:
     run_dir = Path(cfg.output_dir)
     strategy = build_strategy(cfg.strategy)
     strategy.setup(cfg.seed)
+    # Backward calls per optimizer step on each worker: the micro-batches of a mini-batch,
+    # plus the pretraining micro-batch for the actor under PPO-ptx.
+    per_pass = cfg.ppo.micro_batch_size * strategy.world_size
+    if cfg.ppo.mini_batch_size % per_pass:
+        raise ConfigError(f"ppo.mini_batch_size={cfg.ppo.mini_batch_size} must be a multiple of ppo.micro_batch_size "
+                          f"x workers = {cfg.ppo.micro_batch_size} x {strategy.world_size}")
+    critic_accumulation = cfg.ppo.mini_batch_size // per_pass
+    actor_accumulation = critic_accumulation + (1 if cfg.ppo.ptx_coef > 0 else 0)
     say = print if strategy.is_main else (lambda *a, **k: None)
 
     # 1. Data: training and held-out prompts (and pretraining text for PPO-ptx).
@@ -97,9 +105,12 @@ def main(cfg: PPOConfig) -> PPOResult:
     # 4. Optimizers: one actor and one critic step per mini-batch.
     steps_per_iteration = cfg.ppo.ppo_epochs * cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size
     total_steps = cfg.ppo.iterations * steps_per_iteration
-    actor = Actor(strategy.wrap(actor_model, OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr)),
+    micro = cfg.ppo.micro_batch_size
+    actor = Actor(strategy.wrap(actor_model, OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr),
+                                actor_accumulation, micro),
                   tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.temperature, cfg.rollout.batch_size)
-    critic = Critic(strategy.wrap(critic_model, OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.critic_lr)))
+    critic = Critic(strategy.wrap(critic_model, OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.critic_lr),
+                                  critic_accumulation, micro))
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
     normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.clip, cfg.reward.missing_eos_penalty,
@@ -128,17 +139,13 @@ def main(cfg: PPOConfig) -> PPOResult:
     def evaluate(iteration: int) -> dict[str, float]:
         metrics, rows = evaluate_policy(actor, reference, reward_model, tokenizer, eval_prompts, eval_texts,
                                         eval_sampling, gold_reward, seed=cfg.seed + 1)
-        if strategy.is_main:
-            with (run_dir / "samples.jsonl").open("a", encoding="utf-8") as handle:
-                for row in rows[:8]:
-                    handle.write(json.dumps({"iteration": iteration, **row}) + "\n")
+        metrics_log.log_table("eval/samples", iteration, rows[:8])
         return metrics
 
-    metrics_log = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start)
+    metrics_log = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start, logging=cfg.logging, stage="ppo",
+                                config=cfg, models=[actor_model, critic_model, reference.model, reward_model.model])
     initial = {}
     if start == 0:
-        if strategy.is_main:
-            (run_dir / "samples.jsonl").unlink(missing_ok=True)
         initial = evaluate(0)
         metrics_log.log(0, initial)
         say("[ppo] iteration 0: " + ", ".join(f"{k}={v:.4g}" for k, v in initial.items()))
@@ -181,6 +188,8 @@ def main(cfg: PPOConfig) -> PPOResult:
             last_eval = evaluate(done)
             row.update(last_eval)
         metrics_log.log(done, row)
+        if cfg.ppo.sample_every and done % cfg.ppo.sample_every == 0:
+            metrics_log.log_table("ppo/samples", done, rollout_rows(tokenizer, experience))
         progress.update({"reward": row["ppo/reward_raw"], "kl": row["ppo/kl"]})
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.ppo.iterations:
             checkpoints.save({"actor": actor.trained, "critic": critic.trained}, done, {
@@ -201,5 +210,6 @@ def main(cfg: PPOConfig) -> PPOResult:
     if strategy.is_main:
         save_config(cfg, run_dir / "model" / "rlhf_config.yaml")
     say("[ppo] done: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()) + f"; model in {run_dir / 'model'}")
+    metrics_log.finish()
     strategy.teardown()
     return PPOResult(summary, run_dir / "model", strategy.unwrap(actor.trained))

@@ -25,6 +25,7 @@ from rlhf.data.splits import load_split
 from rlhf.distributed.checkpoint import CheckpointManager
 from rlhf.distributed.strategy import build_strategy
 from rlhf.logging.metrics import MetricsWriter, Progress
+from rlhf.logging.tables import rm_eval_rows
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.reward import load_scalar_model
 from rlhf.training.lm import StepPlan, step_micro_batches
@@ -49,6 +50,7 @@ def main(cfg: RMConfig) -> RMResult:
     run_dir = Path(cfg.output_dir)
     strategy = build_strategy(cfg.strategy)
     strategy.setup(cfg.seed)
+    accumulation = strategy.accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     say = print if strategy.is_main else (lambda *a, **k: None)
 
     # 1. Data: ranked answers from any accepted format, with a held-out eval set.
@@ -73,10 +75,9 @@ def main(cfg: RMConfig) -> RMResult:
     eval_batches = RankBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False)
 
     # 4. Step plan, optimizer and schedule on the chosen engine.
-    accumulation = cfg.train.global_batch_size // (micro * strategy.world_size)
     plan = StepPlan(len(train_batches), accumulation, strategy.world_size)
     total_steps = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
-    trained = strategy.wrap(model, OptimizerSpec.from_train(cfg.train, total_steps))
+    trained = strategy.wrap(model, OptimizerSpec.from_train(cfg.train, total_steps), accumulation, micro)
 
     def evaluate() -> tuple[dict[str, float], torch.Tensor]:
         metrics, scores = evaluate_rm(trained.module, eval_batches.epoch(0), cfg.loss, strategy.device)
@@ -93,11 +94,13 @@ def main(cfg: RMConfig) -> RMResult:
         best = _read_summary(run_dir / "model")
         say(f"[rm] resumed from {resume_from} at step {start_step}")
 
-    metrics = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start_step)
+    metrics = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start_step, logging=cfg.logging,
+                            stage="rm", config=cfg, models=[trained.module])
 
     def evaluate_and_keep_best(step: int) -> dict[str, float]:
         nonlocal best_accuracy, best
         row, scores = evaluate()
+        metrics.log_table("eval/rm_samples", step, rm_eval_rows(data.eval, scores))
         if row["eval/accuracy"] > best_accuracy:
             best_accuracy, best = row["eval/accuracy"], dict(row, best_step=step)
             stats = reward_stats(scores)
@@ -162,5 +165,6 @@ def main(cfg: RMConfig) -> RMResult:
         save_config(cfg, run_dir / "model" / "rlhf_config.yaml")
     say(f"[rm] done: best eval accuracy {best.get('eval/accuracy', float('nan')):.3f} "
         f"at step {best.get('best_step')}; model in {run_dir / 'model'}")
+    metrics.finish()
     strategy.teardown()
     return RMResult(summary, run_dir / "model", strategy.unwrap(trained))

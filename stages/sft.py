@@ -87,7 +87,8 @@ def main(cfg: SFTConfig) -> SFTResult:
         start_step = checkpoints.load({"policy": trained}, resume_from)["step"]
         say(f"[sft] resumed from {resume_from} at step {start_step}")
 
-    metrics = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start_step)
+    metrics = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start_step, logging=cfg.logging,
+                            stage="sft", config=cfg, models=[trained.module])
     first_eval = evaluate() if start_step == 0 else None
     if first_eval:
         metrics.log(0, first_eval)
@@ -139,6 +140,7 @@ def main(cfg: SFTConfig) -> SFTResult:
     if strategy.is_main:
         save_config(cfg, run_dir / "model" / "rlhf_config.yaml")
     say(f"[sft] done: eval loss {last_eval.get('eval/loss', float('nan')):.4f}; model in {run_dir / 'model'}")
+    metrics.finish()
     strategy.teardown()
     return SFTResult(summary, run_dir / "model", strategy.unwrap(trained))
 

@@ -1,48 +1,87 @@
-"""Metrics of a run: always appended to `<run_dir>/metrics.jsonl` (rank 0 only)."""
+"""Metrics of a run: always appended to `<run_dir>/metrics.jsonl` (rank 0 only), and to the
+trackers the logging config names; progress bars for long loops."""
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
+import torch
 from tqdm import tqdm
+
+from rlhf.config_sections import LoggingConfig
+from rlhf.logging.perf import PerfMeter
+from rlhf.logging.trackers import SAMPLES_FILE, Tracker, build_trackers, read_jsonl
 
 T = TypeVar("T")
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
-        """A fresh run (resume_step 0) starts a new file; a resumed one keeps the rows up to
-        its checkpoint's step, since later steps are about to be run again."""
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        resume_step: int = 0,
+        logging: LoggingConfig | None = None,
+        stage: str = "",
+        config: Any = None,
+        models: Sequence[torch.nn.Module] = (),
+    ):
+        """Writes a run's metrics and tables to metrics.jsonl / samples.jsonl and to the trackers
+        `logging.backends` names (see trackers.py); on rank 0 only (`enabled`).
+
+        A fresh run (resume_step 0) starts new files; a resumed one keeps the rows up to its
+        checkpoint's step, since later steps are about to be run again. `stage` is the W&B
+        job type and `config` the resolved stage config (logged without secrets). Given
+        `models`, every row also gets perf/mfu and perf/peak_memory_gb (see perf.py)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
-        self._start = time.time()
+        self.trackers: list[Tracker] = []
+        self.perf: PerfMeter | None = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [row for row in read_metrics(run_dir) if row["step"] <= resume_step] if resume_step else []
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        self.trackers = build_trackers(run_dir, logging, stage, config, resume_step)
+        if models:
+            self.perf = PerfMeter(models, logging.peak_flops if logging is not None else None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time() - self._start, 3)}
-        row.update({k: (v if isinstance(v, (int, str)) or math.isfinite(v) else str(v)) for k, v in metrics.items()})
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        row = dict(metrics)
+        if self.perf is not None:
+            row.update(self.perf.take())
+        for tracker in self.trackers:
+            tracker.log(step, row)
+
+    def log_table(self, name: str, step: int, rows: Sequence[dict[str, Any]]) -> None:
+        """A few example rows (e.g. prompt, response, reward) under `name` at `step`."""
+        if not self.enabled:
+            return
+        rows = list(rows)
+        for tracker in self.trackers:
+            tracker.log_table(name, step, rows)
+
+    def finish(self) -> None:
+        """Close the trackers (W&B run, TensorBoard writer) and remove the perf hooks."""
+        if self.perf is not None:
+            self.perf.close()
+            self.perf = None
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+        self.enabled = False
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def read_samples(run_dir: str | Path, table: str | None = None) -> list[dict]:
+    """Rows of samples.jsonl, optionally of one table (e.g. "eval/samples")."""
+    rows = read_jsonl(Path(run_dir) / SAMPLES_FILE)
+    return [r for r in rows if table is None or r.get("table") == table]
 
 
 class Progress:

@@ -89,7 +89,16 @@ def load_scalar_model(
     return model.to(device)
 
 
+def _unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
+    # A DeepSpeed engine wraps the transformers model as `.module`; calling its submodules
+    # directly is fine (ZeRO-3 gathers through hooks on the submodules themselves).
+    while not hasattr(model, "base_model_prefix") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def score_head(model: torch.nn.Module) -> torch.nn.Linear:
+    model = _unwrap_engine(model)
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Linear):
@@ -98,6 +107,7 @@ def score_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 def backbone(model: PreTrainedModel) -> torch.nn.Module:
+    model = _unwrap_engine(model)
     return getattr(model, model.base_model_prefix)
 
 

@@ -61,6 +61,6 @@ def evaluate_policy(
     golds = [gold_reward(p, t) for p, t in zip(prompt_texts, texts)] if gold_reward else [None] * len(texts)
     if gold_reward:
         metrics["eval/gold_reward"] = sum(golds) / len(golds)
-    rows = [{"prompt": p, "response": t, "reward": float(s), "kl": float(k), "gold": g}
-            for p, t, s, k, g in zip(prompt_texts, texts, scores, kl, golds)]
+    rows = [{"prompt": p, "response": t, "reward": float(s), "kl": float(k), "length": int(n), "gold": g}
+            for p, t, s, k, n, g in zip(prompt_texts, texts, scores, kl, mask.sum(-1), golds)]
     return metrics, rows

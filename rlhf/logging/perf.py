@@ -1,0 +1,139 @@
+"""Throughput numbers every logged row gets: model FLOPs utilisation and peak memory.
+
+MFU follows the PaLM paper's definition (Chowdhery et al. 2022, appendix B): the FLOPs the
+model needs for the tokens it processed, over the time taken, over the device's peak. A
+forward pass costs 2·N FLOPs per token and a training step (forward + backward) 6·N (Kaplan
+et al. 2020), N being the parameters that take part in matrix products (the input embedding
+table is a lookup, so it is left out unless tied to the output head). Attention's own
+FLOPs and recomputation under gradient checkpointing are not counted, as MFU asks.
+
+Tokens are counted by a forward pre-hook on each model's transformer backbone, which every
+forward of the project goes through (training, evaluation, generation with its KV cache,
+reference log-probs, reward and value heads), so SFT, RM and PPO are measured the same way
+without the stages counting anything. A pass with gradients enabled on a model with
+trainable weights counts as training (6·N per token); any other pass as a forward (2·N).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Sequence
+
+import torch
+
+CPU_PEAK_FLOPS = 1.4e11
+"""fp32 FLOP/s of 2 AVX2+FMA cores as measured on the development machine (matmul, 2 threads)."""
+
+GPU_PEAK_FLOPS = (  # dense bf16 tensor-core FLOP/s from the vendor data sheets; first match wins
+    ("H100 PCIE", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+
+def device_peak_flops(device: torch.device, configured: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else a known GPU by name, else the CPU
+    default; None for a GPU this table does not know."""
+    if configured:
+        return float(configured)
+    if device.type != "cuda":
+        return CPU_PEAK_FLOPS
+    name = torch.cuda.get_device_name(device).upper()
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: the most memory tensors have held on `device`. CPU: the process's resident-set
+    high-water mark (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while not hasattr(model, "base_model_prefix") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module  # DeepSpeed / DDP engines
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """N of 6·N·tokens: unique parameters minus an untied input embedding table. ZeRO-3
+    partitions report their full size through `ds_numel`."""
+    model = _unwrap(model)
+    unique = {id(p): p for p in model.parameters()}
+    size = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731
+    total = sum(size(p) for p in unique.values())
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if get_in else None
+    head = get_out() if get_out else None
+    if embedding is not None and (head is None or head.weight is not embedding.weight):
+        total -= size(embedding.weight)
+    return total
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    model = _unwrap(model)
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def _tokens(args: tuple, kwargs: dict) -> int:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if ids is None and kwargs.get("inputs_embeds") is not None:
+        return int(kwargs["inputs_embeds"].shape[:-1].numel())
+    return int(ids.numel()) if ids is not None else 0
+
+
+class PerfMeter:
+    """Counts model FLOPs of the given models' forward passes; `take()` returns perf/mfu over
+    the time since the previous call (or since construction) and perf/peak_memory_gb."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], peak_flops: float | None = None):
+        self.flops = 0.0
+        self._handles = []
+        self.device = torch.device("cpu")
+        for model in models:
+            params = [p for p in model.parameters()]
+            if params:
+                self.device = params[0].device
+            n = matmul_parameters(model)
+            trainable = any(p.requires_grad for p in params)
+            self._handles.append(_backbone(model).register_forward_pre_hook(self._hook(n, trainable), with_kwargs=True))
+        self.peak = device_peak_flops(self.device, peak_flops)
+        self._since = time.perf_counter()
+
+    def _hook(self, n: int, trainable: bool):
+        def count(module, args, kwargs):
+            factor = 6 if trainable and torch.is_grad_enabled() else 2
+            self.flops += factor * n * _tokens(args, kwargs)
+
+        return count
+
+    def take(self) -> dict[str, float]:
+        now = time.perf_counter()
+        row = {"perf/peak_memory_gb": round(peak_memory_gb(self.device), 4)}
+        if self._handles and self.peak:
+            row["perf/mfu"] = self.flops / max(now - self._since, 1e-9) / self.peak
+        self.flops, self._since = 0.0, now
+        return row
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
