@@ -33,10 +33,16 @@ def test_sft_help_documents_config_keys(capsys):
     assert "data.max_prompt_length" in out and "train.global_batch_size" in out
 
 
-@pytest.mark.parametrize("stage", ["rm", "ppo", "pipeline"])
-def test_later_stages_say_not_yet(stage, capsys):
-    assert main([stage]) == 2
+def test_pipeline_says_not_yet(capsys):
+    assert main(["pipeline"]) == 2
     assert "not available yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_a_stage_without_a_model_fails_with_one_line(stage, capsys):
+    assert main([stage]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.path is required") and err.count("\n") == 1
 
 
 def test_user_mistake_exits_2_with_one_line_and_no_traceback(tmp_path):

@@ -1,0 +1,62 @@
+"""perf/mfu bookkeeping: 2·N FLOPs per forward token, 6·N per training token, N without an
+untied input embedding; device peaks by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.logging import perf
+
+
+def tiny_llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config)
+
+
+def test_n_leaves_out_an_untied_input_embedding_only():
+    untied, tied = tiny_llama(False), tiny_llama(True)
+    all_untied = sum(p.numel() for p in untied.parameters())
+    assert perf.matmul_parameters(untied) == all_untied - 50 * 16
+    assert perf.matmul_parameters(tied) == sum(p.numel() for p in tied.parameters())  # the head is the table
+
+
+def test_flops_are_2n_per_forward_token_and_6n_per_training_token():
+    model = tiny_llama(False)
+    n = perf.matmul_parameters(model)
+    meter = perf.PerfMeter([model], peak_flops=1.0)
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert meter.flops == 2 * n * 10
+    model(input_ids=ids).logits.sum().backward()
+    assert meter.flops == 2 * n * 10 + 6 * n * 10
+    row = meter.take()
+    assert row["perf/mfu"] > 0 and row["perf/peak_memory_gb"] > 0 and meter.flops == 0
+    meter.close()
+    model(input_ids=ids)
+    assert meter.flops == 0  # hooks removed
+
+
+def test_frozen_model_counts_forward_only_even_with_grad_enabled():
+    model = tiny_llama(True).requires_grad_(False)
+    meter = perf.PerfMeter([model])
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert meter.flops == 2 * perf.matmul_parameters(model) * 4
+    meter.close()
+
+
+@pytest.mark.parametrize("name, expected", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                            ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+                                            ("Tesla T4", None)])
+def test_gpu_peak_by_name(monkeypatch, name, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert perf.device_peak_flops(torch.device("cuda", 0)) == expected
+    assert perf.device_peak_flops(torch.device("cuda", 0), configured=1e15) == 1e15
+
+
+def test_cpu_peak_default():
+    assert perf.device_peak_flops(torch.device("cpu")) == perf.CPU_PEAK_FLOPS
