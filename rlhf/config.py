@@ -45,6 +45,9 @@ class SFTDataConfig:
     """Pack several examples into each max_length row (attention does not cross examples)."""
     all_assistant_turns: bool = True
     """Train on every assistant turn of a multi-turn conversation, not only the last one."""
+    pretrain: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Optional plain `text` rows mixed into training (loss on every token), e.g. the
+    pretraining distribution that PPO-ptx later protects."""
     on_error: str = "raise"
     """raise: stop at the first malformed row; skip: skip and count malformed rows."""
 

@@ -21,7 +21,7 @@ from rlhf.algorithms.rewards import RunningMoments
 from rlhf.config import PPOConfig, save_config
 from rlhf.data.builders import load_records
 from rlhf.data.prompt_dataset import PromptStream, encode_prompt
-from rlhf.data.sft_dataset import SFTBatches, SFTExample
+from rlhf.data.sft_dataset import SFTBatches, encode_text
 from rlhf.data.splits import load_split
 from rlhf.distributed.checkpoint import CheckpointManager
 from rlhf.distributed.strategy import build_strategy
@@ -50,13 +50,9 @@ class PPOResult:
 def _pretrain_batches(cfg: PPOConfig, tokenizer) -> SFTBatches:
     """PPO-ptx data: plain text, every token a target, as micro-batches addressed by step."""
     records, _ = load_records("pretrain", cfg.data.pretrain, cfg.data.on_error)
-    limit = cfg.data.pretrain_max_length
-    examples = []
-    for record in records:
-        ids = tokenizer(record.text, add_special_tokens=False)["input_ids"][: limit - 1] + [tokenizer.eos_token_id]
-        examples.append(SFTExample(ids, list(ids)))
+    examples = [encode_text(tokenizer, r.text, cfg.data.pretrain_max_length) for r in records]
     return SFTBatches(examples, cfg.ppo.ptx_micro_batch_size, tokenizer.pad_token_id, packing=False,
-                      max_length=limit, seed=cfg.seed)
+                      max_length=cfg.data.pretrain_max_length, seed=cfg.seed)
 
 
 def main(cfg: PPOConfig) -> PPOResult:

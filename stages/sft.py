@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from rlhf.config import SFTConfig, save_config
-from rlhf.data.sft_dataset import SFTBatches, tokenize_sft
+from rlhf.data.builders import load_records
+from rlhf.data.sft_dataset import SFTBatches, encode_text, tokenize_sft
 from rlhf.data.splits import load_split
 from rlhf.distributed.checkpoint import CheckpointManager
 from rlhf.distributed.strategy import build_strategy
@@ -62,6 +63,10 @@ def main(cfg: SFTConfig) -> SFTResult:
     # 3. Tokenise with the chat template; prompt tokens get label -100.
     lengths = (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.all_assistant_turns)
     train_examples, truncation = tokenize_sft(tokenizer, data.train, *lengths)
+    if cfg.data.pretrain.given:
+        texts, _ = load_records("pretrain", cfg.data.pretrain, cfg.data.on_error)
+        train_examples += [encode_text(tokenizer, r.text, cfg.data.max_length) for r in texts]
+        say(f"[sft] mixed in {len(texts)} pretraining texts")
     eval_examples, _ = tokenize_sft(tokenizer, data.eval, *lengths)
     say(f"[sft] truncation: {truncation.as_dict()}")
     micro = cfg.train.micro_batch_size

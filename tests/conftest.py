@@ -57,7 +57,8 @@ def quickstart_models(tmp_path_factory, quickstart_data) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("quickstart_models")
     sft_cfg = load_config(SFTConfig, [str(REPO / "configs" / "sft.yaml")],
-                          [f"data.train.path={quickstart_data['sft']}", f"output_dir={root / 'sft'}",
+                          [f"data.train.path={quickstart_data['sft']}", f"data.pretrain.path={quickstart_data['pretrain']}",
+                           f"output_dir={root / 'sft'}",
                            "logging.progress=false"])
     sft_result = sft.main(sft_cfg)
     rm_cfg = load_config(RMConfig, [str(REPO / "configs" / "rm.yaml")],

@@ -220,3 +220,9 @@ def tokenize_sft(
         encode_sft(tokenizer, record, max_length, max_prompt_length, all_assistant_turns, stats) for record in records
     ]
     return examples, stats
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> SFTExample:
+    """Plain text (pretraining data): every token is a target; EOS closes the document."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
+    return SFTExample(ids, list(ids))
