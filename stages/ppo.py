@@ -152,7 +152,7 @@ def main(cfg: PPOConfig) -> PPOResult:
         timings = {}
         # 1. Roll out a batch of prompts with the current policy.
         started = time.time()
-        batch_prompts, _ = stream.batch(iteration, strategy.rank, strategy.world_size)
+        batch_prompts = stream.batch(iteration, strategy.rank, strategy.world_size)
         rollout = actor.generate(batch_prompts, sampling)
         timings["perf/generate_seconds"] = time.time() - started
 

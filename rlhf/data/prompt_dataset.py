@@ -3,11 +3,11 @@ addressed by iteration so a resumed run continues with exactly the next prompts.
 
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.data.order import EpochOrder
 from rlhf.data.records import PromptRecord
 from rlhf.data.template import prompt_text
 
@@ -24,20 +24,11 @@ class PromptStream:
             raise ValueError("no prompts")
         self.prompts = list(prompts)
         self.batch_size = batch_size
-        self.seed = seed
-        self._orders: dict[int, list[int]] = {}
+        self._order = EpochOrder(len(self.prompts), seed)
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            order = list(range(len(self.prompts)))
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            self._orders = {epoch: order}
-        return self._orders[epoch]
-
-    def batch(self, iteration: int, rank: int = 0, world_size: int = 1) -> tuple[list[list[int]], list[int]]:
-        """The prompts (and their indices) worker `rank` rolls out at `iteration`: the global
-        batch is positions [iteration·B, (iteration+1)·B) of the epoch stream."""
+    def batch(self, iteration: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+        """The prompts worker `rank` rolls out at `iteration`: the global batch is positions
+        [iteration·B, (iteration+1)·B) of the epoch stream."""
         n = len(self.prompts)
         positions = range(iteration * self.batch_size + rank, (iteration + 1) * self.batch_size, world_size)
-        indices = [self._order(p // n)[p % n] for p in positions]
-        return [self.prompts[i] for i in indices], indices
+        return [self.prompts[self._order(p // n)[p % n]] for p in positions]

@@ -4,13 +4,13 @@ pair of that prompt is compared from those K scores."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.data.order import EpochOrder
 from rlhf.data.records import RankRecord
 from rlhf.data.sft_dataset import TruncationStats
 from rlhf.data.template import answer_ids, prompt_text
@@ -102,20 +102,13 @@ class RankBatches:
         self.examples = list(examples)
         self.micro_batch_size = micro_batch_size
         self.pad_token_id = pad_token_id
-        self.seed = seed
-        self.shuffle = shuffle
-        self._orders: dict[int, list[int]] = {}
+        self._order = EpochOrder(len(self.examples), seed, shuffle)
 
     def __len__(self) -> int:
         return (len(self.examples) + self.micro_batch_size - 1) // self.micro_batch_size
 
     def batch(self, epoch: int, index: int) -> RankBatch:
-        if epoch not in self._orders:
-            order = list(range(len(self.examples)))
-            if self.shuffle:
-                random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            self._orders = {epoch: order}
-        order = self._orders[epoch]
+        order = self._order(epoch)
         chunk = order[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]
         return collate_rank([self.examples[i] for i in chunk], self.pad_token_id)
 

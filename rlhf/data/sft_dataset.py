@@ -10,13 +10,13 @@ Truncation policy (counted, never silent):
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.data.order import EpochOrder
 from rlhf.data.records import SFTRecord
 from rlhf.data.template import TemplateError, conversation_segments
 from rlhf.errors import DataError
@@ -180,22 +180,11 @@ class SFTBatches:
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.micro_batch_size = micro_batch_size
-        self.seed = seed
-        self.shuffle = shuffle
         self.units: Sequence = pack_examples(examples, max_length) if packing else list(examples)
-        self._cached_epoch: int | None = None
-        self._cached_order: list[int] = []
+        self._order = EpochOrder(len(self.units), seed, shuffle)
 
     def __len__(self) -> int:
         return (len(self.units) + self.micro_batch_size - 1) // self.micro_batch_size
-
-    def _order(self, epoch: int) -> list[int]:
-        if self._cached_epoch != epoch:
-            order = list(range(len(self.units)))
-            if self.shuffle:
-                random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            self._cached_epoch, self._cached_order = epoch, order
-        return self._cached_order
 
     def batch(self, epoch: int, index: int) -> SFTBatch:
         """Micro-batch `index` of `epoch`: random access, so any position can be resumed."""

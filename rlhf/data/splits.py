@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from rlhf.config_sections import DataSourceConfig
 from rlhf.data.builders import load_records, split_train_eval
 from rlhf.data.records import LoadReport
-from rlhf.errors import UserError
 
 
 @dataclass
@@ -38,6 +37,4 @@ def load_split(
         eval_records, eval_report = load_records(kind, eval, on_error)
         return RecordSplit(records, eval_records, train_report, eval_report)
     train_records, eval_records = split_train_eval(records, eval_fraction, seed)
-    if not train_records:
-        raise UserError(f"{train.path}: no training records left after holding out {eval_fraction:.0%} for eval")
     return RecordSplit(train_records, eval_records, train_report, None)

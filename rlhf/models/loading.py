@@ -48,17 +48,19 @@ def _gguf_location(cfg: ModelConfig, path: str) -> tuple[str, str | None]:
     return path, cfg.gguf_file
 
 
-def _check_path(path: str, field: str) -> None:
+def resolve_location(cfg: ModelConfig, path: str, field: str = "model.path") -> tuple[str, str | None]:
+    """(location, gguf file) for `from_pretrained`: a missing local path is a user error, and
+    the GGUF file applies only to the configured model path (not to a run's own exports)."""
     if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
         raise UserError(f"{field}: {path}: no such directory")
+    return _gguf_location(cfg, path) if path == cfg.path else (path, None)
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of `path` (default `cfg.tokenizer` or `cfg.path`), with a chat template
     (a documented fallback when the model has none) and a pad token set."""
     path = path or cfg.tokenizer or cfg.path
-    _check_path(path, "model.tokenizer" if cfg.tokenizer else "model.path")
-    location, gguf_file = _gguf_location(cfg, path) if path == cfg.path else (path, None)
+    location, gguf_file = resolve_location(cfg, path, "model.tokenizer" if cfg.tokenizer else "model.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             location,
@@ -93,7 +95,7 @@ def _choose_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _detach_gguf_quantizer(model: PreTrainedModel) -> None:
+def detach_gguf_quantizer(model: PreTrainedModel) -> None:
     """GGUF weights are dequantised on load; detach the quantizer so save_pretrained works."""
     model.hf_quantizer = None
     model.is_quantized = False
@@ -107,8 +109,7 @@ def load_causal_lm(
     """Load the causal LM at `path` (default `cfg.path`) on `device`, dropout off unless training
     wants it is a caller decision; `trust_remote_code` only when the config says so."""
     path = path or cfg.path
-    _check_path(path, "model.path")
-    location, gguf_file = _gguf_location(cfg, path) if path == cfg.path else (path, None)
+    location, gguf_file = resolve_location(cfg, path)
     kwargs = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -124,7 +125,7 @@ def load_causal_lm(
     except OSError as exc:
         raise UserError(f"cannot load a model from '{path}': {str(exc).splitlines()[0]}") from None
     if gguf_file:
-        _detach_gguf_quantizer(model)
+        detach_gguf_quantizer(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -23,7 +23,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 
 from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
-from rlhf.models.loading import _check_path, _detach_gguf_quantizer, _gguf_location, resolve_dtype
+from rlhf.models.loading import detach_gguf_quantizer, resolve_dtype, resolve_location
+from rlhf.models.positions import position_ids_from_mask
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -60,8 +61,7 @@ def load_scalar_model(
     and initialised N(0, 1/(d+1)) (Stiennon et al. 2020 / InstructGPT's reward-head init, so
     initial scores have unit-scale variance); from a reward-model export it is kept."""
     path = path or cfg.path
-    _check_path(path, "model.path")
-    location, gguf_file = _gguf_location(cfg, path) if path == cfg.path else (path, None)
+    location, gguf_file = resolve_location(cfg, path)
     has_head = gguf_file is None and _is_scalar_head_checkpoint(location, cfg)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -75,7 +75,7 @@ def load_scalar_model(
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a reward/value model from '{path}': {str(exc).splitlines()[0]}") from None
     if gguf_file:
-        _detach_gguf_quantizer(model)
+        detach_gguf_quantizer(model)
     head = score_head(model)
     if not has_head:
         hidden = head.weight.shape[-1]
@@ -118,10 +118,11 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    # Positions count attended tokens only, so a sequence scores the same left- or right-padded.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     return backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
     ).last_hidden_state
 
 

@@ -6,13 +6,9 @@ from __future__ import annotations
 import torch
 
 from rlhf.algorithms import entropy_from_logits, token_logprobs
+from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.reward import token_values
 from rlhf.rollout.types import Rollout
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    # The same positions generate() used for the left-padded prompt.
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
@@ -22,7 +18,7 @@ def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     logits = model(
         input_ids=rollout.sequences,
         attention_mask=rollout.attention_mask,
-        position_ids=_positions(rollout.attention_mask),
+        position_ids=position_ids_from_mask(rollout.attention_mask),
         use_cache=False,
         logits_to_keep=response_length + 1,
     ).logits
