@@ -18,7 +18,6 @@ STAGES = {
     "ppo": "Optimise the policy against the reward model with PPO / PPO-ptx and a KL penalty.",
     "pipeline": "Run SFT -> RM -> PPO with lineage, skipping stages that are up to date.",
 }
-NOT_YET = {"pipeline"}
 
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
@@ -39,6 +38,12 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config; repeat to layer several (later files win)")
+    parser.add_argument("--address", metavar="ADDRESS",
+                        help="run on Ray and join this cluster: auto, HOST:PORT or ray://HOST:PORT "
+                        "(same as ray.enabled=true ray.address=ADDRESS)")
+    if name == "pipeline":
+        parser.add_argument("--from", dest="start_from", choices=("sft", "rm", "ppo"),
+                            help="re-run from this stage on, even where the lineage says it is up to date")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-5")
 
 
@@ -88,23 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> None:
-    if name in NOT_YET:
-        raise UserError(f"'rlhf {name}' is not available yet in this version; 'rlhf sft' is")
     from rlhf.config import STAGE_CONFIGS, load_config
 
-    cfg = load_config(STAGE_CONFIGS[name], args.config, args.overrides)
-    if name == "sft":
-        from stages import sft
+    overrides = list(args.overrides)
+    if args.address:
+        overrides += ["ray.enabled=true", f"ray.address={args.address}"]
+    cfg = load_config(STAGE_CONFIGS[name], args.config, overrides)
+    if name == "pipeline":
+        from stages import pipeline
 
-        sft.main(cfg)
-    elif name == "rm":
-        from stages import rm
+        pipeline.main(cfg, start_from=args.start_from)
+        return
+    from rlhf.distributed.env import detect_launch
 
-        rm.main(cfg)
-    elif name == "ppo":
-        from stages import ppo
+    if cfg.ray.enabled and detect_launch().launcher != "none":
+        raise UserError("ray.enabled=true under torchrun or the deepspeed launcher: use one of the two "
+                        "(Ray starts its own workers)")
+    if cfg.ray.enabled:
+        from rlhf.ray.launch import run_stage_on_ray
 
-        ppo.main(cfg)
+        run_stage_on_ray(name, cfg)
+    else:
+        from rlhf.ray.stage_worker import run_stage
+
+        run_stage(name, cfg)
 
 
 def _columns(pairs: Sequence[str]) -> dict[str, str]:
@@ -194,7 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`--from rm train.lr=1`), which argparse's positional
+    # handling alone refuses: take every leftover key=value as an override.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command in STAGES:
             _run_stage(args.command, args)

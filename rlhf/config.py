@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, List, Optional, Sequence, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +22,8 @@ from rlhf.config_sections import (
     DataSourceConfig,
     LoggingConfig,
     ModelConfig,
+    RayConfig,
+    ResourcesConfig,
     StrategyConfig,
     TrainConfig,
     _choice,
@@ -73,13 +75,16 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5))
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "runs/sft"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the exported model/."""
     seed: int = 42
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.strategy, self.logging):
+        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray):
             section.validate()
+        _check_ray_batch(self.train, self.resources, self.ray)
 
 
 @dataclass
@@ -118,13 +123,16 @@ class RMConfig:
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "runs/rm"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the best model/."""
     seed: int = 42
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.strategy, self.logging):
+        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray):
             section.validate()
+        _check_ray_batch(self.train, self.resources, self.ray)
 
 
 @dataclass
@@ -205,6 +213,9 @@ class KLConfig:
             raise ConfigError("kl.coef must be >= 0")
 
 
+PPO_ROLES = ("actor", "critic", "reference", "reward")
+
+
 @dataclass
 class PPOAlgoConfig:
     iterations: int = 100
@@ -240,6 +251,17 @@ class PPOAlgoConfig:
     sample_every: int = 10
     """Every N iterations, log a table of the first 8 rollouts (prompt, response, reward, KL,
     length) to samples.jsonl and the trackers; 0: never. Eval samples are logged at each eval."""
+    colocate: Any = "all"
+    """all: every worker holds all four roles (one SPMD program, as under torchrun). Or groups
+    of roles, e.g. [[actor, reference], [critic, reward]]: each group is its own Ray placement
+    group of `resources` bundles, each role in it a separate actor group sharing those bundles,
+    and the driver moves token ids, masks, log-probs, values and rewards between them."""
+
+    def role_groups(self) -> list[list[str]] | None:
+        """The colocation groups, or None for "all" (one SPMD program)."""
+        if isinstance(self.colocate, str):
+            return None
+        return [list(group) for group in self.colocate]
 
     def validate(self) -> None:
         _choice("ppo.critic_init", self.critic_init, ("reward", "sft"))
@@ -251,6 +273,15 @@ class PPOAlgoConfig:
                               f"ppo.micro_batch_size={self.micro_batch_size}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("ppo.ema_decay must be in [0, 1)")
+        if isinstance(self.colocate, str):
+            if self.colocate != "all":
+                raise ConfigError(f"ppo.colocate={self.colocate!r}: use all, or a list of role groups such as "
+                                  "[[actor, reference], [critic, reward]]")
+            return
+        roles = [role for group in self.colocate for role in (group if isinstance(group, (list, tuple)) else [group])]
+        if sorted(roles) != sorted(PPO_ROLES) or not all(isinstance(g, (list, tuple)) and g for g in self.colocate):
+            raise ConfigError(f"ppo.colocate={list(self.colocate)}: a list of non-empty groups that names each of "
+                              f"{', '.join(PPO_ROLES)} exactly once")
 
 
 @dataclass
@@ -284,18 +315,110 @@ class PPOConfig:
     ppo.critic_lr); save_every/resume count iterations."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "runs/ppo"
     seed: int = 42
 
     def validate(self) -> None:
         for section in (self.model, self.reward_model, self.data, self.rollout, self.reward, self.kl, self.ppo,
-                        self.train, self.strategy, self.logging):
+                        self.train, self.strategy, self.logging, self.resources, self.ray):
             section.validate()
         if self.ppo.ptx_coef > 0 and not self.data.pretrain.given:
             raise ConfigError("ppo.ptx_coef > 0 needs data.pretrain.path (plain `text` rows)")
+        if self.ppo.role_groups() is not None and self.ppo.ema_decay > 0:
+            raise ConfigError("ppo.ema_decay > 0 is not available with role groups (ppo.colocate a list) yet; "
+                              "use ppo.colocate=all")
+        if self.ppo.role_groups() is not None and not self.ray.enabled:
+            raise ConfigError("ppo.colocate lists role groups, which run as separate Ray actor groups: "
+                              "set ray.enabled=true (or ppo.colocate=all)")
+        if self.ray.enabled:
+            workers = self.resources.workers
+            if self.ppo.rollout_batch_size % workers or self.ppo.mini_batch_size % (self.ppo.micro_batch_size * workers):
+                raise ConfigError(f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} must be a multiple of the workers "
+                                  f"({workers}) and ppo.mini_batch_size={self.ppo.mini_batch_size} of ppo.micro_batch_size "
+                                  f"x workers = {self.ppo.micro_batch_size} x {workers}")
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+def _check_ray_batch(train: TrainConfig, resources: ResourcesConfig, ray: RayConfig) -> None:
+    """On Ray the world size is known before anything starts: check the batch arithmetic now."""
+    if not ray.enabled:
+        return
+    per_pass = train.micro_batch_size * resources.workers
+    if train.global_batch_size % per_pass:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+                          f"train.micro_batch_size x workers = {train.micro_batch_size} x {resources.workers} = {per_pass} "
+                          "(workers = resources.num_nodes x resources.workers_per_node)")
+
+
+PIPELINE_STAGES = ("sft", "rm", "ppo")
+
+
+@dataclass
+class PipelineConfig:
+    """SFT -> RM -> PPO in one command. The RM starts from the SFT export, PPO's actor and
+    reference from SFT and its critic and reward model from the RM export: leave those
+    model paths empty and the pipeline fills them in. Each stage writes into
+    `output_dir/<stage>` with a lineage.json; a stage whose lineage matches is skipped."""
+
+    output_dir: str = "runs/pipeline"
+    """Parent of the stage run directories (sft/, rm/, ppo/); each stage's own output_dir is ignored."""
+    stages: List[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
+    """Stages to run, in order (a prefix or suffix of sft, rm, ppo)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """One Ray session for the whole pipeline; every stage runs on it when enabled (the stages'
+    own `ray` sections are ignored, their `resources` are used)."""
+    logging_group: Optional[str] = None
+    """W&B group of the three runs; None: the output directory's name."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def wired(self, stage: str) -> Any:
+        """The stage's config as the pipeline runs it: output directory, parent model paths,
+        Ray settings and W&B group filled in."""
+        import copy
+
+        root = Path(self.output_dir)
+        cfg = copy.deepcopy(getattr(self, stage))
+        cfg.output_dir = str(root / stage)
+        cfg.ray = copy.deepcopy(self.ray)
+        cfg.logging.group = cfg.logging.group or self.logging_group or root.name
+        if stage == "rm" and not cfg.model.path and cfg.model.tiny is None:
+            cfg.model.path = str(root / "sft" / "model")
+        if stage == "ppo":
+            if not cfg.model.path:
+                cfg.model.path = str(root / "sft" / "model")
+            if not cfg.reward_model.path:
+                cfg.reward_model.path = str(root / "rm" / "model")
+        return cfg
+
+    def parents(self, stage: str) -> list[str]:
+        """Earlier stages whose exports this stage reads (by the wiring above)."""
+        if stage == "rm":
+            return ["sft"] if not self.rm.model.path and self.rm.model.tiny is None else []
+        if stage == "ppo":
+            return [p for p, path in (("sft", self.ppo.model.path), ("rm", self.ppo.reward_model.path)) if not path]
+        return []
+
+    def validate(self) -> None:
+        if not self.stages or any(s not in PIPELINE_STAGES for s in self.stages) or \
+                list(self.stages) != [s for s in PIPELINE_STAGES if s in self.stages]:
+            raise ConfigError(f"stages={list(self.stages)}: stages run in the order {', '.join(PIPELINE_STAGES)}")
+        self.ray.validate()
+        for stage in self.stages:
+            cfg = self.wired(stage)
+            try:
+                # Parent exports do not exist yet: check everything but their paths.
+                for parent in self.parents(stage):
+                    section = cfg.reward_model if (stage == "ppo" and parent == "rm") else cfg.model
+                    section.path = "pending-" + parent
+                cfg.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{stage} section: {exc}") from None
+
+
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "pipeline": PipelineConfig}
 
 
 # ---------------------------------------------------------------------------------------

@@ -191,3 +191,63 @@ class LoggingConfig:
             _choice("logging.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError("logging.peak_flops must be > 0 (FLOP/s of one device)")
+
+
+@dataclass
+class RayConfig:
+    enabled: bool = False
+    """Run the stage as a group of Ray actors, one per training process. Off: a plain process
+    (or whatever torchrun / the deepspeed launcher started)."""
+    address: str = ""
+    """Empty: start a private local Ray (127.0.0.1, dashboard off). `auto` joins the cluster
+    started on this machine by `ray start` (launchers/ray_head.sh); `HOST:PORT` or
+    `ray://HOST:10001` (Ray Client) join a remote one."""
+    namespace: str = "rlhf"
+    num_cpus: Optional[int] = None
+    """CPUs of the local Ray (address empty); None: all of this machine's."""
+    num_gpus: Optional[int] = None
+    """GPUs of the local Ray (address empty); None: all visible ones."""
+    working_dir: str = ""
+    """Directory shipped to every node with the Ray runtime_env (for clusters without a shared
+    filesystem); empty: nodes see the driver's files at the same paths."""
+    env_vars: Dict[str, str] = field(default_factory=dict)
+    """Extra environment for the workers (besides the forwarded HF_*, WANDB_MODE/DIR/PROJECT,
+    NCCL_*, OMP settings). Secrets such as WANDB_API_KEY are never forwarded: set them on the nodes."""
+
+    def validate(self) -> None:
+        if self.working_dir and not os.path.isdir(self.working_dir):
+            raise ConfigError(f"ray.working_dir: {self.working_dir}: no such directory")
+        secret = [k for k in self.env_vars if _looks_secret(k)]
+        if secret:
+            raise ConfigError(f"ray.env_vars: {', '.join(secret)} looks like a secret; configs are saved with the run, "
+                              "so set it in the nodes' environment instead")
+
+
+def _looks_secret(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in ("KEY", "TOKEN", "SECRET", "PASSWORD"))
+
+
+@dataclass
+class ResourcesConfig:
+    """What each stage asks of the cluster when it runs on Ray: `num_nodes x workers_per_node`
+    training processes (Ray actors) in one placement group, one bundle per node."""
+
+    num_nodes: int = 1
+    workers_per_node: int = 1
+    """Training processes per node (usually one per GPU)."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: Optional[float] = None
+    """None: 1 where the cluster has GPUs, else 0."""
+
+    @property
+    def workers(self) -> int:
+        return self.num_nodes * self.workers_per_node
+
+    def validate(self) -> None:
+        if self.num_nodes < 1 or self.workers_per_node < 1:
+            raise ConfigError("resources.num_nodes and resources.workers_per_node must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("resources.cpus_per_worker must be > 0")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ConfigError("resources.gpus_per_worker must be >= 0")

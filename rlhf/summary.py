@@ -31,17 +31,23 @@ def summary_rows(root: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
+def print_table(rows: list[tuple[str, str]]) -> None:
+    if not rows:
+        return
+    width = max(len(name) for name, _ in rows)
+    print(f"| {'metric':<{width}} | value |")
+    print(f"| {'-' * width} | ----- |")
+    for name, value in rows:
+        print(f"| {name:<{width}} | {value} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rows = summary_rows(argv[0] if argv else "runs/quickstart")
     if not rows:
         print("no finished stages found", file=sys.stderr)
         return 1
-    width = max(len(name) for name, _ in rows)
-    print(f"| {'metric':<{width}} | value |")
-    print(f"| {'-' * width} | ----- |")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value} |")
+    print_table(rows)
     return 0
 
 

@@ -33,9 +33,14 @@ def test_sft_help_documents_config_keys(capsys):
     assert "data.max_prompt_length" in out and "train.global_batch_size" in out
 
 
-def test_pipeline_says_not_yet(capsys):
+def test_pipeline_without_a_config_names_the_stage_and_field(capsys):
     assert main(["pipeline"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "sft section: model.path is required" in capsys.readouterr().err
+
+
+def test_pipeline_rejects_stages_out_of_order(capsys):
+    assert main(["pipeline", "--config", "configs/pipeline.yaml", "stages=[ppo,sft]"]) == 2
+    assert "stages run in the order sft, rm, ppo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])

@@ -29,8 +29,16 @@ class Actor:
         module = self.trained.module
         return getattr(module, "module", module)  # engines wrap the HF model as .module
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Rollout:
-        return self.engine.generate(prompts, params)
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> Rollout:
+        """Sample one response per prompt. With a seed the sampler's randomness depends on it
+        alone (and the process RNG is left as it was), so a rollout is reproducible on any
+        worker layout and after a restart."""
+        if seed is None:
+            return self.engine.generate(prompts, params)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self.engine.generate(prompts, params)
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout) -> torch.Tensor:

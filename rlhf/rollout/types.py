@@ -60,6 +60,10 @@ class Experience:
     scores: torch.Tensor
     """(batch,) raw reward-model scores."""
 
+    def to(self, device: torch.device) -> "Experience":
+        return Experience(self.rollout.to(device),
+                          **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "rollout"})
+
     def select(self, index: torch.Tensor) -> "Experience":
         return Experience(
             self.rollout.select(index),

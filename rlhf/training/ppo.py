@@ -4,7 +4,7 @@ and the clipped actor/critic updates (with the PPO-ptx term)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -110,61 +110,79 @@ class _Means:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
-def ppo_update(
+def shuffle_orders(generator: torch.Generator, epochs: int, size: int) -> list[torch.Tensor]:
+    """One permutation of a worker's `size` samples per PPO epoch. Actor and critic walk the
+    same mini-batches, so the orders are drawn once and handed to both."""
+    return [torch.randperm(size, generator=generator) for _ in range(epochs)]
+
+
+def _mini_batches(experience: Experience, orders: Sequence[torch.Tensor], mini: int, micro: int):
+    """(mini-batch index, [micro-batches]) in training order."""
+    total = experience.rollout.sequences.shape[0]
+    device = experience.rollout.sequences.device
+    index = 0
+    for order in orders:
+        for start in range(0, total, mini):
+            batch = experience.select(order[start : start + mini].to(device))
+            size = batch.rollout.sequences.shape[0]
+            yield index, batch, [batch.select(torch.arange(m, min(m + micro, size), device=device))
+                                 for m in range(0, size, micro)]
+            index += 1
+
+
+def actor_update(
     experience: Experience,
     actor: Actor,
-    critic: Critic,
     strategy: Strategy,
     cfg: PPOConfig,
     kl_coef: float,
-    train_actor: bool,
+    orders: Sequence[torch.Tensor],
     ptx_batch: Callable[[int], object] | None,
-    generator: torch.Generator,
     step_offset: int,
-) -> tuple[dict[str, float], int]:
-    """`ppo_epochs` passes over shuffled mini-batches; one actor and one critic optimizer step
-    per mini-batch, micro-batches accumulated. Losses are token means over the mini-batch.
-    `ptx_batch(step)` gives the pretraining micro-batch of a step (PPO-ptx). Returns the
-    averaged metrics and the number of optimizer steps taken."""
+) -> dict[str, float]:
+    """Clipped policy-gradient steps (plus entropy, in-loss KL and the PPO-ptx LM term), one
+    optimizer step per mini-batch. Losses are token means over the whole mini-batch."""
     algo = cfg.ppo
-    total = experience.rollout.sequences.shape[0]
-    mini = algo.mini_batch_size // strategy.world_size
-    micro = algo.micro_batch_size
     means = _Means()
-    steps = 0
-    temperature = cfg.rollout.temperature
-    for _ in range(algo.ppo_epochs):
-        order = torch.randperm(total, generator=generator)
-        for start in range(0, total, mini):
-            batch = experience.select(order[start : start + mini].to(experience.rollout.sequences.device))
-            tokens = strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"]
-            for m in range(0, batch.rollout.sequences.shape[0], micro):
-                part = batch.select(torch.arange(m, min(m + micro, batch.rollout.sequences.shape[0]),
-                                                 device=batch.rollout.sequences.device))
-                mask = part.rollout.response_mask
-                weight = float(mask.sum()) / max(tokens, 1.0)
-                if train_actor:
-                    logprobs, entropy = policy_logprobs(actor.trained.module, part.rollout, temperature, with_entropy=True)
-                    pg_loss, pg_stats = ppo_policy_loss(logprobs, part.logprobs, part.advantages, mask, algo.clip_eps)
-                    entropy_mean = masked_mean(entropy, mask)
-                    loss = pg_loss - algo.entropy_coef * entropy_mean
-                    if cfg.kl.in_loss:
-                        loss = loss + kl_coef * masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl.estimator), mask)
-                    strategy.backward(actor.trained, loss * weight)
-                    means.add(**{"ppo/policy_loss": pg_loss.detach(), "ppo/entropy": entropy_mean.detach(),
-                                 "ppo/clip_frac": pg_stats["clip_frac"], "ppo/approx_kl": pg_stats["approx_kl"]})
-                values = response_values(critic.trained.module, part.rollout)
-                vf_loss, vf_stats = value_loss(values, part.values, part.returns, mask, algo.value_clip_eps)
-                strategy.backward(critic.trained, vf_loss * weight)
-                means.add(**{"ppo/value_loss": vf_loss.detach(), "ppo/value_clip_frac": vf_stats["clip_frac"]})
-            if train_actor and ptx_batch is not None:
-                ptx = ptx_batch(step_offset + steps).to(strategy.device)
-                nll, n = lm_forward_nll(actor.trained.module, ptx)
-                n_total = strategy.all_reduce({"n": float(n)}, op="sum")["n"]
-                strategy.backward(actor.trained, algo.ptx_coef * nll / max(n_total, 1.0))
-                means.add(**{"ppo/ptx_loss": float(nll.detach()) / max(n, 1)})
-            if train_actor:
-                means.add(**{"ppo/actor_grad_norm": strategy.step(actor.trained)})
-            means.add(**{"ppo/critic_grad_norm": strategy.step(critic.trained)})
-            steps += 1
-    return means.result(), steps
+    for step, batch, micro_batches in _mini_batches(experience, orders, algo.mini_batch_size // strategy.world_size,
+                                                    algo.micro_batch_size):
+        tokens = strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"]
+        for part in micro_batches:
+            mask = part.rollout.response_mask
+            logprobs, entropy = policy_logprobs(actor.trained.module, part.rollout, cfg.rollout.temperature,
+                                                with_entropy=True)
+            pg_loss, pg_stats = ppo_policy_loss(logprobs, part.logprobs, part.advantages, mask, algo.clip_eps)
+            entropy_mean = masked_mean(entropy, mask)
+            loss = pg_loss - algo.entropy_coef * entropy_mean
+            if cfg.kl.in_loss:
+                loss = loss + kl_coef * masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl.estimator), mask)
+            strategy.backward(actor.trained, loss * float(mask.sum()) / max(tokens, 1.0))
+            means.add(**{"ppo/policy_loss": pg_loss.detach(), "ppo/entropy": entropy_mean.detach(),
+                         "ppo/clip_frac": pg_stats["clip_frac"], "ppo/approx_kl": pg_stats["approx_kl"]})
+        if ptx_batch is not None:
+            ptx = ptx_batch(step_offset + step).to(strategy.device)
+            nll, n = lm_forward_nll(actor.trained.module, ptx)
+            n_total = strategy.all_reduce({"n": float(n)}, op="sum")["n"]
+            strategy.backward(actor.trained, algo.ptx_coef * nll / max(n_total, 1.0))
+            means.add(**{"ppo/ptx_loss": float(nll.detach()) / max(n, 1)})
+        means.add(**{"ppo/actor_grad_norm": strategy.step(actor.trained)})
+    return means.result()
+
+
+def critic_update(
+    experience: Experience, critic: Critic, strategy: Strategy, cfg: PPOConfig, orders: Sequence[torch.Tensor]
+) -> dict[str, float]:
+    """Clipped value-loss steps over the same mini-batches as the actor's."""
+    algo = cfg.ppo
+    means = _Means()
+    for _, batch, micro_batches in _mini_batches(experience, orders, algo.mini_batch_size // strategy.world_size,
+                                                 algo.micro_batch_size):
+        tokens = strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"]
+        for part in micro_batches:
+            mask = part.rollout.response_mask
+            values = response_values(critic.trained.module, part.rollout)
+            vf_loss, vf_stats = value_loss(values, part.values, part.returns, mask, algo.value_clip_eps)
+            strategy.backward(critic.trained, vf_loss * float(mask.sum()) / max(tokens, 1.0))
+            means.add(**{"ppo/value_loss": vf_loss.detach(), "ppo/value_clip_frac": vf_stats["clip_frac"]})
+        means.add(**{"ppo/critic_grad_norm": strategy.step(critic.trained)})
+    return means.result()

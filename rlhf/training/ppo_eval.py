@@ -43,9 +43,7 @@ def evaluate_policy(
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample one answer per held-out prompt with a fixed seed (without disturbing the
     training RNG) and measure it. Returns metrics and per-sample rows."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        rollout = actor.generate(list(prompts), params)
+    rollout = actor.generate(list(prompts), params, seed=seed)
     mask = rollout.response_mask
     logprobs = actor.logprobs(rollout)
     ref_logprobs = reference.logprobs(rollout)

@@ -66,9 +66,9 @@ def test_ten_times_the_kl_coefficient_ends_with_lower_kl(tmp_path, baseline, qui
 def pretrain_loss(model: torch.nn.Module, cfg: PPOConfig) -> float:
     from rlhf.models.loading import load_tokenizer
     from rlhf.training.lm import evaluate_lm
-    from stages.ppo import _pretrain_batches
+    from rlhf.roles.build import build_pretrain_batches
 
-    batches = _pretrain_batches(cfg, load_tokenizer(cfg.model))
+    batches = build_pretrain_batches(cfg, load_tokenizer(cfg.model))
     nll, tokens = evaluate_lm(model, batches.epoch(0), torch.device("cpu"))
     return nll / tokens
 

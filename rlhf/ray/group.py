@@ -1,0 +1,116 @@
+"""A group of Ray actors of one plain class, placed `workers_per_node` per node.
+
+The placement group has one bundle per node holding that node's workers, so local ranks are
+known before anything starts and a multi-node group is spread with STRICT_SPREAD. Several
+groups can share one placement group (colocated PPO roles): each then asks for its share of
+every bundle. Calls fan out to all workers and gather in rank order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from rlhf.config_sections import ResourcesConfig
+from rlhf.errors import UserError
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+@dataclass
+class Placement:
+    """A placement group and the per-worker resources it was sized for."""
+
+    group: Any
+    resources: ResourcesConfig
+    gpus_per_worker: float
+
+    @classmethod
+    def reserve(cls, resources: ResourcesConfig, name: str, timeout_s: float = 120.0) -> "Placement":
+        import ray
+        from ray.util.placement_group import placement_group
+
+        gpus = resources.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if cluster_has_gpus() else 0.0
+        bundle = {"CPU": resources.cpus_per_worker * resources.workers_per_node}
+        if gpus:
+            bundle["GPU"] = gpus * resources.workers_per_node
+        strategy = "STRICT_SPREAD" if resources.num_nodes > 1 else "PACK"
+        group = placement_group([dict(bundle) for _ in range(resources.num_nodes)], strategy=strategy, name=name)
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(group)
+            raise UserError(
+                f"Ray could not place {name}: {resources.num_nodes} node(s) x {bundle} within {timeout_s:.0f} s; the "
+                f"cluster has {ray.available_resources()} free. Lower resources.* or add nodes")
+        return cls(group, resources, gpus)
+
+    def release(self) -> None:
+        import ray
+
+        ray.util.remove_placement_group(self.group)
+
+
+class WorkerGroup:
+    """`resources.workers` actors of `cls`, built with `make_args(rank, local_rank)`."""
+
+    def __init__(self, cls: type, placement: Placement, make_args: Callable[[int, int], tuple], name: str,
+                 share: float = 1.0):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.name = name
+        res = placement.resources
+        remote_cls = ray.remote(cls)
+        self.workers = []
+        for rank in range(res.workers):
+            node, local_rank = divmod(rank, res.workers_per_node)
+            options = {
+                "num_cpus": res.cpus_per_worker * share,
+                "num_gpus": placement.gpus_per_worker * share,
+                "name": f"{name}-{rank}",
+                "max_concurrency": 2,  # a status query may run beside a long call
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement_group=placement.group, placement_group_bundle_index=node),
+            }
+            self.workers.append(remote_cls.options(**options).remote(*make_args(rank, local_rank)))
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> list:
+        """Start `method(*args)` on every worker; object refs in rank order."""
+        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list:
+        return gather(self.call_async(method, *args, **kwargs), self.name)
+
+    def scatter_async(self, method: str, shards: Sequence[Any], *args: Any, **kwargs: Any) -> list:
+        """Worker i gets `shards[i]` as its first argument."""
+        return [getattr(w, method).remote(shard, *args, **kwargs) for w, shard in zip(self.workers, shards)]
+
+    def kill(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        self.workers = []
+
+
+def gather(refs: list, name: str) -> list:
+    """`ray.get` that turns a user mistake raised inside a worker back into a `UserError`."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        cause = exc.cause if hasattr(exc, "cause") else None
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise

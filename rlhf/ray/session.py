@@ -1,0 +1,72 @@
+"""Start or join Ray for a run.
+
+With no address a private local Ray starts with the dashboard off, its node address set to
+127.0.0.1 and Ray's token authentication on (Ray 2.60's default). Ray's internal services
+may still listen on every interface (measured here with Ray 2.60): run on a trusted network,
+or in a loopback-only network namespace as the tests do. `auto`, `HOST:PORT` and
+`ray://HOST:PORT` join a running cluster (launchers/ray_head.sh starts one).
+
+The workers get the driver's environment settings that shape a run (HF caches and offline
+flags, W&B mode and directory, NCCL/GLOO interface choices), never its secrets.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from rlhf.config_sections import RayConfig
+
+FORWARDED_PREFIXES = ("HF_", "NCCL_", "GLOO_", "TORCH_")
+FORWARDED_NAMES = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "TRANSFORMERS_OFFLINE",
+                   "HF_DATASETS_OFFLINE", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+EXCLUDES = [".git", ".venv", "runs", "wandb", "*.safetensors", "*.pt", "__pycache__"]
+
+
+def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """The driver variables every worker should see, plus `ray.env_vars`; secrets stay behind."""
+    chosen = {k: v for k, v in environ.items()
+              if (k in FORWARDED_NAMES or k.startswith(FORWARDED_PREFIXES))
+              and not any(word in k.upper() for word in SECRET_WORDS)}
+    chosen.update(extra)
+    return chosen
+
+
+def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None) -> dict:
+    environ = os.environ if environ is None else environ
+    env = {"env_vars": forwarded_env(environ, cfg.env_vars)}
+    if cfg.working_dir:
+        env["working_dir"] = str(Path(cfg.working_dir).resolve())
+        env["excludes"] = list(EXCLUDES)
+    elif cfg.address:
+        # A joined cluster may run other code versions: ship ours (small; no data, no weights).
+        import rlhf
+        import stages
+
+        env["py_modules"] = [str(Path(rlhf.__file__).parent), str(Path(stages.__file__).parent)]
+    return env
+
+
+@contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Ray initialised for the block (reused when the caller already started it)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg), "log_to_driver": True}
+    if cfg.address:
+        kwargs["address"] = cfg.address
+    else:
+        kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
+                      _node_ip_address="127.0.0.1")
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()

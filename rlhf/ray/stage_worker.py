@@ -1,0 +1,74 @@
+"""One training process of a stage, as a plain class: it exports the variables torchrun
+would (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and runs
+the stage's `main`, so the stage code is the same under Ray, torchrun or a plain process."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rlhf.distributed.env import free_port
+
+
+def run_stage(stage: str, cfg: Any) -> dict:
+    """Run `stages.<stage>.main(cfg)` in this process; its summary metrics and model directory."""
+    if stage == "sft":
+        from stages import sft as module
+    elif stage == "rm":
+        from stages import rm as module
+    elif stage == "ppo":
+        from stages import ppo as module
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    result = module.main(cfg)
+    return {"metrics": dict(result.metrics), "model_dir": str(result.model_dir)}
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+class WorkerBase:
+    """What every training process started by Ray needs: its place in the group, the driver's
+    working directory, and the launcher variables of torch.distributed."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, local_world_size: int, cwd: str):
+        self.rank, self.world_size = rank, world_size
+        self.local_rank, self.local_world_size = local_rank, local_world_size
+        # Relative paths in the config mean the driver's working directory (a shared
+        # filesystem); with a shipped runtime_env working_dir there is none, and Ray's copy is used.
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Address and a free port on this worker's node, for rank 0 to host the process group."""
+        return node_ip(), free_port()
+
+    def node_id(self) -> str:
+        """The Ray node this worker runs on ("local" without Ray)."""
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        except ImportError:
+            return "local"
+
+    def export_launch_env(self, master_addr: str, master_port: int) -> None:
+        os.environ.update({
+            "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank), "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+        })
+
+
+class StageWorker(WorkerBase):
+    def run(self, stage: str, cfg: Any, master_addr: str, master_port: int) -> dict:
+        self.export_launch_env(master_addr, master_port)
+        return run_stage(stage, cfg)
