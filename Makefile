@@ -16,12 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# SFT -> RM -> PPO on a private local Ray; a second run skips the stages that are up to date.
 quickstart: $(STAMP)
 	$(BIN)/rlhf data synth --out $(QUICKSTART_DATA)
-	$(BIN)/rlhf sft --config configs/sft.yaml train.resume=never
-	$(BIN)/rlhf rm --config configs/rm.yaml train.resume=never
-	$(BIN)/rlhf ppo --config configs/ppo.yaml train.resume=never
-	$(BIN)/python -m rlhf.summary runs/quickstart
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/rlhf pipeline --config configs/pipeline.yaml
 
 # Fast tests first; the slow end-to-end ones run after them in the same session.
 test: $(STAMP)

@@ -236,7 +236,9 @@ class ResourcesConfig:
     num_nodes: int = 1
     workers_per_node: int = 1
     """Training processes per node (usually one per GPU)."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Optional[float] = None
+    """None: the smallest node's CPUs divided by workers_per_node (colocated PPO roles split a
+    worker's share between them)."""
     gpus_per_worker: Optional[float] = None
     """None: 1 where the cluster has GPUs, else 0."""
 
@@ -247,7 +249,7 @@ class ResourcesConfig:
     def validate(self) -> None:
         if self.num_nodes < 1 or self.workers_per_node < 1:
             raise ConfigError("resources.num_nodes and resources.workers_per_node must be >= 1")
-        if self.cpus_per_worker <= 0:
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ConfigError("resources.cpus_per_worker must be > 0")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError("resources.gpus_per_worker must be >= 0")

@@ -22,11 +22,11 @@ def summary_rows(root: str | Path) -> list[tuple[str, str]]:
     if rm:
         rows.append(("RM held-out pairwise accuracy", f"{rm['eval/accuracy']:.3f}"))
     if ppo:
-        if "eval/gold_reward" in ppo:
+        if "eval/gold_reward" in ppo and "initial_eval/gold_reward" in ppo:
             before, after = ppo["initial_eval/gold_reward"], ppo["eval/gold_reward"]
             gain = (after / before - 1) * 100 if before else float("nan")
             rows.append(("PPO gold reward (held-out)", f"{before:.3f} -> {after:.3f} ({gain:+.0f}%)"))
-        rows.append(("PPO RM reward (held-out)", f"{ppo['initial_eval/reward']:.3f} -> {ppo['eval/reward']:.3f}"))
+        rows.append(("PPO RM reward (held-out)", f"{ppo.get('initial_eval/reward', float('nan')):.3f} -> {ppo['eval/reward']:.3f}"))
         rows.append(("PPO KL to reference (nats/answer)", f"{ppo['eval/kl']:.3f}"))
     return rows
 

@@ -12,7 +12,7 @@ forces a restart point. A stage that was interrupted resumes from its last check
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,13 +83,8 @@ def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
     save_config(cfg, root / "pipeline.yaml")
     lineages: dict[str, Lineage] = {}
     outcome: dict[str, str] = {}
-    forced = False
-    session = nullcontext()
-    if cfg.ray.enabled:
-        from rlhf.ray.session import ray_session
-
-        session = ray_session(cfg.ray)
-    with session:
+    forced = ray_started = False
+    with ExitStack() as session:
         for stage in cfg.stages:
             stage_cfg = cfg.wired(stage)
             run_dir = Path(stage_cfg.output_dir)
@@ -120,6 +115,11 @@ def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
                   f"{'resuming' if resume else 'running'} (lineage {expected.lineage_id[:12]})")
             (run_dir / LINEAGE_FILE).unlink(missing_ok=True)
             write_lineage(run_dir, expected, PENDING_FILE)
+            if cfg.ray.enabled and not ray_started:
+                from rlhf.ray.session import ray_session
+
+                session.enter_context(ray_session(cfg.ray))  # started once, and only when a stage runs
+                ray_started = True
             result = _run(stage, stage_cfg)
 
             # 4. Record what was made: the lineage goes last, marking the artifact complete.

@@ -114,7 +114,7 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
 
     metrics_log = MetricsWriter(run_dir, enabled=strategy.is_main, resume_step=start, logging=cfg.logging, stage="ppo",
                                 config=cfg, models=roles.models())
-    initial = {}
+    initial = dict(state.get("initial_eval", {})) if resume_from is not None else {}
     if start == 0:
         initial = evaluate(0)
         metrics_log.log(0, initial)
@@ -164,6 +164,7 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.ppo.iterations:
             checkpoints.save(trained, done, {
                 "iteration": done,
+                "initial_eval": initial,
                 "kl_controller": kl_ctl.state_dict(),
                 "reward_normalizer": normalizer.running.state_dict(),
                 "shuffle_rng": shuffle_rng.get_state(),

@@ -21,12 +21,21 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def default_cpus_per_worker(workers_per_node: int) -> float:
+    """An even share of the smallest live node's CPUs, at least one."""
+    import ray
+
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1.0, float(int(min(cpus) // workers_per_node))) if cpus else 1.0
+
+
 @dataclass
 class Placement:
     """A placement group and the per-worker resources it was sized for."""
 
     group: Any
     resources: ResourcesConfig
+    cpus_per_worker: float
     gpus_per_worker: float
 
     @classmethod
@@ -37,7 +46,8 @@ class Placement:
         gpus = resources.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if cluster_has_gpus() else 0.0
-        bundle = {"CPU": resources.cpus_per_worker * resources.workers_per_node}
+        cpus = resources.cpus_per_worker or default_cpus_per_worker(resources.workers_per_node)
+        bundle = {"CPU": cpus * resources.workers_per_node}
         if gpus:
             bundle["GPU"] = gpus * resources.workers_per_node
         strategy = "STRICT_SPREAD" if resources.num_nodes > 1 else "PACK"
@@ -48,7 +58,7 @@ class Placement:
             raise UserError(
                 f"Ray could not place {name}: {resources.num_nodes} node(s) x {bundle} within {timeout_s:.0f} s; the "
                 f"cluster has {ray.available_resources()} free. Lower resources.* or add nodes")
-        return cls(group, resources, gpus)
+        return cls(group, resources, cpus, gpus)
 
     def release(self) -> None:
         import ray
@@ -71,7 +81,7 @@ class WorkerGroup:
         for rank in range(res.workers):
             node, local_rank = divmod(rank, res.workers_per_node)
             options = {
-                "num_cpus": res.cpus_per_worker * share,
+                "num_cpus": placement.cpus_per_worker * share,
                 "num_gpus": placement.gpus_per_worker * share,
                 "name": f"{name}-{rank}",
                 "max_concurrency": 2,  # a status query may run beside a long call

@@ -1,0 +1,81 @@
+"""`rlhf pipeline`: SFT -> RM -> PPO wired by lineage. A second run trains nothing, a PPO
+change re-runs only PPO, an SFT change re-runs all three, `--from` forces a restart point
+and an interrupted stage resumes from its checkpoint."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import PipelineConfig, load_config
+from rlhf.lineage import read_lineage
+from rlhf.logging.metrics import read_metrics
+from stages import pipeline
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_pipeline(root: Path, data: dict, *overrides: str) -> PipelineConfig:
+    return load_config(PipelineConfig, [str(REPO / "configs" / "pipeline.yaml")], [
+        f"output_dir={root}", "ray.enabled=false",
+        f"sft.data.train.path={data['sft']}", f"sft.data.pretrain.path={data['pretrain']}",
+        "sft.model.tiny.hidden_size=32", "sft.model.tiny.intermediate_size=64", "sft.train.max_steps=3",
+        f"rm.data.train.path={data['rank']}", "rm.train.max_steps=2", "rm.data.eval_fraction=0.02",
+        f"ppo.data.prompts.path={data['prompts']}", f"ppo.data.eval_prompts.path={data['prompts_eval']}",
+        f"ppo.data.pretrain.path={data['pretrain']}", "ppo.ppo.iterations=2", "ppo.ppo.rollout_batch_size=8",
+        "ppo.ppo.mini_batch_size=8", "ppo.ppo.micro_batch_size=8", "ppo.rollout.max_new_tokens=6",
+        "ppo.eval.max_prompts=4", "ppo.ppo.eval_every=2",
+        *[f"{stage}.logging.progress=false" for stage in ("sft", "rm", "ppo")], *overrides])
+
+
+@pytest.mark.slow
+def test_lineage_decides_what_reruns(tmp_path, quickstart_data):
+    root = tmp_path / "run"
+    assert pipeline.main(tiny_pipeline(root, quickstart_data)) == {"sft": "ran", "rm": "ran", "ppo": "ran"}
+    lineage = {stage: read_lineage(root / stage) for stage in ("sft", "rm", "ppo")}
+    assert lineage["rm"].parents == {"sft": lineage["sft"].lineage_id}
+    assert lineage["ppo"].parents == {"sft": lineage["sft"].lineage_id, "rm": lineage["rm"].lineage_id}
+    assert "eval/loss" in lineage["sft"].metrics and "eval/accuracy" in lineage["rm"].metrics
+    assert set(lineage["sft"].inputs) == {"data.train", "data.pretrain"}
+
+    started = time.time()
+    assert pipeline.main(tiny_pipeline(root, quickstart_data)) == {"sft": "skipped", "rm": "skipped", "ppo": "skipped"}
+    assert time.time() - started < 15
+
+    ppo_change = tiny_pipeline(root, quickstart_data, "ppo.kl.coef=0.5")
+    assert pipeline.main(ppo_change) == {"sft": "skipped", "rm": "skipped", "ppo": "ran"}
+    assert read_lineage(root / "ppo").lineage_id != lineage["ppo"].lineage_id
+
+    sft_change = tiny_pipeline(root, quickstart_data, "ppo.kl.coef=0.5", "sft.train.lr=1e-3")
+    assert pipeline.main(sft_change) == {"sft": "ran", "rm": "ran", "ppo": "ran"}
+    assert read_lineage(root / "rm").parents["sft"] != lineage["sft"].lineage_id
+
+    assert pipeline.main(sft_change, start_from="rm") == {"sft": "skipped", "rm": "ran", "ppo": "ran"}
+
+
+@pytest.mark.slow
+def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path, quickstart_data, capsys):
+    root = tmp_path / "run"
+    cfg = tiny_pipeline(root, quickstart_data, "ppo.train.save_every=1")
+    pipeline.main(cfg)
+    straight = read_metrics(root / "ppo")
+    # As if PPO had died after its iteration-1 checkpoint: no lineage yet, the pending one left.
+    (root / "ppo" / "lineage.json").rename(root / "ppo" / "lineage.pending.json")
+    (root / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in straight if r["step"] <= 1))
+    capsys.readouterr()
+    assert pipeline.main(cfg) == {"sft": "skipped", "rm": "skipped", "ppo": "ran"}
+    out = capsys.readouterr().out
+    assert "ppo: no lineage.json; resuming" in out and "resumed from" in out
+    resumed = read_metrics(root / "ppo")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    assert resumed[-1]["eval/reward"] == pytest.approx(straight[-1]["eval/reward"], abs=1e-6)
+    assert read_lineage(root / "ppo") is not None and not (root / "ppo" / "lineage.pending.json").exists()
+
+
+def test_a_stage_without_its_parent_export_is_refused(tmp_path, quickstart_data):
+    from rlhf.errors import UserError
+
+    cfg = tiny_pipeline(tmp_path / "run", quickstart_data, "stages=[rm,ppo]")
+    with pytest.raises(UserError, match="no lineage.json: run the pipeline with sft"):
+        pipeline.main(cfg)
