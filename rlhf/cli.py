@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--seed", type=int, default=0)
 
+    from rlhf.plan import add_plan_parser
+
+    add_plan_parser(sub)
+
     report = sub.add_parser("report", help="Plot runs' metrics (PNG) and write a Markdown summary.",
                             description="PNG plots and report.md from the metrics.jsonl of one or more runs: SFT "
                             "loss, RM accuracy, PPO reward / KL / kl_coef and diagnostics, and with several PPO "
@@ -214,18 +218,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    from rlhf.training.stop import Interrupted, stop_on_signals
+
     try:
         if args.command in STAGES:
-            _run_stage(args.command, args)
+            with stop_on_signals():
+                _run_stage(args.command, args)
         elif args.command == "data":
             _run_data(args)
         elif args.command == "generate":
             _run_generate(args)
         elif args.command == "report":
             _run_report(args)
+        elif args.command == "plan":
+            from rlhf.plan import run_plan
+
+            return run_plan(args)  # 0: fits, 3: does not fit
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -118,6 +118,11 @@ class TrainConfig:
     """Checkpoints to keep."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir if any), never, or a checkpoint path."""
+    max_restarts: int = 3
+    """On Ray: restarts of a stage from its newest checkpoint after a worker dies."""
+    max_consecutive_nonfinite: int = 3
+    """PPO: iterations in a row whose rewards, log-probs or values are not finite (each one is
+    skipped and counted) before the run stops."""
 
     def validate(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))
@@ -154,6 +159,8 @@ class StrategyConfig:
 
     def validate(self) -> None:
         _choice("strategy.name", self.name, ("single", "deepspeed", "fsdp"))
+        if self.mixed_precision == "False":  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
         _choice("strategy.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"strategy.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")

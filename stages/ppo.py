@@ -19,6 +19,7 @@ import torch
 from rlhf.algorithms import AdaptiveKLController, FixedKLController
 from rlhf.algorithms.rewards import RunningMoments
 from rlhf.config import PPOConfig, save_config
+from rlhf.errors import UserError
 from rlhf.data.prompt_dataset import PromptStream, encode_prompt
 from rlhf.data.splits import load_split
 from rlhf.distributed.checkpoint import CheckpointManager
@@ -31,6 +32,7 @@ from rlhf.roles.team import LocalRoles
 from rlhf.rollout.engine import SamplingParams
 from rlhf.training.ema import EMA
 from rlhf.training.ppo import RewardNormalizer, make_experience, shuffle_orders
+from rlhf.training.stop import STOP, interrupted
 from rlhf.training.ppo_eval import evaluate_policy, load_gold_reward
 
 
@@ -106,6 +108,12 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
             ema.load_state_dict(state["ema"])
         say(f"[ppo] resumed from {resume_from} at iteration {start}")
 
+    def loop_state(iteration: int) -> dict:
+        """What a checkpoint holds besides the models: enough to replay the next iteration exactly."""
+        return {"iteration": iteration, "initial_eval": initial, "kl_controller": kl_ctl.state_dict(),
+                "reward_normalizer": normalizer.running.state_dict(), "shuffle_rng": shuffle_rng.get_state(),
+                **({"ema": ema.state_dict()} if ema is not None else {})}
+
     def evaluate(iteration: int) -> dict[str, float]:
         metrics, rows = evaluate_policy(roles.actor, roles.reference, roles.reward_model, tokenizer, eval_prompts,
                                         eval_texts, eval_sampling, gold_reward, seed=cfg.seed + 1)
@@ -121,6 +129,7 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
         say("[ppo] iteration 0: " + ", ".join(f"{k}={v:.4g}" for k, v in initial.items()))
     progress = Progress(cfg.ppo.iterations, "ppo", enabled=strategy.is_main and cfg.logging.progress, initial=start)
     last_eval: dict[str, float] = dict(initial)
+    skipped = consecutive_bad = 0
 
     for iteration in range(start, cfg.ppo.iterations):
         timings = {}
@@ -135,6 +144,22 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
         experience, row = make_experience(rollout, roles.actor, roles.reference, roles.critic, roles.reward_model,
                                           normalizer, cfg, kl_ctl.value)
         timings["perf/score_seconds"] = time.time() - started
+        if strategy.all_reduce({"bad": float(experience is None)}, op="sum")["bad"] > 0:
+            # A non-finite score, log-prob or value: skip this update, keep the last good weights.
+            skipped += 1
+            consecutive_bad += 1
+            say(f"[ppo] iteration {iteration + 1}: non-finite {row.get('ppo/nonfinite', 'values on another worker')}; "
+                f"update skipped ({consecutive_bad} in a row)")
+            metrics_log.log(iteration + 1, {"ppo/skipped_nonfinite": float(skipped)})
+            if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
+                metrics_log.finish()
+                raise UserError(f"ppo: {consecutive_bad} iterations in a row had non-finite "
+                                f"{row.get('ppo/nonfinite', 'values')} (train.max_consecutive_nonfinite="
+                                f"{cfg.train.max_consecutive_nonfinite}); the last checkpoint holds finite weights. "
+                                "Check the reward model's export and lower the learning rates")
+            continue
+        consecutive_bad = 0
+        row["ppo/skipped_nonfinite"] = float(skipped)
 
         # 3. PPO epochs over shuffled mini-batches for actor and critic (+ the ptx term).
         started = time.time()
@@ -162,14 +187,11 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
             metrics_log.log_table("ppo/samples", done, rollout_rows(tokenizer, experience))
         progress.update({"reward": row["ppo/reward_raw"], "kl": row["ppo/kl"]})
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < cfg.ppo.iterations:
-            checkpoints.save(trained, done, {
-                "iteration": done,
-                "initial_eval": initial,
-                "kl_controller": kl_ctl.state_dict(),
-                "reward_normalizer": normalizer.running.state_dict(),
-                "shuffle_rng": shuffle_rng.get_state(),
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-            })
+            checkpoints.save(trained, done, loop_state(done))
+        if done < cfg.ppo.iterations and STOP.agreed(strategy):  # SIGTERM / Ctrl-C: checkpoint, then stop
+            path = checkpoints.save(trained, done, loop_state(done))
+            metrics_log.finish()
+            raise interrupted("ppo", done, cfg.ppo.iterations, path, STOP.signal_name)
     progress.close()
 
     # 6. Export the final actor (and its EMA) for use with plain transformers.

@@ -30,6 +30,7 @@ from rlhf.models.loading import load_tokenizer
 from rlhf.models.reward import load_scalar_model
 from rlhf.training.lm import StepPlan, step_micro_batches
 from rlhf.training.optim import OptimizerSpec
+from rlhf.training.stop import STOP, interrupted
 from rlhf.training.reward import evaluate_rm, rank_loss, reward_stats
 
 
@@ -157,6 +158,10 @@ def main(cfg: RMConfig) -> RMResult:
         progress.update({"loss": row["rm/loss"], "acc": row["rm/accuracy"]})
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
             checkpoints.save({"reward_model": trained}, done, {"step": done, "best_accuracy": best_accuracy})
+        if done < total_steps and STOP.agreed(strategy):  # SIGTERM / Ctrl-C: checkpoint, then stop
+            path = checkpoints.save({"reward_model": trained}, done, {"step": done, "best_accuracy": best_accuracy})
+            metrics.finish()
+            raise interrupted("rm", done, total_steps, path, STOP.signal_name)
     progress.close()
 
     # 7. The best model by eval accuracy is already exported; record the run's summary.

@@ -26,6 +26,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
 from rlhf.training.lm import StepPlan, evaluate_lm, lm_forward_nll, step_micro_batches
 from rlhf.training.optim import OptimizerSpec
+from rlhf.training.stop import STOP, interrupted
 
 
 def _texts(records) -> list[str]:
@@ -51,6 +52,7 @@ def main(cfg: SFTConfig) -> SFTResult:
     # 1. Data: canonical records from any accepted format, with a held-out eval set.
     data = load_split("sft", cfg.data.train, cfg.data.eval, cfg.data.eval_fraction, cfg.data.on_error, cfg.seed)
     say(f"[sft] {data.summary()}")
+    pretrain_texts = load_records("pretrain", cfg.data.pretrain, cfg.data.on_error)[0] if cfg.data.pretrain.given else []
 
     # 2. Model and tokenizer (a tiny model is built from the training texts when asked).
     with strategy.main_first():
@@ -63,10 +65,9 @@ def main(cfg: SFTConfig) -> SFTResult:
     # 3. Tokenise with the chat template; prompt tokens get label -100.
     lengths = (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.all_assistant_turns)
     train_examples, truncation = tokenize_sft(tokenizer, data.train, *lengths)
-    if cfg.data.pretrain.given:
-        texts, _ = load_records("pretrain", cfg.data.pretrain, cfg.data.on_error)
-        train_examples += [encode_text(tokenizer, r.text, cfg.data.max_length) for r in texts]
-        say(f"[sft] mixed in {len(texts)} pretraining texts")
+    if pretrain_texts:
+        train_examples += [encode_text(tokenizer, r.text, cfg.data.max_length) for r in pretrain_texts]
+        say(f"[sft] mixed in {len(pretrain_texts)} pretraining texts")
     eval_examples, _ = tokenize_sft(tokenizer, data.eval, *lengths)
     say(f"[sft] truncation: {truncation.as_dict()}")
     micro = cfg.train.micro_batch_size
@@ -135,6 +136,10 @@ def main(cfg: SFTConfig) -> SFTResult:
         progress.update({"loss": row["sft/loss"], **({"eval": row["eval/loss"]} if "eval/loss" in row else {})})
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
             checkpoints.save({"policy": trained}, done, {"step": done})
+        if done < total_steps and STOP.agreed(strategy):  # SIGTERM / Ctrl-C: checkpoint, then stop
+            path = checkpoints.save({"policy": trained}, done, {"step": done})
+            metrics.finish()
+            raise interrupted("sft", done, total_steps, path, STOP.signal_name)
     progress.close()
 
     # 7. Export the model (full weights, LoRA merged) for the next stage.

@@ -71,10 +71,19 @@ class _Fields:
         return DataError(self.location, self.column(name) if name else None, message)
 
     def missing(self, name: str | None) -> DataError:
+        if name and self.data.get(self.column(name), "") is None:
+            return self.error(name, "null instead of a value")
         present = ", ".join(map(str, self.data)) or "none"
         where = "missing" if name else "no known fields"
+        # A text column the parser does not know is most likely the missing field under another name.
+        unknown = [str(key) for key, value in self.data.items() if isinstance(value, (str, list))
+                   and key not in CANONICAL_FIELDS and key not in self.columns.values()]
+        if name and unknown:
+            hint = f"; if '{unknown[0]}' holds the {name}, map it with `columns: {{{name}: {unknown[0]}}}`"
+        else:
+            hint = " (map other column names with `columns`)"
         return self.error(name, f"{where}; the row has fields: {present}; accepted {self.kind} formats: "
-                                f"{_ACCEPTED[self.kind]} (map other column names with `columns`)")
+                                f"{_ACCEPTED[self.kind]}{hint}")
 
     def string(self, name: str) -> str:
         return self.check_string(name, self.raw(name))
@@ -86,13 +95,22 @@ class _Fields:
         value = self.raw(name)
         if not isinstance(value, str):
             raise self.error(name, f"expected a string, got {type_name(value)}")
-        return value if value.strip() else None
+        return self.check_unicode(name, value) if value.strip() else None
 
     def check_string(self, name: str, value: Any, what: str = "") -> str:
         if not isinstance(value, str):
             raise self.error(name, f"{what}expected a string, got {type_name(value)}")
         if not value.strip():
             raise self.error(name, f"{what}empty or whitespace-only")
+        return self.check_unicode(name, value, what)
+
+    def check_unicode(self, name: str, value: str, what: str = "") -> str:
+        # JSON may escape half a surrogate pair ("\ud800"); tokenizers refuse such strings.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise self.error(name, f"{what}invalid Unicode: an unpaired surrogate "
+                                   f"\\u{ord(value[err.start]):04x} at character {err.start}") from None
         return value
 
 
@@ -394,9 +412,12 @@ def _detect_rank(fields: _Fields) -> str:
     if fields.has("responses"):
         return "responses"
     if fields.has("chosen") and fields.has("rejected"):
-        if fields.has("prompt") or not isinstance(fields.raw("chosen"), str):
+        chosen = fields.raw("chosen")
+        if fields.has("prompt") or not isinstance(chosen, str):
             return "prompt_chosen"
-        return "hh"
+        if _is_hh(chosen):
+            return "hh"
+        raise fields.missing("prompt")  # plain answers need a prompt beside them
     if fields.has("chosen"):
         raise fields.missing("rejected")
     if fields.has("rejected"):

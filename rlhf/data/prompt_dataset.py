@@ -9,12 +9,18 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.data.order import EpochOrder
 from rlhf.data.records import PromptRecord
+from rlhf.data.sft_dataset import TruncationStats
 from rlhf.data.template import prompt_text
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: PromptRecord, max_prompt_length: int) -> list[int]:
-    """Chat-template prompt with the generation prompt; long prompts keep their end."""
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: PromptRecord, max_prompt_length: int,
+                  stats: TruncationStats | None = None) -> list[int]:
+    """Chat-template prompt with the generation prompt; long prompts keep their end (counted in `stats`)."""
     ids = tokenizer(prompt_text(tokenizer, record.prompt), add_special_tokens=False)["input_ids"]
+    if stats is not None:
+        stats.examples += 1
+        if len(ids) > max_prompt_length:
+            stats.prompt_truncated += 1
     return ids[-max_prompt_length:]
 
 

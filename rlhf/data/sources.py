@@ -24,6 +24,7 @@ from rlhf.errors import DataError, UserError
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
 _BOM = b"\xef\xbb\xbf"
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_CSV_FIELD_LIMIT = 2**31 - 1  # the largest value every platform's C long holds
 
 
 @dataclass
@@ -99,7 +100,8 @@ def _read_jsonl(file: Path, path: str) -> Iterator[Row]:
         with opener(file, "rb") as stream:
             # Bytes, not text: a bad byte must fail its own line, not the whole file.
             for lineno, raw in enumerate(stream, start=1):
-                if lineno == 1 and raw.startswith(_BOM):
+                # A BOM starts the file, or a later line where files were concatenated.
+                if raw.startswith(_BOM):
                     raw = raw[len(_BOM):]
                 if raw.strip():
                     yield _parse_json_line(raw, f"{path}:{lineno}")
@@ -109,13 +111,13 @@ def _read_jsonl(file: Path, path: str) -> Iterator[Row]:
 
 def _parse_json_line(raw: bytes, location: str) -> Row:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as err:
         return _bad_row(location, f"invalid UTF-8 (byte offset {err.start} in the line)")
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as err:
-        return _bad_row(location, f"invalid JSON: {err.msg} (column {err.colno})")
+    except (ValueError, RecursionError) as err:
+        return _bad_row(location, f"invalid JSON: {_json_problem(err, text, 'line')}")
     if not isinstance(value, dict):
         return _bad_row(location, f"expected a JSON object, got {type_name(value)}")
     return Row(location, value)
@@ -125,11 +127,29 @@ def _bad_row(location: str, message: str) -> Row:
     return Row(location, None, DataError(location, None, message))
 
 
+def _json_problem(err: ValueError | RecursionError, text: str, unit: str) -> str:
+    """What json.loads found wrong with `text` (a "line" or a "file"), in the user's words."""
+    if isinstance(err, RecursionError):
+        return "arrays or objects nested too deeply"
+    if not isinstance(err, json.JSONDecodeError):
+        return "a number has too many digits"  # int() refuses over sys.get_int_max_str_digits()
+    if err.msg.startswith("Unterminated string") or err.pos >= len(text.rstrip()):
+        return f"the {unit} ends before the JSON value is complete (cut off?)"
+    return f"{err.msg} (column {err.colno})"
+
+
+def _read_bytes(file: Path, path: str) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read file: {err}") from err
+
+
 # --- JSON -------------------------------------------------------------------------------
 
 
 def _read_json(file: Path, path: str) -> Iterator[Row]:
-    raw = file.read_bytes()
+    raw = _read_bytes(file, path)
     if raw.startswith(_BOM):
         raw = raw[len(_BOM):]
     try:
@@ -141,12 +161,14 @@ def _read_json(file: Path, path: str) -> Iterator[Row]:
         return
     try:
         document = json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data" and text.lstrip().startswith("{"):
+    except (ValueError, RecursionError) as err:
+        if isinstance(err, json.JSONDecodeError) and err.msg == "Extra data" and text.lstrip().startswith("{"):
             # Many datasets name their JSON Lines files ".json".
             yield from _read_jsonl(file, path)
             return
-        raise DataError(f"{path}:{err.lineno}", None, f"invalid JSON: {err.msg} (column {err.colno})") from err
+        line = err.lineno if isinstance(err, json.JSONDecodeError) else None
+        raise DataError(f"{path}:{line}" if line else path, None,
+                        f"invalid JSON: {_json_problem(err, text, 'file')}") from err
     key, items = _find_row_list(document, path)
     lines = _element_lines(text, key)
     for index, (item, line) in enumerate(zip(items, lines)):
@@ -211,11 +233,14 @@ def _element_lines(text: str, key: str | None) -> Iterator[int]:
 
 
 def _read_csv(file: Path, path: str) -> Iterator[Row]:
-    raw = file.read_bytes()
+    raw = _read_bytes(file, path)
     if raw.startswith(_BOM):
         raw = raw[len(_BOM):]
     # surrogateescape keeps bad bytes as markers, so only the rows holding them fail.
     text = raw.decode("utf-8", errors="surrogateescape")
+    # The csv module refuses cells over 128 KiB by default; long documents are ordinary data
+    # (truncated later, at tokenisation). The limit is process-wide, so it is only ever raised.
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)

@@ -29,6 +29,7 @@ def default_cpus_per_worker(workers_per_node: int) -> float:
     return max(1.0, float(int(min(cpus) // workers_per_node))) if cpus else 1.0
 
 
+
 @dataclass
 class Placement:
     """A placement group and the per-worker resources it was sized for."""
@@ -39,14 +40,17 @@ class Placement:
     gpus_per_worker: float
 
     @classmethod
-    def reserve(cls, resources: ResourcesConfig, name: str, timeout_s: float = 120.0) -> "Placement":
+    def reserve(cls, resources: ResourcesConfig, name: str, timeout_s: float = 120.0,
+                groups_per_node: int = 1) -> "Placement":
+        """`groups_per_node`: placement groups that will share each node (PPO colocation
+        groups), which split the default CPU share between them."""
         import ray
         from ray.util.placement_group import placement_group
 
         gpus = resources.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if cluster_has_gpus() else 0.0
-        cpus = resources.cpus_per_worker or default_cpus_per_worker(resources.workers_per_node)
+        cpus = resources.cpus_per_worker or default_cpus_per_worker(resources.workers_per_node * groups_per_node)
         bundle = {"CPU": cpus * resources.workers_per_node}
         if gpus:
             bundle["GPU"] = gpus * resources.workers_per_node
@@ -98,7 +102,7 @@ class WorkerGroup:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list:
-        return gather(self.call_async(method, *args, **kwargs), self.name)
+        return gather(self.call_async(method, *args, **kwargs), self.name, relay_stop_to=self)
 
     def scatter_async(self, method: str, shards: Sequence[Any], *args: Any, **kwargs: Any) -> list:
         """Worker i gets `shards[i]` as its first argument."""
@@ -112,15 +116,50 @@ class WorkerGroup:
         self.workers = []
 
 
-def gather(refs: list, name: str) -> list:
-    """`ray.get` that turns a user mistake raised inside a worker back into a `UserError`."""
-    import ray
-    from ray.exceptions import RayTaskError
+class WorkerDied(RuntimeError):
+    """A Ray worker of `role` died (killed, out of memory, node lost)."""
 
+    def __init__(self, role: str, cause: str):
+        self.role, self.cause = role, cause
+        super().__init__(f"a {role} worker died: {cause}")
+
+
+def gather(refs: list, name: str, relay_stop_to: "WorkerGroup | None" = None) -> list:
+    """Results of `refs` in order. Returns as soon as one fails rather than after all finish:
+    when a worker dies, the others wait in a collective that would never complete. A user
+    mistake raised inside a worker comes back as a `UserError`, a dead worker as `WorkerDied`,
+    a stop as `Interrupted`. A SIGTERM / Ctrl-C of the driver meanwhile is relayed to the
+    workers of `relay_stop_to`, which checkpoint and stop."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from rlhf.training.stop import STOP, Interrupted
+
+    pending = list(refs)
+    relayed = False
     try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if done:
+                ray.get(done)  # raises now if that worker failed
+            if STOP.signal_name and relay_stop_to is not None and not relayed:
+                for worker in relay_stop_to.workers:
+                    worker.request_stop.remote(STOP.signal_name)
+                relayed = True
         return ray.get(refs)
+    except RayActorError as exc:
+        raise WorkerDied(name, _first_line(exc)) from None
     except RayTaskError as exc:
-        cause = exc.cause if hasattr(exc, "cause") else None
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, Interrupted):
+            raise Interrupted(str(cause), cause.signal_name) from None
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
+        if isinstance(cause, RayActorError):
+            raise WorkerDied(name, _first_line(cause)) from None
         raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -85,28 +85,37 @@ class RayRoles:
 
     def __init__(self, cfg: PPOConfig, pad_token_id: int):
         self.cfg = cfg
+        self.placements: list[Placement] = []
+        self.groups: dict[str, WorkerGroup] = {}
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.shutdown()  # a worker that died while starting: free what was placed
+            raise
+        self.nodes = {role: self.groups[role].call("node_id") for role in self.groups}
+        self.actor = RoleGroup(self.groups["actor"], pad_token_id)
+        self.critic = RoleGroup(self.groups["critic"], pad_token_id)
+        self.reference = RoleGroup(self.groups["reference"], pad_token_id)
+        self.reward_model = RoleGroup(self.groups["reward"], pad_token_id)
+
+    def _start(self, cfg: PPOConfig) -> None:
         resources = cfg.resources
         cwd = os.getcwd()
-        self.placements: list[Placement] = []
-        groups: dict[str, WorkerGroup] = {}
-        for index, names in enumerate(cfg.ppo.role_groups()):
-            placement = Placement.reserve(resources, f"rlhf-ppo-{'-'.join(names)}")
+        role_groups = cfg.ppo.role_groups()
+        for names in role_groups:
+            placement = Placement.reserve(resources, f"rlhf-ppo-{'-'.join(names)}", groups_per_node=len(role_groups))
             self.placements.append(placement)
             for role in names:
-                groups[role] = WorkerGroup(
+                self.groups[role] = WorkerGroup(
                     RoleWorker, placement,
                     lambda rank, local, role=role: (role, cfg, rank, resources.workers, local,
                                                     resources.workers_per_node, cwd),
                     name=f"ppo-{role}", share=1.0 / len(names))
         # Each trained role is its own process group; rank 0 of each hosts it.
-        addresses = {role: gather([group.workers[0].rendezvous.remote()], group.name)[0] for role, group in groups.items()}
-        gather([ref for role, group in groups.items() for ref in group.call_async("setup", *addresses[role])], "ppo roles")
-        self.groups = groups
-        self.nodes = {role: group.call("node_id") for role, group in groups.items()}
-        self.actor = RoleGroup(groups["actor"], pad_token_id)
-        self.critic = RoleGroup(groups["critic"], pad_token_id)
-        self.reference = RoleGroup(groups["reference"], pad_token_id)
-        self.reward_model = RoleGroup(groups["reward"], pad_token_id)
+        addresses = {role: gather([group.workers[0].rendezvous.remote()], group.name)[0]
+                     for role, group in self.groups.items()}
+        for role, group in self.groups.items():
+            gather(group.call_async("setup", *addresses[role]), group.name)
 
     def local_batch_size(self, size: int) -> int:
         return size // len(self.actor.group)
@@ -128,8 +137,9 @@ class RayRoles:
         return []  # the models live in the workers: no perf/mfu from the driver
 
     def shutdown(self) -> None:
+        """Kill every role's workers (a dead one's peers may wait in a collective) and free
+        the placement groups."""
         for group in self.groups.values():
-            gather(group.call_async("teardown"), group.name)
             group.kill()
         for placement in self.placements:
             placement.release()

@@ -60,6 +60,15 @@ class WorkerBase:
         except ImportError:
             return "local"
 
+    def pid(self) -> int:
+        return os.getpid()
+
+    def request_stop(self, signal_name: str = "SIGTERM") -> None:
+        """The driver relays a SIGTERM / Ctrl-C: stop at the next step with a checkpoint."""
+        from rlhf.training.stop import STOP
+
+        STOP.request(signal_name)
+
     def export_launch_env(self, master_addr: str, master_port: int) -> None:
         os.environ.update({
             "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),

@@ -64,13 +64,19 @@ def make_experience(
     normalizer: RewardNormalizer,
     cfg: PPOConfig,
     kl_coef: float,
-) -> tuple[Experience, dict[str, float]]:
-    """Score a rollout and compute per-token rewards, advantages and returns."""
+) -> tuple[Experience | None, dict]:
+    """Score a rollout and compute per-token rewards, advantages and returns. When a score,
+    log-prob or value is not finite, returns (None, {"ppo/nonfinite": names}) instead."""
     mask = rollout.response_mask
     logprobs = actor.logprobs(rollout)
     ref_logprobs = reference.logprobs(rollout)
     values = critic.values(rollout)
     raw = reward_model.scores(rollout)
+    bad = [name for name, t in (("reward", raw), ("logprobs", logprobs), ("ref_logprobs", ref_logprobs),
+                                ("values", values)) if not bool(torch.isfinite(t).all())]
+    if bad:
+        # Before the normaliser sees it: one NaN would poison its running statistics.
+        return None, {"ppo/nonfinite": ",".join(bad)}
     scores = normalizer(raw, rollout.eos_found)
     kl = kl_estimate(logprobs, ref_logprobs, cfg.kl.estimator) * mask
     rewards = shape_rewards(scores, kl, mask, 0.0 if cfg.kl.in_loss else kl_coef)

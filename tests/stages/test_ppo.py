@@ -106,3 +106,47 @@ def test_resume_mid_ppo_reproduces_the_uninterrupted_run(tmp_path, quickstart_da
 
     assert numbers(resumed_dir) == numbers(tmp_path / "straight")
     assert resumed.metrics["kl_coef"] == straight.metrics["kl_coef"] != 0.05
+
+
+def _nan_scores_on(monkeypatch, training_calls: set[int] | None, rollout_batch_size: int) -> None:
+    """RewardModel.scores returns NaN on the chosen training-rollout calls (all when None)."""
+    from rlhf.roles.roles import RewardModel
+
+    real = RewardModel.scores
+    seen = {"n": 0}
+
+    def scores(self, rollout):
+        out = real(self, rollout)
+        if len(out) == rollout_batch_size:
+            seen["n"] += 1
+            if training_calls is None or seen["n"] in training_calls:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(RewardModel, "scores", scores)
+
+
+SMALL = ("ppo.iterations=4", "ppo.eval_every=4", "reward.normalize=running", "ppo.rollout_batch_size=8",
+         "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "rollout.max_new_tokens=6", "eval.max_prompts=4")
+
+
+def test_a_nan_reward_skips_that_update_and_is_counted(tmp_path, monkeypatch, quickstart_data, tiny_model_dir):
+    _nan_scores_on(monkeypatch, {2}, 8)
+    models = {"sft": tiny_model_dir, "rm": tiny_model_dir}
+    result = ppo.main(ppo_config(tmp_path, quickstart_data, models, *SMALL))
+    rows = {r["step"]: r for r in read_metrics(tmp_path)}
+    assert rows[2]["ppo/skipped_nonfinite"] == 1 and "ppo/policy_loss" not in rows[2]
+    assert rows[3]["ppo/skipped_nonfinite"] == 1 and "ppo/policy_loss" in rows[3]
+    assert all(v == v for v in result.metrics.values())  # the final eval is finite
+
+
+def test_nan_rewards_in_a_row_stop_the_run_without_a_checkpoint(tmp_path, monkeypatch, quickstart_data,
+                                                                tiny_model_dir):
+    from rlhf.errors import UserError
+
+    _nan_scores_on(monkeypatch, None, 8)
+    models = {"sft": tiny_model_dir, "rm": tiny_model_dir}
+    cfg = ppo_config(tmp_path, quickstart_data, models, *SMALL, "train.save_every=1")
+    with pytest.raises(UserError, match=r"3 iterations in a row had non-finite reward \(train.max_consecutive_nonfinite=3\)"):
+        ppo.main(cfg)
+    assert not list((tmp_path / "checkpoints").glob("step-*"))

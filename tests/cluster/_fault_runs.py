@@ -1,0 +1,55 @@
+"""Driven by test_worker_faults.py inside a loopback namespace: each run once straight and
+once with a worker SIGKILLed mid-run (after a checkpoint), on a local Ray; writes the
+metrics of all four runs and the kills made as JSON."""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from rlhf.config import PPOConfig, SFTConfig, load_config
+from rlhf.logging.metrics import read_metrics
+from rlhf.ray.launch import run_stage_on_ray
+
+
+def kill_when(run_dir: Path, step: int, actor_name: str, kills: list) -> threading.Thread:
+    """SIGKILL the process of `actor_name` once metrics.jsonl reaches `step`."""
+    def watch():
+        while True:
+            rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            if any(r["step"] >= step for r in rows):
+                pid = ray.get(ray.get_actor(actor_name, namespace="rlhf").pid.remote())
+                os.kill(pid, signal.SIGKILL)
+                kills.append({"actor": actor_name, "after_step": max(r["step"] for r in rows)})
+                return
+            time.sleep(0.05)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    root = Path(spec["root"])
+    ray.init(num_cpus=2, include_dashboard=False, namespace="rlhf", _node_ip_address="127.0.0.1")
+    out = {"kills": []}
+    for stage, cls, actor in (("sft", SFTConfig, "sft-worker-1"), ("ppo", PPOConfig, "ppo-critic-0")):
+        for variant in ("straight", "killed"):
+            run_dir = root / f"{stage}_{variant}"
+            cfg = load_config(cls, [spec[f"{stage}_config"]], spec[stage] + [f"output_dir={run_dir}"])
+            watcher = kill_when(run_dir, spec["kill_after"][stage], actor, out["kills"]) if variant == "killed" else None
+            run_stage_on_ray(stage, cfg)
+            if watcher is not None:
+                watcher.join(timeout=1)
+            out[f"{stage}_{variant}"] = read_metrics(run_dir)
+    ray.shutdown()
+    Path(out_path).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
