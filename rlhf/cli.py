@@ -41,6 +41,9 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--address", metavar="ADDRESS",
                         help="run on Ray and join this cluster: auto, HOST:PORT or ray://HOST:PORT "
                         "(same as ray.enabled=true ray.address=ADDRESS)")
+    if name != "pipeline":
+        parser.add_argument("--overwrite", action="store_true",
+                            help="train again into an output_dir that holds a finished run (same as overwrite=true)")
     if name == "pipeline":
         parser.add_argument("--from", dest="start_from", choices=("sft", "rm", "ppo"),
                             help="re-run from this stage on, even where the lineage says it is up to date")
@@ -102,6 +105,8 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.address:
         overrides += ["ray.enabled=true", f"ray.address={args.address}"]
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
     cfg = load_config(STAGE_CONFIGS[name], args.config, overrides)
     if name == "pipeline":
         from stages import pipeline

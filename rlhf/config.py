@@ -79,6 +79,9 @@ class SFTConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "runs/sft"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the exported model/."""
+    overwrite: bool = False
+    """Train again into an output_dir that holds a finished run (its checkpoints are ignored;
+    model/ is replaced at the end). Off: such a directory is refused."""
     seed: int = 42
 
     def validate(self) -> None:
@@ -127,6 +130,9 @@ class RMConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "runs/rm"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the best model/."""
+    overwrite: bool = False
+    """Train again into an output_dir that holds a finished run (its checkpoints are ignored;
+    model/ is replaced at the end). Off: such a directory is refused."""
     seed: int = 42
 
     def validate(self) -> None:
@@ -318,6 +324,9 @@ class PPOConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output_dir: str = "runs/ppo"
+    overwrite: bool = False
+    """Train again into an output_dir that holds a finished run (its checkpoints are ignored;
+    model/ is replaced at the end). Off: such a directory is refused."""
     seed: int = 42
 
     def validate(self) -> None:
@@ -382,6 +391,7 @@ class PipelineConfig:
         root = Path(self.output_dir)
         cfg = copy.deepcopy(getattr(self, stage))
         cfg.output_dir = str(root / stage)
+        cfg.overwrite = True  # the pipeline re-runs a stage only when its lineage says so
         cfg.ray = copy.deepcopy(self.ray)
         cfg.logging.group = cfg.logging.group or self.logging_group or root.name
         if stage == "rm" and not cfg.model.path and cfg.model.tiny is None:

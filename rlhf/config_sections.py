@@ -121,8 +121,8 @@ class TrainConfig:
     max_restarts: int = 3
     """On Ray: restarts of a stage from its newest checkpoint after a worker dies."""
     max_consecutive_nonfinite: int = 3
-    """PPO: iterations in a row whose rewards, log-probs or values are not finite (each one is
-    skipped and counted) before the run stops."""
+    """Steps (PPO: iterations) in a row with a non-finite loss, gradient norm, reward, log-prob
+    or value, each skipped and counted, before the run stops."""
 
     def validate(self) -> None:
         _choice("train.lr_scheduler", self.lr_scheduler, ("cosine", "linear", "constant"))

@@ -33,7 +33,8 @@ from rlhf.summary import print_table, summary_rows
 
 PENDING_FILE = "lineage.pending.json"
 # How a stage is run does not change what it produces; these keys stay out of its hash.
-NOT_HASHED = ("logging", "ray", "resources", "train.resume", "train.save_every", "train.keep_last", "output_dir")
+NOT_HASHED = ("logging", "ray", "resources", "train.resume", "train.save_every", "train.keep_last", "output_dir",
+              "overwrite")
 INPUTS = {
     "sft": ("data.train", "data.eval", "data.pretrain"),
     "rm": ("data.train", "data.eval"),

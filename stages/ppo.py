@@ -19,7 +19,6 @@ import torch
 from rlhf.algorithms import AdaptiveKLController, FixedKLController
 from rlhf.algorithms.rewards import RunningMoments
 from rlhf.config import PPOConfig, save_config
-from rlhf.errors import UserError
 from rlhf.data.prompt_dataset import PromptStream, encode_prompt
 from rlhf.data.splits import load_split
 from rlhf.distributed.checkpoint import CheckpointManager
@@ -32,6 +31,8 @@ from rlhf.roles.team import LocalRoles
 from rlhf.rollout.engine import SamplingParams
 from rlhf.training.ema import EMA
 from rlhf.training.ppo import RewardNormalizer, make_experience, shuffle_orders
+from rlhf.training.guards import NonFiniteGuard
+from rlhf.training.output import claim_output_dir
 from rlhf.training.stop import STOP, interrupted
 from rlhf.training.ppo_eval import evaluate_policy, load_gold_reward
 
@@ -55,6 +56,7 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
     """Run PPO. By default all four roles live in this process (or in each SPMD worker);
     the Ray launcher passes role groups and a driver-side strategy instead."""
     run_dir = Path(cfg.output_dir)
+    claim_output_dir(cfg)
     strategy = strategy or build_strategy(cfg.strategy)
     strategy.setup(cfg.seed)
     say = print if strategy.is_main else (lambda *a, **k: None)
@@ -129,7 +131,7 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
         say("[ppo] iteration 0: " + ", ".join(f"{k}={v:.4g}" for k, v in initial.items()))
     progress = Progress(cfg.ppo.iterations, "ppo", enabled=strategy.is_main and cfg.logging.progress, initial=start)
     last_eval: dict[str, float] = dict(initial)
-    skipped = consecutive_bad = 0
+    guard = NonFiniteGuard("ppo", cfg.train.max_consecutive_nonfinite)
 
     for iteration in range(start, cfg.ppo.iterations):
         timings = {}
@@ -144,22 +146,12 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
         experience, row = make_experience(rollout, roles.actor, roles.reference, roles.critic, roles.reward_model,
                                           normalizer, cfg, kl_ctl.value)
         timings["perf/score_seconds"] = time.time() - started
-        if strategy.all_reduce({"bad": float(experience is None)}, op="sum")["bad"] > 0:
+        nonfinite = {name: float("nan") for name in row.get("ppo/nonfinite", "").split(",") if name}
+        if not guard.check(iteration + 1, nonfinite, strategy, before_update=True):
             # A non-finite score, log-prob or value: skip this update, keep the last good weights.
-            skipped += 1
-            consecutive_bad += 1
-            say(f"[ppo] iteration {iteration + 1}: non-finite {row.get('ppo/nonfinite', 'values on another worker')}; "
-                f"update skipped ({consecutive_bad} in a row)")
-            metrics_log.log(iteration + 1, {"ppo/skipped_nonfinite": float(skipped)})
-            if consecutive_bad >= cfg.train.max_consecutive_nonfinite:
-                metrics_log.finish()
-                raise UserError(f"ppo: {consecutive_bad} iterations in a row had non-finite "
-                                f"{row.get('ppo/nonfinite', 'values')} (train.max_consecutive_nonfinite="
-                                f"{cfg.train.max_consecutive_nonfinite}); the last checkpoint holds finite weights. "
-                                "Check the reward model's export and lower the learning rates")
+            metrics_log.log(iteration + 1, {"ppo/skipped_nonfinite": float(guard.skipped)})
             continue
-        consecutive_bad = 0
-        row["ppo/skipped_nonfinite"] = float(skipped)
+        row["ppo/skipped_nonfinite"] = float(guard.skipped)
 
         # 3. PPO epochs over shuffled mini-batches for actor and critic (+ the ptx term).
         started = time.time()

@@ -30,6 +30,8 @@ from rlhf.models.loading import load_tokenizer
 from rlhf.models.reward import load_scalar_model
 from rlhf.training.lm import StepPlan, step_micro_batches
 from rlhf.training.optim import OptimizerSpec
+from rlhf.training.guards import NonFiniteGuard
+from rlhf.training.output import claim_output_dir
 from rlhf.training.stop import STOP, interrupted
 from rlhf.training.reward import evaluate_rm, rank_loss, reward_stats
 
@@ -49,6 +51,7 @@ class RMResult:
 
 def main(cfg: RMConfig) -> RMResult:
     run_dir = Path(cfg.output_dir)
+    claim_output_dir(cfg)
     strategy = build_strategy(cfg.strategy)
     strategy.setup(cfg.seed)
     accumulation = strategy.accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
@@ -117,6 +120,8 @@ def main(cfg: RMConfig) -> RMResult:
     trained.module.train()
     row: dict[str, float] = {}
 
+    guard = NonFiniteGuard("rm", cfg.train.max_consecutive_nonfinite)
+
     # 6. Loop: each step is one global batch of prompts, every prompt weighing the same.
     for step in range(start_step, total_steps):
         started = time.time()
@@ -151,12 +156,14 @@ def main(cfg: RMConfig) -> RMResult:
             "perf/step_seconds": seconds,
         }
         done = step + 1
+        finite = guard.check(done, {"loss": row["rm/loss"], "grad_norm": grad_norm}, strategy)
+        row["rm/skipped_nonfinite"] = float(guard.skipped)
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps:
             row.update(evaluate_and_keep_best(done))
         if done % cfg.train.log_every == 0 or "eval/accuracy" in row:
             metrics.log(done, row)
         progress.update({"loss": row["rm/loss"], "acc": row["rm/accuracy"]})
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
+        if finite and cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
             checkpoints.save({"reward_model": trained}, done, {"step": done, "best_accuracy": best_accuracy})
         if done < total_steps and STOP.agreed(strategy):  # SIGTERM / Ctrl-C: checkpoint, then stop
             path = checkpoints.save({"reward_model": trained}, done, {"step": done, "best_accuracy": best_accuracy})

@@ -26,6 +26,8 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
 from rlhf.training.lm import StepPlan, evaluate_lm, lm_forward_nll, step_micro_batches
 from rlhf.training.optim import OptimizerSpec
+from rlhf.training.guards import NonFiniteGuard
+from rlhf.training.output import claim_output_dir
 from rlhf.training.stop import STOP, interrupted
 
 
@@ -44,6 +46,7 @@ class SFTResult:
 
 def main(cfg: SFTConfig) -> SFTResult:
     run_dir = Path(cfg.output_dir)
+    claim_output_dir(cfg)
     strategy = build_strategy(cfg.strategy)
     strategy.setup(cfg.seed)
     accumulation = strategy.accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
@@ -104,6 +107,8 @@ def main(cfg: SFTConfig) -> SFTResult:
     last_eval = first_eval or {}
     row: dict[str, float] = {}
 
+    guard = NonFiniteGuard("sft", cfg.train.max_consecutive_nonfinite)
+
     # 6. Loop: each step is one global batch, normalised by its total answer-token count.
     for step in range(start_step, total_steps):
         started = time.time()
@@ -128,13 +133,15 @@ def main(cfg: SFTConfig) -> SFTResult:
             "perf/step_seconds": seconds,
         }
         done = step + 1
+        finite = guard.check(done, {"loss": row["sft/loss"], "grad_norm": grad_norm}, strategy)
+        row["sft/skipped_nonfinite"] = float(guard.skipped)
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == total_steps:
             last_eval = evaluate()
             row.update(last_eval)
         if done % cfg.train.log_every == 0 or "eval/loss" in row:
             metrics.log(done, row)
         progress.update({"loss": row["sft/loss"], **({"eval": row["eval/loss"]} if "eval/loss" in row else {})})
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
+        if finite and cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
             checkpoints.save({"policy": trained}, done, {"step": done})
         if done < total_steps and STOP.agreed(strategy):  # SIGTERM / Ctrl-C: checkpoint, then stop
             path = checkpoints.save({"policy": trained}, done, {"step": done})

@@ -95,7 +95,8 @@ class FSDPStrategy(DistributedStrategy):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        model.optimizer.step()
+        if torch.isfinite(norm):  # a NaN/inf gradient is dropped, never applied (same on every rank)
+            model.optimizer.step()
         model.scheduler.step()
         model.optimizer.zero_grad(set_to_none=True)
         return float(norm)

@@ -38,7 +38,8 @@ class SingleStrategy(Strategy):
         params = [p for p in model.module.parameters() if p.requires_grad]
         max_norm = model.max_grad_norm if model.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        model.optimizer.step()
+        if torch.isfinite(grad_norm):  # a NaN/inf gradient is dropped, never applied
+            model.optimizer.step()
         model.scheduler.step()
         model.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)

@@ -147,6 +147,6 @@ def test_nan_rewards_in_a_row_stop_the_run_without_a_checkpoint(tmp_path, monkey
     _nan_scores_on(monkeypatch, None, 8)
     models = {"sft": tiny_model_dir, "rm": tiny_model_dir}
     cfg = ppo_config(tmp_path, quickstart_data, models, *SMALL, "train.save_every=1")
-    with pytest.raises(UserError, match=r"3 iterations in a row had non-finite reward \(train.max_consecutive_nonfinite=3\)"):
+    with pytest.raises(UserError, match=r"ppo: 3 steps in a row with non-finite reward \(last at step 3, train.max_consecutive_nonfinite=3\)"):
         ppo.main(cfg)
     assert not list((tmp_path / "checkpoints").glob("step-*"))

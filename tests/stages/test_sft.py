@@ -85,3 +85,49 @@ def test_hh_pairs_train_as_sft_on_chosen_without_conversion(tmp_path, shared_dat
                         "data.max_length=256", "data.max_prompt_length=192", "data.eval_fraction=0.02",
                         "data.on_error=skip")
     assert result.metrics["eval/loss"] < 0.9 * result.metrics["eval/initial_loss"]
+
+
+def _nan_loss_on(monkeypatch, calls: set[int] | None) -> None:
+    """The training forward returns a NaN loss on the chosen calls (all when None)."""
+    real = sft.lm_forward_nll
+    seen = {"n": 0}
+
+    def forward(model, batch):
+        nll, n = real(model, batch)
+        seen["n"] += 1
+        return (nll * float("nan"), n) if calls is None or seen["n"] in calls else (nll, n)
+
+    monkeypatch.setattr(sft, "lm_forward_nll", forward)
+
+
+def test_a_nan_loss_skips_that_update_and_the_weights_stay_finite(tmp_path, monkeypatch, quickstart_data):
+    _nan_loss_on(monkeypatch, {3})
+    _, result = run_sft(tmp_path, quickstart_data["sft"], "train.max_steps=5", "train.global_batch_size=8")
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run")}
+    assert [rows[s]["sft/skipped_nonfinite"] for s in (2, 3, 4, 5)] == [0, 1, 1, 1]
+    assert str(rows[3]["sft/loss"]).lower() == "nan"  # the NaN is logged as it was
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert result.metrics["eval/loss"] == result.metrics["eval/loss"]
+
+
+def test_nan_losses_in_a_row_stop_the_run_and_write_no_checkpoint_from_them(tmp_path, monkeypatch, quickstart_data):
+    from rlhf.errors import UserError
+
+    _nan_loss_on(monkeypatch, {3, 4, 5, 6})
+    with pytest.raises(UserError, match=r"sft: 3 steps in a row with non-finite loss, grad_norm \(last at step 5"):
+        run_sft(tmp_path, quickstart_data["sft"], "train.max_steps=8", "train.global_batch_size=8",
+                "train.save_every=1")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-1", "step-2"]
+
+
+def test_a_finished_run_is_not_trained_over_without_overwrite(tmp_path, quickstart_data, capsys):
+    from rlhf.errors import UserError
+
+    short = ("train.max_steps=2", "train.global_batch_size=8", "train.save_every=1")
+    run_sft(tmp_path, quickstart_data["sft"], *short)
+    with pytest.raises(UserError, match="holds a finished run .*pass --overwrite"):
+        run_sft(tmp_path, quickstart_data["sft"], *short)
+    capsys.readouterr()
+    cfg, _ = run_sft(tmp_path, quickstart_data["sft"], *short, "overwrite=true")
+    assert cfg.train.resume == "never" and "resumed from" not in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
