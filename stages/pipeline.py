@@ -30,6 +30,7 @@ from rlhf.lineage import (
     write_lineage,
 )
 from rlhf.summary import print_table, summary_rows
+from rlhf.training.output import FINISHED_MARKER
 
 PENDING_FILE = "lineage.pending.json"
 # How a stage is run does not change what it produces; these keys stay out of its hash.
@@ -115,6 +116,9 @@ def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
             print(f"[pipeline] {stage}: {'--from ' + start_from if forced else reason}; "
                   f"{'resuming' if resume else 'running'} (lineage {expected.lineage_id[:12]})")
             (run_dir / LINEAGE_FILE).unlink(missing_ok=True)
+            # The pipeline owns its directories: an old export is replaced, and its marker goes
+            # now so that the stage keeps the resume decision made here.
+            (run_dir / FINISHED_MARKER).unlink(missing_ok=True)
             write_lineage(run_dir, expected, PENDING_FILE)
             if cfg.ray.enabled and not ray_started:
                 from rlhf.ray.session import ray_session

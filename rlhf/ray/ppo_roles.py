@@ -151,8 +151,9 @@ class DriverStrategy(SingleStrategy):
 
     def __init__(self, cfg: PPOConfig):
         super().__init__(StrategyConfig(name="single"))
-        self.name = f"{cfg.strategy.name}+roles"
-        self.groups_world_size = cfg.resources.workers
+        # The checkpoint's resume check compares this name: it carries the groups' layout,
+        # since the driver itself is a world of one.
+        self.name = f"{cfg.strategy.name}+roles:{cfg.ppo.role_groups()}x{cfg.resources.workers}"
 
     def setup(self, seed: int) -> None:
         self.device = torch.device("cpu")

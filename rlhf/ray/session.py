@@ -66,7 +66,12 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         kwargs.update(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
                       _node_ip_address="127.0.0.1")
     ray.init(**kwargs)
+    from rlhf.training.stop import stop_on_signals
+
     try:
-        yield
+        # ray.init installs its own SIGTERM handler (exit at once); ours goes back on top so a
+        # SIGTERM is relayed to the workers, which checkpoint first.
+        with stop_on_signals():
+            yield
     finally:
         ray.shutdown()

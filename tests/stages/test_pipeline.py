@@ -29,8 +29,21 @@ def tiny_pipeline(root: Path, data: dict, *overrides: str) -> PipelineConfig:
         *[f"{stage}.logging.progress=false" for stage in ("sft", "rm", "ppo")], *overrides])
 
 
+SECRETS = {"WANDB_API_KEY": "wandb-secret-7f3a9c", "HF_TOKEN": "hf_secret_b81d2e"}
+
+
+def assert_no_secret_in(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for value in SECRETS.values():
+                assert value.encode() not in data, (path, value)
+
+
 @pytest.mark.slow
-def test_lineage_decides_what_reruns(tmp_path, quickstart_data):
+def test_lineage_decides_what_reruns(tmp_path, quickstart_data, monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
     root = tmp_path / "run"
     assert pipeline.main(tiny_pipeline(root, quickstart_data)) == {"sft": "ran", "rm": "ran", "ppo": "ran"}
     lineage = {stage: read_lineage(root / stage) for stage in ("sft", "rm", "ppo")}
@@ -52,6 +65,7 @@ def test_lineage_decides_what_reruns(tmp_path, quickstart_data):
     assert read_lineage(root / "rm").parents["sft"] != lineage["sft"].lineage_id
 
     assert pipeline.main(sft_change, start_from="rm") == {"sft": "skipped", "rm": "ran", "ppo": "ran"}
+    assert_no_secret_in(root)
 
 
 @pytest.mark.slow
