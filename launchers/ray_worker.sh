@@ -18,24 +18,8 @@
 #   RAY_NODE_IP=10.0.0.2 launchers/ray_worker.sh 10.0.0.1:6379
 set -euo pipefail
 
-die() { echo "ray_worker.sh: error: $*" >&2; exit 2; }
-usage() {  # the header above; to stdout for --help, to stderr after a mistake
-    local text; text=$(sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0")
-    if [[ "${1:-2}" == 0 ]]; then echo "$text"; else echo "$text" >&2; fi
-    exit "${1:-2}"
-}
-is_dry() { [[ -n "${DRY_RUN:-}" && "${DRY_RUN}" != 0 ]]; }
-run() {  # run a command, or with DRY_RUN print it shell-quoted on one line prefixed "+ "
-    if is_dry; then
-        local a line="+" safe='^[A-Za-z0-9_./:=,@%+-]+$' q="'\\''"
-        for a in "$@"; do
-            if [[ "$a" =~ $safe ]]; then line+=" $a"; else line+=" '${a//\'/$q}'"; fi
-        done
-        printf '%s\n' "$line"
-    else
-        "$@"
-    fi
-}
+# shellcheck source=launchers/_common.sh
+source "$(dirname "$0")/_common.sh"
 need_uint() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a whole number, got '$2'"; }
 
 ADDRESS=""

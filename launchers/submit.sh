@@ -28,23 +28,8 @@ set -euo pipefail
 
 STAGES="sft rm ppo pipeline"
 
-usage() {  # the header above; to stdout for --help, to stderr after a mistake
-    local text; text=$(sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0")
-    if [[ "${1:-2}" == 0 ]]; then echo "$text"; else echo "$text" >&2; fi
-    exit "${1:-2}"
-}
-is_dry() { [[ -n "${DRY_RUN:-}" && "${DRY_RUN}" != 0 ]]; }
-run() {  # run a command, or with DRY_RUN print it shell-quoted on one line prefixed "+ "
-    if is_dry; then
-        local a line="+" safe='^[A-Za-z0-9_./:=,@%+-]+$' q="'\\''"
-        for a in "$@"; do
-            if [[ "$a" =~ $safe ]]; then line+=" $a"; else line+=" '${a//\'/$q}'"; fi
-        done
-        printf '%s\n' "$line"
-    else
-        "$@"
-    fi
-}
+# shellcheck source=launchers/_common.sh
+source "$(dirname "$0")/_common.sh"
 
 if [[ $# -lt 1 ]]; then
     echo "submit.sh: missing STAGE (one of: $STAGES)" >&2

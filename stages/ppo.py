@@ -26,7 +26,7 @@ from rlhf.distributed.strategy import build_strategy
 from rlhf.logging.metrics import MetricsWriter, Progress
 from rlhf.logging.tables import rollout_rows
 from rlhf.models.loading import load_tokenizer
-from rlhf.roles.build import reward_stats_for
+from rlhf.roles.build import reward_stats_for, steps_per_iteration
 from rlhf.roles.team import LocalRoles
 from rlhf.rollout.engine import SamplingParams
 from rlhf.training.ema import EMA
@@ -83,7 +83,6 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
     stream = PromptStream(prompts, cfg.ppo.rollout_batch_size, cfg.seed)
 
     # 4. KL controller, reward normaliser, EMA and sampling settings.
-    steps_per_iteration = cfg.ppo.ppo_epochs * cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size
     kl_ctl = (AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else FixedKLController(cfg.kl.coef))
     normalizer = RewardNormalizer(cfg.reward.normalize, cfg.reward.clip, cfg.reward.missing_eos_penalty,
@@ -157,7 +156,7 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
         started = time.time()
         train_actor = iteration >= cfg.ppo.critic_warmup_iterations
         orders = shuffle_orders(shuffle_rng, cfg.ppo.ppo_epochs, roles.local_batch_size(len(batch_prompts)))
-        train_metrics = roles.update(experience, orders, kl_ctl.value, train_actor, iteration * steps_per_iteration)
+        train_metrics = roles.update(experience, orders, kl_ctl.value, train_actor, iteration * steps_per_iteration(cfg))
         if ema is not None and train_actor:
             ema.update(trained["actor"].module)
         timings["perf/train_seconds"] = time.time() - started

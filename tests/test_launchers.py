@@ -22,7 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
-SCRIPTS = sorted([*LAUNCHERS.glob("*.sh"), *LAUNCHERS.glob("*.sbatch")])
+# _common.sh is sourced by the others, never run on its own.
+SCRIPTS = sorted(p for p in [*LAUNCHERS.glob("*.sh"), *LAUNCHERS.glob("*.sbatch")] if not p.name.startswith("_"))
 SCRIPT_NAMES = [p.name for p in SCRIPTS]
 
 

@@ -8,7 +8,7 @@ Tensors cross process boundaries on the CPU: token ids, masks, log-probs, values
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 

@@ -14,8 +14,6 @@ from rlhf.models.reward import RewardStats, load_scalar_model
 from rlhf.roles.roles import Actor, Critic, Reference, RewardModel
 from rlhf.training.optim import OptimizerSpec
 
-TRAINED_ROLES = ("actor", "critic")
-
 
 def steps_per_iteration(cfg: PPOConfig) -> int:
     return cfg.ppo.ppo_epochs * cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size
