@@ -196,5 +196,4 @@ def main(cfg: PPOConfig, roles=None, strategy=None) -> PPOResult:
     say("[ppo] done: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()) + f"; model in {run_dir / 'model'}")
     metrics_log.finish()
     strategy.teardown()
-    actor_module = strategy.unwrap(trained["actor"]) if isinstance(roles, LocalRoles) else None
-    return PPOResult(summary, run_dir / "model", actor_module)
+    return PPOResult(summary, run_dir / "model", strategy.unwrap(trained["actor"]))

@@ -169,7 +169,7 @@ class DriverStrategy(SingleStrategy):
         model.export(directory, extra_files)
 
     def unwrap(self, model: Any) -> Any:
-        return None
+        return None  # the actor lives in its workers
 
 
 def run_ppo_with_role_groups(cfg: PPOConfig) -> dict:

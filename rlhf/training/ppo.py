@@ -122,17 +122,21 @@ def shuffle_orders(generator: torch.Generator, epochs: int, size: int) -> list[t
     return [torch.randperm(size, generator=generator) for _ in range(epochs)]
 
 
-def _mini_batches(experience: Experience, orders: Sequence[torch.Tensor], mini: int, micro: int):
-    """(mini-batch index, [micro-batches]) in training order."""
+def _mini_batches(experience: Experience, orders: Sequence[torch.Tensor], strategy: Strategy, cfg: PPOConfig):
+    """(mini-batch index, [(micro-batch, weight)]) in training order. A micro-batch's weight is
+    its share of the mini-batch's response tokens over all workers, so the summed gradients
+    are those of the token mean over the whole mini-batch."""
     total = experience.rollout.sequences.shape[0]
     device = experience.rollout.sequences.device
+    mini, micro = cfg.ppo.mini_batch_size // strategy.world_size, cfg.ppo.micro_batch_size
     index = 0
     for order in orders:
         for start in range(0, total, mini):
             batch = experience.select(order[start : start + mini].to(device))
+            tokens = max(strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"], 1.0)
             size = batch.rollout.sequences.shape[0]
-            yield index, batch, [batch.select(torch.arange(m, min(m + micro, size), device=device))
-                                 for m in range(0, size, micro)]
+            parts = [batch.select(torch.arange(m, min(m + micro, size), device=device)) for m in range(0, size, micro)]
+            yield index, [(part, float(part.rollout.response_mask.sum()) / tokens) for part in parts]
             index += 1
 
 
@@ -150,10 +154,8 @@ def actor_update(
     optimizer step per mini-batch. Losses are token means over the whole mini-batch."""
     algo = cfg.ppo
     means = _Means()
-    for step, batch, micro_batches in _mini_batches(experience, orders, algo.mini_batch_size // strategy.world_size,
-                                                    algo.micro_batch_size):
-        tokens = strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"]
-        for part in micro_batches:
+    for step, micro_batches in _mini_batches(experience, orders, strategy, cfg):
+        for part, weight in micro_batches:
             mask = part.rollout.response_mask
             logprobs, entropy = policy_logprobs(actor.trained.module, part.rollout, cfg.rollout.temperature,
                                                 with_entropy=True)
@@ -162,7 +164,7 @@ def actor_update(
             loss = pg_loss - algo.entropy_coef * entropy_mean
             if cfg.kl.in_loss:
                 loss = loss + kl_coef * masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl.estimator), mask)
-            strategy.backward(actor.trained, loss * float(mask.sum()) / max(tokens, 1.0))
+            strategy.backward(actor.trained, loss * weight)
             means.add(**{"ppo/policy_loss": pg_loss.detach(), "ppo/entropy": entropy_mean.detach(),
                          "ppo/clip_frac": pg_stats["clip_frac"], "ppo/approx_kl": pg_stats["approx_kl"]})
         if ptx_batch is not None:
@@ -181,14 +183,12 @@ def critic_update(
     """Clipped value-loss steps over the same mini-batches as the actor's."""
     algo = cfg.ppo
     means = _Means()
-    for _, batch, micro_batches in _mini_batches(experience, orders, algo.mini_batch_size // strategy.world_size,
-                                                 algo.micro_batch_size):
-        tokens = strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"]
-        for part in micro_batches:
+    for _, micro_batches in _mini_batches(experience, orders, strategy, cfg):
+        for part, weight in micro_batches:
             mask = part.rollout.response_mask
             values = response_values(critic.trained.module, part.rollout)
             vf_loss, vf_stats = value_loss(values, part.values, part.returns, mask, algo.value_clip_eps)
-            strategy.backward(critic.trained, vf_loss * float(mask.sum()) / max(tokens, 1.0))
+            strategy.backward(critic.trained, vf_loss * weight)
             means.add(**{"ppo/value_loss": vf_loss.detach(), "ppo/value_clip_frac": vf_stats["clip_frac"]})
         means.add(**{"ppo/critic_grad_norm": strategy.step(critic.trained)})
     return means.result()
