@@ -165,8 +165,9 @@ class PPODataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"
-    """hf: transformers generate with a KV cache (vllm: reserved for GPU deployments)."""
+    engine: str = "decode"
+    """decode: our sampling loop (prompts bucketed by length, finished rows leave the batch,
+    log-probs kept for PPO); hf: transformers `generate`. benchmarks/rollout.py compares them."""
     max_new_tokens: int = 64
     temperature: float = 1.0
     """Sampling temperature; PPO log-probs are computed from logits divided by the same value."""
@@ -175,9 +176,14 @@ class RolloutConfig:
     top_p: float = 1.0
     batch_size: int = 32
     """Prompts generated together."""
+    reuse_logprobs: bool = True
+    """Use the decode engine's log-probs of the sampled tokens as PPO's old log-probs instead of
+    a second actor forward. Same weights, same distribution; they differ from a full forward
+    only by float rounding (~1e-6 in fp32). Turn off in bf16, where a cached decode drifts
+    further from the training forward than the clip range should see."""
 
     def validate(self) -> None:
-        _choice("rollout.engine", self.engine, ("hf",))
+        _choice("rollout.engine", self.engine, ("decode", "hf"))
         if self.temperature <= 0:
             raise ConfigError("rollout.temperature must be > 0 (PPO needs a stochastic policy)")
         if self.max_new_tokens < 1:

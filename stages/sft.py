@@ -123,13 +123,14 @@ def main(cfg: SFTConfig) -> SFTResult:
         grad_norm = strategy.step(trained)
         seconds = time.time() - started
         totals = strategy.all_reduce({"nll": loss_sum, "seqs": sum(len(b.input_ids) for b in batches),
-                                      "input_tokens": sum(b.input_ids.numel() for b in batches)}, op="sum")
+                                      "tokens": sum(b.real_tokens for b in batches)}, op="sum")
         row = {
             "sft/loss": totals["nll"] / max(step_tokens, 1),
             "sft/lr": lr,
             "sft/grad_norm": grad_norm,
             "sft/target_tokens": step_tokens,
-            "perf/tokens_per_s": totals["input_tokens"] / seconds,
+            "sft/tokens": totals["tokens"],
+            "perf/tokens_per_s": totals["tokens"] / seconds,
             "perf/step_seconds": seconds,
         }
         done = step + 1

@@ -89,10 +89,13 @@ class SFTBatch:
     """(batch, seq) 1 on real tokens; None for packed rows, whose `position_ids` restart at
     every example so that attention stays within it."""
     position_ids: torch.Tensor | None = None
+    real_tokens: int = 0
+    """Tokens of the examples themselves, padding left out (what throughput counts)."""
 
     def to(self, device: torch.device) -> "SFTBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return SFTBatch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids))
+        return SFTBatch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
+                        self.real_tokens)
 
     @property
     def num_target_tokens(self) -> int:
@@ -111,7 +114,7 @@ def collate_padded(examples: Sequence[SFTExample], pad_token_id: int) -> SFTBatc
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return SFTBatch(input_ids, labels, attention_mask)
+    return SFTBatch(input_ids, labels, attention_mask, real_tokens=sum(len(e.input_ids) for e in examples))
 
 
 @dataclass
@@ -157,7 +160,7 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> SFTBatch:
             position_ids[row_index, at : at + n] = torch.arange(n)
             at += n
         position_ids[row_index, at:] = torch.arange(width - at)
-    return SFTBatch(input_ids, labels, None, position_ids)
+    return SFTBatch(input_ids, labels, None, position_ids, real_tokens=sum(r.length for r in rows))
 
 
 class SFTBatches:

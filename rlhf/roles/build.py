@@ -45,7 +45,7 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     model = apply_lora(load_causal_lm(cfg.model, strategy.device), cfg.model.lora)
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr)
     return Actor(strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size), tokenizer.eos_token_id,
-                 tokenizer.pad_token_id, cfg.rollout.temperature, cfg.rollout.batch_size)
+                 tokenizer.pad_token_id, cfg.rollout.temperature, cfg.rollout.batch_size, cfg.rollout.engine)
 
 
 def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:

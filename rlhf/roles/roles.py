@@ -12,17 +12,19 @@ from rlhf.distributed.strategy import TrainedModel
 from rlhf.models.loading import disable_dropout
 from rlhf.models.reward import RewardStats, sequence_scores
 from rlhf.roles.forward import policy_logprobs, response_values
+from rlhf.rollout.decode import DecodeEngine
 from rlhf.rollout.engine import HFGenerateEngine, SamplingParams
 from rlhf.rollout.types import Rollout
 
 
 class Actor:
     def __init__(self, trained: TrainedModel, eos_token_id: int, pad_token_id: int, temperature: float,
-                 generate_batch_size: int):
+                 generate_batch_size: int, engine: str = "decode"):
         disable_dropout(trained.module)
         self.trained = trained
         self.temperature = temperature
-        self.engine = HFGenerateEngine(self.generation_model, eos_token_id, pad_token_id, generate_batch_size)
+        engine_class = DecodeEngine if engine == "decode" else HFGenerateEngine
+        self.engine = engine_class(self.generation_model, eos_token_id, pad_token_id, generate_batch_size)
 
     @property
     def generation_model(self) -> torch.nn.Module:

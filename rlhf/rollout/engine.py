@@ -101,12 +101,15 @@ def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
         return parts[0]
     prompt_width = max(p.prompt_length for p in parts)
     response_width = max(p.response_mask.shape[1] for p in parts)
-    seqs, masks, response_masks = [], [], []
+    seqs, masks, response_masks, logprobs = [], [], [], []
     for part in parts:
         left = prompt_width - part.prompt_length
         right = response_width - part.response_mask.shape[1]
         seqs.append(torch.nn.functional.pad(part.sequences, (left, right), value=pad_token_id))
         masks.append(torch.nn.functional.pad(part.attention_mask, (left, right), value=0))
         response_masks.append(torch.nn.functional.pad(part.response_mask, (0, right), value=0.0))
+        if part.logprobs is not None:
+            logprobs.append(torch.nn.functional.pad(part.logprobs, (0, right), value=0.0))
     return Rollout(torch.cat(seqs), torch.cat(masks), prompt_width, torch.cat(response_masks),
-                   torch.cat([p.eos_found for p in parts]))
+                   torch.cat([p.eos_found for p in parts]),
+                   torch.cat(logprobs) if len(logprobs) == len(parts) else None)

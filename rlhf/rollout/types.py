@@ -24,6 +24,9 @@ class Rollout:
     """(batch, response_length) float, 1 on response tokens up to and including the first EOS."""
     eos_found: torch.Tensor
     """(batch,) bool, the response ended with EOS (False: cut at max_new_tokens)."""
+    logprobs: torch.Tensor | None = None
+    """(batch, response_length) the sampler's log-prob of each response token under
+    softmax(logits / temperature), 0 after the response; None when the engine gives none."""
 
     @property
     def responses(self) -> torch.Tensor:

@@ -68,7 +68,9 @@ def make_experience(
     """Score a rollout and compute per-token rewards, advantages and returns. When a score,
     log-prob or value is not finite, returns (None, {"ppo/nonfinite": names}) instead."""
     mask = rollout.response_mask
-    logprobs = actor.logprobs(rollout)
+    # The sampler's own log-probs are π_old on these tokens: no second actor forward.
+    reuse = cfg.rollout.reuse_logprobs and rollout.logprobs is not None
+    logprobs = rollout.logprobs if reuse else actor.logprobs(rollout)
     ref_logprobs = reference.logprobs(rollout)
     values = critic.values(rollout)
     raw = reward_model.scores(rollout)

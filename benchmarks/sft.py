@@ -1,0 +1,74 @@
+"""SFT tokens/s and MFU: our SFT stage against TRL's SFTTrainer on the same model and data.
+
+    python benchmarks/sft.py --model tiny|smollm2 [--no-peer]
+
+Same records, batch size (rows per optimizer step), max length, learning rate and fp32 on
+both sides; TRL with its defaults otherwise (no packing), bf16 and gradient checkpointing off.
+Ours packs examples into rows without padding (data.packing=true, our recommended setting).
+Tokens are the examples' own tokens, padding excluded; MFU = 6·N·tokens/s over the matmul
+peak that matmul_peak.py measured (N: parameters in matrix products, head included).
+Per-step rates are medians over the timed steps after the warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import common
+
+common.add_project_to_path()
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from rlhf.logging.perf import matmul_parameters  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
+    parser.add_argument("--no-peer", action="store_true", help="ours only")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
+    args = parser.parse_args()
+    scale = common.SCALES[args.model]
+    steps = args.steps or scale.steps
+    directory = common.model_dir(args.model)
+    params = matmul_parameters(AutoModelForCausalLM.from_pretrained(directory))
+    peak = common.peak_flops()
+    records = common.make_records("sft", scale.sft_batch * (scale.warmup + steps) * 2 + 16, scale)
+
+    with tempfile.TemporaryDirectory(prefix="bench-sft-data-") as tmp:
+        data = common.write_jsonl(records, Path(tmp) / "sft.jsonl")
+        eval_data = common.write_jsonl(records[:8], Path(tmp) / "eval.jsonl")
+        ours = common.run_stage("sft", [
+            f"model.path={directory}", f"data.train.path={data}", f"data.eval.path={eval_data}",
+            f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
+            "data.packing=true", f"train.micro_batch_size={scale.sft_batch}",
+            f"train.global_batch_size={scale.sft_batch}", f"train.max_steps={scale.warmup + steps}",
+            "train.lr=1e-5", "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.save_every=0",
+            "train.eval_every=0", *args.overrides], scale.warmup)
+        ours_rate = common.median([r["sft/tokens"] / r["perf/step_seconds"] for r in ours])
+        ours_row = {"side": "ours", "model": args.model, "tokens_per_s": ours_rate,
+                    "mfu": 6 * params * ours_rate / peak, "step_s": common.median([r["perf/step_seconds"] for r in ours]),
+                    "tokens_per_step": common.median([r["sft/tokens"] for r in ours]),
+                    "loss_first": ours[0]["sft/loss"], "loss_last": ours[-1]["sft/loss"]}
+        rows = [ours_row]
+        if not args.no_peer:
+            peer = common.run_peer("trl", "trl_sft.py", {
+                "model_dir": str(directory), "data": str(data), "batch_size": scale.sft_batch,
+                "max_length": scale.max_length, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-5})
+            tokens_per_step = peer["samples_per_step"] * peer["tokens_per_sample"]
+            peer_rate = common.median([tokens_per_step / s for s in peer["step_seconds"]])
+            rows.append({"side": peer["peer"], "model": args.model, "tokens_per_s": peer_rate,
+                         "mfu": 6 * params * peer_rate / peak, "step_s": common.median(peer["step_seconds"]),
+                         "tokens_per_step": tokens_per_step})
+            ours_row["ratio"] = common.ratio(ours_rate, peer_rate)
+    common.emit(f"sft_{args.model}", rows, ["side", "model", "tokens_per_s", "mfu", "step_s", "tokens_per_step", "ratio"],
+                {"steps": steps, "warmup": scale.warmup, "batch": scale.sft_batch, "max_length": scale.max_length,
+                 "matmul_params": params, "peak_flops": peak})
+
+
+if __name__ == "__main__":
+    main()

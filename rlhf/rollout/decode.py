@@ -1,0 +1,148 @@
+"""`DecodeEngine`: our own sampling loop over the model's forward with a KV cache.
+
+What it does that `model.generate` does not (benchmarks/rollout.py measures each):
+- prompts are sorted by length before they are cut into batches, so a batch pads little;
+- a row that has emitted EOS leaves the batch (and its KV cache rows are dropped), so the
+  rest decode on a smaller batch instead of carrying finished rows to the end;
+- one uniform number per row samples the token (inverse CDF), instead of an exponential
+  draw per vocabulary entry;
+- it returns the log-probability of every sampled token under softmax(logits / T), the
+  distribution PPO scores, so PPO can skip a second forward of the actor (rollout.reuse_logprobs).
+
+Sharded models (ZeRO-3, FSDP2) gather their weights inside every forward, so all ranks must
+run the same number of forwards: in that case a rank whose rows are all finished keeps
+running one-token forwards until every rank is done (as `generate(synced_gpus=True)` does).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from transformers import DynamicCache
+
+from rlhf.algorithms.losses import token_logprobs
+from rlhf.rollout.engine import RolloutEngine, SamplingParams, concat_rollouts, finish_rollout, left_pad
+from rlhf.rollout.types import Rollout
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering of (rows, vocab) logits: dropped entries become -inf.
+    The nucleus keeps the smallest set of tokens whose probability reaches top_p (the token
+    that crosses the threshold included)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from softmax(logits), by inverting the CDF at one uniform number per
+    row. The CDF is summed in float64: a float32 sum over a 50k vocabulary drifts by ~1e-4."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    cdf = probs.cumsum(-1)
+    uniform = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64, device=logits.device)
+    tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1)
+    # Never land on a token of probability 0 (a filtered one) through rounding at the edges.
+    tokens = tokens.clamp_(max=logits.shape[-1] - 1)
+    zero = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) == 0
+    if bool(zero.any()):
+        tokens[zero] = probs[zero].argmax(-1)
+    return tokens
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    """Parameters partitioned over ranks (ZeRO-3 or FSDP2 DTensors): forwards are collective."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    param = next(model.parameters())
+    return hasattr(param, "ds_numel") or type(param).__name__ == "DTensor" or hasattr(param, "_local_tensor")
+
+
+class DecodeEngine(RolloutEngine):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32):
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+        was_training = self.model.training
+        self.model.eval()
+        synced = _is_sharded(self.model)
+        # Longest first: batches of similar lengths, and the widest batch runs (and fails on
+        # memory, if it must) first.
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        parts = [self._generate([prompts[i] for i in order[s : s + self.batch_size]], params, synced)
+                 for s in range(0, len(order), self.batch_size)]
+        self.model.train(was_training)
+        joined = concat_rollouts(parts, self.pad_token_id)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return joined.select(inverse.to(joined.sequences.device))
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, synced: bool) -> Rollout:
+        device = next(self.model.parameters()).device
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        rows, width = prompt_ids.shape
+        responses = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32, device=device)
+
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        positions = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
+        logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        active = torch.arange(rows, device=device)  # batch rows still decoding -> original row
+        attention = prompt_mask
+        next_position = positions[:, -1] + 1
+        steps = 0
+        for step in range(params.max_new_tokens):
+            steps = step + 1
+            scaled = logits.float() / params.temperature
+            tokens = sample_tokens(filter_logits(scaled, params.top_k, params.top_p))
+            responses[active, step] = tokens
+            logprobs[active, step] = token_logprobs(scaled.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1)
+            keep = tokens != self.eos_token_id
+            if step + 1 == params.max_new_tokens or not self._continue(bool(keep.any()), synced):
+                break
+            if not bool(keep.all()):
+                kept = keep.nonzero().squeeze(-1)
+                if kept.numel() == 0:  # synced: this rank is done, the others are not
+                    self._idle_forwards(params.max_new_tokens - step - 1, device)
+                    break
+                cache.batch_select_indices(kept)
+                active, tokens, attention, next_position = active[kept], tokens[kept], attention[kept], next_position[kept]
+            attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
+            logits = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=attention,
+                                position_ids=next_position.unsqueeze(-1), past_key_values=cache,
+                                use_cache=True).logits[:, -1]
+            next_position = next_position + 1
+        rollout = finish_rollout(prompt_ids, prompt_mask, responses[:, :steps], self.eos_token_id, self.pad_token_id)
+        rollout.logprobs = logprobs[:, :steps] * rollout.response_mask
+        return rollout
+
+    @staticmethod
+    def _continue(local_running: bool, synced: bool) -> bool:
+        if not synced:
+            return local_running
+        flag = torch.tensor([1.0 if local_running else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _idle_forwards(self, remaining: int, device: torch.device) -> None:
+        """Keep a finished rank in step with the others' collective forwards."""
+        dummy = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=device)
+        for index in range(remaining):
+            self.model(input_ids=dummy, use_cache=False)
+            # The others check whether to go on before every forward except after the last.
+            if index == remaining - 1 or not self._continue(False, synced=True):
+                return

@@ -1,0 +1,122 @@
+"""The decode engine: the distribution it samples from, its log-probs, masks, ordering and
+filtering."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.data.records import Message
+from rlhf.data.template import prompt_text
+from rlhf.roles.forward import policy_logprobs
+from rlhf.rollout.decode import DecodeEngine, filter_logits, sample_tokens
+from rlhf.rollout.engine import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def encode(tok, texts):
+    return [tok(prompt_text(tok, [Message("user", t)]), add_special_tokens=False)["input_ids"] for t in texts]
+
+
+TEXTS = ["List 3 fruits in uppercase.", "Hi", "Name 2 owls and say why they hoot at night.", "Why?", "Count to 4."]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_a_full_forward_of_the_rollout(model_and_tokenizer, temperature):
+    model, tok = model_and_tokenizer
+    torch.manual_seed(0)
+    rollout = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=2).generate(
+        encode(tok, TEXTS), SamplingParams(max_new_tokens=16, temperature=temperature))
+    recomputed, _ = policy_logprobs(model, rollout, temperature)
+    keep = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.logprobs[keep], recomputed[keep], rtol=1e-4, atol=1e-4)
+    assert (rollout.logprobs[~keep] == 0).all()
+    # Rows of different lengths: some rows finished early and left their batch.
+    lengths = rollout.response_lengths.tolist()
+    assert len(set(lengths)) > 1, lengths
+
+
+def test_rows_keep_prompt_order_masks_and_eos(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = encode(tok, TEXTS)
+    torch.manual_seed(1)
+    rollout = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=2).generate(
+        prompts, SamplingParams(max_new_tokens=12))
+    width = rollout.prompt_length
+    for row, prompt in enumerate(prompts):  # sorted into batches by length, returned in input order
+        assert rollout.sequences[row, width - len(prompt): width].tolist() == prompt
+        assert rollout.attention_mask[row, : width - len(prompt)].sum() == 0
+        n = int(rollout.response_mask[row].sum())
+        response = rollout.responses[row]
+        assert rollout.response_mask[row, :n].all() and not rollout.response_mask[row, n:].any()
+        if rollout.eos_found[row]:
+            assert response[n - 1] == tok.eos_token_id and (response[: n - 1] != tok.eos_token_id).all()
+        else:
+            assert n == 12
+        assert (response[n:] == tok.pad_token_id).all()
+
+
+def test_same_seed_same_rollout_and_batch_size_only_regroups(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts, params = encode(tok, TEXTS), SamplingParams(max_new_tokens=10)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=4).generate(prompts, params))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+def test_sampler_matches_the_softmax_distribution():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_tokens(logits, generator) for _ in range(20000)]).flatten()
+    frequencies = torch.bincount(draws, minlength=4).double() / draws.numel()
+    expected = torch.softmax(logits.double(), -1)[0]
+    # 20000 draws: the standard error of each frequency is below 0.0036.
+    assert torch.allclose(frequencies, expected, atol=0.015), (frequencies, expected)
+
+
+def test_filters_keep_top_k_and_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]
+    # Mass before the third token is 0.8 < 0.9, so the nucleus of 0.9 keeps three tokens.
+    assert torch.isinf(filter_logits(logits, 0, 0.9)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, 0, 0.5)).tolist() == [[False, True, True, True]]
+    generator = torch.Generator().manual_seed(0)
+    draws = {int(sample_tokens(filter_logits(logits, 2, 1.0), generator)) for _ in range(500)}
+    assert draws == {0, 1}
+
+
+class _Fixed:
+    """A role that answers every rollout with zeros of the asked shape, counting its calls."""
+
+    def __init__(self, per_token: bool):
+        self.per_token, self.calls = per_token, 0
+
+    def _zeros(self, rollout):
+        self.calls += 1
+        return torch.zeros(rollout.response_mask.shape) if self.per_token else torch.zeros(len(rollout.sequences))
+
+    logprobs = values = scores = _zeros
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_ppo_takes_the_samplers_logprobs_instead_of_an_actor_forward(model_and_tokenizer, reuse):
+    from rlhf.config import PPOConfig
+    from rlhf.training.ppo import RewardNormalizer, make_experience
+
+    model, tok = model_and_tokenizer
+    torch.manual_seed(0)
+    rollout = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id).generate(encode(tok, TEXTS),
+                                                                              SamplingParams(max_new_tokens=8))
+    cfg = PPOConfig()
+    cfg.rollout.reuse_logprobs = reuse
+    actor, reference, critic, reward = _Fixed(True), _Fixed(True), _Fixed(True), _Fixed(False)
+    experience, _ = make_experience(rollout, actor, reference, critic, reward,
+                                    RewardNormalizer("none", 0.0, None), cfg, kl_coef=0.1)
+    assert actor.calls == (0 if reuse else 1) and reference.calls == 1
+    expected = rollout.logprobs if reuse else torch.zeros_like(rollout.logprobs)
+    assert torch.equal(experience.logprobs, expected)
