@@ -59,7 +59,7 @@ class Scale:
 SCALES = {
     "tiny": Scale("tiny", sft_batch=8, prompt_words=24, answer_words=96, max_length=256, max_prompt_length=64,
                   rm_sequences=16, ppo_batch=16, ppo_new_tokens=48, warmup=2, steps=8),
-    "smollm2": Scale("smollm2", sft_batch=4, prompt_words=24, answer_words=160, max_length=256, max_prompt_length=64,
+    "smollm2": Scale("smollm2", sft_batch=4, prompt_words=24, answer_words=120, max_length=256, max_prompt_length=64,
                      rm_sequences=8, ppo_batch=8, ppo_new_tokens=48, warmup=1, steps=4),
 }
 

@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
     parser.add_argument("--no-peer", action="store_true", help="ours only")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--label", default="ours")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
     args = parser.parse_args()
     scale = common.SCALES[args.model]
@@ -50,7 +51,7 @@ def main() -> None:
             "train.lr=1e-5", "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.save_every=0",
             "train.eval_every=0", *args.overrides], scale.warmup)
         ours_rate = common.median([r["sft/tokens"] / r["perf/step_seconds"] for r in ours])
-        ours_row = {"side": "ours", "model": args.model, "tokens_per_s": ours_rate,
+        ours_row = {"side": args.label, "model": args.model, "tokens_per_s": ours_rate,
                     "mfu": 6 * params * ours_rate / peak, "step_s": common.median([r["perf/step_seconds"] for r in ours]),
                     "tokens_per_step": common.median([r["sft/tokens"] for r in ours]),
                     "loss_first": ours[0]["sft/loss"], "loss_last": ours[-1]["sft/loss"]}
@@ -65,9 +66,9 @@ def main() -> None:
                          "mfu": 6 * params * peer_rate / peak, "step_s": common.median(peer["step_seconds"]),
                          "tokens_per_step": tokens_per_step})
             ours_row["ratio"] = common.ratio(ours_rate, peer_rate)
-    common.emit(f"sft_{args.model}", rows, ["side", "model", "tokens_per_s", "mfu", "step_s", "tokens_per_step", "ratio"],
+    common.emit(f"sft_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows, ["side", "model", "tokens_per_s", "mfu", "step_s", "tokens_per_step", "ratio"],
                 {"steps": steps, "warmup": scale.warmup, "batch": scale.sft_batch, "max_length": scale.max_length,
-                 "matmul_params": params, "peak_flops": peak})
+                 "matmul_params": params, "peak_flops": peak, "overrides": args.overrides})
 
 
 if __name__ == "__main__":

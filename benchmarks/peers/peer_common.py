@@ -60,7 +60,7 @@ def common_args(spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
     """TrainingArguments shared by all peers: plain fp32 CPU training, constant LR, no eval/save/reporting.
 
     TRL 1.x turns bf16 and gradient checkpointing on by default; both are turned off here.
-    Logging every step keeps the per-step loss (logging runs after `on_step_end`, outside the timing).
+    Logging every step keeps the per-step loss; `Trainer` logs after `on_step_end`, outside `StepTimer`'s window.
     """
     return {
         "output_dir": output_dir,
@@ -91,7 +91,8 @@ class StepTimer(TrainerCallback):
         self.losses: list[float] = []
         self._started = 0.0
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
         self._started = time.perf_counter()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

@@ -1,0 +1,42 @@
+"""Transposed decode matmuls: same numbers as nn.Linear, and the layers restored after."""
+
+import torch
+
+from rlhf.rollout.skinny import SKINNY_ROWS, skinny_matmuls
+
+
+def test_same_outputs_for_few_and_many_rows_and_forward_restored():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False))
+    few, many = torch.randn(2, 3, 16), torch.randn(SKINNY_ROWS + 1, 16)
+    expected = model(few), model(many)
+    calls = []
+    original_mm = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original_mm(*args, **kwargs)
+
+    with skinny_matmuls(model):
+        torch.mm = counting_mm
+        try:
+            got = model(few), model(many)
+        finally:
+            torch.mm = original_mm
+        assert "forward" in model[0].__dict__
+    # The 6-row input went through the transposed product in both layers; the 65-row one did not.
+    assert calls == [torch.Size([32, 16]), torch.Size([8, 32])]
+    for a, b in zip(got, expected):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
+
+
+def test_subclassed_linears_keep_their_forward():
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = Scaled(4, 4)
+    with skinny_matmuls(layer):
+        assert "forward" not in layer.__dict__
