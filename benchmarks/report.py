@@ -27,12 +27,12 @@ def load(name: str) -> dict | None:
 def main() -> None:
     peak = load("matmul_peak")
     if peak:
-        print(f"Matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["peak_flops"].items()))
+        print("Matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["peak_flops"].items()))
         print()
     checks = []
     for model in common.SCALES:
         print(f"## {model}\n")
-        for name in (f"sft_{model}", f"sft_{model}_padded", f"rm_{model}", f"ppo_{model}", f"ppo_{model}_generate",
+        for name in (f"sft_{model}", f"sft_{model}_packed", f"rm_{model}", f"ppo_{model}", f"ppo_{model}_generate",
                      f"rollout_{model}"):
             result = load(name)
             if not result:

@@ -12,7 +12,7 @@ $python benchmarks/matmul_peak.py
 for model in $models; do
   $python benchmarks/rollout.py --model "$model"
   $python benchmarks/sft.py --model "$model"
-  $python benchmarks/sft.py --model "$model" --no-peer --label padded --overrides data.packing=false
+  $python benchmarks/sft.py --model "$model" --no-peer --label packed --overrides data.packing=true
   $python benchmarks/rm.py --model "$model"
   $python benchmarks/ppo.py --model "$model"
   $python benchmarks/ppo.py --model "$model" --no-peer --label generate \

@@ -3,8 +3,8 @@
     python benchmarks/sft.py --model tiny|smollm2 [--no-peer]
 
 Same records, batch size (rows per optimizer step), max length, learning rate and fp32 on
-both sides; TRL with its defaults otherwise (no packing), bf16 and gradient checkpointing off.
-Ours packs examples into rows without padding (data.packing=true, our recommended setting).
+both sides, and neither packs (both defaults); TRL's bf16 and gradient checkpointing off.
+`--label packed --overrides data.packing=true` measures ours with examples packed into rows.
 Tokens are the examples' own tokens, padding excluded; MFU = 6·N·tokens/s over the matmul
 peak that matmul_peak.py measured (N: parameters in matrix products, head included).
 Per-step rates are medians over the timed steps after the warm-up steps.
@@ -46,7 +46,7 @@ def main() -> None:
         ours = common.run_stage("sft", [
             f"model.path={directory}", f"data.train.path={data}", f"data.eval.path={eval_data}",
             f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
-            "data.packing=true", f"train.micro_batch_size={scale.sft_batch}",
+            f"train.micro_batch_size={scale.sft_batch}",
             f"train.global_batch_size={scale.sft_batch}", f"train.max_steps={scale.warmup + steps}",
             "train.lr=1e-5", "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.save_every=0",
             "train.eval_every=0", *args.overrides], scale.warmup)
