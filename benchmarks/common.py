@@ -12,6 +12,7 @@ both sides see the same records.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -208,17 +209,16 @@ def ratio(ours: float, peer: float) -> float | None:
     return ours / peer if peer and peer == peer else None
 
 
-def timed_steps(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
-    import time
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return times
+def stage_parser(doc: str, overrides: bool = True) -> argparse.ArgumentParser:
+    """The arguments every ours-against-TRL stage benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=sorted(SCALES))
+    parser.add_argument("--no-peer", action="store_true", help="ours only")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the scale's)")
+    if overrides:
+        parser.add_argument("--label", default="ours", help="names our row and the result file")
+        parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
+    return parser
 
 
 def add_project_to_path() -> None:

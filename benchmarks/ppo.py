@@ -14,7 +14,6 @@ timed iterations after the warm-up.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -25,12 +24,7 @@ KL_COEF = 0.05
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
-    parser.add_argument("--no-peer", action="store_true", help="ours only")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--label", default="ours")
-    parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
+    parser = common.stage_parser(__doc__)
     args = parser.parse_args()
     scale = common.SCALES[args.model]
     steps = args.steps or scale.steps

@@ -12,7 +12,6 @@ checkpointing off. Per-step rates are medians over the timed steps after the war
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 from pathlib import Path
@@ -21,11 +20,8 @@ import common
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
+    parser = common.stage_parser(__doc__, overrides=False)
     parser.add_argument("--ks", default="2,4")
-    parser.add_argument("--no-peer", action="store_true", help="ours only")
-    parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     scale = common.SCALES[args.model]
     steps = args.steps or scale.steps

@@ -12,7 +12,6 @@ Per-step rates are medians over the timed steps after the warm-up steps.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -26,12 +25,7 @@ from rlhf.logging.perf import matmul_parameters  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
-    parser.add_argument("--no-peer", action="store_true", help="ours only")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--label", default="ours")
-    parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
+    parser = common.stage_parser(__doc__)
     args = parser.parse_args()
     scale = common.SCALES[args.model]
     steps = args.steps or scale.steps

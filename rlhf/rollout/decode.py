@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import DynamicCache
 
 from rlhf.algorithms.losses import token_logprobs
@@ -66,16 +67,10 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
     param = next(model.parameters())
-    return hasattr(param, "ds_numel") or type(param).__name__ == "DTensor" or hasattr(param, "_local_tensor")
+    return hasattr(param, "ds_numel") or isinstance(param, DTensor)
 
 
 class DecodeEngine(RolloutEngine):
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32):
-        self.model = model
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.batch_size = batch_size
-
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         was_training = self.model.training

@@ -54,18 +54,18 @@ def finish_rollout(
 
 
 class RolloutEngine(ABC):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32):
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size  # prompts generated together
+
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         """Sample one response per prompt (token ids, no padding) and return the rollout."""
 
 
 class HFGenerateEngine(RolloutEngine):
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32):
-        self.model = model
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-        self.batch_size = batch_size
-
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         device = next(self.model.parameters()).device
