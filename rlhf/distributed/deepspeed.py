@@ -100,6 +100,7 @@ def build_deepspeed_config(
                 "weight_decay": spec.weight_decay,
                 # torch.optim.AdamW: no C++/CUDA build; on GPU DeepSpeed's fused kernels.
                 "torch_adam": not on_gpu,
+                **({} if on_gpu else {"fused": True}),  # passed on to torch.optim.AdamW
             },
         },
         "bf16": {"enabled": precision == "bf16"},

@@ -45,6 +45,27 @@ class Rollout:
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
+    def trimmed(self) -> "Rollout":
+        """The same rows without the columns that are padding in every row: prompt columns
+        left of the longest prompt and response columns right of the longest response (at
+        least one is kept). Positions come from the attention mask, so every log-prob and
+        value of a real token is unchanged; a selected micro-batch is usually narrower than
+        the rollout it came from, and these columns would cost a full forward and backward."""
+        attended = self.attention_mask[:, : self.prompt_length].any(0)
+        # One prompt column always stays: the first response token is predicted from it.
+        drop_left = min(int(attended.long().argmax()) if bool(attended.any()) else self.prompt_length,
+                        self.prompt_length - 1)
+        keep_right = max(int(self.response_lengths.max()) if self.response_mask.numel() else 0, 1)
+        end = self.prompt_length + keep_right
+        return Rollout(
+            sequences=self.sequences[:, drop_left:end],
+            attention_mask=self.attention_mask[:, drop_left:end],
+            prompt_length=self.prompt_length - drop_left,
+            response_mask=self.response_mask[:, :keep_right],
+            eos_found=self.eos_found,
+            logprobs=None if self.logprobs is None else self.logprobs[:, :keep_right],
+        )
+
 
 @dataclass
 class Experience:
@@ -72,3 +93,10 @@ class Experience:
             self.rollout.select(index),
             **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "rollout"},
         )
+
+    def trimmed(self) -> "Experience":
+        """Rollout.trimmed, with the per-token tensors cut to the kept response columns."""
+        rollout = self.rollout.trimmed()
+        width = rollout.response_mask.shape[1]
+        return Experience(rollout, **{f.name: getattr(self, f.name)[:, :width] if getattr(self, f.name).ndim == 2
+                                      else getattr(self, f.name) for f in fields(self) if f.name != "rollout"})

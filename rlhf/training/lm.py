@@ -13,22 +13,24 @@ from rlhf.data.sft_dataset import SFTBatch, SFTBatches
 
 
 def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
-    """(sum of next-token NLL over target tokens, number of target tokens)."""
+    """(sum of next-token NLL over target tokens, number of target tokens).
+
+    Logits are computed only at positions whose next token is a target: the vocabulary
+    projection is ~20% of a 135M model's FLOPs and its (tokens, vocab) output the largest
+    activation, and prompt and padding positions need neither."""
+    targets = batch.labels[:, 1:]
+    predicts_target = torch.zeros_like(batch.labels, dtype=torch.bool)
+    predicts_target[:, :-1] = targets != -100
     logits = module(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
         # A cache would also switch off the packed-sequence mask in transformers.
         use_cache=False,
-    ).logits
-    targets = batch.labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        targets.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    return nll, int((targets != -100).sum())
+        logits_to_keep=predicts_target,
+    ).logits  # (target tokens, vocab), in row-major order of the mask
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+    return nll, int(logits.shape[0])
 
 
 @dataclass

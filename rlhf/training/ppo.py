@@ -137,7 +137,8 @@ def _mini_batches(experience: Experience, orders: Sequence[torch.Tensor], strate
             batch = experience.select(order[start : start + mini].to(device))
             tokens = max(strategy.all_reduce({"n": float(batch.rollout.response_mask.sum())}, op="sum")["n"], 1.0)
             size = batch.rollout.sequences.shape[0]
-            parts = [batch.select(torch.arange(m, min(m + micro, size), device=device)) for m in range(0, size, micro)]
+            parts = [batch.select(torch.arange(m, min(m + micro, size), device=device)).trimmed()
+                     for m in range(0, size, micro)]
             yield index, [(part, float(part.rollout.response_mask.sum()) / tokens) for part in parts]
             index += 1
 
@@ -160,10 +161,10 @@ def actor_update(
         for part, weight in micro_batches:
             mask = part.rollout.response_mask
             logprobs, entropy = policy_logprobs(actor.trained.module, part.rollout, cfg.rollout.temperature,
-                                                with_entropy=True)
+                                                with_entropy=True, entropy_grad=algo.entropy_coef != 0)
             pg_loss, pg_stats = ppo_policy_loss(logprobs, part.logprobs, part.advantages, mask, algo.clip_eps)
             entropy_mean = masked_mean(entropy, mask)
-            loss = pg_loss - algo.entropy_coef * entropy_mean
+            loss = pg_loss - algo.entropy_coef * entropy_mean if algo.entropy_coef else pg_loss
             if cfg.kl.in_loss:
                 loss = loss + kl_coef * masked_mean(kl_estimate(logprobs, part.ref_logprobs, cfg.kl.estimator), mask)
             strategy.backward(actor.trained, loss * weight)

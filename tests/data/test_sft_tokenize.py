@@ -8,6 +8,7 @@ from rlhf.data.records import Message, SFTRecord
 from rlhf.data.sft_dataset import (
     IGNORE_INDEX,
     SFTBatches,
+    SFTExample,
     TruncationStats,
     collate_packed,
     collate_padded,
@@ -129,3 +130,24 @@ def test_batches_are_seeded_and_randomly_addressable(tokenizer):
     first = [x.input_ids.tolist() for x in a.epoch(0)]
     assert first == [b.batch(0, i).input_ids.tolist() for i in range(4)]
     assert first != [x.input_ids.tolist() for x in a.epoch(1)]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_lm_nll_from_target_positions_only_equals_the_full_logits_loss(tiny_model_dir, packing):
+    from rlhf.training.lm import lm_forward_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for prompt, answer in ((5, 7), (9, 3), (2, 11)):
+        ids = torch.randint(0, model.config.vocab_size, (prompt + answer,), generator=generator).tolist()
+        examples.append(SFTExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    batch = collate_packed(pack_examples(examples, 64), 0) if packing else collate_padded(examples, 0)
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 use_cache=False).logits
+    targets = batch.labels[:, 1:]
+    expected = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    nll, n = lm_forward_nll(model, batch)
+    assert n == int((targets != IGNORE_INDEX).sum()) == 7 + 3 + 11  # every answer token, none of the prompts
+    torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-4)

@@ -1,8 +1,10 @@
 """The DeepSpeed config built from ours, and the strategy-level config checks."""
 
+import copy
 import json
 
 import pytest
+import torch
 
 from rlhf.config import SFTConfig, load_config
 from rlhf.config_sections import StrategyConfig, TrainConfig
@@ -10,7 +12,7 @@ from rlhf.distributed.deepspeed import build_deepspeed_config, load_raw_config
 from rlhf.distributed.single import SingleStrategy
 from rlhf.distributed.strategy import build_strategy
 from rlhf.errors import ConfigError, UserError
-from rlhf.training.optim import OptimizerSpec
+from rlhf.training.optim import OptimizerSpec, build_optimizer, param_groups
 
 SPEC = OptimizerSpec.from_train(TrainConfig(lr=3e-4, weight_decay=0.1, max_grad_norm=0.5, adam_betas=[0.9, 0.99]), 100)
 
@@ -25,7 +27,8 @@ def test_zero3_offload_config_from_ours():
     assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
                                        "offload_param": {"device": "cpu", "pin_memory": False}}
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8,
-                                                           "weight_decay": 0.1, "torch_adam": True}}
+                                                           "weight_decay": 0.1, "torch_adam": True,
+                                                           "fused": True}}
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # fp32 on CPU
 
 
@@ -34,6 +37,7 @@ def test_gpu_config_uses_deepspeed_kernels_and_bf16(monkeypatch):
     cfg = StrategyConfig(name="deepspeed", zero_stage=2, offload_optimizer=True)
     ds = build_deepspeed_config(cfg, SPEC, 1, 1, 2, "cuda")
     assert ds["optimizer"]["params"]["torch_adam"] is False
+    assert "fused" not in ds["optimizer"]["params"]  # DeepSpeed's FusedAdam takes no such argument
     assert ds["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
     assert "offload_param" not in ds["zero_optimization"]
     assert ds["bf16"]["enabled"]
@@ -88,3 +92,23 @@ def test_strategy_presets_load(name):
     preset = Path(__file__).resolve().parents[2] / "configs" / "strategy" / f"{name}.yaml"
     cfg = load_config(SFTConfig, [str(preset)], ["data.train.path=x.jsonl", "model.path=m"])
     assert cfg.strategy.name == {"zero2": "deepspeed", "zero3_offload": "deepspeed"}.get(name, name)
+
+
+def test_single_process_optimizer_is_fused_adamw_and_steps_like_the_reference():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4))
+    reference = copy.deepcopy(model)
+    initial = model[0].weight.detach().clone()
+    ours = build_optimizer(model, SPEC)
+    assert ours.defaults["fused"] is True
+    plain = torch.optim.AdamW(param_groups(reference, SPEC.weight_decay), lr=SPEC.lr, betas=SPEC.betas,
+                              eps=SPEC.eps, foreach=False)
+    for step in range(3):
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(step))
+        for m, opt in ((model, ours), (reference, plain)):
+            opt.zero_grad()
+            m(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(model[0].weight, initial)

@@ -66,3 +66,53 @@ def test_concat_keeps_left_padded_prompts_and_right_padded_responses():
     assert joined.prompt_length == 4
     assert joined.sequences.tolist() == [[0, 0, 5, 6, 7, 2, 0], [5, 6, 7, 8, 9, 9, 2]]
     assert joined.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_entropy_is_differentiable_only_when_it_is_in_the_loss(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    ids, mask = left_pad(prompts(tok), tok.pad_token_id)
+    torch.manual_seed(0)
+    responses = torch.randint(0, model.config.vocab_size, (ids.shape[0], 6))
+    rollout = finish_rollout(ids, mask, responses, tok.eos_token_id, tok.pad_token_id)
+    stats_logprobs, stats_entropy = policy_logprobs(model, rollout, 1.0, with_entropy=True)
+    loss_logprobs, loss_entropy = policy_logprobs(model, rollout, 1.0, with_entropy=True, entropy_grad=True)
+    assert stats_logprobs.requires_grad and not stats_entropy.requires_grad
+    assert loss_entropy.requires_grad
+    torch.testing.assert_close(stats_entropy, loss_entropy.detach())
+    torch.testing.assert_close(stats_logprobs, loss_logprobs)
+    # The entropy term moves the weights: its gradient is not zero.
+    loss_entropy.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_trimmed_micro_batch_drops_shared_padding_and_keeps_every_logprob_and_value(model_and_tokenizer, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.roles.forward import response_values
+    from rlhf.rollout.types import Experience
+
+    model, tok = model_and_tokenizer
+    torch.manual_seed(0)
+    tokens = lambda *shape: torch.randint(3, model.config.vocab_size, shape)  # noqa: E731 (no pad/EOS ids)
+    ids, mask = left_pad([tokens(10).tolist(), tokens(6).tolist(), tokens(4).tolist()], tok.pad_token_id)
+    responses = tokens(3, 9)
+    responses[:, 4] = tok.eos_token_id  # every response ends by the 5th token: 4 padding columns on the right
+    rollout = finish_rollout(ids, mask, responses, tok.eos_token_id, tok.pad_token_id)
+    short_prompts = rollout.select(torch.tensor([1, 2]))  # the left 4 prompt columns are padding in both
+    trimmed = short_prompts.trimmed()
+    assert trimmed.response_mask.shape[1] == 5 and trimmed.prompt_length == short_prompts.prompt_length - 4 == 6
+    assert trimmed.attention_mask[:, 0].any() and trimmed.response_mask[:, -1].any()
+    width = trimmed.response_mask.shape[1]
+    full, _ = policy_logprobs(model, short_prompts, 1.0)
+    cut, _ = policy_logprobs(model, trimmed, 1.0)
+    keep = short_prompts.response_mask[:, :width].bool()
+    torch.testing.assert_close(cut[keep], full[:, :width][keep], rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    critic = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1).eval()
+    torch.testing.assert_close(response_values(critic, trimmed)[keep], response_values(critic, short_prompts)[:, :width][keep],
+                               rtol=1e-4, atol=1e-5)
+    per_token = torch.arange(9.0).expand(2, 9)
+    experience = Experience(short_prompts, *([per_token] * 6), torch.zeros(2)).trimmed()
+    assert experience.rollout.response_mask.shape == experience.advantages.shape == (2, 5)
+    assert experience.scores.shape == (2,)
