@@ -52,10 +52,10 @@ def main() -> None:
                 peer_rate = common.median([peer["pairs_per_step"] / s for s in peer["step_seconds"]])
                 rows.append({"side": peer["peer"], "model": args.model, "k": k, "pairs_per_s": peer_rate,
                              "pairs_per_step": peer["pairs_per_step"], "sequences_per_step": 2 * peer["pairs_per_step"],
-                             "step_s": common.median(peer["step_seconds"])})
+                             "step_s": common.median(peer["step_seconds"]), "dropped_pairs": peer["dropped_pairs"]})
                 ours_row["ratio"] = common.ratio(ours_rate, peer_rate)
     common.emit(f"rm_{args.model}", rows, ["side", "model", "k", "pairs_per_s", "pairs_per_step", "sequences_per_step",
-                                           "step_s", "ratio"], {"steps": steps, "warmup": scale.warmup})
+                                           "step_s", "dropped_pairs", "ratio"], {"steps": steps, "warmup": scale.warmup})
 
 
 if __name__ == "__main__":
