@@ -38,7 +38,7 @@ def policy_logprobs(
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits((logits if entropy_grad else logits.detach()).float() / temperature)
+            entropy = entropy_from_logits(logits.float() / temperature)
     return logprobs, entropy
 
 
