@@ -23,7 +23,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
+
+Ours = TypeVar("Ours")
+Peer = TypeVar("Peer")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -182,6 +185,32 @@ def run_peer(venv: str, script: str, spec: dict, timeout: float = 3600) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def alternate(rounds: int, ours: Callable[[], Ours], peer: Callable[[], Peer] | None
+              ) -> tuple[list[Ours], list[Peer]]:
+    """Run each side `rounds` times in ABBA order (ours, peer; peer, ours; ...), so a drift
+    of the machine's speed during a run weighs on both sides alike: the cores here read
+    from 137 to 174 GFLOP/s on one day, and a fixed order put that drift into the ratio.
+    Without a peer, ours runs once."""
+    if peer is None:
+        return [ours()], []
+    ours_runs: list[Ours] = []
+    peer_runs: list[Peer] = []
+    for round_index in range(rounds):
+        if round_index % 2 == 0:
+            ours_runs.append(ours())
+            peer_runs.append(peer())
+        else:
+            peer_runs.append(peer())
+            ours_runs.append(ours())
+    return ours_runs, peer_runs
+
+
+def paired_ratio(ours: Sequence[float], peer: Sequence[float]) -> float | None:
+    """The median over rounds of ours/peer, each round's two runs taken back to back."""
+    ratios = [r for r in (ratio(o, p) for o, p in zip(ours, peer)) if r is not None]
+    return median(ratios) if ratios else None
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
@@ -215,6 +244,8 @@ def stage_parser(doc: str, overrides: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="tiny", choices=sorted(SCALES))
     parser.add_argument("--no-peer", action="store_true", help="ours only")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the scale's)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="ours/peer runs in ABBA order; the ratio is the median over rounds")
     if overrides:
         parser.add_argument("--label", default="ours", help="names our row and the result file")
         parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")

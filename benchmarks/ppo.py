@@ -9,7 +9,8 @@ an actor forward unless rollout.reuse_logprobs=false) and train (actor and criti
 same mini-batches and epochs). Same policy, reward model (critic initialised from it),
 prompts, rollout batch, mini-batch, PPO epochs, response length, temperature 1 and KL
 coefficient on both sides; no reward normalisation on either. Rates are medians over the
-timed iterations after the warm-up.
+timed iterations after the warm-up; with a peer, the two sides run `--rounds` times in ABBA
+order and the ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -35,37 +36,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ppo-data-") as tmp:
         prompts = common.write_jsonl(records[8:], Path(tmp) / "prompts.jsonl")
         eval_prompts = common.write_jsonl(records[:2], Path(tmp) / "eval.jsonl")
-        ours = common.run_stage("ppo", [
-            f"model.path={policy}", f"reward_model.path={reward}", f"data.prompts.path={prompts}",
-            f"data.eval_prompts.path={eval_prompts}", f"data.max_prompt_length={scale.max_prompt_length}",
-            f"rollout.max_new_tokens={scale.ppo_new_tokens}", "rollout.temperature=1.0", f"rollout.batch_size={batch}",
-            "reward.normalize=none", "reward.clip=0", f"kl.coef={KL_COEF}", "kl.estimator=k1",
-            f"ppo.iterations={scale.warmup + steps}", f"ppo.rollout_batch_size={batch}", f"ppo.mini_batch_size={mini}",
-            f"ppo.micro_batch_size={mini}", f"ppo.ppo_epochs={PPO_EPOCHS}", "ppo.actor_lr=1e-6", "ppo.critic_lr=5e-6",
-            f"ppo.eval_every={scale.warmup + steps}", "eval.max_prompts=2", "eval.samples_per_prompt=1",
-            "train.save_every=0", *args.overrides], scale.warmup)
-        split = {part: common.median([r[f"perf/{part}_seconds"] for r in ours]) for part in ("generate", "score", "train")}
-        step = [r["perf/generate_seconds"] + r["perf/score_seconds"] + r["perf/train_seconds"] for r in ours]
-        ours_rate = common.median([batch / s for s in step])
-        ours_row = {"side": args.label, "model": args.model, "samples_per_s": ours_rate, "step_s": common.median(step),
-                    **{f"{k}_s": v for k, v in split.items()},
-                    "new_tokens": common.median([r["ppo/response_length"] for r in ours])}
-        rows.append(ours_row)
-        if not args.no_peer:
-            peer = common.run_peer("trl-ppo", "trl_ppo.py", {
+        def run_ours() -> list[dict]:
+            return common.run_stage("ppo", [
+                f"model.path={policy}", f"reward_model.path={reward}", f"data.prompts.path={prompts}",
+                f"data.eval_prompts.path={eval_prompts}", f"data.max_prompt_length={scale.max_prompt_length}",
+                f"rollout.max_new_tokens={scale.ppo_new_tokens}", "rollout.temperature=1.0",
+                f"rollout.batch_size={batch}", "reward.normalize=none", "reward.clip=0", f"kl.coef={KL_COEF}",
+                "kl.estimator=k1", f"ppo.iterations={scale.warmup + steps}", f"ppo.rollout_batch_size={batch}",
+                f"ppo.mini_batch_size={mini}", f"ppo.micro_batch_size={mini}", f"ppo.ppo_epochs={PPO_EPOCHS}",
+                "ppo.actor_lr=1e-6", "ppo.critic_lr=5e-6", f"ppo.eval_every={scale.warmup + steps}",
+                "eval.max_prompts=2", "eval.samples_per_prompt=1", "train.save_every=0", *args.overrides],
+                scale.warmup)
+
+        def run_peer() -> dict:
+            return common.run_peer("trl-ppo", "trl_ppo.py", {
                 "policy_dir": str(policy), "reward_dir": str(reward), "prompts": str(prompts), "batch_size": batch,
                 "mini_batch_size": mini, "ppo_epochs": PPO_EPOCHS, "response_length": scale.ppo_new_tokens,
                 "temperature": 1.0, "kl_coef": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-6})
-            peer_rate = common.median([peer["rollouts_per_step"] / s for s in peer["step_seconds"]])
-            rows.append({"side": peer["peer"], "model": args.model, "samples_per_s": peer_rate,
-                         "step_s": common.median(peer["step_seconds"]),
-                         **{f"{k}_s": common.median(peer[f"{k}_seconds"]) for k in ("generate", "score", "train")},
-                         "new_tokens": peer.get("new_tokens_per_step", 0) / batch or None})
-            ours_row["ratio"] = common.ratio(ours_rate, peer_rate)
+
+        ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
+        ours_all = [r for run in ours_runs for r in run]
+        split = {part: common.median([r[f"perf/{part}_seconds"] for r in ours_all])
+                 for part in ("generate", "score", "train")}
+
+        def step_seconds(r: dict) -> float:
+            return r["perf/generate_seconds"] + r["perf/score_seconds"] + r["perf/train_seconds"]
+
+        ours_rates = [common.median([batch / step_seconds(r) for r in run]) for run in ours_runs]
+        ours_row = {"side": args.label, "model": args.model, "samples_per_s": common.median(ours_rates),
+                    "step_s": common.median([step_seconds(r) for r in ours_all]),
+                    **{f"{k}_s": v for k, v in split.items()},
+                    "new_tokens": common.median([r["ppo/response_length"] for r in ours_all])}
+        rows.append(ours_row)
+        if peer_runs:
+            peer_rates = [common.median([p["rollouts_per_step"] / s for s in p["step_seconds"]]) for p in peer_runs]
+            rows.append({"side": peer_runs[0]["peer"], "model": args.model, "samples_per_s": common.median(peer_rates),
+                         "step_s": common.median([s for p in peer_runs for s in p["step_seconds"]]),
+                         **{f"{k}_s": common.median([s for p in peer_runs for s in p[f"{k}_seconds"]])
+                            for k in ("generate", "score", "train")},
+                         "new_tokens": common.median([p.get("new_tokens_per_step", 0) / batch for p in peer_runs])
+                         or None})
+            ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
+            ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
     common.emit(f"ppo_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows,
-                ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "ratio"],
+                ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "batch": batch, "mini_batch": mini, "ppo_epochs": PPO_EPOCHS,
-                 "overrides": args.overrides})
+                 "overrides": args.overrides, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """RM pairs/s at K=2 and K=4: our RM stage against TRL's RewardTrainer.
 
-    python benchmarks/rm.py --model tiny|smollm2 [--ks 2,4] [--no-peer]
+    python benchmarks/rm.py --model tiny|smollm2 [--ks 2,4] [--rounds 2] [--no-peer]
 
 Each step forwards the same number of sequences on both sides (`rm_sequences` of the
 scale): ours as prompts x K answers, every C(K,2) pair of a prompt compared from its K
 scores (InstructGPT's layout); TRL as (chosen, rejected) pairs, the C(K,2) pairs of a
 prompt expanded into separate rows as its data format requires. A pair is one comparison
 in the loss. Same records, lengths, learning rate and fp32; TRL's bf16 and gradient
-checkpointing off. Per-step rates are medians over the timed steps after the warm-up.
+checkpointing off. Per-step rates are medians over the timed steps after the warm-up; the
+two sides run `--rounds` times in ABBA order and the ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -34,28 +35,38 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-rm-data-") as tmp:
             data = common.write_jsonl(records, Path(tmp) / "rank.jsonl")
             eval_data = common.write_jsonl(records[:4], Path(tmp) / "eval.jsonl")
-            ours = common.run_stage("rm", [
-                f"model.path={directory}", f"data.train.path={data}", f"data.eval.path={eval_data}",
-                f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
-                f"train.micro_batch_size={prompts_per_step}", f"train.global_batch_size={prompts_per_step}",
-                f"train.max_steps={scale.warmup + steps}", "train.lr=1e-5", "train.lr_scheduler=constant",
-                "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0"], scale.warmup)
-            ours_rate = common.median([r["perf/pairs_per_s"] for r in ours])
-            ours_row = {"side": "ours", "model": args.model, "k": k, "pairs_per_s": ours_rate,
-                        "pairs_per_step": prompts_per_step * math.comb(k, 2), "sequences_per_step": scale.rm_sequences,
-                        "step_s": common.median([r["perf/step_seconds"] for r in ours])}
-            rows.append(ours_row)
-            if not args.no_peer:
-                peer = common.run_peer("trl", "trl_rm.py", {
+
+            def run_ours() -> list[dict]:
+                return common.run_stage("rm", [
+                    f"model.path={directory}", f"data.train.path={data}", f"data.eval.path={eval_data}",
+                    f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
+                    f"train.micro_batch_size={prompts_per_step}", f"train.global_batch_size={prompts_per_step}",
+                    f"train.max_steps={scale.warmup + steps}", "train.lr=1e-5", "train.lr_scheduler=constant",
+                    "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0"], scale.warmup)
+
+            def run_peer() -> dict:
+                return common.run_peer("trl", "trl_rm.py", {
                     "model_dir": str(directory), "data": str(data), "pairs_per_step": pairs_per_step_peer,
                     "max_length": scale.max_length, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-5})
-                peer_rate = common.median([peer["pairs_per_step"] / s for s in peer["step_seconds"]])
-                rows.append({"side": peer["peer"], "model": args.model, "k": k, "pairs_per_s": peer_rate,
-                             "pairs_per_step": peer["pairs_per_step"], "sequences_per_step": 2 * peer["pairs_per_step"],
-                             "step_s": common.median(peer["step_seconds"]), "dropped_pairs": peer["dropped_pairs"]})
-                ours_row["ratio"] = common.ratio(ours_rate, peer_rate)
+
+            ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
+            ours_rates = [common.median([r["perf/pairs_per_s"] for r in run]) for run in ours_runs]
+            ours_row = {"side": "ours", "model": args.model, "k": k, "pairs_per_s": common.median(ours_rates),
+                        "pairs_per_step": prompts_per_step * math.comb(k, 2), "sequences_per_step": scale.rm_sequences,
+                        "step_s": common.median([r["perf/step_seconds"] for run in ours_runs for r in run])}
+            rows.append(ours_row)
+            if peer_runs:
+                peer_rates = [common.median([p["pairs_per_step"] / s for s in p["step_seconds"]]) for p in peer_runs]
+                rows.append({"side": peer_runs[0]["peer"], "model": args.model, "k": k,
+                             "pairs_per_s": common.median(peer_rates), "pairs_per_step": pairs_per_step_peer,
+                             "sequences_per_step": 2 * pairs_per_step_peer,
+                             "step_s": common.median([s for p in peer_runs for s in p["step_seconds"]]),
+                             "dropped_pairs": max(p["dropped_pairs"] for p in peer_runs)})
+                ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
+                ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
     common.emit(f"rm_{args.model}", rows, ["side", "model", "k", "pairs_per_s", "pairs_per_step", "sequences_per_step",
-                                           "step_s", "dropped_pairs", "ratio"], {"steps": steps, "warmup": scale.warmup})
+                                           "step_s", "dropped_pairs", "ratio", "round_ratios"],
+                {"steps": steps, "warmup": scale.warmup, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

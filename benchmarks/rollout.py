@@ -1,16 +1,18 @@
 """Rollout new-tokens/s at batch 1, 8 and 32: our decode engine against plain `model.generate`.
 
-    python benchmarks/rollout.py --model tiny|smollm2 [--repeats 3] [--new-tokens 48]
+    python benchmarks/rollout.py --model tiny|smollm2 [--repeats 4] [--new-tokens 48]
 
 Both sample from softmax(logits) (temperature 1, no top-k/top-p), stop a row at EOS and
 are given the same chat-formatted prompts. A new token is a response token up to and
 including EOS; what `generate` computes after a row's EOS is not counted. Each cell is the
-median of `repeats` timed calls after one warm-up call on the same prompts.
+median of `repeats` timed calls after one warm-up call on the same prompts, the two sides
+alternating in ABBA order; the ratio is the median of the repeats' ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import common
@@ -35,23 +37,31 @@ def plain_generate(model, tokenizer, prompts, new_tokens: int) -> int:
     return int(rollout.response_mask.sum())
 
 
-def measure(call, repeats: int) -> tuple[float, float]:
-    """(median seconds, median new tokens) of `repeats` calls after a warm-up call."""
-    call()
-    seconds, tokens = [], []
-    for repeat in range(repeats):
-        torch.manual_seed(repeat)
+def timed(call):
+    """`call` timed, returning (seconds, new tokens); its i-th run is seeded with i, so both
+    sides sample with the same seeds, in whichever order they run."""
+    calls = itertools.count()
+
+    def run() -> tuple[float, int]:
+        torch.manual_seed(next(calls))
         started = time.perf_counter()
-        tokens.append(call())
-        seconds.append(time.perf_counter() - started)
-    return common.median(seconds), common.median(tokens)
+        tokens = call()
+        return time.perf_counter() - started, tokens
+
+    return run
+
+
+def measure(ours, peer, repeats: int) -> tuple[list[tuple[float, int]], list[tuple[float, int]]]:
+    """(seconds, new tokens) of `repeats` calls of each side after one warm-up call each, in ABBA order."""
+    ours(), peer()
+    return common.alternate(repeats, timed(ours), timed(peer))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
     parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=None)
     args = parser.parse_args()
     scale = common.SCALES[args.model]
@@ -69,12 +79,18 @@ def main() -> None:
     with torch.no_grad():
         for batch in (int(b) for b in args.batches.split(",")):
             prompts = encoded[:batch]
-            ours_s, ours_tokens = measure(lambda: int(engine.generate(prompts, params).response_mask.sum()), args.repeats)
-            peer_s, peer_tokens = measure(lambda: plain_generate(model, tokenizer, prompts, new_tokens), args.repeats)
-            ours, peer = ours_tokens / ours_s, peer_tokens / peer_s
+            ours_runs, peer_runs = measure(lambda: int(engine.generate(prompts, params).response_mask.sum()),
+                                           lambda: plain_generate(model, tokenizer, prompts, new_tokens), args.repeats)
+            ours_rates = [tokens / seconds for seconds, tokens in ours_runs]
+            peer_rates = [tokens / seconds for seconds, tokens in peer_runs]
+            ours_tokens = common.median([t for _, t in ours_runs])
+            peer_tokens = common.median([t for _, t in peer_runs])
             rows.append({"model": args.model, "batch": batch, "new_tokens": new_tokens,
-                         "ours_tokens_per_s": ours, "generate_tokens_per_s": peer, "ratio": common.ratio(ours, peer),
-                         "ours_seconds": ours_s, "generate_seconds": peer_s,
+                         "ours_tokens_per_s": common.median(ours_rates),
+                         "generate_tokens_per_s": common.median(peer_rates),
+                         "ratio": common.paired_ratio(ours_rates, peer_rates),
+                         "ours_seconds": common.median([s for s, _ in ours_runs]),
+                         "generate_seconds": common.median([s for s, _ in peer_runs]),
                          "ours_mean_length": ours_tokens / batch, "generate_mean_length": peer_tokens / batch})
     common.emit(f"rollout_{args.model}", rows, ["model", "batch", "ours_tokens_per_s", "generate_tokens_per_s", "ratio",
                                                 "ours_mean_length", "generate_mean_length"],

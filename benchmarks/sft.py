@@ -7,7 +7,8 @@ both sides, and neither packs (both defaults); TRL's bf16 and gradient checkpoin
 `--label packed --overrides data.packing=true` measures ours with examples packed into rows.
 Tokens are the examples' own tokens, padding excluded; MFU = 6·N·tokens/s over the matmul
 peak that matmul_peak.py measured (N: parameters in matrix products, head included).
-Per-step rates are medians over the timed steps after the warm-up steps.
+Per-step rates are medians over the timed steps after the warm-up steps; with a peer, the two
+sides run `--rounds` times in ABBA order and the ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -37,32 +38,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sft-data-") as tmp:
         data = common.write_jsonl(records, Path(tmp) / "sft.jsonl")
         eval_data = common.write_jsonl(records[:8], Path(tmp) / "eval.jsonl")
-        ours = common.run_stage("sft", [
-            f"model.path={directory}", f"data.train.path={data}", f"data.eval.path={eval_data}",
-            f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
-            f"train.micro_batch_size={scale.sft_batch}",
-            f"train.global_batch_size={scale.sft_batch}", f"train.max_steps={scale.warmup + steps}",
-            "train.lr=1e-5", "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.save_every=0",
-            "train.eval_every=0", *args.overrides], scale.warmup)
-        ours_rate = common.median([r["sft/tokens"] / r["perf/step_seconds"] for r in ours])
-        ours_row = {"side": args.label, "model": args.model, "tokens_per_s": ours_rate,
-                    "mfu": 6 * params * ours_rate / peak, "step_s": common.median([r["perf/step_seconds"] for r in ours]),
-                    "tokens_per_step": common.median([r["sft/tokens"] for r in ours]),
-                    "loss_first": ours[0]["sft/loss"], "loss_last": ours[-1]["sft/loss"]}
-        rows = [ours_row]
-        if not args.no_peer:
-            peer = common.run_peer("trl", "trl_sft.py", {
+        def run_ours() -> list[dict]:
+            return common.run_stage("sft", [
+                f"model.path={directory}", f"data.train.path={data}", f"data.eval.path={eval_data}",
+                f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
+                f"train.micro_batch_size={scale.sft_batch}",
+                f"train.global_batch_size={scale.sft_batch}", f"train.max_steps={scale.warmup + steps}",
+                "train.lr=1e-5", "train.lr_scheduler=constant", "train.warmup_ratio=0", "train.save_every=0",
+                "train.eval_every=0", *args.overrides], scale.warmup)
+
+        def run_peer() -> dict:
+            return common.run_peer("trl", "trl_sft.py", {
                 "model_dir": str(directory), "data": str(data), "batch_size": scale.sft_batch,
                 "max_length": scale.max_length, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-5})
-            tokens_per_step = peer["samples_per_step"] * peer["tokens_per_sample"]
-            peer_rate = common.median([tokens_per_step / s for s in peer["step_seconds"]])
-            rows.append({"side": peer["peer"], "model": args.model, "tokens_per_s": peer_rate,
-                         "mfu": 6 * params * peer_rate / peak, "step_s": common.median(peer["step_seconds"]),
+
+        ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
+        ours_rates = [common.median([r["sft/tokens"] / r["perf/step_seconds"] for r in run]) for run in ours_runs]
+        ours_rate = common.median(ours_rates)
+        first = ours_runs[0]
+        ours_row = {"side": args.label, "model": args.model, "tokens_per_s": ours_rate,
+                    "mfu": 6 * params * ours_rate / peak,
+                    "step_s": common.median([r["perf/step_seconds"] for run in ours_runs for r in run]),
+                    "tokens_per_step": common.median([r["sft/tokens"] for r in first]),
+                    "loss_first": first[0]["sft/loss"], "loss_last": first[-1]["sft/loss"]}
+        rows = [ours_row]
+        if peer_runs:
+            tokens_per_step = peer_runs[0]["samples_per_step"] * peer_runs[0]["tokens_per_sample"]
+            peer_rates = [common.median([tokens_per_step / s for s in p["step_seconds"]]) for p in peer_runs]
+            peer_rate = common.median(peer_rates)
+            rows.append({"side": peer_runs[0]["peer"], "model": args.model, "tokens_per_s": peer_rate,
+                         "mfu": 6 * params * peer_rate / peak,
+                         "step_s": common.median([s for p in peer_runs for s in p["step_seconds"]]),
                          "tokens_per_step": tokens_per_step})
-            ours_row["ratio"] = common.ratio(ours_rate, peer_rate)
-    common.emit(f"sft_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows, ["side", "model", "tokens_per_s", "mfu", "step_s", "tokens_per_step", "ratio"],
+            ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
+            ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
+    common.emit(f"sft_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows,
+                ["side", "model", "tokens_per_s", "mfu", "step_s", "tokens_per_step", "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "batch": scale.sft_batch, "max_length": scale.max_length,
-                 "matmul_params": params, "peak_flops": peak, "overrides": args.overrides})
+                 "matmul_params": params, "peak_flops": peak, "overrides": args.overrides, "rounds": args.rounds})
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Transposed decode matmuls: same numbers as nn.Linear, and the layers restored after."""
+"""Transposed decode matmuls: same numbers as nn.Linear, only for few rows and large weights,
+and the layers restored after."""
 
 import torch
 
+from rlhf.rollout import skinny
 from rlhf.rollout.skinny import SKINNY_ROWS, skinny_matmuls
 
 
-def test_same_outputs_for_few_and_many_rows_and_forward_restored():
+def test_same_outputs_for_few_and_many_rows_and_forward_restored(monkeypatch):
+    monkeypatch.setattr(skinny, "SKINNY_MIN_WEIGHT", 256)  # the 8 x 4 layer stays below it
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False),
+                                torch.nn.GELU(), torch.nn.Linear(8, 4))
     few, many = torch.randn(2, 3, 16), torch.randn(SKINNY_ROWS + 1, 16)
     expected = model(few), model(many)
     calls = []
@@ -24,12 +28,13 @@ def test_same_outputs_for_few_and_many_rows_and_forward_restored():
         finally:
             torch.mm = original_mm
         assert "forward" in model[0].__dict__
-    # The 6-row input went through the transposed product in both layers; the 65-row one did not.
+    # The 6-row input went through the transposed product in the two large layers; the 65-row
+    # one did not, nor did the small last layer.
     assert calls == [torch.Size([32, 16]), torch.Size([8, 32])]
     for a, b in zip(got, expected):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert "forward" not in model[0].__dict__ and "forward" not in model[2].__dict__
+    assert not any("forward" in layer.__dict__ for layer in model)
 
 
 def test_subclassed_linears_keep_their_forward():

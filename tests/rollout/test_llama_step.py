@@ -1,0 +1,77 @@
+"""`LlamaDecodeStep` gives the logits of the model's own forward, step after step, with
+left padding, grouped-query attention, biases and rows leaving the batch; models it cannot
+run keep their forward."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from rlhf.rollout.decode import DecodeEngine
+from rlhf.rollout.engine import SamplingParams, left_pad
+from rlhf.rollout.llama_step import LlamaDecodeStep
+
+
+def tiny_llama(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_theta=500.0, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_step_logits_equal_the_models_forward_as_rows_leave(bias):
+    model = tiny_llama(attention_bias=bias, mlp_bias=bias)
+    if bias:  # biases start at zero: give them values so a dropped bias shows
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(param, std=0.5)
+    assert LlamaDecodeStep.supports(model)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    ids, mask = left_pad(prompts, pad_token_id=0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    theirs, ours = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=theirs, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=ours, use_cache=True)
+    step = LlamaDecodeStep(model, ours, mask, max_new_tokens=6)
+    attention, next_position = mask, positions[:, -1] + 1
+    generator = torch.Generator().manual_seed(0)
+    for index in range(6):
+        if index == 3:  # the middle row finished: both sides drop it
+            kept = torch.tensor([0, 2])
+            theirs.batch_select_indices(kept)
+            step.keep(kept)
+            attention, next_position = attention[kept], next_position[kept]
+        tokens = torch.randint(1, 97, (attention.shape[0],), generator=generator)
+        attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
+        with torch.no_grad():
+            expected = model(input_ids=tokens.unsqueeze(-1), attention_mask=attention,
+                             position_ids=next_position.unsqueeze(-1), past_key_values=theirs,
+                             use_cache=True).logits[:, -1]
+        got = step(tokens, next_position)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        next_position = next_position + 1
+
+
+def test_engine_decodes_through_the_step_and_other_models_through_their_forward(monkeypatch):
+    calls = []
+    original = LlamaDecodeStep.__call__
+
+    def counted(self, tokens, positions):
+        calls.append(tokens.shape[0])
+        return original(self, tokens, positions)
+
+    monkeypatch.setattr(LlamaDecodeStep, "__call__", counted)
+    model = tiny_llama()
+    prompts = [[5, 6, 7], [8, 9]]
+    params = SamplingParams(max_new_tokens=5)
+    DecodeEngine(model, eos_token_id=1, pad_token_id=0).generate(prompts, params)
+    assert calls, "a plain Llama decodes through LlamaDecodeStep"
+
+    calls.clear()
+    hooked = tiny_llama()
+    hooked.model.layers[0].mlp.up_proj.register_forward_hook(lambda module, args, out: out)
+    assert not LlamaDecodeStep.supports(hooked)
+    DecodeEngine(hooked, eos_token_id=1, pad_token_id=0).generate(prompts, params)
+    assert calls == []
