@@ -13,6 +13,7 @@ for model in $models; do
   $python benchmarks/rollout.py --model "$model"
   $python benchmarks/sft.py --model "$model"
   $python benchmarks/sft.py --model "$model" --no-peer --label packed --overrides data.packing=true
+  $python benchmarks/sft.py --model "$model" --no-peer --label grouped --overrides data.group_by_length=true
   $python benchmarks/rm.py --model "$model"
   $python benchmarks/ppo.py --model "$model"
   $python benchmarks/ppo.py --model "$model" --no-peer --label generate \

@@ -45,6 +45,10 @@ class SFTDataConfig:
     """Prompts longer than this keep their last tokens (the question is usually at the end)."""
     packing: bool = False
     """Pack several examples into each max_length row (attention does not cross examples)."""
+    group_by_length: bool = False
+    """Padded batches of similar lengths: each epoch's shuffled order is cut into windows of
+    64 micro-batches, every window sorted by length into micro-batches, and the micro-batches
+    shuffled. An epoch holds the same examples; far less of each batch is padding."""
     all_assistant_turns: bool = True
     """Train on every assistant turn of a multi-turn conversation, not only the last one."""
     pretrain: DataSourceConfig = field(default_factory=DataSourceConfig)

@@ -74,7 +74,8 @@ def main(cfg: SFTConfig) -> SFTResult:
     eval_examples, _ = tokenize_sft(tokenizer, data.eval, *lengths)
     say(f"[sft] truncation: {truncation.as_dict()}")
     micro = cfg.train.micro_batch_size
-    train_batches = SFTBatches(train_examples, micro, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length, cfg.seed)
+    train_batches = SFTBatches(train_examples, micro, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length,
+                               cfg.seed, group_by_length=cfg.data.group_by_length)
     eval_batches = SFTBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length, cfg.seed, shuffle=False)
 
     # 4. Step plan, optimizer and schedule on the chosen engine.

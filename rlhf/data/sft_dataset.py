@@ -10,6 +10,8 @@ Truncation policy (counted, never silent):
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -163,6 +165,29 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> SFTBatch:
     return SFTBatch(input_ids, labels, None, position_ids, real_tokens=sum(r.length for r in rows))
 
 
+GROUP_WINDOW = 64
+"""Micro-batches per length-sorted window: wide enough that neighbours have close lengths,
+narrow enough that the epoch's random order still decides what meets what."""
+
+
+def group_by_length(order: Sequence[int], lengths: Sequence[int], micro_batch_size: int,
+                    rng: random.Random) -> list[int]:
+    """`order` rearranged so that each consecutive `micro_batch_size` slice holds examples of
+    similar length: windows of GROUP_WINDOW micro-batches are sorted longest first and cut
+    into micro-batches, then all micro-batches are shuffled. Only the last micro-batch may be
+    short, as without grouping."""
+    window = micro_batch_size * GROUP_WINDOW
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [part[m : m + micro_batch_size] for m in range(0, len(part), micro_batch_size)]
+    short = batches.pop() if batches and len(batches[-1]) < micro_batch_size else None
+    rng.shuffle(batches)
+    if short is not None:
+        batches.append(short)
+    return [i for batch in batches for i in batch]
+
+
 class SFTBatches:
     """Micro-batches of SFT examples (padded or packed), reshuffled each epoch from a seed.
 
@@ -179,19 +204,33 @@ class SFTBatches:
         max_length: int,
         seed: int,
         shuffle: bool = True,
+        group_by_length: bool = False,
     ):
         self.pad_token_id = pad_token_id
         self.packing = packing
         self.micro_batch_size = micro_batch_size
         self.units: Sequence = pack_examples(examples, max_length) if packing else list(examples)
         self._order = EpochOrder(len(self.units), seed, shuffle)
+        self.seed = seed
+        # Packed rows are already full; grouping only makes sense for padded batches.
+        self.group_by_length = group_by_length and not packing and shuffle
+        self._grouped: tuple[int, list[int]] | None = None
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = self._order(epoch)
+        if not self.group_by_length:
+            return order
+        if self._grouped is None or self._grouped[0] != epoch:
+            self._grouped = (epoch, group_by_length(order, [len(u.input_ids) for u in self.units],
+                                                    self.micro_batch_size, random.Random(f"{self.seed}-{epoch}")))
+        return self._grouped[1]
 
     def __len__(self) -> int:
         return (len(self.units) + self.micro_batch_size - 1) // self.micro_batch_size
 
     def batch(self, epoch: int, index: int) -> SFTBatch:
         """Micro-batch `index` of `epoch`: random access, so any position can be resumed."""
-        order = self._order(epoch)
+        order = self._epoch_order(epoch)
         chunk = [self.units[i] for i in order[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]]
         return collate_packed(chunk, self.pad_token_id) if self.packing else collate_padded(chunk, self.pad_token_id)
 

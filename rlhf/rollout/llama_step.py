@@ -48,6 +48,16 @@ def _cat_bias(*linears: torch.nn.Linear) -> torch.Tensor | None:
                       for linear in linears])
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Half precision: normalise in fp32 and cast back before the weight, as LlamaRMSNorm does,
+    # so the sampler's log-probs stay those of the model's own forward.
+    wide = x.float()
+    wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * wide.to(x.dtype)
+
+
 class LlamaDecodeStep:
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -127,7 +137,7 @@ class LlamaDecodeStep:
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         half = self.head_dim // 2
         for index, layer in enumerate(self.layers):
-            x = F.rms_norm(hidden, (hidden.shape[-1],), layer.input_norm, self.eps)
+            x = _rms_norm(hidden, layer.input_norm, self.eps)
             qkv = linear_for_few_rows(x, layer.qkv, layer.qkv_bias)
             # Rotary embedding of q and k heads together: x·cos + rotate_half(x)·sin.
             qk = qkv[:, : q_size + kv_size].view(rows, self.heads + self.kv_heads, self.head_dim)
@@ -140,8 +150,8 @@ class LlamaDecodeStep:
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                       enable_gqa=self.kv_heads != self.heads)
             hidden = hidden + linear_for_few_rows(attended.reshape(rows, q_size), layer.out, layer.out_bias)
-            x = F.rms_norm(hidden, (hidden.shape[-1],), layer.post_norm, self.eps)
+            x = _rms_norm(hidden, layer.post_norm, self.eps)
             gate, up = linear_for_few_rows(x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
             hidden = hidden + linear_for_few_rows(self.act(gate) * up, layer.down, layer.down_bias)
-        hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm, self.eps)
+        hidden = _rms_norm(hidden, self.final_norm, self.eps)
         return linear_for_few_rows(hidden, self.head, self.head_bias)

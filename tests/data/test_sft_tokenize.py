@@ -151,3 +151,26 @@ def test_lm_nll_from_target_positions_only_equals_the_full_logits_loss(tiny_mode
     nll, n = lm_forward_nll(model, batch)
     assert n == int((targets != IGNORE_INDEX).sum()) == 7 + 3 + 11  # every answer token, none of the prompts
     torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_length_grouping_keeps_each_epochs_examples_and_cuts_padding():
+    lengths = torch.randint(20, 200, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    examples = [SFTExample(list(range(1, n + 1)), list(range(1, n + 1))) for n in lengths]
+    plain = SFTBatches(examples, 4, 0, packing=False, max_length=256, seed=3)
+    grouped = SFTBatches(examples, 4, 0, packing=False, max_length=256, seed=3, group_by_length=True)
+
+    def example_lengths(batches):
+        return sorted(int(n) for x in batches for n in x.attention_mask.sum(-1))
+
+    for e in (0, 1):
+        a, b = list(plain.epoch(e)), list(grouped.epoch(e))
+        assert len(a) == len(b) == 75
+        assert example_lengths(a) == example_lengths(b) == sorted(lengths)  # the same examples, each once
+        padded_positions = [sum(x.input_ids.numel() for x in batches) for batches in (a, b)]
+        assert padded_positions[1] < 0.8 * padded_positions[0], padded_positions
+        # Micro-batches come in random order, not sorted by length.
+        widths = [x.input_ids.shape[1] for x in b]
+        assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    again = SFTBatches(examples, 4, 0, packing=False, max_length=256, seed=3, group_by_length=True)
+    assert [x.input_ids.tolist() for x in again.epoch(1)] == [x.input_ids.tolist() for x in grouped.epoch(1)]
+    assert [x.input_ids.shape for x in grouped.epoch(0)] != [x.input_ids.shape for x in grouped.epoch(1)]

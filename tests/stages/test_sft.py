@@ -58,6 +58,25 @@ def test_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path, quicks
 
 
 @pytest.mark.slow
+def test_length_grouped_batches_train(tmp_path, monkeypatch, quickstart_data):
+    from rlhf.data import sft_dataset
+
+    spreads = []  # longest minus shortest example of every padded micro-batch
+    collate = sft_dataset.collate_padded
+
+    def recording_collate(examples, pad_token_id):
+        lengths = [len(e.input_ids) for e in examples]
+        spreads.append(max(lengths) - min(lengths))
+        return collate(examples, pad_token_id)
+
+    monkeypatch.setattr(sft_dataset, "collate_padded", recording_collate)
+    cfg, result = run_sft(tmp_path, quickstart_data["sft"], "train.max_steps=20", "data.group_by_length=true")
+    assert result.metrics["eval/loss"] < result.metrics["eval/initial_loss"]
+    # Training micro-batches held examples of close lengths (eval batches are not grouped).
+    assert spreads and sorted(spreads)[len(spreads) // 2] <= 4, spreads
+
+
+@pytest.mark.slow
 def test_packing_and_lora_run_and_merge_on_export(tmp_path, quickstart_data):
     cfg, result = run_sft(tmp_path, quickstart_data["sft"], "train.max_steps=30", "data.packing=true",
                           "model.lora.r=8", "model.lora.alpha=16", "train.lr=1e-2")
