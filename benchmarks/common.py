@@ -189,7 +189,7 @@ def alternate(rounds: int, ours: Callable[[], Ours], peer: Callable[[], Peer] | 
               ) -> tuple[list[Ours], list[Peer]]:
     """Run each side `rounds` times in ABBA order (ours, peer; peer, ours; ...), so a drift
     of the machine's speed during a run weighs on both sides alike: the cores here read
-    from 137 to 174 GFLOP/s on one day, and a fixed order put that drift into the ratio.
+    from 129 to 174 GFLOP/s on one day, and a fixed order put that drift into the ratio.
     Without a peer, ours runs once."""
     if peer is None:
         return [ours()], []

@@ -11,7 +11,6 @@ Truncation policy (counted, never silent):
 from __future__ import annotations
 
 import random
-
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 

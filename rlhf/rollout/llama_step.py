@@ -8,8 +8,8 @@ This step does only the arithmetic:
 - q/k/v and gate/up are each one matmul over weights concatenated once per rollout batch;
 - keys and values are written in place into a buffer sized for prompt plus response;
 - the padding mask is a boolean row that grows by one column per step.
-The prompt itself still goes through the model's own forward (`prefill` copies its cache),
-so position handling, rotary scaling and masking of the prompt are transformers' own.
+The prompt itself still goes through the model's own forward (the constructor copies its
+cache), so position handling, rotary scaling and masking of the prompt are transformers' own.
 
 Only a plain `LlamaForCausalLM` with unsharded, unwrapped `nn.Linear` layers takes this
 path (`supports`); anything else (LoRA, quantised or sharded layers, other architectures)
@@ -77,7 +77,6 @@ class LlamaDecodeStep:
         """Take over after the model's own prefill: `cache` holds the prompt's keys and values
         (left-padded, `prompt_mask` marks the real tokens); room is made for `max_new_tokens`."""
         config = model.config
-        self.model = model
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
