@@ -82,8 +82,10 @@ class DecodeEngine(RolloutEngine):
         # Longest first: batches of similar lengths, and the widest batch runs (and fails on
         # memory, if it must) first.
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        # Our own decode step for plain Llama models; anything else steps through its forward.
+        fast_step = LlamaDecodeStep(self.model) if not synced and LlamaDecodeStep.supports(self.model) else None
         with skinny_matmuls(self.model):
-            parts = [self._generate([prompts[i] for i in order[s : s + self.batch_size]], params, synced)
+            parts = [self._generate([prompts[i] for i in order[s : s + self.batch_size]], params, synced, fast_step)
                      for s in range(0, len(order), self.batch_size)]
         self.model.train(was_training)
         joined = concat_rollouts(parts, self.pad_token_id)
@@ -91,7 +93,8 @@ class DecodeEngine(RolloutEngine):
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return joined.select(inverse.to(joined.sequences.device))
 
-    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, synced: bool) -> Rollout:
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, synced: bool,
+                  fast_step: LlamaDecodeStep | None) -> Rollout:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
@@ -103,9 +106,8 @@ class DecodeEngine(RolloutEngine):
         positions = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
         logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        # Our own decode step for plain Llama models; anything else steps through its forward.
-        step_model = LlamaDecodeStep(self.model, cache, prompt_mask, params.max_new_tokens) \
-            if not synced and LlamaDecodeStep.supports(self.model) else None
+        if fast_step is not None:
+            fast_step.start(cache, prompt_mask, params.max_new_tokens)
         active = torch.arange(rows, device=device)  # batch rows still decoding -> original row
         attention = prompt_mask
         next_position = positions[:, -1] + 1
@@ -124,13 +126,13 @@ class DecodeEngine(RolloutEngine):
                 if kept.numel() == 0:  # synced: this rank is done, the others are not
                     self._idle_forwards(params.max_new_tokens - step - 1, device)
                     break
-                if step_model is not None:
-                    step_model.keep(kept)
+                if fast_step is not None:
+                    fast_step.keep(kept)
                 else:
                     cache.batch_select_indices(kept)
                 active, tokens, attention, next_position = active[kept], tokens[kept], attention[kept], next_position[kept]
-            if step_model is not None:
-                logits = step_model(tokens, next_position)
+            if fast_step is not None:
+                logits = fast_step(tokens, next_position)
             else:
                 attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
                 logits = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=attention,

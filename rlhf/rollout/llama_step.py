@@ -5,11 +5,11 @@ A decode step feeds one token per row through every layer. With few rows the ste
 on arithmetic, so what the Python around it costs shows: transformers' forward rebuilds the
 attention mask, walks its module hooks and grows its cache with `torch.cat` at every step.
 This step does only the arithmetic:
-- q/k/v and gate/up are each one matmul over weights concatenated once per rollout batch;
+- q/k/v and gate/up are each one matmul over weights concatenated once per `generate` call;
 - keys and values are written in place into a buffer sized for prompt plus response;
 - the padding mask is a boolean row that grows by one column per step.
-The prompt itself still goes through the model's own forward (the constructor copies its
-cache), so position handling, rotary scaling and masking of the prompt are transformers' own.
+The prompt itself still goes through the model's own forward (`start` copies its cache),
+so position handling, rotary scaling and masking of the prompt are transformers' own.
 
 Only a plain `LlamaForCausalLM` with unsharded, unwrapped `nn.Linear` layers takes this
 path (`supports`); anything else (LoRA, quantised or sharded layers, other architectures)
@@ -73,9 +73,9 @@ class LlamaDecodeStep:
                    for m in linears)
 
     @torch.no_grad()
-    def __init__(self, model: LlamaForCausalLM, cache: DynamicCache, prompt_mask: torch.Tensor, max_new_tokens: int):
-        """Take over after the model's own prefill: `cache` holds the prompt's keys and values
-        (left-padded, `prompt_mask` marks the real tokens); room is made for `max_new_tokens`."""
+    def __init__(self, model: LlamaForCausalLM):
+        """Concatenate the weights once per `generate` call (the policy changes between calls,
+        not within one); `start` then takes over each batch after the model's own prefill."""
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -85,11 +85,17 @@ class LlamaDecodeStep:
         self.final_norm = model.model.norm.weight
         self.head = model.lm_head.weight
         self.head_bias = model.lm_head.bias
+        self.rotary = model.model.rotary_emb
         first = model.model.layers[0]
         self.scaling = first.self_attn.scaling
         self.act = first.mlp.act_fn
         self.layers = [self._layer(layer) for layer in model.model.layers]
 
+    @torch.no_grad()
+    def start(self, cache: DynamicCache, prompt_mask: torch.Tensor, max_new_tokens: int) -> None:
+        """Take over a batch after the model's own prefill: `cache` holds the prompt's keys and
+        values (left-padded, `prompt_mask` marks the real tokens); room is made for
+        `max_new_tokens`."""
         rows, width = prompt_mask.shape
         first_keys = cache.layers[0].keys
         self.kv = first_keys.new_empty((len(self.layers), 2, rows, self.kv_heads, width + max_new_tokens, self.head_dim))
@@ -102,7 +108,7 @@ class LlamaDecodeStep:
         # cos/sin of every position a response can reach, computed once by the model's own
         # rotary module (so any static scaling it applies is kept).
         positions = torch.arange(width + max_new_tokens, device=prompt_mask.device).unsqueeze(0)
-        cos, sin = model.model.rotary_emb(self.embed[:1], positions)
+        cos, sin = self.rotary(self.embed[:1], positions)
         self.cos, self.sin = cos[0], sin[0]  # (positions, head_dim)
 
     def _layer(self, layer: torch.nn.Module) -> _Layer:

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from rlhf.data.sft_dataset import SFTBatch, SFTBatches
+from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatch, SFTBatches
 
 
 def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
@@ -20,7 +20,7 @@ def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tens
     activation, and prompt and padding positions need neither."""
     targets = batch.labels[:, 1:]
     predicts_target = torch.zeros_like(batch.labels, dtype=torch.bool)
-    predicts_target[:, :-1] = targets != -100
+    predicts_target[:, :-1] = targets != IGNORE_INDEX
     logits = module(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -29,7 +29,7 @@ def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tens
         use_cache=False,
         logits_to_keep=predicts_target,
     ).logits  # (target tokens, vocab), in row-major order of the mask
-    nll = torch.nn.functional.cross_entropy(logits.float(), targets[targets != -100], reduction="sum")
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
     return nll, int(logits.shape[0])
 
 

@@ -35,7 +35,8 @@ def test_step_logits_equal_the_models_forward_as_rows_leave(bias, dtype):
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=theirs, use_cache=True)
         model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=ours, use_cache=True)
-    step = LlamaDecodeStep(model, ours, mask, max_new_tokens=6)
+    step = LlamaDecodeStep(model)
+    step.start(ours, mask, max_new_tokens=6)
     attention, next_position = mask, positions[:, -1] + 1
     generator = torch.Generator().manual_seed(0)
     for index in range(6):
