@@ -238,7 +238,7 @@ def ratio(ours: float, peer: float) -> float | None:
     return ours / peer if peer and peer == peer else None
 
 
-def stage_parser(doc: str, overrides: bool = True) -> argparse.ArgumentParser:
+def stage_parser(doc: str) -> argparse.ArgumentParser:
     """The arguments every ours-against-TRL stage benchmark takes."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default="tiny", choices=sorted(SCALES))
@@ -246,9 +246,8 @@ def stage_parser(doc: str, overrides: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: the scale's)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="ours/peer runs in ABBA order; the ratio is the median over rounds")
-    if overrides:
-        parser.add_argument("--label", default="ours", help="names our row and the result file")
-        parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
+    parser.add_argument("--label", default="ours", help="names our row and the result file")
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
     return parser
 
 

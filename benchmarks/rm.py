@@ -1,10 +1,12 @@
 """RM pairs/s at K=2 and K=4: our RM stage against TRL's RewardTrainer.
 
     python benchmarks/rm.py --model tiny|smollm2 [--ks 2,4] [--rounds 2] [--no-peer]
+                            [--label rows --overrides data.share_prompt=false]
 
 Each step forwards the same number of sequences on both sides (`rm_sequences` of the
 scale): ours as prompts x K answers, every C(K,2) pair of a prompt compared from its K
-scores (InstructGPT's layout); TRL as (chosen, rejected) pairs, the C(K,2) pairs of a
+scores (InstructGPT's layout), by default with each prompt forwarded once for its K answers
+(`data.share_prompt`; `--overrides data.share_prompt=false` gives one row per answer); TRL as (chosen, rejected) pairs, the C(K,2) pairs of a
 prompt expanded into separate rows as its data format requires. A pair is one comparison
 in the loss. Same records, lengths, learning rate and fp32; TRL's bf16 and gradient
 checkpointing off. Per-step rates are medians over the timed steps after the warm-up; the
@@ -21,7 +23,7 @@ import common
 
 
 def main() -> None:
-    parser = common.stage_parser(__doc__, overrides=False)
+    parser = common.stage_parser(__doc__)
     parser.add_argument("--ks", default="2,4")
     args = parser.parse_args()
     scale = common.SCALES[args.model]
@@ -42,7 +44,7 @@ def main() -> None:
                     f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
                     f"train.micro_batch_size={prompts_per_step}", f"train.global_batch_size={prompts_per_step}",
                     f"train.max_steps={scale.warmup + steps}", "train.lr=1e-5", "train.lr_scheduler=constant",
-                    "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0"], scale.warmup)
+                    "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0", *args.overrides], scale.warmup)
 
             def run_peer() -> dict:
                 return common.run_peer("trl", "trl_rm.py", {
@@ -51,7 +53,7 @@ def main() -> None:
 
             ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
             ours_rates = [common.median([r["perf/pairs_per_s"] for r in run]) for run in ours_runs]
-            ours_row = {"side": "ours", "model": args.model, "k": k, "pairs_per_s": common.median(ours_rates),
+            ours_row = {"side": args.label, "model": args.model, "k": k, "pairs_per_s": common.median(ours_rates),
                         "pairs_per_step": prompts_per_step * math.comb(k, 2), "sequences_per_step": scale.rm_sequences,
                         "step_s": common.median([r["perf/step_seconds"] for run in ours_runs for r in run])}
             rows.append(ours_row)
@@ -64,9 +66,9 @@ def main() -> None:
                              "dropped_pairs": max(p["dropped_pairs"] for p in peer_runs)})
                 ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
                 ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
-    common.emit(f"rm_{args.model}", rows, ["side", "model", "k", "pairs_per_s", "pairs_per_step", "sequences_per_step",
+    common.emit(f"rm_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows, ["side", "model", "k", "pairs_per_s", "pairs_per_step", "sequences_per_step",
                                            "step_s", "dropped_pairs", "ratio", "round_ratios"],
-                {"steps": steps, "warmup": scale.warmup, "rounds": args.rounds})
+                {"steps": steps, "warmup": scale.warmup, "rounds": args.rounds, "overrides": args.overrides})
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ for model in $models; do
   $python benchmarks/sft.py --model "$model" --no-peer --label packed --overrides data.packing=true
   $python benchmarks/sft.py --model "$model" --no-peer --label grouped --overrides data.group_by_length=true
   $python benchmarks/rm.py --model "$model"
+  $python benchmarks/rm.py --model "$model" --no-peer --label rows --overrides data.share_prompt=false
   $python benchmarks/ppo.py --model "$model"
   $python benchmarks/ppo.py --model "$model" --no-peer --label generate \
     --overrides rollout.engine=hf rollout.reuse_logprobs=false

@@ -105,6 +105,10 @@ class RMDataConfig:
     max_prompt_length: int = 256
     on_error: str = "raise"
     """raise: stop at the first malformed row; skip: skip and count malformed rows."""
+    share_prompt: bool = True
+    """Forward a prompt once for its K answers: one row [prompt, answer 1, ..., answer K] with
+    a block attention mask, giving the same scores as K rows [prompt, answer k]. Used with
+    `sdpa` or `eager` attention and rows within a sliding window; otherwise one row per answer."""
 
     def validate(self) -> None:
         SFTDataConfig.validate(self)  # same rules: train given, on_error, fractions, lengths

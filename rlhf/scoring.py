@@ -14,7 +14,9 @@ from rlhf.data.rank_dataset import RankBatches, encode_rank
 from rlhf.data.records import RankRecord
 from rlhf.distributed.single import pick_device
 from rlhf.models.loading import load_tokenizer
-from rlhf.models.reward import load_scalar_model, sequence_scores
+from rlhf.models.reward import load_scalar_model
+from rlhf.models.shared_prefix import attention_window, shared_prefix_unsupported
+from rlhf.training.reward import rank_scores
 
 
 @torch.no_grad()
@@ -23,10 +25,12 @@ def score_records(model: torch.nn.Module, tokenizer, records: list[RankRecord], 
     """Scores of each record's answers, in order."""
     device = next(model.parameters()).device
     examples = [encode_rank(tokenizer, r, max_length, max_prompt_length) for r in records]
-    batches = RankBatches(examples, batch_size, tokenizer.pad_token_id, seed=0, shuffle=False)
+    batches = RankBatches(examples, batch_size, tokenizer.pad_token_id, seed=0, shuffle=False,
+                          share_prompt=shared_prefix_unsupported(model.config) is None,
+                          max_shared_length=attention_window(model.config))
     flat: list[float] = []
     for batch in batches.epoch(0):
-        flat.extend(sequence_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device)).tolist())
+        flat.extend(rank_scores(model, batch.to(device)).tolist())
     out, at = [], 0
     for record in records:
         out.append(flat[at : at + len(record.responses)])

@@ -4,7 +4,7 @@
     rlhf rm score --model runs/rm/model --data FILE --out scores.jsonl
 
 Each batch element is one prompt with its K ranked answers: the K answers are scored in one
-forward pass and the loss averages -log σ(r_better - r_worse - margin) over that prompt's
+forward pass (by default in one row with the prompt forwarded once, `data.share_prompt`) and the loss averages -log σ(r_better - r_worse - margin) over that prompt's
 C(K,2) untied pairs (InstructGPT). Writes config.yaml, metrics.jsonl, checkpoints/ and the
 best model (by eval pairwise accuracy) with its eval score statistics into `output_dir`.
 """
@@ -28,6 +28,7 @@ from rlhf.logging.metrics import MetricsWriter, Progress
 from rlhf.logging.tables import rm_eval_rows
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.reward import load_scalar_model
+from rlhf.models.shared_prefix import attention_window, shared_prefix_unsupported
 from rlhf.training.lm import StepPlan, step_micro_batches
 from rlhf.training.optim import OptimizerSpec
 from rlhf.training.guards import NonFiniteGuard
@@ -75,8 +76,13 @@ def main(cfg: RMConfig) -> RMResult:
     eval_examples = [encode_rank(tokenizer, r, *lengths) for r in data.eval]
     say(f"[rm] truncation: {truncation.as_dict()}")
     micro = cfg.train.micro_batch_size
-    train_batches = RankBatches(train_examples, micro, tokenizer.pad_token_id, cfg.seed)
-    eval_batches = RankBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False)
+    unsupported = cfg.data.share_prompt and shared_prefix_unsupported(model.config)
+    if unsupported:
+        say(f"[rm] data.share_prompt: one row per answer instead ({unsupported})")
+    layout = {"share_prompt": cfg.data.share_prompt and not unsupported,
+              "max_shared_length": attention_window(model.config)}
+    train_batches = RankBatches(train_examples, micro, tokenizer.pad_token_id, cfg.seed, **layout)
+    eval_batches = RankBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False, **layout)
 
     # 4. Step plan, optimizer and schedule on the chosen engine.
     plan = StepPlan(len(train_batches), accumulation, strategy.world_size)

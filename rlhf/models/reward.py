@@ -25,6 +25,7 @@ from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
 from rlhf.models.loading import detach_gguf_quantizer, resolve_dtype, resolve_location
 from rlhf.models.positions import position_ids_from_mask
+from rlhf.models.shared_prefix import shared_prefix_attention_mask
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -91,8 +92,9 @@ def load_scalar_model(
 
 def _unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
     # A DeepSpeed engine wraps the transformers model as `.module`; calling its submodules
-    # directly is fine (ZeRO-3 gathers through hooks on the submodules themselves).
-    while not hasattr(model, "base_model_prefix") and hasattr(model, "module"):
+    # directly is fine (ZeRO-3 gathers through hooks on the submodules themselves). The engine
+    # forwards unknown attributes to the module, but not `config`, which is its own.
+    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
 
@@ -136,3 +138,22 @@ def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     hidden = _hidden(model, input_ids, attention_mask)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     return score_head(model)(last).squeeze(-1).float()
+
+
+def shared_prefix_scores(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    score_index: torch.Tensor,
+) -> torch.Tensor:
+    """(answers,) scores of answers laid out as rows [prompt, answer 1, ..., answer K] (see
+    rlhf/models/shared_prefix.py), read at the flat (row * seq + column) positions in
+    `score_index`: the same scores `sequence_scores` gives each [prompt, answer] row."""
+    config = _unwrap_engine(model).config
+    mask = shared_prefix_attention_mask(segment_ids, config._attn_implementation, _unwrap_engine(model).dtype)
+    hidden = backbone(model)(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1])[score_index]
+    return score_head(model)(picked).squeeze(-1).float()

@@ -9,16 +9,23 @@ import torch
 from rlhf.algorithms import kwise_ranking_loss
 from rlhf.config import RewardLossConfig
 from rlhf.data.rank_dataset import RankBatch
-from rlhf.models.reward import RewardStats, sequence_scores
+from rlhf.models.reward import RewardStats, sequence_scores, shared_prefix_scores
+
+
+def rank_scores(model: torch.nn.Module, batch: RankBatch) -> torch.Tensor:
+    """(answers,) score of every answer in the micro-batch, in either layout."""
+    if batch.shares_prompts:
+        return shared_prefix_scores(model, batch.input_ids, batch.segment_ids, batch.position_ids, batch.score_index)
+    return sequence_scores(model, batch.input_ids, batch.attention_mask)
 
 
 def rank_loss(
     model: torch.nn.Module, batch: RankBatch, cfg: RewardLossConfig
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Score the K answers of every prompt once (one forward pass over all sequences) and
+    """Score the K answers of every prompt (one forward pass over the micro-batch) and
     compare all their pairs. Returns (loss averaged over the micro-batch's prompts, scores,
     stats)."""
-    scores = sequence_scores(model, batch.input_ids, batch.attention_mask)
+    scores = rank_scores(model, batch)
     loss, stats = kwise_ranking_loss(
         scores,
         batch.pair_index,
