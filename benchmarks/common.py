@@ -275,10 +275,14 @@ def run_stage(stage: str, overrides: Sequence[str], warmup: int) -> list[dict]:
     return rows[warmup:]
 
 
-def peak_flops() -> float:
-    """The fp32 (CPU) or bf16 (GPU) peak measured by matmul_peak.py; measured now if missing."""
+def peak_flops(kernel: str | None = None) -> float:
+    """The fp32 (CPU) or bf16 (GPU) peak measured by matmul_peak.py, over all its kernels or of
+    one (`torch.mm`, `onednn`); measured now if missing."""
     path = HERE / "results" / "matmul_peak.json"
     if not path.is_file():
         subprocess.run([sys.executable, str(HERE / "matmul_peak.py")], check=True, capture_output=True)
-    peaks = json.loads(path.read_text())["peak_flops"]
+    result = json.loads(path.read_text())
+    peaks = result["peak_flops"] if kernel is None else {
+        key.split(" ", 1)[0]: value for key, value in result["peak_flops_by_kernel"].items()
+        if key.split(" ", 1)[1] == kernel}
     return peaks.get("bfloat16", peaks["float32"])

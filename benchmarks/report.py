@@ -27,7 +27,8 @@ def load(name: str) -> dict | None:
 def main() -> None:
     peak = load("matmul_peak")
     if peak:
-        print("Matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["peak_flops"].items()))
+        print("Matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["peak_flops"].items())
+              + " (" + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peak.get("peak_flops_by_kernel", {}).items()) + ")")
         print()
     checks = []
     for model in common.SCALES:

@@ -3,7 +3,10 @@
     python benchmarks/rollout.py --model tiny|smollm2 [--repeats 4] [--new-tokens 48]
 
 Both sample from softmax(logits) (temperature 1, no top-k/top-p), stop a row at EOS and
-are given the same chat-formatted prompts. A new token is a response token up to and
+are given the same chat-formatted prompts. Ours decodes the model as our stages load it
+(`load_causal_lm`: on CPUs where it applies, linear layers through oneDNN, see
+rlhf/models/onednn.py); `generate` runs the plain `from_pretrained` model. The process keeps
+freed host memory as our stages do (rlhf/distributed/host_memory.py), which both sides share. A new token is a response token up to and
 including EOS; what `generate` computes after a row's EOS is not counted. Each cell is the
 median of `repeats` timed calls after one warm-up call on the same prompts, the two sides
 alternating in ABBA order; the ratio is the median of the repeats' ratios.
@@ -23,7 +26,10 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
 
 from rlhf.data.records import Message  # noqa: E402
+from rlhf.config_sections import ModelConfig  # noqa: E402
 from rlhf.data.template import prompt_text  # noqa: E402
+from rlhf.distributed.host_memory import keep_host_memory  # noqa: E402
+from rlhf.models.loading import load_causal_lm  # noqa: E402
 from rlhf.rollout.decode import DecodeEngine  # noqa: E402
 from rlhf.rollout.engine import SamplingParams, finish_rollout, left_pad  # noqa: E402
 
@@ -65,6 +71,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     args = parser.parse_args()
     scale = common.SCALES[args.model]
+    keep_host_memory()
     new_tokens = args.new_tokens or scale.ppo_new_tokens
     directory = common.model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -72,7 +79,8 @@ def main() -> None:
     records = common.make_records("prompt", 32, scale)
     encoded = [tokenizer(prompt_text(tokenizer, [Message("user", r["prompt"])]), add_special_tokens=False)["input_ids"]
                for r in records]
-    engine = DecodeEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=32)
+    ours_model = load_causal_lm(ModelConfig(path=str(directory)), torch.device("cpu"), dtype=torch.float32).eval()
+    engine = DecodeEngine(ours_model, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=32)
     params = SamplingParams(max_new_tokens=new_tokens)
 
     rows = []

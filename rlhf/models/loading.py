@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rlhf.config_sections import ModelConfig
 from rlhf.data.template import ensure_chat_template
 from rlhf.errors import UserError
+from rlhf.models.onednn import use_onednn_linears
 
 if not torch.cuda.is_available():
     # transformers imports deepspeed when it is installed; telling it the accelerator up front
@@ -129,7 +130,9 @@ def load_causal_lm(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model.to(device)
+    model = model.to(device)
+    use_onednn_linears(model)
+    return model
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
