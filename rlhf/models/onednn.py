@@ -2,8 +2,8 @@
 
 PyTorch's CPU build sends fp32 `F.linear` to MKL. On AMD processors MKL takes its AVX2 code
 path even where the cores have AVX-512, so on the Zen 5 development machine `torch.mm` peaks
-at ~215 GFLOP/s while oneDNN, which PyTorch also ships and which uses AVX-512 on any vendor,
-reaches ~490 GFLOP/s on the same products (benchmarks/matmul_peak.py measures both). This
+at ~235 GFLOP/s while oneDNN, which PyTorch also ships and which uses AVX-512 on any vendor,
+reaches ~498 GFLOP/s on the same products (benchmarks/matmul_peak.py measures both). This
 module routes the three products of a linear layer (forward, input gradient, weight gradient)
 through `torch.ops.mkldnn._linear_pointwise`, in plain fp32: the results equal `F.linear`'s to
 float rounding (tests/models/test_onednn.py checks values and gradients).
@@ -101,7 +101,7 @@ def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` (out, in) reordered into oneDNN's blocked layout for products with about
     `rows` input rows: a decode step multiplies the same weights by a few rows many times,
-    and the packed layout runs those products 1.3-1.8x faster than the plain one."""
+    and the packed layout ran those products 1.3-1.5x faster than the plain one at 8 rows."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 

@@ -120,10 +120,11 @@ class LlamaDecodeStep:
         cos, sin = self.rotary(self.embed[:1], positions)
         half = self.head_dim // 2
         # rotate_half(x)·sin = swap_halves(x)·[-sin₁, sin₂]: the sign moves into the table.
-        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # (positions, head_dim)
+        sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
         # The attention scale folded into the query heads' cos/sin: one rotation gives scaled
-        # queries and plain keys.
-        self.head_scale = cos.new_tensor([self.scaling] * self.heads + [1.0] * self.kv_heads).view(1, -1, 1)
+        # queries and plain keys. Tables: (positions, heads + kv_heads, head_dim).
+        head_scale = cos.new_tensor([self.scaling] * self.heads + [1.0] * self.kv_heads).view(1, -1, 1)
+        self.cos, self.sin = cos[0].unsqueeze(1) * head_scale, sin.unsqueeze(1) * head_scale
 
     def _layer(self, layer: torch.nn.Module) -> _Layer:
         attention, mlp = layer.self_attn, layer.mlp
@@ -161,8 +162,7 @@ class LlamaDecodeStep:
         keys_t = self.kv[:, 0, :, :, : self.length].transpose(-1, -2).unbind(0)  # (rows, kv_heads, head_dim, length)
         values = self.kv[:, 1, :, :, : self.length].unbind(0)  # (rows, kv_heads, length, head_dim)
         hidden = F.embedding(tokens, self.embed)  # (rows, hidden)
-        cos = self.cos[positions].unsqueeze(1) * self.head_scale  # (rows, heads + kv_heads, head_dim)
-        sin = self.sin[positions].unsqueeze(1) * self.head_scale
+        cos, sin = self.cos[positions], self.sin[positions]  # (rows, heads + kv_heads, head_dim)
         heads, q_size, kv_size = self.heads + self.kv_heads, self.heads * self.head_dim, self.kv_heads * self.head_dim
         split, q_shape = [q_size + kv_size, kv_size], (rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         norm = self.norm
