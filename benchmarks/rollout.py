@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  
 from rlhf.data.records import Message  # noqa: E402
 from rlhf.config_sections import ModelConfig  # noqa: E402
 from rlhf.data.template import prompt_text  # noqa: E402
-from rlhf.distributed.host_memory import keep_host_memory  # noqa: E402
+from rlhf.distributed.host_memory import tune_host_memory  # noqa: E402
 from rlhf.models.loading import load_causal_lm  # noqa: E402
 from rlhf.rollout.decode import DecodeEngine  # noqa: E402
 from rlhf.rollout.engine import SamplingParams, finish_rollout, left_pad  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     args = parser.parse_args()
     scale = common.SCALES[args.model]
-    keep_host_memory()
+    tune_host_memory()
     new_tokens = args.new_tokens or scale.ppo_new_tokens
     directory = common.model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(directory)

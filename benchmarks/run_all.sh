@@ -12,8 +12,9 @@ $python benchmarks/matmul_peak.py
 for model in $models; do
   $python benchmarks/rollout.py --model "$model"
   $python benchmarks/sft.py --model "$model"
+  $python benchmarks/sft.py --model "$model" --no-peer --label padded --overrides data.padding_free=false
   $python benchmarks/sft.py --model "$model" --no-peer --label packed --overrides data.packing=true
-  $python benchmarks/sft.py --model "$model" --no-peer --label grouped --overrides data.group_by_length=true
+  $python benchmarks/sft.py --model "$model" --no-peer --label grouped --overrides data.padding_free=false data.group_by_length=true
   $python benchmarks/rm.py --model "$model"
   $python benchmarks/rm.py --model "$model" --no-peer --label rows --overrides data.share_prompt=false
   $python benchmarks/ppo.py --model "$model"

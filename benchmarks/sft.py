@@ -3,8 +3,10 @@
     python benchmarks/sft.py --model tiny|smollm2 [--no-peer]
 
 Same records, batch size (rows per optimizer step), max length, learning rate and fp32 on
-both sides, and neither packs (both defaults); TRL's bf16 and gradient checkpointing off.
-`--label packed --overrides data.packing=true` measures ours with examples packed into rows.
+both sides, each in its default batch layout: ours padding-free (each micro-batch's examples in
+one row, no padding), TRL's padded rows (its `padding_free` needs flash-attention); TRL's bf16 and
+gradient checkpointing off. `--label padded --overrides data.padding_free=false` measures ours
+with padded rows, `--label packed --overrides data.packing=true` with examples packed into rows.
 Tokens are the examples' own tokens, padding excluded; MFU = 6·N·tokens/s over the matmul
 peak that matmul_peak.py measured, the faster of its kernels (N: parameters in matrix products,
 head included); `mfu_torch_mm` takes it against `torch.mm`'s peak alone.

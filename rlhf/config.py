@@ -43,12 +43,18 @@ class SFTDataConfig:
     """Tokens per sequence (prompt + response) after the chat template."""
     max_prompt_length: int = 256
     """Prompts longer than this keep their last tokens (the question is usually at the end)."""
+    padding_free: bool = True
+    """Each micro-batch's examples back to back in one row, no padding: positions restart at
+    every example and attention stays within it (per example, see rlhf/models/segments.py).
+    Same examples and loss as padded rows, without computing padding. Off: rows padded to
+    the micro-batch's longest example."""
     packing: bool = False
     """Pack several examples into each max_length row (attention does not cross examples)."""
     group_by_length: bool = False
     """Padded batches of similar lengths: each epoch's shuffled order is cut into windows of
     64 micro-batches, every window sorted by length into micro-batches, and the micro-batches
-    shuffled. An epoch holds the same examples; far less of each batch is padding."""
+    shuffled. An epoch holds the same examples; far less of each batch is padding. Only with
+    `padding_free: false` (padding-free rows have none)."""
     all_assistant_turns: bool = True
     """Train on every assistant turn of a multi-turn conversation, not only the last one."""
     pretrain: DataSourceConfig = field(default_factory=DataSourceConfig)
@@ -63,6 +69,9 @@ class SFTDataConfig:
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError("data.eval_fraction must be in [0, 1)")
+        if getattr(self, "group_by_length", False) and getattr(self, "padding_free", False):
+            raise ConfigError("data.group_by_length groups padded rows: set data.padding_free=false with it "
+                              "(padding-free rows carry no padding to cut)")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ConfigError(
                 f"data.max_prompt_length={self.max_prompt_length} must be > 0 and below "

@@ -24,6 +24,7 @@ from rlhf.logging.metrics import MetricsWriter, Progress
 from rlhf.models.init import resolve_model_path
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
+from rlhf.models.segments import use_segment_attention
 from rlhf.training.lm import StepPlan, evaluate_lm, lm_forward_nll, step_micro_batches
 from rlhf.training.optim import OptimizerSpec
 from rlhf.training.guards import NonFiniteGuard
@@ -61,7 +62,10 @@ def main(cfg: SFTConfig) -> SFTResult:
     with strategy.main_first():
         model_path = resolve_model_path(cfg.model, run_dir, _texts(data.train), cfg.seed)
     tokenizer = load_tokenizer(cfg.model, model_path if cfg.model.tiny else None)
-    model = apply_lora(load_causal_lm(cfg.model, strategy.device, model_path), cfg.model.lora)
+    model = load_causal_lm(cfg.model, strategy.device, model_path)
+    if cfg.data.padding_free:
+        use_segment_attention(model)  # attention once per example of a padding-free row
+    model = apply_lora(model, cfg.model.lora)
     if strategy.is_main:
         save_config(cfg, run_dir / "config.yaml")
 
@@ -75,8 +79,9 @@ def main(cfg: SFTConfig) -> SFTResult:
     say(f"[sft] truncation: {truncation.as_dict()}")
     micro = cfg.train.micro_batch_size
     train_batches = SFTBatches(train_examples, micro, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length,
-                               cfg.seed, group_by_length=cfg.data.group_by_length)
-    eval_batches = SFTBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length, cfg.seed, shuffle=False)
+                               cfg.seed, group_by_length=cfg.data.group_by_length, padding_free=cfg.data.padding_free)
+    eval_batches = SFTBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.data.packing, cfg.data.max_length,
+                              cfg.seed, shuffle=False, padding_free=cfg.data.padding_free)
 
     # 4. Step plan, optimizer and schedule on the chosen engine.
     plan = StepPlan(len(train_batches), accumulation, strategy.world_size)

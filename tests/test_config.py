@@ -53,6 +53,9 @@ def test_cross_field_rules():
         load_config(SFTConfig, [], ["data.train.path=x"])
     with pytest.raises(ConfigError, match="strategy.name='ddp' is not one of"):
         load_config(SFTConfig, [], BASE + ["strategy.name=ddp"])
+    with pytest.raises(ConfigError, match="data.group_by_length groups padded rows: set data.padding_free=false"):
+        load_config(SFTConfig, [], BASE + ["data.group_by_length=true"])
+    assert load_config(SFTConfig, [], BASE + ["data.group_by_length=true", "data.padding_free=false"]).data.group_by_length
 
 
 def test_tiny_model_enabled_from_an_override():

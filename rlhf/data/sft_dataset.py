@@ -92,11 +92,14 @@ class SFTBatch:
     position_ids: torch.Tensor | None = None
     real_tokens: int = 0
     """Tokens of the examples themselves, padding left out (what throughput counts)."""
+    segment_lengths: list[int] | None = None
+    """For a padding-free row (one row, no padding): the lengths of its examples in order,
+    which attention uses to keep within each (`rlhf.models.segments`)."""
 
     def to(self, device: torch.device) -> "SFTBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SFTBatch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids),
-                        self.real_tokens)
+                        self.real_tokens, self.segment_lengths)
 
     @property
     def num_target_tokens(self) -> int:
@@ -164,6 +167,21 @@ def collate_packed(rows: Sequence[PackedRow], pad_token_id: int) -> SFTBatch:
     return SFTBatch(input_ids, labels, None, position_ids, real_tokens=sum(r.length for r in rows))
 
 
+def collate_padding_free(examples: Sequence[SFTExample]) -> SFTBatch:
+    """All examples in one row, back to back, with no padding: positions restart at every
+    example and `segment_lengths` tells attention where each ends. The first token of an
+    example is never a target of the previous one."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for example in examples:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX] + example.labels[1:]
+        positions += range(len(example.input_ids))
+    return SFTBatch(torch.tensor([input_ids]), torch.tensor([labels]), None, torch.tensor([positions]),
+                    real_tokens=len(input_ids), segment_lengths=[len(e.input_ids) for e in examples])
+
+
 GROUP_WINDOW = 64
 """Micro-batches per length-sorted window: wide enough that neighbours have close lengths,
 narrow enough that the epoch's random order still decides what meets what."""
@@ -188,7 +206,9 @@ def group_by_length(order: Sequence[int], lengths: Sequence[int], micro_batch_si
 
 
 class SFTBatches:
-    """Micro-batches of SFT examples (padded or packed), reshuffled each epoch from a seed.
+    """Micro-batches of SFT examples (padding-free, padded or packed), reshuffled each epoch
+    from a seed. Padding-free micro-batches hold the same examples as padded ones (or, with
+    packing, as the packed rows), concatenated into one row.
 
     The order depends only on (seed, epoch), so a resumed run can skip to the same position
     and a sharded run can take every world_size-th micro-batch.
@@ -204,15 +224,17 @@ class SFTBatches:
         seed: int,
         shuffle: bool = True,
         group_by_length: bool = False,
+        padding_free: bool = False,
     ):
         self.pad_token_id = pad_token_id
         self.packing = packing
+        self.padding_free = padding_free
         self.micro_batch_size = micro_batch_size
         self.units: Sequence = pack_examples(examples, max_length) if packing else list(examples)
         self._order = EpochOrder(len(self.units), seed, shuffle)
         self.seed = seed
-        # Packed rows are already full; grouping only makes sense for padded batches.
-        self.group_by_length = group_by_length and not packing and shuffle
+        # Packed and padding-free rows are already full; grouping only makes sense for padded batches.
+        self.group_by_length = group_by_length and not packing and not padding_free and shuffle
         self._grouped: tuple[int, list[int]] | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -231,6 +253,8 @@ class SFTBatches:
         """Micro-batch `index` of `epoch`: random access, so any position can be resumed."""
         order = self._epoch_order(epoch)
         chunk = [self.units[i] for i in order[index * self.micro_batch_size : (index + 1) * self.micro_batch_size]]
+        if self.padding_free:
+            return collate_padding_free([e for row in chunk for e in row.examples] if self.packing else chunk)
         return collate_packed(chunk, self.pad_token_id) if self.packing else collate_padded(chunk, self.pad_token_id)
 
     def epoch(self, epoch: int) -> Iterator[SFTBatch]:

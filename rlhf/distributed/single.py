@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.distributed.host_memory import keep_host_memory
+from rlhf.distributed.host_memory import tune_host_memory
 from rlhf.distributed.strategy import Strategy, TrainedModel, seed_everything
 from rlhf.models.export import export_pretrained
 from rlhf.training.optim import OptimizerSpec, build_optimizer, build_scheduler
@@ -24,7 +24,7 @@ class SingleStrategy(Strategy):
     def setup(self, seed: int) -> None:
         self.device = pick_device()
         if self.device.type == "cpu":
-            keep_host_memory()
+            tune_host_memory()
         seed_everything(seed)
 
     def wrap(

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.config_sections import StrategyConfig
 from rlhf.distributed import env
-from rlhf.distributed.host_memory import keep_host_memory
+from rlhf.distributed.host_memory import tune_host_memory
 from rlhf.errors import ConfigError, UserError
 from rlhf.training.optim import OptimizerSpec
 
@@ -165,7 +165,7 @@ class DistributedStrategy(Strategy):
         self.device, self.backend = env.pick_device(launch.local_rank)
         if self.device.type == "cpu":
             env.configure_cpu_threads(launch)
-            keep_host_memory()
+            tune_host_memory()
         if not torch.distributed.is_initialized():
             kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
             torch.distributed.init_process_group(self.backend, init_method="env://", rank=self.rank,

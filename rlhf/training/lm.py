@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatch, SFTBatches
+from rlhf.models.segments import segment_kwargs
 
 
 def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
@@ -28,6 +29,7 @@ def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tens
         # A cache would also switch off the packed-sequence mask in transformers.
         use_cache=False,
         logits_to_keep=predicts_target,
+        **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
     ).logits  # (target tokens, vocab), in row-major order of the mask
     nll = torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
     return nll, int(logits.shape[0])

@@ -1,41 +1,92 @@
-"""Freed host memory is reused: after `keep_host_memory`, allocating and freeing the same large
-tensors again costs no page faults; RLHF_KEEP_HOST_MEMORY=0 leaves malloc alone."""
+"""Host memory on the CPU: large blocks fault in as huge pages, and steps of varying shapes do
+not grow the process; RLHF_TUNE_HOST_MEMORY=0 leaves PyTorch and malloc alone."""
 
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-SCRIPT = """
-import resource, torch
-from rlhf.distributed.host_memory import keep_host_memory
-took = keep_host_memory()
+from rlhf.distributed.host_memory import HUGE_PAGES_ENV
+
+pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's mallopt and Linux page faults")
+
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+CHURN = """
+import resource
+import rlhf  # before torch, as the CLI and every worker import it
+import torch
+from rlhf.distributed.host_memory import tune_host_memory
+took = tune_host_memory()
 def churn():
     for _ in range(5):
         blocks = [torch.ones(16 * 1024 * 1024) for _ in range(3)]  # 64 MB each, written through
         del blocks
-churn()  # the first rounds fault their pages in either way
 churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 churn()
 print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
+# The allocation pattern of an SFT step whose lengths change: logits and a transposed copy
+# sized by the step's tokens, fixed-size weight gradients, small tensors, a few survivors.
+# Kept entirely in glibc's heap (no mmap), this grew the process by ~25 MB per step.
+VARYING_STEPS = """
+import random
+import torch
+from rlhf.distributed.host_memory import tune_host_memory
+def rss_mb():
+    with open("/proc/self/status") as status:
+        return int(next(l for l in status if l.startswith("VmRSS")).split()[1]) // 1024
+print(tune_host_memory())
+rng, survivors, sizes = random.Random(0), [], []
+for step in range(40):
+    n = rng.randint(300, 700)
+    logits = torch.empty(n, 12000).fill_(1)
+    head_grad = torch.empty(12000, 576).fill_(1)
+    small = [torch.empty(rng.randint(10, 5000)).fill_(1) for _ in range(50)]
+    copy = torch.empty(12000, n).fill_(1)
+    del logits
+    embedding_grad = torch.zeros(12000, 576)
+    survivors.append(torch.empty(rng.randint(1, 200)).fill_(1))
+    del embedding_grad, copy, small, head_grad
+    if step in (9, 39):
+        sizes.append(rss_mb())
+print(sizes[0], sizes[1])
+"""
 
-def faults(keep: str) -> tuple[str, int]:
-    env = {**os.environ, "RLHF_KEEP_HOST_MEMORY": keep}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True)
-    took, count = out.stdout.split()
-    return took, int(count)
+
+def run(script: str, tune: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    env["RLHF_TUNE_HOST_MEMORY"] = tune
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
-def test_freed_blocks_are_reused_without_page_faults():
-    kept, kept_faults = faults("1")
-    plain, plain_faults = faults("0")
-    assert (kept, plain) == ("True", "False")
-    # 15 blocks of 64 MB are 245,760 fresh 4 KB pages when every block is a new mmap.
-    assert plain_faults > 100_000
-    assert kept_faults < plain_faults / 10
+@pytest.mark.skipif(not THP_SETTING.exists() or "[never]" in THP_SETTING.read_text(),
+                    reason="the kernel has transparent huge pages off")
+def test_large_blocks_fault_in_as_huge_pages():
+    tuned, tuned_faults = run(CHURN, "1")
+    plain, plain_faults = run(CHURN, "0")
+    assert (tuned, plain) == ("True", "False")
+    # 15 blocks of 64 MB are 245,760 fresh 4 KB pages when every block is a new mapping.
+    assert int(plain_faults) > 100_000
+    assert int(tuned_faults) < int(plain_faults) / 10
+
+
+def test_steps_of_varying_shapes_do_not_grow_the_process():
+    took, after_10_steps, after_40_steps = run(VARYING_STEPS, "1")
+    assert took == "True"
+    assert int(after_40_steps) - int(after_10_steps) < 64
+
+
+def test_huge_pages_are_requested_only_before_torch_and_when_enabled():
+    probe = ("import os, sys\n{before}import rlhf\n"
+             "print(os.environ.get('" + HUGE_PAGES_ENV + "', '-'))")
+    assert run(probe.format(before=""), "1") == ["1"]
+    assert run(probe.format(before=""), "0") == ["-"]
+    assert run(probe.format(before="import torch\n"), "1") == ["-"]
