@@ -32,6 +32,7 @@ import torch
 
 from rlhf.config_sections import StrategyConfig
 from rlhf.distributed.env import prepare_deepspeed_import, resolve_precision
+from rlhf.distributed.host_memory import release_fragments
 from rlhf.distributed.strategy import DistributedStrategy, TrainedModel
 from rlhf.errors import ConfigError
 from rlhf.training.optim import OptimizerSpec, build_scheduler, param_groups
@@ -168,6 +169,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         engine.step()
         norm = engine.get_global_grad_norm()
         norm = fallback if norm is None else norm
+        release_fragments()
         return float(norm) if norm is not None else float("nan")
 
     # -- state --------------------------------------------------------------------------

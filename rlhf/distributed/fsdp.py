@@ -33,6 +33,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from rlhf.distributed.env import resolve_precision
+from rlhf.distributed.host_memory import release_fragments
 from rlhf.distributed.strategy import DistributedStrategy, TrainedModel
 from rlhf.errors import UserError
 from rlhf.training.optim import OptimizerSpec, build_optimizer, build_scheduler
@@ -99,6 +100,7 @@ class FSDPStrategy(DistributedStrategy):
             model.optimizer.step()
         model.scheduler.step()
         model.optimizer.zero_grad(set_to_none=True)
+        release_fragments()
         return float(norm)
 
     # -- state --------------------------------------------------------------------------

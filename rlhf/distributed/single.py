@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.distributed.host_memory import tune_host_memory
+from rlhf.distributed.host_memory import release_fragments, tune_host_memory
 from rlhf.distributed.strategy import Strategy, TrainedModel, seed_everything
 from rlhf.models.export import export_pretrained
 from rlhf.training.optim import OptimizerSpec, build_optimizer, build_scheduler
@@ -45,6 +45,7 @@ class SingleStrategy(Strategy):
             model.optimizer.step()
         model.scheduler.step()
         model.optimizer.zero_grad(set_to_none=True)
+        release_fragments()
         return float(grad_norm)
 
     def save_state(self, model: TrainedModel, directory: Path) -> None:

@@ -50,19 +50,40 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_with_logprobs(logits: torch.Tensor, generator: torch.Generator | None = None,
+                         workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from softmax(logits), by inverting the CDF at one uniform number per
-    row. The CDF is summed in float64: a float32 sum over a 50k vocabulary drifts by ~1e-4."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    cdf = probs.cumsum(-1)
-    uniform = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64, device=logits.device)
-    tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).squeeze(-1)
+    row, and its log-probability (float32). The CDF is summed in float64: a float32 sum over a
+    50k vocabulary drifts by ~1e-4.
+
+    `workspace`, float64 and at least as large as `logits`, holds the CDF: the decode loop
+    passes one buffer for all its steps. A fresh one per step is a block of several MB at a
+    large vocabulary, which the kernel maps and zeroes anew every time (glibc maps blocks of
+    2 MB and more on their own, rlhf/distributed/host_memory.py)."""
+    rows, vocab = logits.shape
+    if workspace is None:
+        cdf = torch.empty((rows, vocab), dtype=torch.float64, device=logits.device)
+    else:
+        cdf = workspace[:rows, :vocab]
+    cdf.copy_(logits)
+    peak = cdf.amax(-1, keepdim=True)
+    cdf.sub_(peak).exp_().cumsum_(-1)  # unnormalised: softmax's exp(z - max), summed
+    total = cdf[:, -1:]
+    uniform = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=logits.device)
+    tokens = torch.searchsorted(cdf, uniform * total, right=True).squeeze(-1)
     # Never land on a token of probability 0 (a filtered one) through rounding at the edges.
-    tokens = tokens.clamp_(max=logits.shape[-1] - 1)
-    zero = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) == 0
+    tokens = tokens.clamp_(max=vocab - 1)
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).double() - peak
+    zero = torch.exp(picked).squeeze(-1) == 0
     if bool(zero.any()):
-        tokens[zero] = probs[zero].argmax(-1)
-    return tokens
+        tokens[zero] = logits[zero].argmax(-1)
+        picked = logits.gather(-1, tokens.unsqueeze(-1)).double() - peak
+    return tokens, (picked - total.log()).squeeze(-1).float()
+
+
+def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The tokens of `sample_with_logprobs`."""
+    return sample_with_logprobs(logits, generator)[0]
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
@@ -112,12 +133,19 @@ class DecodeEngine(RolloutEngine):
         attention = prompt_mask
         next_position = positions[:, -1] + 1
         steps = 0
+        filtered = params.top_k > 0 or params.top_p < 1.0
+        workspace = torch.empty(logits.shape, dtype=torch.float64, device=device)
         for step in range(params.max_new_tokens):
             steps = step + 1
-            scaled = logits.float() / params.temperature
-            tokens = sample_tokens(filter_logits(scaled, params.top_k, params.top_p))
+            scaled = logits.float()
+            if params.temperature != 1.0:
+                scaled = scaled / params.temperature
+            tokens, token_logps = sample_with_logprobs(filter_logits(scaled, params.top_k, params.top_p),
+                                                       workspace=workspace)
+            if filtered:  # PPO scores the unfiltered distribution
+                token_logps = token_logprobs(scaled.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1)
             responses[active, step] = tokens
-            logprobs[active, step] = token_logprobs(scaled.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1)
+            logprobs[active, step] = token_logps
             keep = tokens != self.eos_token_id
             if step + 1 == params.max_new_tokens or not self._continue(bool(keep.any()), synced):
                 break

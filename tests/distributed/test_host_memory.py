@@ -1,5 +1,5 @@
-"""Host memory on the CPU: large blocks fault in as huge pages, and steps of varying shapes do
-not grow the process; RLHF_TUNE_HOST_MEMORY=0 leaves PyTorch and malloc alone."""
+"""Host memory on the CPU: large blocks fault in as huge pages, steps of varying shapes do not
+grow the process, fragmented free heap is handed back; RLHF_TUNE_HOST_MEMORY=0 changes nothing."""
 
 import os
 import platform
@@ -90,3 +90,27 @@ def test_huge_pages_are_requested_only_before_torch_and_when_enabled():
     assert run(probe.format(before=""), "1") == ["1"]
     assert run(probe.format(before=""), "0") == ["-"]
     assert run(probe.format(before="import torch\n"), "1") == ["-"]
+
+
+FRAGMENTS = """
+import torch
+from rlhf.distributed.host_memory import release_fragments, tune_host_memory
+def rss_mb():
+    with open("/proc/self/status") as status:
+        return int(next(l for l in status if l.startswith("VmRSS")).split()[1]) // 1024
+assert tune_host_memory() and not release_fragments()  # the first call takes the baseline
+blocks, pins = [], []
+for _ in range(800):  # 1 MB blocks (heap-resident), each followed by a small survivor
+    blocks.append(torch.ones(256 * 1024))
+    pins.append(torch.ones(16))
+steady = release_fragments()  # nothing freed yet
+held = rss_mb()
+del blocks  # ~800 MB of free heap below the survivors, which the heap cannot trim
+print(steady, release_fragments(), held - rss_mb(), release_fragments())
+"""
+
+
+def test_fragmented_free_heap_is_handed_back():
+    steady, released, dropped_mb, again = run(FRAGMENTS, "1")
+    assert (steady, released, again) == ("False", "True", "False")
+    assert int(dropped_mb) > 500

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.data.records import Message
 from rlhf.data.template import prompt_text
 from rlhf.roles.forward import policy_logprobs
-from rlhf.rollout.decode import DecodeEngine, filter_logits, sample_tokens
+from rlhf.rollout.decode import DecodeEngine, filter_logits, sample_tokens, sample_with_logprobs
 from rlhf.rollout.engine import SamplingParams
 
 
@@ -77,6 +77,19 @@ def test_sampler_matches_the_softmax_distribution():
     expected = torch.softmax(logits.double(), -1)[0]
     # 20000 draws: the standard error of each frequency is below 0.0036.
     assert torch.allclose(frequencies, expected, atol=0.015), (frequencies, expected)
+
+
+def test_sampled_log_probs_and_a_reused_workspace():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0], [0.5, float("-inf"), 3.0, -2.0]])
+    workspace = torch.full((4, 6), float("nan"), dtype=torch.float64)  # larger than needed, stale contents
+    first, second = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(50):
+        tokens, logps = sample_with_logprobs(logits, first, workspace)
+        assert torch.equal(tokens, sample_tokens(logits, second))
+        assert tokens[1] != 1  # probability 0
+        expected = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(logps, expected, rtol=0, atol=1e-6)
+        assert logps.dtype == torch.float32
 
 
 def test_filters_keep_top_k_and_the_nucleus():
