@@ -252,11 +252,8 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def add_project_to_path() -> None:
-    """Make `rlhf` importable and import it, before torch: it sets what PyTorch reads at its
-    first allocation (huge pages for large host blocks, rlhf/distributed/host_memory.py)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import rlhf  # noqa: F401
 
 
 def run_stage(stage: str, overrides: Sequence[str], warmup: int) -> list[dict]:

@@ -1,31 +1,30 @@
-"""Host memory for CPU training: large blocks in huge pages and returned on free, small ones
-reused, growth bounded.
+"""Host memory for CPU training: freed blocks reused by the next step, growth bounded.
 
-PyTorch's CPU allocator is plain `malloc` (`posix_memalign`). A training step allocates and
-frees hundreds of MB of activations, logits and gradients. With glibc's defaults, blocks above
-its adaptive mmap threshold (at most 32 MB) are fresh 4 KB-page mappings every step, and the
-heap above 64 MB of free space is trimmed: on SmolLM2 SFT at 4 x ~170 tokens that was ~150,000
-page faults and ~0.27 s of kernel time per step. Keeping every block in the heap instead (no
-mmap, no trimming) removed the faults, but steps of varying shapes fragment glibc's heap: a
-freed block of exactly N bytes cannot serve the next aligned request for N bytes, and SFT on
-SmolLM2 grew by ~110 MB per step without bound (3.0 -> 6.9 GB over 30 steps). So, on the CPU:
-- blocks of 2 MB and more are their own mappings, returned to the kernel on free (they cannot
-  fragment the heap) and backed by transparent huge pages: `THP_MEM_ALLOC_ENABLE=1`, which
-  PyTorch reads at its first allocation (set when `rlhf` is imported, before torch, by
-  `request_huge_pages`), makes a fresh 100 MB block cost 50 page faults rather than 25,000;
-- the heap of smaller blocks keeps up to 256 MB of free space between steps instead of
-  trimming it after each;
-- `release_fragments`, called after every optimizer step, hands the pages of free heap
-  blocks back to the kernel whenever another 512 MB has come to lie free below the heap's
-  top, so fragmentation of the small blocks costs page faults, never unbounded memory.
-Measured on SmolLM2 SFT steps (benchmarks/sft.py shapes, 16 steps): ~2,500-5,000 page faults and
-0.1-0.2 s of kernel time per step against ~150,000 and 0.27 s with glibc's defaults, resident
-memory flat. Code that allocates the same large block at every step (the decode loop's sampler)
-keeps a buffer instead, as fresh mappings are zeroed by the kernel each time.
+PyTorch's CPU allocator is plain `malloc` (`posix_memalign`). With glibc's defaults the mmap
+threshold starts at 128 KB and only rises as mapped blocks are freed, and free heap above twice
+it is trimmed, so blocks of a few MB (a layer's activations, an RM step's attention weights, a
+decode call's packed weights) keep coming back as fresh pages that the kernel faults in and
+zeroes. `tune_host_memory` fixes the threshold at 32 MB, glibc's own ceiling, and keeps up to
+1 GB of free heap between steps: blocks under 32 MB reuse the previous step's pages; larger ones
+(vocabulary-sized logits and gradients) stay their own mappings, returned on free, as with the
+defaults.
 
-`RLHF_TUNE_HOST_MEMORY=0` leaves PyTorch and glibc alone. Nothing changes where the C library
-is not glibc; without transparent huge pages, blocks of 2 MB and more fault in 4 KB pages, as
-the largest do with glibc's defaults.
+Keeping every block in the heap (no mmap at all, as 08d7366 did) also removed the faults of the
+large blocks, but steps that change shape fragment glibc's heap: a freed block of exactly N bytes
+cannot serve the next 64-byte-aligned request for N bytes once a small survivor sits next to it,
+and SmolLM2 SFT grew by ~110 MB per step (3.0 -> 6.9 GB over 30 steps). Blocks of 32 MB and
+more no longer enter the heap; `release_fragments`, called after every optimizer step, is the
+backstop for the smaller ones: whenever another 512 MB has come to lie free below the heap's top
+it hands those pages back to the kernel, so fragmentation costs page faults, never unbounded
+memory.
+
+Measured and not kept: PyTorch's `THP_MEM_ALLOC_ENABLE` with every block of 2 MB and more
+mapped on its own kept SFT steps ~10% faster (huge pages fault cheaply), but each mid-size
+temporary became a fresh zeroed mapping: the tiny RM step ~35% and SmolLM2 decode ~15% slower
+(BENCHMARKS.md, item 13).
+
+`RLHF_TUNE_HOST_MEMORY=0` leaves glibc's defaults. Nothing changes where the C library is not
+glibc.
 """
 
 from __future__ import annotations
@@ -34,30 +33,19 @@ import ctypes
 import ctypes.util
 import functools
 import os
-import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 2 * 1024 * 1024
-"""Blocks of this size and more get their own mapping: PyTorch's huge-page threshold."""
-TRIM_THRESHOLD = 256 * 1024 * 1024
+MMAP_THRESHOLD = 32 * 1024 * 1024
+"""Blocks of this size and more are their own mappings (glibc's ceiling for its adaptive one)."""
+TRIM_THRESHOLD = 1024 * 1024 * 1024
 """Free space at the heap's top kept for the next step before trimming."""
 FRAGMENT_LIMIT = 512 * 1024 * 1024
 """Free heap space below the top beyond which `release_fragments` returns its pages."""
-HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 
 
 def _enabled() -> bool:
     return os.environ.get("RLHF_TUNE_HOST_MEMORY", "1").strip() != "0"
-
-
-def request_huge_pages() -> None:
-    """Ask PyTorch for huge-page-backed large blocks. It reads the variable once, at its
-    first allocation, so this runs when `rlhf` is imported; a process that imported torch
-    before rlhf keeps 4 KB pages (and still gets the `mallopt` part). Child processes and
-    Ray workers inherit the variable."""
-    if _enabled() and "torch" not in sys.modules:
-        os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
 class _MallInfo2(ctypes.Structure):

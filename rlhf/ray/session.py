@@ -22,7 +22,7 @@ from rlhf.config_sections import RayConfig
 FORWARDED_PREFIXES = ("HF_", "NCCL_", "GLOO_", "TORCH_")
 FORWARDED_NAMES = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "TRANSFORMERS_OFFLINE",
                    "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
-                   "THP_MEM_ALLOC_ENABLE", "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL")
+                   "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL")
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 EXCLUDES = [".git", ".venv", "runs", "wandb", "*.safetensors", "*.pt", "__pycache__"]
 
