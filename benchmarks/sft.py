@@ -4,7 +4,7 @@
 
 Same records, batch size (rows per optimizer step), max length, learning rate and fp32 on
 both sides, each in its default batch layout: ours padding-free (each micro-batch's examples in
-one row, no padding), TRL's padded rows (its `padding_free` needs flash-attention); TRL's bf16 and
+one row, no padding), TRL's padded rows (its `padding_free` is off by default); TRL's bf16 and
 gradient checkpointing off. `--label padded --overrides data.padding_free=false` measures ours
 with padded rows, `--label packed --overrides data.packing=true` with examples packed into rows.
 Tokens are the examples' own tokens, padding excluded; MFU = 6·N·tokens/s over the matmul
