@@ -20,8 +20,6 @@ from pathlib import Path
 
 import common
 
-common.add_project_to_path()
-
 PPO_EPOCHS = 2
 KL_COEF = 0.05
 

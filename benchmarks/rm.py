@@ -21,8 +21,6 @@ from pathlib import Path
 
 import common
 
-common.add_project_to_path()
-
 
 def main() -> None:
     parser = common.stage_parser(__doc__)

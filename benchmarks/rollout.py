@@ -5,8 +5,8 @@
 Both sample from softmax(logits) (temperature 1, no top-k/top-p), stop a row at EOS and
 are given the same chat-formatted prompts. Ours decodes the model as our stages load it
 (`load_causal_lm`: on CPUs where it applies, linear layers through oneDNN, see
-rlhf/models/onednn.py); `generate` runs the plain `from_pretrained` model. The process keeps
-freed host memory as our stages do (rlhf/distributed/host_memory.py), which both sides share.
+rlhf/models/onednn.py); `generate` runs the plain `from_pretrained` model. The process tunes
+host memory as our stages do (rlhf/distributed/host_memory.py), for both sides.
 A new token is a response token up to and including EOS; what `generate` computes after a
 row's EOS is not counted. Each cell is the median of `repeats` timed calls after one warm-up
 call on the same prompts, the two sides alternating in ABBA order; the ratio is the median of

@@ -69,9 +69,6 @@ class SFTDataConfig:
         _choice("data.on_error", self.on_error, ("raise", "skip"))
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError("data.eval_fraction must be in [0, 1)")
-        if getattr(self, "group_by_length", False) and getattr(self, "padding_free", False):
-            raise ConfigError("data.group_by_length groups padded rows: set data.padding_free=false with it "
-                              "(padding-free rows carry no padding to cut)")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ConfigError(
                 f"data.max_prompt_length={self.max_prompt_length} must be > 0 and below "
@@ -100,6 +97,9 @@ class SFTConfig:
     def validate(self) -> None:
         for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray):
             section.validate()
+        if self.data.group_by_length and self.data.padding_free:
+            raise ConfigError("data.group_by_length groups padded rows: set data.padding_free=false with it "
+                              "(padding-free rows carry no padding to cut)")
         _check_ray_batch(self.train, self.resources, self.ray)
 
 

@@ -61,6 +61,8 @@ def _glibc() -> ctypes.CDLL | None:
         libc.gnu_get_libc_version  # glibc only: musl and others have no mallopt of this meaning
     except (OSError, AttributeError):
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and later
+        libc.mallinfo2.restype = _MallInfo2
     return libc
 
 
@@ -79,7 +81,6 @@ def free_heap_below_top() -> int:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):  # glibc before 2.33
         return 0
-    libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return max(0, info.fordblks - info.keepcost)
 
