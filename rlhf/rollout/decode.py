@@ -4,8 +4,9 @@ What it does that `model.generate` does not (benchmarks/rollout.py measures each
 - prompts are sorted by length before they are cut into batches, so a batch pads little;
 - a row that has emitted EOS leaves the batch (and its KV cache rows are dropped), so the
   rest decode on a smaller batch instead of carrying finished rows to the end;
-- plain Llama models decode through `LlamaDecodeStep` (rlhf/rollout/llama_step.py): fused
-  q/k/v and gate/up matmuls, a preallocated KV cache, none of the forward's per-step setup;
+- plain Llama models run prompt and decode steps through `LlamaDecodeStep`
+  (rlhf/rollout/llama_step.py): fused q/k/v and gate/up matmuls, a preallocated KV cache,
+  none of the forward's per-call and per-step setup;
 - on the CPU, linear layers compute (W·xᵀ)ᵀ for the few rows of a decode step, which the
   BLAS runs ~2x faster than x·Wᵀ (rlhf/rollout/skinny.py);
 - one uniform number per row samples the token (inverse CDF), instead of an exponential
@@ -70,15 +71,12 @@ def sample_with_logprobs(logits: torch.Tensor, generator: torch.Generator | None
     cdf.sub_(peak).exp_().cumsum_(-1)  # unnormalised: softmax's exp(z - max), summed
     total = cdf[:, -1:]
     uniform = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=logits.device)
-    tokens = torch.searchsorted(cdf, uniform * total, right=True).squeeze(-1)
-    # Never land on a token of probability 0 (a filtered one) through rounding at the edges.
-    tokens = tokens.clamp_(max=vocab - 1)
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).double() - peak
-    zero = torch.exp(picked).squeeze(-1) == 0
-    if bool(zero.any()):
-        tokens[zero] = logits[zero].argmax(-1)
-        picked = logits.gather(-1, tokens.unsqueeze(-1)).double() - peak
-    return tokens, (picked - total.log()).squeeze(-1).float()
+    # The first entry above u·total, with u < 1 in float64 so that u·total < total: its CDF step
+    # is positive, so a token of probability 0 (filtered to -inf) is never drawn. The clamp only
+    # keeps NaN logits from indexing past the vocabulary.
+    index = torch.searchsorted(cdf, uniform.mul_(total), right=True).clamp_(max=vocab - 1)  # (rows, 1)
+    logprob = logits.gather(-1, index).double().sub_(peak).sub_(total.log())
+    return index.squeeze(-1), logprob.squeeze(-1).float()
 
 
 def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -123,12 +121,13 @@ class DecodeEngine(RolloutEngine):
         responses = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32, device=device)
 
-        cache = DynamicCache(config=getattr(self.model, "config", None))
         positions = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
-        logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if fast_step is not None:
-            fast_step.start(cache, prompt_mask, params.max_new_tokens)
+            logits = fast_step.prefill(prompt_ids, prompt_mask, params.max_new_tokens)
+        else:
+            cache = DynamicCache(config=getattr(self.model, "config", None))
+            logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         active = torch.arange(rows, device=device)  # batch rows still decoding -> original row
         attention = prompt_mask
         next_position = positions[:, -1] + 1

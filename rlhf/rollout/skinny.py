@@ -58,6 +58,21 @@ def few_row_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Ca
     return functools.partial(torch.nn.functional.linear, weight=weight, bias=bias)
 
 
+def _add_product(residual: torch.Tensor, x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    return residual + product(x)
+
+
+def few_row_linear_add(weight: torch.Tensor, bias: torch.Tensor | None = None
+                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`(residual, x) -> residual + F.linear(x, weight, bias)` for a residual stream, prepared
+    like `few_row_linear`. Where that keeps the plain product (small or GPU weights, no bias)
+    the addition is `addmm`'s own: one call instead of two."""
+    product = few_row_linear(weight, bias)
+    if bias is None and product.func is torch.nn.functional.linear:
+        return functools.partial(torch.addmm, mat2=weight.t())
+    return functools.partial(_add_product, product=product)
+
+
 def _skinny_forward(module: torch.nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
         return linear_for_few_rows(x, module.weight, module.bias)

@@ -92,6 +92,20 @@ def test_sampled_log_probs_and_a_reused_workspace():
         assert logps.dtype == torch.float32
 
 
+def test_sampler_never_draws_a_token_of_probability_zero():
+    # Zero-probability entries at both edges of the vocabulary (where an inverted CDF lands on
+    # rounding), next to mass that underflows in float64 but is not zero.
+    row = torch.full((50,), float("-inf"))
+    row[1], row[2], row[25], row[48] = 0.0, -800.0, 3.0, -1.0
+    logits = row.repeat(4000, 1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        tokens, logps = sample_with_logprobs(logits, generator)
+        assert set(tokens.unique().tolist()) <= {1, 2, 25, 48}
+        assert not bool((tokens == 2).any())  # exp(-800 - 3) is 0 in float64
+        assert torch.isfinite(logps).all()
+
+
 def test_filters_keep_top_k_and_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[False, False, True, True]]

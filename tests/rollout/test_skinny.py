@@ -45,3 +45,22 @@ def test_subclassed_linears_keep_their_forward():
     layer = Scaled(4, 4)
     with skinny_matmuls(layer):
         assert "forward" not in layer.__dict__
+
+
+def test_residual_products_equal_the_sum_on_every_path(monkeypatch):
+    from rlhf.models import onednn
+
+    torch.manual_seed(0)
+    x, residual = torch.randn(8, 16), torch.randn(8, 32)
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    for min_weight, oned in ((1 << 18, False), (256, False), (256, True)):  # plain, transposed, packed
+        if oned and not onednn.onednn_enabled():
+            continue
+        monkeypatch.setattr(skinny, "SKINNY_MIN_WEIGHT", min_weight)
+        monkeypatch.setattr(onednn, "onednn_enabled", lambda oned=oned: oned)
+        for b in (None, bias):
+            got = skinny.few_row_linear_add(weight, b)(residual, x)
+            torch.testing.assert_close(got, residual + torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    # The plain product without a bias is one addmm, the addition included.
+    monkeypatch.setattr(skinny, "SKINNY_MIN_WEIGHT", 1 << 18)
+    assert skinny.few_row_linear_add(weight).func is torch.addmm
