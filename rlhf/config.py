@@ -87,6 +87,11 @@ class SFTConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    fused_lm_loss: bool = True
+    """The vocabulary projection and the loss computed together over chunks of target tokens
+    (rlhf/algorithms/linear_cross_entropy.py): the same loss and gradients without the
+    micro-batch's whole (tokens, vocab) logits, their log-softmax and their gradient. For the
+    architectures in rlhf/models/fused_head.py with a plain linear head; others compute logits."""
     output_dir: str = "runs/sft"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the exported model/."""
     overwrite: bool = False

@@ -24,6 +24,7 @@ from rlhf.logging.metrics import MetricsWriter, Progress
 from rlhf.models.init import resolve_model_path
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
+from rlhf.models.fused_head import use_fused_head_loss
 from rlhf.models.segments import use_segment_attention
 from rlhf.training.lm import StepPlan, evaluate_lm, lm_forward_nll, step_micro_batches
 from rlhf.training.optim import OptimizerSpec
@@ -65,6 +66,8 @@ def main(cfg: SFTConfig) -> SFTResult:
     model = load_causal_lm(cfg.model, strategy.device, model_path)
     if cfg.data.padding_free:
         use_segment_attention(model)  # attention once per example of a padding-free row
+    if cfg.fused_lm_loss:
+        use_fused_head_loss(model)  # the head computes the loss over chunks, never whole logits
     model = apply_lora(model, cfg.model.lora)
     if strategy.is_main:
         save_config(cfg, run_dir / "config.yaml")

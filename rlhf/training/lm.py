@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatch, SFTBatches
+from rlhf.models.fused_head import head_loss_targets
 from rlhf.models.segments import segment_kwargs
 
 
@@ -18,21 +19,27 @@ def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tens
 
     Logits are computed only at positions whose next token is a target: the vocabulary
     projection is ~20% of a 135M model's FLOPs and its (tokens, vocab) output the largest
-    activation, and prompt and padding positions need neither."""
+    activation, and prompt and padding positions need neither. A head set up by
+    `use_fused_head_loss` computes the loss itself over chunks of those positions, without
+    the whole (tokens, vocab) logits."""
     targets = batch.labels[:, 1:]
     predicts_target = torch.zeros_like(batch.labels, dtype=torch.bool)
     predicts_target[:, :-1] = targets != IGNORE_INDEX
-    logits = module(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        # A cache would also switch off the packed-sequence mask in transformers.
-        use_cache=False,
-        logits_to_keep=predicts_target,
-        **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
-    ).logits  # (target tokens, vocab), in row-major order of the mask
-    nll = torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE_INDEX], reduction="sum")
-    return nll, int(logits.shape[0])
+    target_ids = targets[targets != IGNORE_INDEX]
+    with head_loss_targets(module, target_ids) as head_computes_loss:
+        output = module(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            # A cache would also switch off the packed-sequence mask in transformers.
+            use_cache=False,
+            logits_to_keep=predicts_target,
+            **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
+        ).logits  # (target tokens, vocab) in row-major order of the mask, or their summed NLL
+    if head_computes_loss:  # rlhf/models/fused_head.py
+        return output, int(target_ids.numel())
+    nll = torch.nn.functional.cross_entropy(output.float(), target_ids, reduction="sum")
+    return nll, int(output.shape[0])
 
 
 @dataclass

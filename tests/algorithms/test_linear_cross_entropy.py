@@ -1,0 +1,55 @@
+"""The chunked linear + cross-entropy: hand-computed numbers, and the loss and gradients of
+`F.linear` + `F.cross_entropy` over several chunks and vocabulary slices."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf.algorithms import linear_cross_entropy as lce
+from rlhf.algorithms.linear_cross_entropy import linear_cross_entropy
+
+
+def test_hand_computed_loss_and_hidden_gradient():
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    # logits [1, 0, 0] and [0, 1, 0]; targets 0 and 2.
+    loss = linear_cross_entropy(hidden, weight, None, torch.tensor([0, 2]))
+    e = math.e
+    assert loss.item() == pytest.approx(2 * math.log(e + 2) - 1, rel=1e-6)
+    loss.backward()
+    # Row gradient = (softmax - one-hot) · weight: only the first two vocabulary rows have weight.
+    expected = torch.tensor([[e / (e + 2) - 1, 1 / (e + 2)], [1 / (e + 2), e / (e + 2)]])
+    torch.testing.assert_close(hidden.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_bias,frozen_weight", [(False, False), (True, False), (False, True)])
+def test_equals_full_logits_over_chunks_and_slices(monkeypatch, with_bias, frozen_weight):
+    vocab, dim, rows = 300, 24, 37
+    monkeypatch.setattr(lce, "CPU_CHUNK_BYTES", 4 * vocab * 8)  # 8 rows a chunk: 5 chunks, the last short
+    monkeypatch.setattr(lce, "VOCAB_SLICE", 128)  # 3 slices, the last short
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, dim, requires_grad=True)
+    weight = (torch.randn(vocab, dim) * 0.3).requires_grad_(not frozen_weight)
+    bias = torch.randn(vocab, requires_grad=True) if with_bias else None
+    targets = torch.randint(0, vocab, (rows,))
+    inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+
+    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
+    expected_grads = torch.autograd.grad(expected * 0.5, inputs)
+    got = linear_cross_entropy(hidden, weight, bias, targets)
+    got_grads = torch.autograd.grad(got * 0.5, inputs)  # a scaled loss scales the gradients
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, bias, targets), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_second_backward_is_refused():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.randn(10, 8), None, torch.tensor([1, 2, 3, 4]))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()

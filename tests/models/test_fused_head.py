@@ -1,0 +1,106 @@
+"""A head computing the loss: `lm_forward_nll` gives the same loss and gradients as from full
+logits, plain forwards are untouched, and models it cannot serve keep their logits."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, Gemma2Config, LlamaConfig, Qwen2Config
+
+from rlhf.data.sft_dataset import IGNORE_INDEX, SFTExample, collate_padded, collate_padding_free
+from rlhf.models import fused_head
+from rlhf.models.fused_head import head_loss_targets, use_fused_head_loss
+from rlhf.models.lora import apply_lora
+from rlhf.config_sections import LoraConfig
+from rlhf.models.onednn import use_onednn_linears
+from rlhf.models.segments import use_segment_attention
+from rlhf.training.lm import lm_forward_nll
+
+CONFIGS = {
+    "llama-tied": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              tie_word_embeddings=True),
+    "llama": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "qwen2": Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "gpt2": GPT2Config(vocab_size=97, n_positions=128, n_embd=32, n_layer=2, n_head=4),
+}
+
+
+def _batch(padding_free: bool):
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for prompt, answer in ((5, 7), (9, 3), (2, 11)):
+        ids = torch.randint(0, 97, (prompt + answer,), generator=generator).tolist()
+        examples.append(SFTExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return collate_padding_free(examples) if padding_free else collate_padded(examples, pad_token_id=0)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    nll, n = lm_forward_nll(model, batch)
+    nll.backward()
+    return nll.detach(), n, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_loss_and_every_gradient_equal_full_logits(name, padding_free):
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(CONFIGS[name]).eval()  # no dropout: both sides equal
+    use_onednn_linears(plain)
+    if padding_free:
+        use_segment_attention(plain)
+    fused = copy.deepcopy(plain)
+    assert use_fused_head_loss(fused)
+    batch = _batch(padding_free)
+    expected, expected_n, expected_grads = _loss_and_grads(plain, batch)
+    calls = []
+    real = fused_head.linear_cross_entropy
+    fused_head.linear_cross_entropy = lambda *a: calls.append(1) or real(*a)
+    try:
+        got, n, grads = _loss_and_grads(fused, batch)
+    finally:
+        fused_head.linear_cross_entropy = real
+    assert calls == [1] and n == expected_n == batch.num_target_tokens
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_plain_forwards_unchanged_and_a_copy_uses_its_own_weights():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"]).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    before = model(input_ids=ids).logits
+    assert use_fused_head_loss(model) and use_fused_head_loss(model)  # twice: installed once
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        copied.lm_head.weight.mul_(2)
+    assert not torch.allclose(copied(input_ids=ids).logits, before)
+    batch = _batch(padding_free=False)
+    with torch.no_grad(), head_loss_targets(copied, torch.zeros(1, dtype=torch.long)) as computes:
+        assert computes
+    assert "_rlhf_loss_targets" not in copied.lm_head.__dict__  # cleared after the block
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert lm_forward_nll(model, batch)[1] == batch.num_target_tokens
+
+
+def test_models_it_cannot_serve_keep_their_logits():
+    softcapped = AutoModelForCausalLM.from_config(Gemma2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128))
+    assert not use_fused_head_loss(softcapped)  # its forward softcaps the head's output
+    # LoRA on the head after the switch (the stage's order): the wrapped head gives logits.
+    lora_head = AutoModelForCausalLM.from_config(CONFIGS["llama"]).eval()
+    assert use_fused_head_loss(lora_head)
+    lora_head = apply_lora(lora_head, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert type(lora_head.get_output_embeddings()) is not torch.nn.Linear
+    with head_loss_targets(lora_head, torch.zeros(1, dtype=torch.long)) as computes:
+        assert not computes
+    batch = _batch(padding_free=False)
+    nll, n = lm_forward_nll(lora_head, batch)
+    assert torch.isfinite(nll) and n == batch.num_target_tokens
