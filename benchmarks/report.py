@@ -33,7 +33,8 @@ def main() -> None:
     checks = []
     for model in common.SCALES:
         print(f"## {model}\n")
-        for name in (f"sft_{model}", f"sft_{model}_padded", f"sft_{model}_packed", f"sft_{model}_grouped",
+        for name in (f"sft_{model}", f"sft_{model}_logits", f"sft_{model}_padded", f"sft_{model}_packed",
+                     f"sft_{model}_grouped",
                      f"rm_{model}", f"rm_{model}_rows",
                      f"ppo_{model}", f"ppo_{model}_generate", f"rollout_{model}"):
             result = load(name)
