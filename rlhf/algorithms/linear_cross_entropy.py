@@ -65,7 +65,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.empty_like(weight) if want_weight else None
+        # Written whole by the first chunk; zeros when there is none (no target in the batch).
+        grad_weight = (torch.empty_like(weight) if hidden.shape[0] else torch.zeros_like(weight)) if want_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = _chunk_rows(weight.shape[0], hidden.device)

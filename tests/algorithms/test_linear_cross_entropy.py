@@ -53,3 +53,31 @@ def test_a_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()
+
+
+def test_no_rows_give_zero_loss_and_zero_gradients():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    dirty = torch.full((10, 8), 7.0)  # freed just before: an uninitialised gradient would likely reuse it
+    del dirty
+    loss = linear_cross_entropy(hidden, weight, None, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and hidden.grad.shape == (0, 8)
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_half_precision_weights_give_the_full_logits_loss(monkeypatch):
+    monkeypatch.setattr(lce, "CPU_CHUNK_BYTES", 4 * 200 * 8)  # several chunks
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(200, 16) * 0.3).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 200, (30,))
+    expected = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    expected_grads = torch.autograd.grad(expected, [hidden, weight])
+    got = linear_cross_entropy(hidden, weight, None, targets)
+    got_grads = torch.autograd.grad(got, [hidden, weight])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-2)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
