@@ -35,7 +35,7 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 
 
 def _chunk_gradients(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(loss of the chunk, and `logits` turned into softmax − one-hot in place)."""
+    """The chunk's summed NLL; `logits` become softmax − one-hot in place (their gradient)."""
     lse = torch.logsumexp(logits, dim=-1)
     loss = (lse - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
     probs = logits.sub_(lse[:, None]).exp_()
