@@ -8,6 +8,7 @@ from rlhf.data.builders import load_records
 from rlhf.data.sft_dataset import SFTBatches, encode_text
 from rlhf.distributed.strategy import Strategy
 from rlhf.errors import ConfigError, UserError
+from rlhf.models.fused_head import use_fused_head_loss
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.lora import apply_lora
 from rlhf.models.reward import RewardStats, load_scalar_model
@@ -42,7 +43,10 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     """The policy, from the SFT model, wrapped for training by the strategy."""
     total_steps = cfg.ppo.iterations * steps_per_iteration(cfg)
     accumulation, _ = accumulation_steps(cfg, strategy.world_size)
-    model = apply_lora(load_causal_lm(cfg.model, strategy.device), cfg.model.lora)
+    model = load_causal_lm(cfg.model, strategy.device)
+    if cfg.ppo.ptx_coef > 0:
+        use_fused_head_loss(model)  # the pretraining loss without whole logits (rlhf/models/fused_head.py)
+    model = apply_lora(model, cfg.model.lora)
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr)
     return Actor(strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size), tokenizer.eos_token_id,
                  tokenizer.pad_token_id, cfg.rollout.temperature, cfg.rollout.batch_size, cfg.rollout.engine)
