@@ -36,9 +36,14 @@ def _chunk_rows(vocab: int, device: torch.device) -> int:
 
 def _chunk_gradients(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The chunk's summed NLL; `logits` become softmax − one-hot in place (their gradient)."""
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = (lse - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
-    probs = logits.sub_(lse[:, None]).exp_()
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+    # logsumexp by hand, in place: `torch.logsumexp` makes a chunk-sized temporary, and the
+    # exponentials are needed for the gradient anyway (3.6 against 6.5 ms at 128 x 49152).
+    peak = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    loss = (peak + total.log()).squeeze(-1).sub_(picked).sum()
+    probs.div_(total)
     probs[torch.arange(len(targets), device=logits.device), targets] -= 1
     return loss
 
