@@ -21,10 +21,10 @@ from rlhf.data.splits import load_split
 from rlhf.distributed.checkpoint import CheckpointManager
 from rlhf.distributed.strategy import build_strategy
 from rlhf.logging.metrics import MetricsWriter, Progress
+from rlhf.models.fused_head import use_fused_head_loss
 from rlhf.models.init import resolve_model_path
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
-from rlhf.models.fused_head import use_fused_head_loss
 from rlhf.models.segments import use_segment_attention
 from rlhf.training.lm import StepPlan, evaluate_lm, lm_forward_nll, step_micro_batches
 from rlhf.training.optim import OptimizerSpec

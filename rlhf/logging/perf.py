@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from rlhf.models.engines import unwrap_engine
+
 CPU_PEAK_FLOPS = 1.4e11
 """fp32 FLOP/s of 2 AVX2+FMA cores as measured on the development machine (matmul, 2 threads)."""
 
@@ -61,8 +63,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while not hasattr(model, "base_model_prefix") and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module  # DeepSpeed / DDP engines
+    model = unwrap_engine(model)
     if hasattr(model, "get_base_model"):  # PEFT
         model = model.get_base_model()
     return model

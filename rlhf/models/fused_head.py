@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from rlhf.algorithms.linear_cross_entropy import linear_cross_entropy
+from rlhf.models.engines import unwrap_engine
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Phi3ForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM", "GPT2LMHeadModel")
@@ -54,9 +55,7 @@ def use_fused_head_loss(model: torch.nn.Module) -> bool:
 
 
 def _fused_head(module: torch.nn.Module) -> torch.nn.Linear | None:
-    inner = module
-    while not hasattr(inner, "get_output_embeddings") and isinstance(getattr(inner, "module", None), torch.nn.Module):
-        inner = inner.module  # an engine's wrapper (DeepSpeed, DDP)
+    inner = unwrap_engine(module)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     return head if head is not None and "_rlhf_fused_loss" in head.__dict__ else None
 

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 
 from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
+from rlhf.models.engines import unwrap_engine
 from rlhf.models.loading import detach_gguf_quantizer, resolve_dtype, resolve_location
 from rlhf.models.onednn import use_onednn_linears
 from rlhf.models.positions import position_ids_from_mask
@@ -93,17 +94,8 @@ def load_scalar_model(
     return model
 
 
-def _unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
-    # A DeepSpeed engine wraps the transformers model as `.module`; calling its submodules
-    # directly is fine (ZeRO-3 gathers through hooks on the submodules themselves). The engine
-    # forwards unknown attributes to the module, but not `config`, which is its own.
-    while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
-
-
 def score_head(model: torch.nn.Module) -> torch.nn.Linear:
-    model = _unwrap_engine(model)
+    model = unwrap_engine(model)
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Linear):
@@ -112,7 +104,7 @@ def score_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 def backbone(model: PreTrainedModel) -> torch.nn.Module:
-    model = _unwrap_engine(model)
+    model = unwrap_engine(model)
     return getattr(model, model.base_model_prefix)
 
 
@@ -153,8 +145,8 @@ def shared_prefix_scores(
     """(answers,) scores of answers laid out as rows [prompt, answer 1, ..., answer K] (see
     rlhf/models/shared_prefix.py), read at the flat (row * seq + column) positions in
     `score_index`: the same scores `sequence_scores` gives each [prompt, answer] row."""
-    config = _unwrap_engine(model).config
-    mask = shared_prefix_attention_mask(segment_ids, config._attn_implementation, _unwrap_engine(model).dtype)
+    config = unwrap_engine(model).config
+    mask = shared_prefix_attention_mask(segment_ids, config._attn_implementation, unwrap_engine(model).dtype)
     hidden = backbone(model)(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
