@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.distributed.host_memory import advise_huge_pages
 from rlhf.models import onednn
 
 CPU_CHUNK_BYTES = 24 * 1024 * 1024
@@ -66,12 +67,16 @@ def _add_weight_gradient(grad_weight: torch.Tensor, probs: torch.Tensor, hidden:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, weight_gradient_sink: list | None) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         # Written whole by the first chunk; zeros when there is none (no target in the batch).
         grad_weight = (torch.empty_like(weight) if hidden.shape[0] else torch.zeros_like(weight)) if want_weight else None
+        if grad_weight is not None:
+            advise_huge_pages(grad_weight)  # a fresh vocabulary-sized mapping every step on the CPU
+            if weight_gradient_sink is not None:
+                weight_gradient_sink.append(grad_weight)
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = _chunk_rows(weight.shape[0], hidden.device)
@@ -103,15 +108,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden.mul_(scale) if grad_hidden is not None else None,
                 grad_weight.mul_(scale) if grad_weight is not None else None,
                 grad_bias.mul_(scale).to(ctx.bias_dtype) if grad_bias is not None else None,
-                None)
+                None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
+                         targets: torch.Tensor, weight_gradient_sink: list | None = None) -> torch.Tensor:
     """Σᵢ −log softmax(hiddenᵢ · weightᵀ + bias)[targetsᵢ] for hidden (rows, dim), weight (vocab,
     dim) and targets (rows,), as a float32 scalar; the logits are computed in float32 (as
     `F.cross_entropy(logits.float(), ...)`) one chunk of rows at a time. Differentiable in
-    hidden, weight and bias, once per forward."""
+    hidden, weight and bias, once per forward.
+
+    When the weight needs a gradient and `weight_gradient_sink` is a list, the tensor the
+    backward will deliver as the weight's gradient is appended to it: the backward scales it in
+    place, so whatever is added to it after that (a tied input embedding's rows, see
+    rlhf/models/fused_head.py) reaches the weight without a second vocabulary-sized block. The
+    holder must drop the tensor before autograd hands it to the weight, which copies a gradient
+    that is referenced elsewhere."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad)):
@@ -121,4 +133,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
             logits = onednn.linear(hidden[start : start + rows], weight, bias).float()
             total += torch.nn.functional.cross_entropy(logits, targets[start : start + rows], reduction="sum")
         return total
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, weight_gradient_sink)

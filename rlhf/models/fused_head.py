@@ -8,6 +8,14 @@ layer's usual forward. The loss is computed inside the model's own forward, so e
 gather or shard weights around a module's forward (ZeRO-3, FSDP2) see the head as always.
 Only architectures whose forward returns the head's output untouched take it (no logit
 softcapping or scaling), and only a plain `nn.Linear` head (LoRA on the head keeps logits).
+
+A tied input embedding (SmolLM2, Qwen2.5 and Llama 3.2's small models, GPT-2) adds its rows
+straight into the head's weight gradient. Autograd would otherwise zero-fill a dense
+vocabulary-sized gradient for the embedding's lookup and add the two out of place: two more
+113 MB blocks per SmolLM2 step, each faulted in fresh. The head's gradient is complete, and
+already scaled, before the embedding's backward runs: the embedding's output gradient is made
+from the head's gradient for its input. Sharded weights (ZeRO-3, DTensor) and forwards that
+do not compute the loss in the head keep autograd's two gradients.
 """
 
 from __future__ import annotations
@@ -28,10 +36,62 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 
 def _fused_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     targets = self.__dict__.get("_rlhf_loss_targets")
+    embedding = self.__dict__.get("_rlhf_tied_embedding")
+    # Taken, not read: the slot belongs to this model call's embedding lookup alone.
+    sink = embedding.__dict__.pop("_rlhf_gradient_slot", None) if embedding is not None else None
     if targets is None:
         plain = self.__dict__.get("_rlhf_plain_forward")
         return plain(x) if plain is not None else torch.nn.Linear.forward(self, x)
-    return linear_cross_entropy(x, self.weight, self.bias, targets)
+    return linear_cross_entropy(x, self.weight, self.bias, targets, sink)
+
+
+class _EmbeddingIntoHeadGradient(torch.autograd.Function):
+    """An embedding lookup whose weight gradient is added into the tied head's gradient when the
+    head left it in `slot`, and is autograd's dense one otherwise."""
+
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None, slot: list) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.num_weights, ctx.slot = padding_idx, weight.shape[0], slot
+        return torch.nn.functional.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        if not ctx.slot:
+            dense = torch.ops.aten.embedding_dense_backward(
+                grad, ids, ctx.num_weights, -1 if ctx.padding_idx is None else ctx.padding_idx, False)
+            return None, dense, None, None
+        head_gradient = ctx.slot.pop()
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:  # the padding row gets no gradient from the lookup
+            keep = ids != ctx.padding_idx
+            ids, rows = ids[keep], rows[keep]
+        head_gradient.index_add_(0, ids, rows.to(head_gradient.dtype))
+        return None, None, None, None
+
+
+def _whole(weight: torch.Tensor) -> bool:
+    """Not a ZeRO-3 partition or a DTensor shard, whose engines reduce each use's gradient."""
+    return not hasattr(weight, "ds_id") and type(weight) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _tied_embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and self.weight.requires_grad and _whole(self.weight):
+        slot: list[torch.Tensor] = []
+        self.__dict__["_rlhf_gradient_slot"] = slot
+        return _EmbeddingIntoHeadGradient.apply(ids, self.weight, self.padding_idx, slot)
+    self.__dict__.pop("_rlhf_gradient_slot", None)
+    return torch.nn.Embedding.forward(self, ids)
+
+
+def _tie_embedding_to_head(model: torch.nn.Module, head: torch.nn.Linear) -> None:
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if (type(embedding) is not torch.nn.Embedding or embedding.weight is not head.weight or "forward" in embedding.__dict__
+            or embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse):
+        return
+    embedding.forward = types.MethodType(_tied_embedding_forward, embedding)
+    head.__dict__["_rlhf_tied_embedding"] = embedding  # `copy.deepcopy` maps it to the copy's own
 
 
 def _architecture_supported(model: torch.nn.Module) -> bool:
@@ -51,6 +111,7 @@ def use_fused_head_loss(model: torch.nn.Module) -> bool:
         head.__dict__["_rlhf_plain_forward"] = head.__dict__.get("forward")
         head.forward = types.MethodType(_fused_forward, head)
         head.__dict__["_rlhf_fused_loss"] = True
+        _tie_embedding_to_head(model, head)
     return True
 
 

@@ -81,3 +81,21 @@ def test_half_precision_weights_give_the_full_logits_loss(monkeypatch):
     for g, e in zip(got_grads, expected_grads):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_weight_gradient_sink_holds_the_gradient_autograd_delivers():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    targets = torch.tensor([1, 0, 10, 3, 3])
+    sink: list[torch.Tensor] = []
+    loss = linear_cross_entropy(hidden, weight, None, targets, sink)
+    assert len(sink) == 1 and sink[0].shape == weight.shape
+    buffer = sink.pop().data_ptr()  # dropped, as a holder must (autograd copies a shared gradient)
+    (loss * 0.5).backward()
+    # The same buffer, scaled in place by the backward, became the weight's gradient.
+    assert weight.grad.data_ptr() == buffer
+    expected = torch.autograd.grad(F.cross_entropy(hidden @ weight.t(), targets, reduction="sum") * 0.5, weight)[0]
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-5, atol=1e-6)
+    frozen: list[torch.Tensor] = []
+    linear_cross_entropy(hidden, weight.detach(), None, targets, frozen).backward()
+    assert frozen == []  # no weight gradient, nothing handed out

@@ -1,10 +1,12 @@
 """A head computing the loss: `lm_forward_nll` gives the same loss and gradients as from full
-logits, plain forwards are untouched, and models it cannot serve keep their logits."""
+logits, a tied embedding adds its rows into the head's gradient, plain forwards are untouched,
+and models it cannot serve keep their logits."""
 
 import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, GPT2Config, Gemma2Config, LlamaConfig, Qwen2Config
 
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTExample, collate_padded, collate_padding_free
@@ -16,10 +18,10 @@ from rlhf.models.onednn import use_onednn_linears
 from rlhf.models.segments import use_segment_attention
 from rlhf.training.lm import lm_forward_nll
 
-CONFIGS = {
+CONFIGS = {  # llama-tied's embedding has a padding row (its lookup gets no gradient)
     "llama-tied": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                              tie_word_embeddings=True),
+                              tie_word_embeddings=True, pad_token_id=0),
     "llama": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
     "qwen2": Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -68,6 +70,52 @@ def test_loss_and_every_gradient_equal_full_logits(name, padding_free):
     assert grads.keys() == expected_grads.keys()
     for key in grads:
         torch.testing.assert_close(grads[key], expected_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+class _CountDenseEmbeddingGradients(TorchDispatchMode):
+    """Dense vocabulary-sized gradients of embedding lookups (GPT-2's positions not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten.embedding_dense_backward.default and args[2] == 97
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2"])
+def test_tied_embedding_adds_its_rows_into_the_head_gradient(name):
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(CONFIGS[name]).eval()
+    fused = copy.deepcopy(plain)
+    assert use_fused_head_loss(fused)
+    assert fused.get_input_embeddings().weight is fused.lm_head.weight
+    first, second = _batch(padding_free=False), _batch(padding_free=True)
+    second.input_ids[0, 3:6] = 0  # real tokens with the padding id: the lookup gives them no gradient
+    ids = torch.randint(0, 97, (2, 9))
+    fused(input_ids=ids)  # a forward whose graph is dropped leaves nothing behind for the next
+
+    def accumulate(model):
+        # Two micro-batches into one gradient (the second adds into .grad), the loss scaled as
+        # the stages scale it, then a backward through plain logits (PPO's log-probs).
+        model.zero_grad()
+        counter = _CountDenseEmbeddingGradients()
+        with counter:
+            for batch in (first, second):
+                nll, _ = lm_forward_nll(model, batch)
+                (nll / 7).backward()
+        with_loss = counter.calls
+        with counter:
+            model(input_ids=ids).logits.logsumexp(-1).sum().backward()
+        return with_loss, counter.calls - with_loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_dense, plain_logits_dense, expected = accumulate(plain)
+    fused_dense, fused_logits_dense, got = accumulate(fused)
+    assert (plain_dense, plain_logits_dense) == (2, 1)
+    assert (fused_dense, fused_logits_dense) == (0, 1)  # the lookup's rows went into the head's buffer
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_plain_forwards_unchanged_and_a_copy_uses_its_own_weights():
