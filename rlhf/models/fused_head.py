@@ -37,8 +37,10 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 def _fused_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     targets = self.__dict__.get("_rlhf_loss_targets")
     embedding = self.__dict__.get("_rlhf_tied_embedding")
-    # Taken, not read: the slot belongs to this model call's embedding lookup alone.
+    # Taken, not read: the slot belongs to this model call's embedding lookup alone. Handed on
+    # only while the two still share one weight (a later untying gives each its own gradient).
     sink = embedding.__dict__.pop("_rlhf_gradient_slot", None) if embedding is not None else None
+    sink = sink if sink is not None and embedding.weight is self.weight else None
     if targets is None:
         plain = self.__dict__.get("_rlhf_plain_forward")
         return plain(x) if plain is not None else torch.nn.Linear.forward(self, x)

@@ -118,6 +118,21 @@ def test_tied_embedding_adds_its_rows_into_the_head_gradient(name):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+def test_an_untied_copy_keeps_each_weight_its_own_gradient():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama-tied"]).eval()
+    plain = copy.deepcopy(model)
+    assert use_fused_head_loss(model)
+    # Untied after the switch (as a resize or an adapter may do): the head gets its own weight.
+    for each in (model, plain):
+        each.lm_head.weight = torch.nn.Parameter(each.lm_head.weight.detach().clone())
+    batch = _batch(padding_free=False)
+    _, _, expected = _loss_and_grads(plain, batch)
+    _, _, got = _loss_and_grads(model, batch)
+    for key in ("lm_head.weight", "model.embed_tokens.weight"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_plain_forwards_unchanged_and_a_copy_uses_its_own_weights():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS["llama"]).eval()
