@@ -1,4 +1,4 @@
-"""The transformers model inside a training engine's wrapper."""
+"""The transformers model inside a training engine's wrapper, and whether a tensor is whole."""
 
 from __future__ import annotations
 
@@ -14,3 +14,9 @@ def unwrap_engine(model: torch.nn.Module) -> torch.nn.Module:
     while not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
+
+
+def is_whole(tensor: torch.Tensor) -> bool:
+    """Not a ZeRO-3 partition or a DTensor shard (FSDP2): the whole tensor, used as it is,
+    without an engine's gathering or per-use gradient reduction."""
+    return not hasattr(tensor, "ds_id") and type(tensor) in (torch.Tensor, torch.nn.Parameter)

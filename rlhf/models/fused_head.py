@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 
 from rlhf.algorithms.linear_cross_entropy import linear_cross_entropy
-from rlhf.models.engines import unwrap_engine
+from rlhf.models.engines import is_whole, unwrap_engine
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "Phi3ForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM", "GPT2LMHeadModel")
@@ -73,13 +73,9 @@ class _EmbeddingIntoHeadGradient(torch.autograd.Function):
         return None, None, None, None
 
 
-def _whole(weight: torch.Tensor) -> bool:
-    """Not a ZeRO-3 partition or a DTensor shard, whose engines reduce each use's gradient."""
-    return not hasattr(weight, "ds_id") and type(weight) in (torch.Tensor, torch.nn.Parameter)
-
-
 def _tied_embedding_forward(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and self.weight.requires_grad and _whole(self.weight):
+    # A sharded weight keeps autograd's gradients: its engine reduces each use's.
+    if torch.is_grad_enabled() and self.weight.requires_grad and is_whole(self.weight):
         slot: list[torch.Tensor] = []
         self.__dict__["_rlhf_gradient_slot"] = slot
         return _EmbeddingIntoHeadGradient.apply(ids, self.weight, self.padding_idx, slot)

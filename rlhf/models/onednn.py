@@ -23,6 +23,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from rlhf.models.engines import is_whole
+
 CHOICES = ("auto", "onednn", "blas")
 
 
@@ -79,8 +81,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def _plain(tensor: torch.Tensor) -> bool:
     """A whole fp32 CPU tensor: not a ZeRO-3 partition (whose hooks expect F.linear) or a DTensor."""
-    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and not hasattr(tensor, "ds_id")
-            and type(tensor) in (torch.Tensor, torch.nn.Parameter))
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and is_whole(tensor)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,10 +25,10 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from transformers import DynamicCache
 
 from rlhf.algorithms.losses import token_logprobs
+from rlhf.models.engines import is_whole
 from rlhf.rollout.engine import RolloutEngine, SamplingParams, concat_rollouts, finish_rollout, left_pad
 from rlhf.rollout.llama_step import LlamaDecodeStep
 from rlhf.rollout.skinny import skinny_matmuls
@@ -89,7 +89,7 @@ def _is_sharded(model: torch.nn.Module) -> bool:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
     param = next(model.parameters())
-    return hasattr(param, "ds_numel") or isinstance(param, DTensor)
+    return not is_whole(param)
 
 
 class DecodeEngine(RolloutEngine):

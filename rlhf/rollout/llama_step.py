@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from rlhf.models.engines import is_whole
 from rlhf.rollout.skinny import few_row_linear, few_row_linear_add
 
 
@@ -101,7 +102,7 @@ class LlamaDecodeStep:
         if type(model) is not LlamaForCausalLM:
             return False
         params = list(model.parameters())
-        if any(hasattr(p, "ds_numel") or type(p) is not torch.nn.Parameter for p in params):
+        if not all(is_whole(p) for p in params):
             return False  # ZeRO-3 partitions or FSDP2 DTensors: the forward must gather them
         if getattr(model.model.rotary_emb, "rope_type", "default") == "dynamic":
             return False  # its frequencies change with the longest position seen, step by step
