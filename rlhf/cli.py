@@ -1,6 +1,8 @@
 """The `rlhf` command: one sub-command per stage plus data tools.
 
 User mistakes (bad config, bad data, missing paths) print one line and exit 2, no traceback.
+This is the one module under rlhf/ that knows the stage registry (stages/__init__.py); it hands
+the registry's entries to the pipeline and the Ray launcher.
 """
 
 from __future__ import annotations
@@ -12,26 +14,18 @@ from typing import Sequence
 
 from rlhf.errors import UserError
 
-STAGES = {
-    "sft": "Supervised fine-tuning on (prompt, response) demonstrations.",
-    "rm": "Train a reward model on ranked answers (pairwise / K-wise ranking loss).",
-    "ppo": "Optimise the policy against the reward model with PPO / PPO-ptx and a KL penalty.",
-    "pipeline": "Run SFT -> RM -> PPO with lineage, skipping stages that are up to date.",
-}
-
-
 def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
-    from rlhf.config import STAGE_CONFIGS, describe
+    from rlhf.config import describe
+    from stages import STAGES
 
-    epilog = None
-    if name in STAGE_CONFIGS:
-        epilog = "config keys (override any with key=value):\n" + "\n".join(describe(STAGE_CONFIGS[name]))
-    description = STAGES[name]
+    stage = STAGES[name]
+    epilog = "config keys (override any with key=value):\n" + "\n".join(describe(stage.config))
+    description = stage.summary
     if name == "rm":
         description += "\n\nAlso: rlhf rm score --model DIR --data FILE --out FILE (see rlhf rm score --help)."
     parser = sub.add_parser(
         name,
-        help=STAGES[name],
+        help=stage.summary,
         description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -53,6 +47,8 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="Align language models with human feedback.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    from stages import STAGES
+
     for name in STAGES:
         _stage_parser(sub, name)
 
@@ -100,18 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_stage(name: str, args: argparse.Namespace) -> None:
-    from rlhf.config import STAGE_CONFIGS, load_config
+    from rlhf.config import load_config
+    from stages import STAGES
 
+    stage = STAGES[name]
+    _prepare_process()
     overrides = list(args.overrides)
     if args.address:
         overrides += ["ray.enabled=true", f"ray.address={args.address}"]
     if getattr(args, "overwrite", False):
         overrides.append("overwrite=true")
-    cfg = load_config(STAGE_CONFIGS[name], args.config, overrides)
+    cfg = load_config(stage.config, args.config, overrides)
     if name == "pipeline":
-        from stages import pipeline
-
-        pipeline.main(cfg, start_from=args.start_from)
+        stage.main(cfg, start_from=args.start_from)
         return
     from rlhf.distributed.env import detect_launch
 
@@ -121,11 +118,18 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     if cfg.ray.enabled:
         from rlhf.ray.launch import run_stage_on_ray
 
-        run_stage_on_ray(name, cfg)
+        run_stage_on_ray(stage, cfg)
     else:
-        from rlhf.ray.stage_worker import run_stage
+        stage.main(cfg)
 
-        run_stage(name, cfg)
+
+def _prepare_process() -> None:
+    """Process-wide settings of the `rlhf` program, made here at its start rather than as a
+    side effect of importing a module: transformers imports deepspeed when it is installed,
+    and telling DeepSpeed there is no GPU spares every command its warning on CPU machines."""
+    from rlhf.distributed.env import prepare_deepspeed_import
+
+    prepare_deepspeed_import()
 
 
 def _columns(pairs: Sequence[str]) -> dict[str, str]:
@@ -226,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf.training.stop import Interrupted, stop_on_signals
 
     try:
-        if args.command in STAGES:
+        if args.command not in ("data", "generate", "report", "plan"):
             with stop_on_signals():
                 _run_stage(args.command, args)
         elif args.command == "data":

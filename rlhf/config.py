@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rlhf.config_sections import (
     DataSourceConfig,
+    KernelsConfig,
     LoggingConfig,
     ModelConfig,
     RayConfig,
@@ -87,11 +88,7 @@ class SFTConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    fused_lm_loss: bool = True
-    """The vocabulary projection and the loss computed together over chunks of target tokens
-    (rlhf/algorithms/linear_cross_entropy.py): the same loss and gradients without the
-    micro-batch's whole (tokens, vocab) logits, their log-softmax and their gradient. For the
-    architectures in rlhf/models/fused_head.py with a plain linear head; others compute logits."""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     output_dir: str = "runs/sft"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the exported model/."""
     overwrite: bool = False
@@ -100,7 +97,7 @@ class SFTConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray):
+        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray, self.kernels):
             section.validate()
         if self.data.group_by_length and self.data.padding_free:
             raise ConfigError("data.group_by_length groups padded rows: set data.padding_free=false with it "
@@ -150,6 +147,7 @@ class RMConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     output_dir: str = "runs/rm"
     """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the best model/."""
     overwrite: bool = False
@@ -158,7 +156,7 @@ class RMConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray):
+        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray, self.kernels):
             section.validate()
         _check_ray_batch(self.train, self.resources, self.ray)
 
@@ -231,9 +229,14 @@ class KLConfig:
     coef: float = 0.05
     """β in r(x, y) - β·KL(π || π_SFT); the initial value when adaptive."""
     estimator: str = "k1"
-    """Per-token estimator: k1 (log ratio), k2 (½ log² ratio) or k3 ((1/r - 1) + log r)."""
+    """Per-token estimator (Schulman 2020), r = π/π_ref of the sampled token: k1 (log r),
+    k2 (½ log² r) or k3 ((1/r - 1) + log r). As a reward penalty (in_loss: false) k1 and k3
+    are unbiased estimates of KL(π || π_ref). In the loss (in_loss: true) what counts is the
+    expected gradient on tokens sampled from π: k1 gives E_π[∇log π] = 0 (refused), k2 gives
+    ∇KL(π || π_ref), k3 gives ∇KL(π_ref || π), the reverse KL (as GRPO uses it)."""
     in_loss: bool = False
-    """Put the KL term in the policy loss instead of the per-token reward."""
+    """Put the KL term in the policy loss (coef · masked mean of the estimator) instead of the
+    per-token reward. Needs estimator k2 or k3 and coef > 0."""
     adaptive: bool = False
     """Ziegler et al.'s proportional controller towards `target`."""
     target: float = 6.0
@@ -245,6 +248,16 @@ class KLConfig:
         _choice("kl.estimator", self.estimator, ("k1", "k2", "k3"))
         if self.coef < 0:
             raise ConfigError("kl.coef must be >= 0")
+        if self.in_loss and self.estimator == "k1":
+            raise ConfigError(
+                "kl.in_loss=true with kl.estimator=k1 adds no KL penalty: the gradient of k1 = log π - log π_ref "
+                "on tokens sampled from π is ∇log π, whose expectation E_π[∇log π] is 0 (only noise is left). "
+                "Use kl.estimator=k2 (its loss gradient is that of KL(π || π_ref)) or k3 (that of the reverse "
+                "KL(π_ref || π), as GRPO uses it), or kl.in_loss=false to put k1 in the reward")
+        if self.in_loss and self.coef == 0:
+            raise ConfigError(
+                "kl.in_loss=true with kl.coef=0 adds nothing to the loss (and an adaptive coefficient never "
+                "leaves 0): set kl.coef > 0, or kl.in_loss=false for no KL penalty")
 
 
 PPO_ROLES = ("actor", "critic", "reference", "reward")
@@ -263,6 +276,15 @@ class PPOAlgoConfig:
     ppo_epochs: int = 1
     """Passes over each iteration's rollouts."""
     clip_eps: float = 0.2
+    loss_aggregation: str = "token_mean"
+    """How the per-token policy loss of a mini-batch becomes one number (the modes of Dr. GRPO,
+    Liu et al. 2025). token_mean: sum over all response tokens / their count, every token
+    weighs the same. seq_mean_token_mean: mean over sequences of each sequence's token mean
+    (GRPO's); a token of a long answer weighs less. seq_mean_token_sum_norm: sum over tokens /
+    (sequences × rollout.max_new_tokens), Dr. GRPO's constant normaliser, with no length bias."""
+    dual_clip: Optional[float] = None
+    """Dual-clip PPO (Ye et al. 2020): c > 1 caps the loss of negative-advantage tokens at -c·A,
+    however large their ratio has grown; None: off."""
     value_clip_eps: Optional[float] = 0.2
     """Clip the value update around the rollout's values; None disables."""
     gamma: float = 1.0
@@ -299,6 +321,12 @@ class PPOAlgoConfig:
 
     def validate(self) -> None:
         _choice("ppo.critic_init", self.critic_init, ("reward", "sft"))
+        _choice("ppo.loss_aggregation", self.loss_aggregation,
+                ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(f"ppo.dual_clip={self.dual_clip}: must be > 1 (it caps the loss of negative-advantage "
+                              "tokens at -dual_clip·A; 1 or less would also cap tokens whose ratio is still inside "
+                              "the clip range), or null to turn dual clipping off")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ConfigError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not a multiple of "
                               f"ppo.mini_batch_size={self.mini_batch_size}")
@@ -351,6 +379,7 @@ class PPOConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     output_dir: str = "runs/ppo"
     overwrite: bool = False
     """Train again into an output_dir that holds a finished run (its checkpoints are ignored;
@@ -359,7 +388,7 @@ class PPOConfig:
 
     def validate(self) -> None:
         for section in (self.model, self.reward_model, self.data, self.rollout, self.reward, self.kl, self.ppo,
-                        self.train, self.strategy, self.logging, self.resources, self.ray):
+                        self.train, self.strategy, self.logging, self.resources, self.ray, self.kernels):
             section.validate()
         if self.ppo.ptx_coef > 0 and not self.data.pretrain.given:
             raise ConfigError("ppo.ptx_coef > 0 needs data.pretrain.path (plain `text` rows)")
@@ -421,6 +450,7 @@ class PipelineConfig:
         cfg.output_dir = str(root / stage)
         cfg.overwrite = True  # the pipeline re-runs a stage only when its lineage says so
         cfg.ray = copy.deepcopy(self.ray)
+        cfg.kernels = cfg.kernels.effective()  # as the stage will record it
         cfg.logging.group = cfg.logging.group or self.logging_group or root.name
         if stage == "rm" and not cfg.model.path and cfg.model.tiny is None:
             cfg.model.path = str(root / "sft" / "model")

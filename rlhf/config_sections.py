@@ -142,6 +142,40 @@ class TrainConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """CPU speed-ups applied by `rlhf.kernels.accelerate` (nothing else changes a model's
+    computation behind its back). Each gives the same numbers up to float rounding; the
+    environment variables in brackets, when set, win over the file (the run's config.yaml
+    records the values that were used)."""
+
+    cpu_matmul: str = "auto"
+    """[RLHF_CPU_MATMUL] Linear layers on the CPU: onednn, blas (PyTorch's default), or auto:
+    oneDNN on a non-Intel CPU with AVX-512, where MKL leaves the wide units unused."""
+    tune_host_memory: bool = True
+    """[RLHF_TUNE_HOST_MEMORY] glibc's malloc kept from faulting in fresh pages every step
+    (rlhf/kernels/host_memory.py); off: glibc's defaults."""
+    fused_lm_loss: bool = True
+    """Language-model losses (SFT, PPO-ptx) computed from hidden states and the head weight
+    over chunks of tokens, never the whole (tokens, vocab) logits."""
+    llama_decode_step: bool = True
+    """Our decode step for plain Llama models in the decode engine (fused projections, a
+    preallocated KV cache); off: the model's own forward at every step."""
+
+    def effective(self, environ: Optional[Dict[str, str]] = None) -> "KernelsConfig":
+        """This config with the environment's overrides applied."""
+        environ = os.environ if environ is None else environ
+        out = KernelsConfig(**{name: getattr(self, name) for name in self.__dataclass_fields__})
+        if environ.get("RLHF_CPU_MATMUL", "").strip():
+            out.cpu_matmul = environ["RLHF_CPU_MATMUL"].strip().lower()
+        if environ.get("RLHF_TUNE_HOST_MEMORY", "").strip():
+            out.tune_host_memory = environ["RLHF_TUNE_HOST_MEMORY"].strip() != "0"
+        return out
+
+    def validate(self) -> None:
+        _choice("kernels.cpu_matmul", self.cpu_matmul, ("auto", "onednn", "blas"))
+
+
+@dataclass
 class StrategyConfig:
     name: str = "single"
     """single (one process), deepspeed or fsdp."""

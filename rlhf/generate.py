@@ -11,10 +11,11 @@ from typing import Sequence
 
 import torch
 
-from rlhf.config_sections import DataSourceConfig, ModelConfig
+from rlhf.config_sections import DataSourceConfig, KernelsConfig, ModelConfig
 from rlhf.data.records import Message
 from rlhf.data.template import prompt_text
-from rlhf.distributed.single import pick_device
+from rlhf.distributed.strategy import pick_device
+from rlhf.kernels import accelerate
 from rlhf.errors import UserError
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 
@@ -64,6 +65,7 @@ def generate_cli(args: argparse.Namespace) -> None:
     cfg = ModelConfig(path=args.model)
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg, pick_device()).eval()
+    accelerate(model, KernelsConfig())
     answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.top_p, args.batch_size)
     rows = [{"prompt": p[-1].content, "response": a} for p, a in zip(prompts, answers)]
     if args.out:

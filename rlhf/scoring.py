@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config_sections import DataSourceConfig, ModelConfig
+from rlhf.config_sections import DataSourceConfig, KernelsConfig, ModelConfig
 from rlhf.data.builders import load_records
 from rlhf.data.rank_dataset import RankBatches, encode_rank
 from rlhf.data.records import RankRecord
-from rlhf.distributed.single import pick_device
+from rlhf.distributed.strategy import pick_device
+from rlhf.kernels import accelerate
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.reward import load_scalar_model
 from rlhf.models.shared_prefix import attention_window, shared_prefix_unsupported
@@ -44,6 +45,7 @@ def score_file(model_dir: str, data: str, out: str, max_length: int, max_prompt_
     cfg = ModelConfig(path=model_dir)
     tokenizer = load_tokenizer(cfg)
     model = load_scalar_model(cfg, pick_device()).eval()
+    accelerate(model, KernelsConfig())
     scores = score_records(model, tokenizer, records, max_length, max_prompt_length, batch_size)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

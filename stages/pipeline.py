@@ -29,18 +29,16 @@ from rlhf.lineage import (
     read_lineage,
     write_lineage,
 )
+from rlhf.ray.stage_worker import stage_summary
 from rlhf.summary import print_table, summary_rows
 from rlhf.training.output import FINISHED_MARKER
+from rlhf.training.run_lock import RunLock
+from stages import STAGES
 
 PENDING_FILE = "lineage.pending.json"
 # How a stage is run does not change what it produces; these keys stay out of its hash.
 NOT_HASHED = ("logging", "ray", "resources", "train.resume", "train.save_every", "train.keep_last", "output_dir",
               "overwrite")
-INPUTS = {
-    "sft": ("data.train", "data.eval", "data.pretrain"),
-    "rm": ("data.train", "data.eval"),
-    "ppo": ("data.prompts", "data.eval_prompts", "data.pretrain"),
-}
 
 
 def _lookup(cfg: Any, dotted: str) -> Any:
@@ -51,7 +49,7 @@ def _lookup(cfg: Any, dotted: str) -> Any:
 
 def expected_lineage(stage: str, cfg: Any, parents: dict[str, Lineage]) -> Lineage:
     """The lineage this stage's artifact will carry when run with `cfg` on top of `parents`."""
-    inputs = {name: data_hash(_lookup(cfg, name).path) for name in INPUTS[stage] if _lookup(cfg, name).path}
+    inputs = {name: data_hash(_lookup(cfg, name).path) for name in STAGES[stage].inputs if _lookup(cfg, name).path}
     parent_exports = {str(Path(cfg.output_dir).parent / name / "model") for name in parents}
     for section in ("model", "reward_model"):
         path = getattr(getattr(cfg, section, None), "path", "")
@@ -72,21 +70,19 @@ def _run(stage: str, cfg: Any) -> dict:
     if cfg.ray.enabled:
         from rlhf.ray.launch import run_stage_on_ray
 
-        return run_stage_on_ray(stage, cfg)
-    from rlhf.ray.stage_worker import run_stage
-
-    return run_stage(stage, cfg)
+        return run_stage_on_ray(STAGES[stage], cfg)
+    return stage_summary(STAGES[stage].main(cfg))
 
 
 def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
     """Run the pipeline; returns each stage's outcome ("ran" or "skipped")."""
     root = Path(cfg.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root / "pipeline.yaml")
     lineages: dict[str, Lineage] = {}
     outcome: dict[str, str] = {}
     forced = ray_started = False
     with ExitStack() as session:
+        session.enter_context(RunLock(root))  # a second pipeline into this directory stops here
+        save_config(cfg, root / "pipeline.yaml")
         for stage in cfg.stages:
             stage_cfg = cfg.wired(stage)
             run_dir = Path(stage_cfg.output_dir)
@@ -123,7 +119,7 @@ def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
             if cfg.ray.enabled and not ray_started:
                 from rlhf.ray.session import ray_session
 
-                session.enter_context(ray_session(cfg.ray))  # started once, and only when a stage runs
+                session.enter_context(ray_session(cfg.ray, STAGES[stage].code_dirs()))  # once, when a stage runs
                 ray_started = True
             result = _run(stage, stage_cfg)
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from rlhf.cli import STAGES, main
+from rlhf.cli import main
+from stages import STAGES
 
 
 def test_help_lists_every_command(capsys):

@@ -17,11 +17,29 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 
     * ``"k1"``: ``log r``. Unbiased, high variance, can be negative per token.
     * ``"k2"``: ``0.5 * (log r)^2``. Biased as a value but low variance and
-      always >= 0; used as a loss on on-policy samples, its gradient
-      ``log r * grad log pi`` is an unbiased estimate of the KL gradient.
+      always >= 0.
     * ``"k3"``: ``(1/r - 1) + log r = exp(ref - logp) - 1 - (ref - logp)``.
       Unbiased, always >= 0, lower variance than k1 (the ``1/r - 1`` term is
       a zero-mean control variate under samples from pi).
+
+    As a value (the reward penalty of InstructGPT, ``kl.in_loss: false``)
+    k1 and k3 estimate KL(pi || pi_ref) without bias. Used as a loss on
+    tokens y ~ pi (``kl.in_loss: true``; the sampling itself is not
+    differentiated), what matters is the expected gradient
+    ``E_{y~pi}[grad_theta k(y)]`` (analysed in Tang & Munos 2025, "On a few
+    pitfalls in KL divergence gradient estimation for RL"; GRPO, Shao et al.
+    2024, eq. 4, puts k3 in its loss):
+
+    * k1: ``grad log r = grad log pi``, and ``E_pi[grad log pi] =
+      sum_y grad pi(y) = grad 1 = 0``: no penalty at all in expectation, only
+      noise. Do not use k1 in the loss.
+    * k2: ``grad 0.5 (log r)^2 = log r * grad log pi``, whose expectation
+      ``sum_y grad pi(y) log(pi/pi_ref)(y)`` is ``grad KL(pi || pi_ref)``
+      (the other term of that gradient, ``E_pi[grad log pi]``, is 0).
+    * k3: ``grad (1/r - 1 + log r) = (1 - pi_ref/pi) * grad log pi``, whose
+      expectation ``-sum_y pi_ref(y) grad log pi(y)`` is
+      ``grad KL(pi_ref || pi)``: the gradient of the reverse KL, not of the
+      KL whose value k3 estimates.
 
     Args:
         logprobs: ``(batch, seq)`` log pi(token) of the sampled tokens.

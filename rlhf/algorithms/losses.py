@@ -2,7 +2,9 @@
 
 All functions are pure: tensors in, ``(loss, stats)`` out, where ``stats``
 holds detached scalar tensors meant for logging (no host sync happens here;
-the caller decides when to call ``.item()``).
+the caller decides when to call ``.item()``). The exception is
+:func:`loss_denominator`, a host-side count taken once per global
+mini-batch.
 """
 
 from typing import Dict, Optional, Tuple, Union
@@ -10,15 +12,17 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from rlhf.algorithms.masked import masked_mean, masked_var
+from rlhf.algorithms.masked import masked_mean, masked_sum, masked_var
 
 __all__ = [
     "token_logprobs",
-    "sft_loss",
-    "ptx_loss",
-    "pairwise_ranking_loss",
+    "lm_nll",
     "kwise_ranking_loss",
+    "clipped_surrogate",
     "ppo_policy_loss",
+    "LOSS_AGGREGATIONS",
+    "loss_denominator",
+    "aggregate_loss",
     "value_loss",
     "entropy_from_logits",
     "explained_variance",
@@ -76,47 +80,44 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.cat(rows, dim=0)
 
 
-def sft_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+def lm_nll(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy, mean over non-ignored tokens.
+    """Summed next-token negative log-likelihood and the number of tokens it covers.
 
-    ``logits[:, t]`` predicts ``labels[:, t + 1]``; the shift happens here, so
-    ``labels`` is the input ids with prompt/padding positions set to
-    ``ignore_index``. Also used as the PPO-ptx pretraining term (Ouyang et al.
-    2022, eq. 2, gamma * E[log pi(x)]), see :data:`ptx_loss`.
+    ``sum_i -log softmax(logits[i])[targets[i]]`` over the ``i`` with
+    ``targets[i] != ignore_index``. This is the SFT loss and the PPO-ptx
+    pretraining term (Ouyang et al. 2022, eq. 2, ``gamma * E_{x ~ D_pretrain}
+    [log pi(x)]``), written as a sum: the caller divides by the token count of
+    the whole global batch (all micro-batches, all workers), so that every
+    token weighs the same. Averaging per-micro-batch means instead would
+    overweight the tokens of short micro-batches.
 
-    The count is returned so that callers can average over all tokens of a
-    gradient-accumulation step or of all ranks (``loss * n_tokens`` is the sum)
-    instead of averaging per-micro-batch means, which overweights short batches.
+    The logits must already be aligned with the targets (row ``i`` is the
+    distribution that predicts ``targets[i]``): no shift happens here, the
+    caller selects the positions (e.g. only those with a target).
+
+    Half-precision logits are upcast to float32 before the log-softmax: a
+    bf16 log-softmax over tens of thousands of classes visibly biases the loss.
 
     Args:
-        logits: ``(batch, seq, vocab)``.
-        labels: ``(batch, seq)`` long, ``ignore_index`` where no loss is wanted.
-        ignore_index: label value to skip.
+        logits: ``(n, vocab)``.
+        targets: ``(n,)`` long token ids, ``ignore_index`` where no loss is wanted.
+        ignore_index: target value to skip.
 
     Returns:
-        ``(loss, n_tokens)``: scalar float32 loss (0 when nothing is counted)
-        and scalar long number of counted tokens.
+        ``(nll_sum, n_tokens)``: scalar float32 sum (float64 for float64
+        logits; 0, still differentiable, when every target is ignored) and
+        scalar long count of the targets that were not ignored.
     """
-    if logits.shape[:-1] != labels.shape:
+    if logits.dim() != 2 or targets.dim() != 1 or logits.shape[0] != targets.shape[0]:
         raise ValueError(
-            f"logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} plus a vocab dim"
+            f"logits {tuple(logits.shape)} must be (n, vocab) and targets {tuple(targets.shape)} (n,)"
         )
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1)
-    n_tokens = (shift_labels != ignore_index).sum()
-    # Upcast because a bf16 log-softmax over tens of thousands of classes
-    # visibly biases the loss; a fused/chunked CE is the fix if memory bites.
-    summed = F.cross_entropy(
-        shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction="sum"
-    )
-    return summed / n_tokens.clamp_min(1), n_tokens
-
-
-# PPO-ptx mixes in the pretraining log-likelihood (Ouyang et al. 2022, eq. 2);
-# it is the SFT loss on pretraining batches, so the same function is reused.
-ptx_loss = sft_loss
+    if logits.dtype not in _FULL_PRECISION:
+        logits = logits.float()
+    nll_sum = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    return nll_sum, (targets != ignore_index).sum()
 
 
 def _margin_tensor(margin: Margin, like: torch.Tensor) -> torch.Tensor:
@@ -130,42 +131,6 @@ def _margin_tensor(margin: Margin, like: torch.Tensor) -> torch.Tensor:
 def _safe_mean(x: torch.Tensor) -> torch.Tensor:
     # Statistics of an empty set of pairs are reported as 0 rather than nan.
     return x.sum() / max(x.numel(), 1)
-
-
-def pairwise_ranking_loss(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: Margin = None
-) -> Tuple[torch.Tensor, Stats]:
-    """Bradley-Terry loss on (chosen, rejected) reward pairs.
-
-    ``loss = mean(-log sigmoid(r_w - r_l - m))`` (Ouyang et al. 2022, eq. 1
-    with K = 2). The optional margin ``m`` (Touvron et al. 2023, Llama 2)
-    asks for a larger gap on pairs the labellers rated as clearly different.
-
-    Args:
-        chosen_rewards: ``(batch,)`` scalar rewards of the preferred answers.
-        rejected_rewards: ``(batch,)`` rewards of the other answers.
-        margin: ``None``, a float, or a ``(batch,)`` tensor.
-
-    Returns:
-        ``(loss, stats)``; stats: ``accuracy`` (fraction with r_w > r_l),
-        ``reward_margin`` (mean r_w - r_l), ``chosen_reward``,
-        ``rejected_reward`` (means).
-    """
-    if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(
-            f"chosen {tuple(chosen_rewards.shape)} and rejected {tuple(rejected_rewards.shape)} differ in shape"
-        )
-    diff = chosen_rewards - rejected_rewards
-    # -log sigmoid(x) computed as softplus(-x) by logsigmoid: stable for large |x|.
-    loss = -F.logsigmoid(diff - _margin_tensor(margin, diff)).mean()
-    with torch.no_grad():
-        stats = {
-            "accuracy": _safe_mean((diff > 0).to(diff.dtype)),
-            "reward_margin": _safe_mean(diff),
-            "chosen_reward": _safe_mean(chosen_rewards),
-            "rejected_reward": _safe_mean(rejected_rewards),
-        }
-    return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def kwise_ranking_loss(
@@ -187,7 +152,13 @@ def kwise_ranking_loss(
     prompt counts equally whatever its K; Ouyang et al. found that treating
     the pairs as independent samples overfits. Tied answers yield no pair, so
     a prompt may have fewer than C(K,2) pairs: its mean is over the pairs it
-    has, and a prompt with none is left out of the outer mean.
+    has, and a prompt with none is left out of the outer mean. With K = 2
+    (one pair per prompt) this is the Bradley-Terry pairwise loss
+    ``mean(-log sigmoid(r_w - r_l - m))``.
+
+    The optional margin ``m`` (Touvron et al. 2023, Llama 2, eq. 2) is
+    subtracted inside the sigmoid: it asks for a larger gap on pairs the
+    labellers rated as clearly different.
 
     Optional reward centring adds ``center_coef * mean(scores^2)``: the
     ranking loss only sees differences, so the common offset of the scores is
@@ -238,7 +209,7 @@ def kwise_ranking_loss(
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def ppo_policy_loss(
+def clipped_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -246,7 +217,7 @@ def ppo_policy_loss(
     clip_eps: float = 0.2,
     dual_clip: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Stats]:
-    """PPO clipped surrogate, token-level masked mean over response tokens.
+    """PPO clipped surrogate loss of every token, before any reduction.
 
     Schulman et al. 2017, eq. 7, written as a loss (negated objective)::
 
@@ -262,6 +233,10 @@ def ppo_policy_loss(
     negative advantages: a huge ratio on a bad action would otherwise give an
     unbounded step.
 
+    The reduction over tokens is left to :func:`aggregate_loss`, so that the
+    aggregation (token mean, sequence mean, Dr. GRPO's constant
+    normaliser) is a choice of the caller.
+
     Args:
         logprobs: ``(batch, seq)`` current policy log-probs (with grad).
         old_logprobs: ``(batch, seq)`` rollout policy log-probs.
@@ -271,11 +246,13 @@ def ppo_policy_loss(
         dual_clip: ``None`` or c > 1.
 
     Returns:
-        ``(loss, stats)``; stats: ``clip_frac`` (fraction of response tokens
+        ``(per_token_loss, stats)``: ``(batch, seq)`` loss, 0 outside the
+        mask (whatever the log-probs or advantages hold there); stats, masked
+        means over response tokens: ``clip_frac`` (fraction of response tokens
         where the clipped term was strictly larger, i.e. selected),
         ``approx_kl`` (k3 estimate of KL(pi_old || pi), Schulman 2020 note:
-        ``(ratio - 1) - log ratio``, masked mean), ``ratio_mean``, and
-        ``dual_clip_frac`` when dual clipping is on.
+        ``(ratio - 1) - log ratio``), ``ratio_mean``, and ``dual_clip_frac``
+        when dual clipping is on.
     """
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
@@ -294,7 +271,7 @@ def ppo_policy_loss(
         capped = torch.minimum(per_token, -dual_clip * advantages)
         dual_active = (advantages < 0) & (capped < per_token)
         per_token = torch.where(advantages < 0, capped, per_token)
-    loss = masked_mean(per_token, keep)
+    per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
 
     with torch.no_grad():
         stats = {
@@ -304,7 +281,130 @@ def ppo_policy_loss(
         }
         if dual_clip is not None:
             stats["dual_clip_frac"] = masked_mean(dual_active.to(ratio.dtype), keep)
-    return loss, {k: v.detach() for k, v in stats.items()}
+    return per_token, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    dual_clip: Optional[float] = None,
+) -> Tuple[torch.Tensor, Stats]:
+    """PPO clipped surrogate, token-level masked mean over response tokens.
+
+    The mean of :func:`clipped_surrogate` over the response tokens of this
+    batch (0 when there are none); same arguments and stats. For a
+    mini-batch split into micro-batches, use :func:`aggregate_loss` with the
+    denominator of the whole mini-batch instead.
+
+    Returns:
+        ``(loss, stats)``: scalar loss and the stats of :func:`clipped_surrogate`.
+    """
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, response_mask, clip_eps, dual_clip)
+    return masked_mean(per_token, response_mask), stats
+
+
+# Loss aggregation modes of Liu et al. 2025 ("Understanding R1-Zero-Like
+# Training: A Critical Perspective", Dr. GRPO), in their order of appearance.
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def _check_aggregation(mode: str) -> None:
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; valid modes are {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def loss_denominator(response_mask: torch.Tensor, mode: str, constant: Optional[float] = None) -> float:
+    """Normaliser of :func:`aggregate_loss` for a (mini-)batch, as a host-side number.
+
+    * ``"token_mean"``: the number of response tokens.
+    * ``"seq_mean_token_mean"``: the number of sequences (rows).
+    * ``"seq_mean_token_sum_norm"``: rows x ``constant``, a fixed number
+      such as the generation budget ``max_new_tokens`` (Dr. GRPO's
+      normaliser); required for this mode, ignored by the others.
+
+    Each count is additive over rows, so workers holding parts of a global
+    mini-batch can each count their part and all-reduce (sum) the results.
+    The count is at least 1: a batch without response tokens then gives a
+    loss of 0 rather than nan, as :func:`masked_mean` does. Computed once per
+    global mini-batch, so the host sync of the token count is cheap.
+
+    Args:
+        response_mask: ``(batch, seq)`` float or bool, 1 on response tokens.
+        mode: one of :data:`LOSS_AGGREGATIONS`.
+        constant: the per-sequence constant of ``"seq_mean_token_sum_norm"``, > 0.
+
+    Returns:
+        The denominator as a python float.
+    """
+    _check_aggregation(mode)
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be (batch, seq), got {tuple(response_mask.shape)}")
+    rows = float(response_mask.shape[0])
+    if mode == "token_mean":
+        count = float(response_mask.to(torch.bool).sum())
+    elif mode == "seq_mean_token_mean":
+        count = rows
+    else:
+        if constant is None or constant <= 0:
+            raise ValueError(
+                f"loss aggregation seq_mean_token_sum_norm needs a constant > 0 (e.g. max_new_tokens), got {constant}"
+            )
+        count = rows * float(constant)
+    return max(count, 1.0)
+
+
+def aggregate_loss(
+    per_token: torch.Tensor, response_mask: torch.Tensor, mode: str, denominator: float
+) -> torch.Tensor:
+    """Reduce a per-token loss to a scalar with one of the Dr. GRPO aggregation modes.
+
+    Liu et al. 2025 ("Understanding R1-Zero-Like Training", Dr. GRPO), with
+    ``l_it`` the loss of token t of sequence i, ``L_i`` its token count, G
+    the number of sequences and T the total token count of the mini-batch:
+
+    * ``"token_mean"``: ``sum_it l_it / T``. Every token weighs the same
+      (PPO as usually implemented; DAPO, Yu et al. 2025, Sec. 3.3).
+    * ``"seq_mean_token_mean"``: ``1/G sum_i (1/L_i) sum_t l_it``, GRPO's
+      (Shao et al. 2024, eq. 3): every sequence weighs the same, so a token
+      of a long answer weighs less. Liu et al. show this length bias favours
+      long wrong answers (their per-token penalty is diluted).
+    * ``"seq_mean_token_sum_norm"``: ``1/G sum_i (1/C) sum_t l_it`` with a
+      constant C (e.g. max_new_tokens): Dr. GRPO's unbiased choice, every
+      token weighs the same whatever the batch's lengths.
+
+    Contract: split a global mini-batch into micro-batches (over gradient
+    accumulation steps and workers); when each micro-batch calls this with
+    the ``denominator`` of the WHOLE mini-batch (:func:`loss_denominator` of
+    its full mask, or the all-reduced sum of the parts' counts), the sum of
+    the micro-batch losses, and so of their gradients, is exactly the mode's
+    loss over the whole mini-batch. This holds because each mode is a sum
+    over tokens (token_mean, seq_mean_token_sum_norm) or over whole
+    sequences (seq_mean_token_mean, with each row kept in one micro-batch)
+    divided by a number that does not depend on how the batch is split.
+
+    Args:
+        per_token: ``(batch, seq)`` loss per token, e.g. from
+            :func:`clipped_surrogate`.
+        response_mask: ``(batch, seq)`` float or bool, 1 on response tokens.
+        mode: one of :data:`LOSS_AGGREGATIONS`.
+        denominator: the mini-batch's :func:`loss_denominator`, > 0.
+
+    Returns:
+        Scalar loss; rows without response tokens contribute 0.
+    """
+    _check_aggregation(mode)
+    if denominator <= 0:
+        raise ValueError(f"denominator must be > 0, got {denominator}")
+    if mode == "seq_mean_token_mean":
+        row_sums = masked_sum(per_token, response_mask, dim=-1)
+        row_counts = response_mask.to(torch.bool).expand_as(per_token).sum(-1)
+        total = (row_sums / row_counts.clamp_min(1).to(row_sums.dtype)).sum()
+    else:
+        total = masked_sum(per_token, response_mask)
+    return total / denominator
 
 
 def value_loss(

@@ -32,10 +32,11 @@ import torch
 
 from rlhf.config_sections import StrategyConfig
 from rlhf.distributed.env import prepare_deepspeed_import, resolve_precision
-from rlhf.distributed.host_memory import release_fragments
-from rlhf.distributed.strategy import DistributedStrategy, TrainedModel
+from rlhf.distributed.group import DistributedStrategy
+from rlhf.distributed.optim import OptimizerSpec, build_scheduler, param_groups
+from rlhf.distributed.strategy import TrainedModel
 from rlhf.errors import ConfigError
-from rlhf.training.optim import OptimizerSpec, build_scheduler, param_groups
+from rlhf.kernels.host_memory import release_fragments
 
 CHECKPOINT_TAG = "engine"
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -146,7 +147,7 @@ class DeepSpeedStrategy(DistributedStrategy):
             lr_scheduler=lambda opt: build_scheduler(opt, spec),
             dist_init_required=False,
         )
-        return TrainedModel(engine, optimizer, scheduler, spec.max_grad_norm, accumulation)
+        return TrainedModel(engine, optimizer, scheduler, spec.max_grad_norm, accumulation, strategy=self)
 
     def unwrap(self, model: TrainedModel) -> torch.nn.Module:
         return model.module.module

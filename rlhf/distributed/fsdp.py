@@ -33,10 +33,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from rlhf.distributed.env import resolve_precision
-from rlhf.distributed.host_memory import release_fragments
-from rlhf.distributed.strategy import DistributedStrategy, TrainedModel
+from rlhf.distributed.group import DistributedStrategy
+from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_scheduler
+from rlhf.distributed.strategy import TrainedModel
 from rlhf.errors import UserError
-from rlhf.training.optim import OptimizerSpec, build_optimizer, build_scheduler
+from rlhf.kernels.host_memory import release_fragments
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,7 +80,8 @@ class FSDPStrategy(DistributedStrategy):
             fully_shard(block, mesh=self.mesh, mp_policy=mp_policy, offload_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, offload_policy=policy)
         optimizer = build_optimizer(model, spec)
-        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation)
+        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation,
+                            strategy=self)
 
     def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
         last = self._count_backward(model)

@@ -8,31 +8,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.distributed.host_memory import release_fragments, tune_host_memory
-from rlhf.distributed.strategy import Strategy, TrainedModel, seed_everything
+from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_scheduler
+from rlhf.distributed.strategy import Strategy, TrainedModel
+from rlhf.kernels.host_memory import release_fragments
 from rlhf.models.export import export_pretrained
-from rlhf.training.optim import OptimizerSpec, build_optimizer, build_scheduler
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 class SingleStrategy(Strategy):
     name = "single"
-
-    def setup(self, seed: int) -> None:
-        self.device = pick_device()
-        if self.device.type == "cpu":
-            tune_host_memory()
-        seed_everything(seed)
 
     def wrap(
         self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
     ) -> TrainedModel:
         model.to(self.device)
         optimizer = build_optimizer(model, spec)
-        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation)
+        return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation,
+                            strategy=self)
 
     def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
         loss.backward()

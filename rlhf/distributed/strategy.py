@@ -1,7 +1,11 @@
-"""The one interface every stage trains through. Implementations: single.py (one process),
-deepspeed.py (ZeRO 0-3, CPU offload) and fsdp.py (FSDP2), so a stage never branches on the
-engine and never imports one. `DistributedStrategy` below holds what the multi-process
-engines share: launch detection, the process group, metric reduction, rank-0 export.
+"""The one interface every stage trains through, and the `World` it extends. Implementations:
+single.py (one process), deepspeed.py (ZeRO 0-3, CPU offload) and fsdp.py (FSDP2), with what
+the multi-process engines share in group.py; factory.py builds one from the config. A stage
+never branches on the engine and never imports one.
+
+`World` is where a process sits among a run's workers (rank, size, collectives on scalar
+metrics); a `Strategy` adds the training engine. The Ray driver of PPO role groups is a world
+of one that trains nothing itself.
 
 Loss contract: `backward(model, loss)` takes this micro-batch's share of the step's loss
 (its token-loss sum divided by the token count of the whole global batch), so summing the
@@ -14,8 +18,6 @@ gets the loss times world_size (its reduce-scatter averages over ranks).
 
 from __future__ import annotations
 
-import atexit
-import os
 import random
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -28,10 +30,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.config_sections import StrategyConfig
-from rlhf.distributed import env
-from rlhf.distributed.host_memory import tune_host_memory
-from rlhf.errors import ConfigError, UserError
-from rlhf.training.optim import OptimizerSpec
+from rlhf.distributed.optim import OptimizerSpec
+from rlhf.errors import ConfigError
 
 
 @dataclass
@@ -48,10 +48,23 @@ class TrainedModel:
     """`backward` calls per optimizer step on each worker (gradient accumulation)."""
     pending_backwards: int = 0
     """`backward` calls since the last `step`."""
+    strategy: "Strategy | None" = None
+    """The strategy that wrapped it: saves, loads and exports it."""
 
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    def save_state(self, directory: Path) -> None:
+        """Model and optimizer (shards) and the schedule, into `directory`."""
+        self.strategy.save_state(self, directory)
+
+    def load_state(self, directory: Path) -> None:
+        self.strategy.load_state(self, directory)
+
+    def export(self, directory: Path, tokenizer: PreTrainedTokenizerBase, extra_files: dict | None = None) -> None:
+        """Full weights as a `save_pretrained` directory (see `Strategy.export`)."""
+        self.strategy.export(self, tokenizer, directory, extra_files)
 
 
 def seed_everything(seed: int) -> None:
@@ -60,22 +73,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Strategy(ABC):
-    name: str = ""
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-    def __init__(self, cfg: StrategyConfig):
-        self.cfg = cfg
+
+class World:
+    """One process alone: rank 0 of a world of one. Subclasses join a process group."""
+
+    name: str = "single"
+    """Recorded in checkpoints: a run resumes only under the same layout."""
+
+    def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.rank = 0
         self.world_size = 1
 
-    # -- process group ------------------------------------------------------------------
-    @abstractmethod
     def setup(self, seed: int) -> None:
         """Join the process group (if any), pick the device, seed every RNG."""
+        self.device = pick_device()
+        seed_everything(seed)
 
     def teardown(self) -> None:
-        """End of a stage: release what `setup` took (see DistributedStrategy for the group)."""
+        """End of a stage: release what `setup` took."""
 
     @property
     def is_main(self) -> bool:
@@ -85,8 +104,14 @@ class Strategy(ABC):
         """Wait for every worker."""
 
     def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
-        """Combine scalar metrics over workers ("mean" or "sum")."""
-        return dict(values)
+        """Combine scalar metrics over workers ("mean", "sum" or "max")."""
+        if op not in REDUCE_OPS:
+            raise ValueError(f"all_reduce op must be one of {', '.join(REDUCE_OPS)}, not {op!r}")
+        return {key: float(value) for key, value in values.items()}
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """`tensor` of every worker, in rank order (same shape and dtype on all of them)."""
+        return [tensor]
 
     @contextmanager
     def main_first(self) -> Iterator[None]:
@@ -98,6 +123,17 @@ class Strategy(ABC):
         finally:
             if self.is_main:
                 self.barrier()
+
+
+REDUCE_OPS = ("mean", "sum", "max")
+
+
+class Strategy(World, ABC):
+    """A world that trains: wraps models for an engine and runs their steps."""
+
+    def __init__(self, cfg: StrategyConfig):
+        super().__init__()
+        self.cfg = cfg
 
     def accumulation_steps(self, global_batch_size: int, micro_batch_size: int) -> int:
         """Micro-batches per worker per optimizer step; a ConfigError unless the global batch
@@ -144,113 +180,3 @@ class Strategy(ABC):
 
     def unwrap(self, model: TrainedModel) -> torch.nn.Module:
         return model.module
-
-
-class DistributedStrategy(Strategy):
-    """What the multi-process engines share. A world of one (no launcher) still gets a
-    process group, so a sharded engine also runs as one plain process.
-
-    The process group lives as long as the process: the first `setup` creates it, later ones
-    (the next stage of a pipeline run in the same process) reuse it, and it is destroyed at
-    exit. DeepSpeed caches its groups on first use, so a destroyed and re-created group would
-    break a second DeepSpeed stage in the same process."""
-
-    backend: str = "gloo"
-    local_rank: int = 0
-
-    def setup(self, seed: int) -> None:
-        launch = env.detect_launch()
-        env.export_single_process_env(launch)
-        self.rank, self.world_size, self.local_rank = launch.rank, launch.world_size, launch.local_rank
-        self.device, self.backend = env.pick_device(launch.local_rank)
-        if self.device.type == "cpu":
-            env.configure_cpu_threads(launch)
-            tune_host_memory()
-        if not torch.distributed.is_initialized():
-            kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
-            torch.distributed.init_process_group(self.backend, init_method="env://", rank=self.rank,
-                                                 world_size=self.world_size, **kwargs)
-            atexit.register(_destroy_process_group)
-        seed_everything(seed)
-
-    def teardown(self) -> None:
-        """Wait for every worker; the process group itself is destroyed at exit."""
-        if torch.distributed.is_initialized():
-            self.barrier()
-
-    def barrier(self) -> None:
-        if self.backend == "nccl":
-            torch.distributed.barrier(device_ids=[self.device.index])
-        else:
-            torch.distributed.barrier()
-
-    def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
-        if op not in ("mean", "sum"):
-            raise ValueError(f"all_reduce op must be mean or sum, not {op!r}")
-        keys = sorted(values)
-        # float64: token counts stay exact and sums of losses lose nothing.
-        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        if op == "mean":
-            tensor /= self.world_size
-        return dict(zip(keys, tensor.tolist()))
-
-    # -- loss contract ------------------------------------------------------------------
-    def _count_backward(self, model: TrainedModel) -> bool:
-        """Count a backward pass; True when it is the last one before `step`."""
-        if model.pending_backwards >= model.accumulation:
-            raise RuntimeError(
-                f"{model.pending_backwards + 1} backward passes before step, but the model was wrapped "
-                f"with accumulation={model.accumulation}; pass the real count to Strategy.wrap"
-            )
-        model.pending_backwards += 1
-        return model.pending_backwards == model.accumulation
-
-    def _check_step(self, model: TrainedModel) -> None:
-        if model.pending_backwards != model.accumulation:
-            raise RuntimeError(
-                f"step after {model.pending_backwards} backward passes, but the model was wrapped with "
-                f"accumulation={model.accumulation}"
-            )
-        model.pending_backwards = 0
-
-    # -- export -------------------------------------------------------------------------
-    @abstractmethod
-    def full_state_dict(self, model: TrainedModel) -> dict[str, torch.Tensor]:
-        """Every worker calls this; rank 0 gets the complete weights on CPU, the others {}."""
-
-    def export(self, model: TrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
-               extra_files: dict | None = None) -> None:
-        state = self.full_state_dict(model)
-        if self.is_main:
-            from rlhf.distributed.gather import export_gathered
-
-            export_gathered(self.unwrap(model), state, tokenizer, directory, extra_files)
-        self.barrier()
-
-
-def _destroy_process_group() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def build_strategy(cfg: StrategyConfig) -> Strategy:
-    if cfg.name == "single":
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world > 1:
-            raise UserError(
-                f"strategy.name=single runs one process, but this launch has WORLD_SIZE={world}; "
-                "use strategy.name=deepspeed or strategy.name=fsdp"
-            )
-        from rlhf.distributed.single import SingleStrategy
-
-        return SingleStrategy(cfg)
-    if cfg.name == "deepspeed":
-        from rlhf.distributed.deepspeed import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(cfg)
-    if cfg.name == "fsdp":
-        from rlhf.distributed.fsdp import FSDPStrategy
-
-        return FSDPStrategy(cfg)
-    raise UserError(f"strategy.name={cfg.name!r} is not one of: single, deepspeed, fsdp")

@@ -12,12 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rlhf.config_sections import ModelConfig
 from rlhf.data.template import ensure_chat_template
 from rlhf.errors import UserError
-from rlhf.models.onednn import use_onednn_linears
-
-if not torch.cuda.is_available():
-    # transformers imports deepspeed when it is installed; telling it the accelerator up front
-    # spares every command a "could not detect a GPU" warning on CPU machines.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -130,14 +124,48 @@ def load_causal_lm(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    model = model.to(device)
-    use_onednn_linears(model)
-    return model
+    return model.to(device)
+
+
+_CONFIG_DROPOUT_SUFFIXES = ("dropout", "dropout_prob", "pdrop")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """RLHF compares log-probs of the same tokens across models and passes: dropout would make
-    them noisy, so every role runs without it."""
+    """Turn every dropout of `model` off, also in train mode.
+
+    RLHF compares log-probs of the same tokens across models and passes (the PPO ratio, the
+    KL to the reference): dropout would make them noisy, so every role runs without it.
+
+    Dropout modules are not the only kind: many transformers models keep the rate as a plain
+    float read in forward (Llama's attention stores `self.attention_dropout` and passes it to
+    SDPA's `dropout_p` when training) or read it from the config at call time. So this zeroes
+    `p` of every dropout module (`nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, ...), every
+    float attribute of a module whose name ends in `dropout`, and every float field of the
+    model's configs (sub-configs included) ending in `dropout`, `dropout_prob` or `pdrop`
+    (`attention_dropout`, `hidden_dropout`, `hidden_dropout_prob`, `resid_pdrop`, ...). The
+    config change is saved with the model, like the weights.
+    """
+    from transformers import PretrainedConfig
+
+    configs: dict[int, PretrainedConfig] = {}
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
+        config = vars(module).get("config")
+        if isinstance(config, PretrainedConfig):
+            configs[id(config)] = config
+    seen: set[int] = set()
+    pending = list(configs.values())
+    while pending:
+        config = pending.pop()
+        if id(config) in seen:
+            continue
+        seen.add(id(config))
+        for name, value in list(vars(config).items()):
+            if isinstance(value, PretrainedConfig):  # a sub-config (text_config, vision_config, ...)
+                pending.append(value)
+            elif name.endswith(_CONFIG_DROPOUT_SUFFIXES) and isinstance(value, float):
+                setattr(config, name, 0.0)

@@ -25,7 +25,6 @@ from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
 from rlhf.models.engines import unwrap_engine
 from rlhf.models.loading import detach_gguf_quantizer, resolve_dtype, resolve_location
-from rlhf.models.onednn import use_onednn_linears
 from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.shared_prefix import shared_prefix_attention_mask
 
@@ -89,9 +88,7 @@ def load_scalar_model(
             torch.nn.init.zeros_(head.bias)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = model.to(device)
-    use_onednn_linears(model)
-    return model
+    return model.to(device)
 
 
 def score_head(model: torch.nn.Module) -> torch.nn.Linear:

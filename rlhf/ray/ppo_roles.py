@@ -2,9 +2,11 @@
 
 Roles named in one colocation group share one placement group: every role gets its share of
 each bundle, so e.g. [[actor, reference], [critic, reward]] puts the policy and its frozen
-copy on the same GPUs and the two scalar models on others. The driver runs the same loop as
-a single process (stages/ppo.py) through proxies with the `LocalRoles` shape: a call splits
-its batch over the role's workers by rows, runs them in parallel and joins the results.
+copy on the same GPUs and the two scalar models on others. The PPO loop (stages/ppo.py) runs
+on the driver, a world of one, through `RayRoles`, which has the shape of `LocalRoles`: a
+call splits its batch over the role's workers by rows, runs them in parallel and joins the
+results. Trained roles get the whole experience and train on their worker's share of every
+global mini-batch, as SPMD workers do.
 """
 
 from __future__ import annotations
@@ -16,13 +18,36 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.config import PPOConfig
-from rlhf.config_sections import StrategyConfig
-from rlhf.distributed.single import SingleStrategy
-from rlhf.distributed.strategy import seed_everything
+from rlhf.distributed.strategy import Strategy, World
 from rlhf.ray.group import Placement, WorkerGroup, gather
 from rlhf.ray.role_worker import RoleWorker
+from rlhf.roles.team import LocalRoles
 from rlhf.rollout.engine import SamplingParams, concat_rollouts
 from rlhf.rollout.types import Experience, Rollout
+from rlhf.training.ppo import Scored
+
+
+def uses_role_groups(cfg: PPOConfig) -> bool:
+    """Whether PPO runs its loop on the driver with each role a Ray actor group."""
+    return cfg.ray.enabled and cfg.ppo.role_groups() is not None
+
+
+def ppo_world(cfg: PPOConfig) -> World | None:
+    """The driver's world of one when the roles are Ray groups (named after their layout, which
+    a checkpoint must match to resume); None: the configured strategy."""
+    if not uses_role_groups(cfg):
+        return None
+    world = World()
+    world.name = f"{cfg.strategy.name}+roles:{cfg.ppo.role_groups()}x{cfg.resources.workers}"
+    return world
+
+
+def build_ppo_roles(cfg: PPOConfig, world: World, tokenizer) -> "LocalRoles | RayRoles":
+    """All four roles in this process (trained through `world`, a Strategy), or Ray groups."""
+    if uses_role_groups(cfg):
+        return RayRoles(cfg, tokenizer.pad_token_id)
+    assert isinstance(world, Strategy)
+    return LocalRoles(cfg, world, tokenizer)
 
 
 def row_slices(rows: int, parts: int) -> list[slice]:
@@ -37,26 +62,29 @@ def row_slices(rows: int, parts: int) -> list[slice]:
 
 
 class RoleGroup:
-    """A role's workers behind the interface of the plain role class."""
+    """A role's workers behind the interface of the plain role class; a trained role's group
+    also saves, loads and exports like a `TrainedModel`."""
 
     def __init__(self, group: WorkerGroup, pad_token_id: int):
         self.group = group
         self.pad_token_id = pad_token_id
 
-    def _split_rollout(self, rollout: Rollout) -> list[Rollout]:
-        return [rollout.select(torch.arange(s.start, s.stop)) for s in row_slices(len(rollout.sequences), len(self.group))]
+    def _slices(self, rows: int) -> list[slice]:
+        return row_slices(rows, len(self.group))
 
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int) -> Rollout:
-        refs = [worker.generate.remote(list(prompts[s]), params, seed + rank) for rank, (worker, s) in
-                enumerate(zip(self.group.workers, row_slices(len(prompts), len(self.group))))]
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int | None = None,
+                 sample_ids: Sequence[int] | None = None) -> Rollout:
+        ids = list(range(len(prompts)) if sample_ids is None else sample_ids)
+        refs = [worker.generate.remote(list(prompts[s]), params, seed, ids[s])
+                for worker, s in zip(self.group.workers, self._slices(len(prompts)))]
         return concat_rollouts(gather(refs, self.group.name), self.pad_token_id)
 
-    def _rows(self, method: str, rollout: Rollout) -> torch.Tensor:
-        shards = self._split_rollout(rollout)
-        return torch.cat(gather(self.group.scatter_async(method, shards), self.group.name))
+    def _rows(self, method: str, rollout: Rollout, *args: Any) -> torch.Tensor:
+        shards = [rollout.select(torch.arange(s.start, s.stop)) for s in self._slices(len(rollout.sequences))]
+        return torch.cat(gather(self.group.scatter_async(method, shards, *args), self.group.name))
 
-    def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        return self._rows("logprobs", rollout)
+    def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
+        return self._rows("logprobs", rollout, temperature)
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         return self._rows("values", rollout)
@@ -66,9 +94,7 @@ class RoleGroup:
 
     def update_async(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float,
                      step_offset: int) -> list:
-        shards = [experience.select(torch.arange(s.start, s.stop))
-                  for s in row_slices(len(experience.rollout.sequences), len(self.group))]
-        return self.group.scatter_async("update", shards, orders, kl_coef, step_offset)
+        return self.group.call_async("update", experience, list(orders), kl_coef, step_offset)
 
     def save_state(self, directory: Path) -> None:
         self.group.call("save_state", str(directory))
@@ -76,15 +102,15 @@ class RoleGroup:
     def load_state(self, directory: Path) -> None:
         self.group.call("load_state", str(directory))
 
-    def export(self, directory: Path, extra_files: dict | None = None) -> None:
+    def export(self, directory: Path, tokenizer: Any = None, extra_files: dict | None = None) -> None:
+        """The workers export (their tokenizer, rank 0 writes)."""
         self.group.call("export", str(directory), extra_files)
 
 
 class RayRoles:
-    """The four roles as Ray actor groups, placed by `ppo.colocate`."""
-
     def __init__(self, cfg: PPOConfig, pad_token_id: int):
         self.cfg = cfg
+        self.pad_token_id = pad_token_id
         self.placements: list[Placement] = []
         self.groups: dict[str, WorkerGroup] = {}
         try:
@@ -117,12 +143,19 @@ class RayRoles:
         for role, group in self.groups.items():
             gather(group.call_async("setup", *addresses[role]), group.name)
 
-    def local_batch_size(self, size: int) -> int:
-        return size // len(self.actor.group)
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int) -> Rollout:
+        """The global batch rolled out over the actor's workers."""
+        return self.actor.generate(prompts, params, seed=seed, sample_ids=range(len(prompts)))
+
+    def score(self, rollout: Rollout) -> Scored:
+        """The global batch scored by every role's workers."""
+        reuse = self.cfg.rollout.reuse_logprobs and rollout.logprobs is not None
+        return Scored(rollout, rollout.logprobs if reuse else self.actor.logprobs(rollout),
+                      self.reference.logprobs(rollout), self.critic.values(rollout), self.reward_model.scores(rollout))
 
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float, train_actor: bool,
                step_offset: int) -> dict[str, float]:
-        """Actor and critic groups train on their shards of the experience at the same time."""
+        """Actor and critic groups train on their shares of the experience at the same time."""
         critic_refs = self.critic.update_async(experience, orders, kl_coef, step_offset)
         actor_refs = self.actor.update_async(experience, orders, kl_coef, step_offset) if train_actor else []
         metrics = gather(critic_refs, "ppo-critic")[0]
@@ -132,6 +165,10 @@ class RayRoles:
 
     def trained(self) -> dict[str, RoleGroup]:
         return {"actor": self.actor, "critic": self.critic}
+
+    @property
+    def policy(self) -> RoleGroup:
+        return self.actor
 
     def models(self) -> list[torch.nn.Module]:
         return []  # the models live in the workers: no perf/mfu from the driver
@@ -143,42 +180,4 @@ class RayRoles:
             group.kill()
         for placement in self.placements:
             placement.release()
-
-
-class DriverStrategy(SingleStrategy):
-    """The driver's side of the Strategy contract when the roles are Ray groups: the loop runs
-    here as a world of one on the CPU; saving, loading and export go to the role groups."""
-
-    def __init__(self, cfg: PPOConfig):
-        super().__init__(StrategyConfig(name="single"))
-        # The checkpoint's resume check compares this name: it carries the groups' layout,
-        # since the driver itself is a world of one.
-        self.name = f"{cfg.strategy.name}+roles:{cfg.ppo.role_groups()}x{cfg.resources.workers}"
-
-    def setup(self, seed: int) -> None:
-        self.device = torch.device("cpu")
-        seed_everything(seed)
-
-    def save_state(self, model: RoleGroup, directory: Path) -> None:
-        model.save_state(directory)
-
-    def load_state(self, model: RoleGroup, directory: Path) -> None:
-        model.load_state(directory)
-
-    def export(self, model: RoleGroup, tokenizer: Any, directory: Path, extra_files: dict | None = None) -> None:
-        model.export(directory, extra_files)
-
-    def unwrap(self, model: Any) -> Any:
-        return None  # the actor lives in its workers
-
-
-def run_ppo_with_role_groups(cfg: PPOConfig) -> dict:
-    from rlhf.models.loading import load_tokenizer
-    from stages import ppo
-
-    roles = RayRoles(cfg, load_tokenizer(cfg.model).pad_token_id)
-    try:
-        result = ppo.main(cfg, roles=roles, strategy=DriverStrategy(cfg))
-    finally:
-        roles.shutdown()
-    return {"metrics": dict(result.metrics), "model_dir": str(result.model_dir), "nodes": roles.nodes}
+        self.groups, self.placements = {}, []

@@ -13,20 +13,14 @@ from typing import Sequence
 import torch
 
 from rlhf.config import PPOConfig
-from rlhf.config_sections import StrategyConfig
-from rlhf.distributed.strategy import build_strategy
+from rlhf.distributed.factory import build_strategy
+from rlhf.distributed.strategy import World
+from rlhf.kernels import configure_process
 from rlhf.models.loading import load_tokenizer
 from rlhf.ray.stage_worker import WorkerBase
-from rlhf.roles.build import (
-    build_actor,
-    build_critic,
-    build_reference,
-    build_reward_model,
-    ptx_batch_fn,
-)
+from rlhf.roles.build import build_actor, build_critic, build_reference, build_reward_model
 from rlhf.rollout.engine import SamplingParams
 from rlhf.rollout.types import Experience, Rollout
-from rlhf.training.ppo import actor_update, critic_update
 
 
 class RoleWorker(WorkerBase):
@@ -38,54 +32,51 @@ class RoleWorker(WorkerBase):
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the role's process group (trained roles) and build the role's model."""
         cfg = self.cfg
+        configure_process(cfg.kernels)
         trained = self.role in ("actor", "critic")
         if trained:
             self.export_launch_env(master_addr, master_port)
-        self.strategy = build_strategy(cfg.strategy if trained else StrategyConfig(name="single"))
-        self.strategy.setup(cfg.seed)
+        self.world = build_strategy(cfg.strategy) if trained else World()
+        self.world.setup(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         if self.role == "actor":
-            self.model = build_actor(cfg, self.strategy, self.tokenizer)
-            self.ptx_batch = ptx_batch_fn(cfg, self.tokenizer)
+            self.model = build_actor(cfg, self.world, self.tokenizer)
         elif self.role == "critic":
-            self.model = build_critic(cfg, self.strategy)
+            self.model = build_critic(cfg, self.world)
         elif self.role == "reference":
-            self.model = build_reference(cfg, self.strategy)
+            self.model = build_reference(cfg, self.world)
         else:
-            self.model = build_reward_model(cfg, self.strategy)
+            self.model = build_reward_model(cfg, self.world)
 
     # -- forwards ------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int) -> Rollout:
-        return self.model.generate(list(prompts), params, seed=seed).to(torch.device("cpu"))
+    def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int | None,
+                 sample_ids: Sequence[int]) -> Rollout:
+        return self.model.generate(list(prompts), params, seed=seed, sample_ids=sample_ids).to(torch.device("cpu"))
 
-    def logprobs(self, rollout: Rollout) -> torch.Tensor:
-        return self.model.logprobs(rollout.to(self.strategy.device)).cpu()
+    def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
+        return self.model.logprobs(rollout.to(self.world.device), temperature).cpu()
 
     def values(self, rollout: Rollout) -> torch.Tensor:
-        return self.model.values(rollout.to(self.strategy.device)).cpu()
+        return self.model.values(rollout.to(self.world.device)).cpu()
 
     def scores(self, rollout: Rollout) -> torch.Tensor:
-        return self.model.scores(rollout.to(self.strategy.device)).cpu()
+        return self.model.scores(rollout.to(self.world.device)).cpu()
 
     # -- training ------------------------------------------------------------------------
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float,
                step_offset: int) -> dict[str, float]:
-        experience = experience.to(self.strategy.device)
-        if self.role == "actor":
-            metrics = actor_update(experience, self.model, self.strategy, self.cfg, kl_coef, orders,
-                                   self.ptx_batch, step_offset)
-        else:
-            metrics = critic_update(experience, self.model, self.strategy, self.cfg, orders)
-        return self.strategy.all_reduce(metrics)
+        """This worker's share of every global mini-batch; metrics averaged over the role's workers."""
+        metrics = self.model.update(experience.to(self.world.device), orders, kl_coef, step_offset)
+        return self.world.all_reduce(metrics)
 
     def save_state(self, directory: str) -> None:
-        self.strategy.save_state(self.model.trained, Path(directory))
+        self.model.trained.save_state(Path(directory))
 
     def load_state(self, directory: str) -> None:
-        self.strategy.load_state(self.model.trained, Path(directory))
+        self.model.trained.load_state(Path(directory))
 
     def export(self, directory: str, extra_files: dict | None = None) -> None:
-        self.strategy.export(self.model.trained, self.tokenizer, Path(directory), extra_files=extra_files)
+        self.model.trained.export(Path(directory), self.tokenizer, extra_files)
 
     def teardown(self) -> None:
-        self.strategy.teardown()
+        self.world.teardown()

@@ -15,14 +15,14 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 from rlhf.config_sections import RayConfig
 
 FORWARDED_PREFIXES = ("HF_", "NCCL_", "GLOO_", "TORCH_")
 FORWARDED_NAMES = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "TRANSFORMERS_OFFLINE",
                    "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
-                   "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL")
+                   "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL")  # kernel overrides (config.yaml records them)
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 EXCLUDES = [".git", ".venv", "runs", "wandb", "*.safetensors", "*.pt", "__pycache__"]
 
@@ -36,7 +36,9 @@ def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[
     return chosen
 
 
-def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None) -> dict:
+def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None, code_dirs: Sequence[str] = ()) -> dict:
+    """`code_dirs`: package directories shipped to a joined cluster besides `rlhf` itself (the
+    stage registry's, which the caller knows)."""
     environ = os.environ if environ is None else environ
     env = {"env_vars": forwarded_env(environ, cfg.env_vars)}
     if cfg.working_dir:
@@ -45,14 +47,13 @@ def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None) -> dic
     elif cfg.address:
         # A joined cluster may run other code versions: ship ours (small; no data, no weights).
         import rlhf
-        import stages
 
-        env["py_modules"] = [str(Path(rlhf.__file__).parent), str(Path(stages.__file__).parent)]
+        env["py_modules"] = [str(Path(rlhf.__file__).parent), *map(str, code_dirs)]
     return env
 
 
 @contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
+def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = ()) -> Iterator[None]:
     """Ray initialised for the block (reused when the caller already started it)."""
     import ray
 
@@ -60,7 +61,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg), "log_to_driver": True}
+    kwargs: dict = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg, code_dirs=code_dirs),
+                    "log_to_driver": True}
     if cfg.address:
         kwargs["address"] = cfg.address
     else:

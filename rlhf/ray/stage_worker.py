@@ -1,6 +1,8 @@
 """One training process of a stage, as a plain class: it exports the variables torchrun
 would (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and runs
-the stage's `main`, so the stage code is the same under Ray, torchrun or a plain process."""
+the stage's `main`, so the stage code is the same under Ray, torchrun or a plain process.
+Stages arrive as objects with a `main(cfg)` (the registry's entries, stages/__init__.py):
+nothing here knows which stages exist."""
 
 from __future__ import annotations
 
@@ -10,17 +12,8 @@ from typing import Any
 from rlhf.distributed.env import free_port
 
 
-def run_stage(stage: str, cfg: Any) -> dict:
-    """Run `stages.<stage>.main(cfg)` in this process; its summary metrics and model directory."""
-    if stage == "sft":
-        from stages import sft as module
-    elif stage == "rm":
-        from stages import rm as module
-    elif stage == "ppo":
-        from stages import ppo as module
-    else:
-        raise ValueError(f"unknown stage {stage!r}")
-    result = module.main(cfg)
+def stage_summary(result: Any) -> dict:
+    """What a stage run reports back to its launcher: summary metrics and model directory."""
     return {"metrics": dict(result.metrics), "model_dir": str(result.model_dir)}
 
 
@@ -78,6 +71,7 @@ class WorkerBase:
 
 
 class StageWorker(WorkerBase):
-    def run(self, stage: str, cfg: Any, master_addr: str, master_port: int) -> dict:
+    def run(self, stage: Any, cfg: Any, master_addr: str, master_port: int) -> dict:
+        """Run `stage.main(cfg)` as this worker's rank of the stage's process group."""
         self.export_launch_env(master_addr, master_port)
-        return run_stage(stage, cfg)
+        return stage_summary(stage.main(cfg))

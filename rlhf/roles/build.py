@@ -1,19 +1,22 @@
-"""Building each PPO role from the stage config: used by stages/ppo.py, where one process
-holds all four roles, and by the Ray role workers, where each process holds one."""
+"""Building each PPO role from the stage config: `LocalRoles` (rlhf/roles/team.py) builds all
+four in one process; a Ray role worker (rlhf/ray/role_worker.py) builds one."""
 
 from __future__ import annotations
 
 from rlhf.config import PPOConfig
 from rlhf.data.builders import load_records
 from rlhf.data.sft_dataset import SFTBatches, encode_text
-from rlhf.distributed.strategy import Strategy
+from rlhf.distributed.optim import OptimizerSpec
+from rlhf.distributed.strategy import Strategy, World
 from rlhf.errors import ConfigError, UserError
-from rlhf.models.fused_head import use_fused_head_loss
+from rlhf.kernels import accelerate
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.lora import apply_lora
 from rlhf.models.reward import RewardStats, load_scalar_model
 from rlhf.roles.roles import Actor, Critic, Reference, RewardModel
-from rlhf.training.optim import OptimizerSpec
+from rlhf.rollout.decode import DecodeEngine
+from rlhf.rollout.engine import HFGenerateEngine
+from rlhf.training.ppo import PolicyLossSettings
 
 
 def steps_per_iteration(cfg: PPOConfig) -> int:
@@ -22,7 +25,7 @@ def steps_per_iteration(cfg: PPOConfig) -> int:
 
 def accumulation_steps(cfg: PPOConfig, world_size: int) -> tuple[int, int]:
     """Backward calls per optimizer step on each worker for (actor, critic): the micro-batches
-    of a mini-batch, plus the pretraining micro-batch for the actor under PPO-ptx."""
+    of its share of a mini-batch, plus the pretraining micro-batch for the actor under PPO-ptx."""
     per_pass = cfg.ppo.micro_batch_size * world_size
     if cfg.ppo.mini_batch_size % per_pass:
         raise ConfigError(f"ppo.mini_batch_size={cfg.ppo.mini_batch_size} must be a multiple of ppo.micro_batch_size "
@@ -39,17 +42,31 @@ def reward_stats_for(cfg: PPOConfig) -> RewardStats | None:
     return stats
 
 
+def policy_loss_settings(cfg: PPOConfig) -> PolicyLossSettings:
+    return PolicyLossSettings(clip_eps=cfg.ppo.clip_eps, dual_clip=cfg.ppo.dual_clip, entropy_coef=cfg.ppo.entropy_coef,
+                              kl_in_loss=cfg.kl.in_loss, kl_estimator=cfg.kl.estimator,
+                              aggregation=cfg.ppo.loss_aggregation)
+
+
 def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     """The policy, from the SFT model, wrapped for training by the strategy."""
     total_steps = cfg.ppo.iterations * steps_per_iteration(cfg)
     accumulation, _ = accumulation_steps(cfg, strategy.world_size)
     model = load_causal_lm(cfg.model, strategy.device)
-    if cfg.ppo.ptx_coef > 0:
-        use_fused_head_loss(model)  # the pretraining loss without whole logits (rlhf/models/fused_head.py)
+    accelerate(model, cfg.kernels, lm_loss=cfg.ppo.ptx_coef > 0)
     model = apply_lora(model, cfg.model.lora)
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr)
-    return Actor(strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size), tokenizer.eos_token_id,
-                 tokenizer.pad_token_id, cfg.rollout.temperature, cfg.rollout.batch_size, cfg.rollout.engine)
+    trained = strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size)
+    generation_model = getattr(trained.module, "module", trained.module)  # engines wrap the HF model as .module
+    if cfg.rollout.engine == "decode":
+        engine = DecodeEngine(generation_model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.batch_size,
+                              llama_step=cfg.kernels.llama_decode_step)
+    else:
+        engine = HFGenerateEngine(generation_model, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  cfg.rollout.batch_size)
+    return Actor(trained, engine, cfg.rollout.temperature, policy_loss_settings(cfg), cfg.ppo.mini_batch_size,
+                 cfg.ppo.micro_batch_size, aggregation_constant=float(cfg.rollout.max_new_tokens),
+                 ptx_coef=cfg.ppo.ptx_coef, ptx_batch=ptx_batch_fn(cfg, tokenizer))
 
 
 def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:
@@ -58,16 +75,22 @@ def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:
     _, accumulation = accumulation_steps(cfg, strategy.world_size)
     source = cfg.reward_model if cfg.ppo.critic_init == "reward" else cfg.model
     model = load_scalar_model(source, strategy.device, seed=cfg.seed)
+    accelerate(model, cfg.kernels)
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.critic_lr)
-    return Critic(strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size))
+    return Critic(strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size), cfg.ppo.value_clip_eps,
+                  cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size)
 
 
-def build_reference(cfg: PPOConfig, strategy: Strategy) -> Reference:
-    return Reference(load_causal_lm(cfg.model, strategy.device), cfg.rollout.temperature)
+def build_reference(cfg: PPOConfig, world: World) -> Reference:
+    model = load_causal_lm(cfg.model, world.device)
+    accelerate(model, cfg.kernels)
+    return Reference(model, cfg.rollout.temperature)
 
 
-def build_reward_model(cfg: PPOConfig, strategy: Strategy) -> RewardModel:
-    return RewardModel(load_scalar_model(cfg.reward_model, strategy.device), reward_stats_for(cfg))
+def build_reward_model(cfg: PPOConfig, world: World) -> RewardModel:
+    model = load_scalar_model(cfg.reward_model, world.device)
+    accelerate(model, cfg.kernels)
+    return RewardModel(model, reward_stats_for(cfg))
 
 
 def build_pretrain_batches(cfg: PPOConfig, tokenizer) -> SFTBatches:
@@ -78,9 +101,18 @@ def build_pretrain_batches(cfg: PPOConfig, tokenizer) -> SFTBatches:
                       max_length=cfg.data.pretrain_max_length, seed=cfg.seed)
 
 
-def ptx_batch_fn(cfg: PPOConfig, tokenizer):
-    """step -> the pretraining micro-batch of that optimizer step; None without PPO-ptx."""
+class PretrainStream:
+    """step -> the pretraining micro-batch of that optimizer step (PPO-ptx)."""
+
+    def __init__(self, batches: SFTBatches):
+        self.batches = batches
+
+    def __call__(self, step: int):
+        return self.batches.batch(step // len(self.batches), step % len(self.batches))
+
+
+def ptx_batch_fn(cfg: PPOConfig, tokenizer) -> PretrainStream | None:
+    """The PPO-ptx data stream; None without PPO-ptx."""
     if cfg.ppo.ptx_coef <= 0:
         return None
-    batches = build_pretrain_batches(cfg, tokenizer)
-    return lambda step: batches.batch(step // len(batches), step % len(batches))
+    return PretrainStream(build_pretrain_batches(cfg, tokenizer))

@@ -5,12 +5,12 @@ What it does that `model.generate` does not (benchmarks/rollout.py measures each
 - a row that has emitted EOS leaves the batch (and its KV cache rows are dropped), so the
   rest decode on a smaller batch instead of carrying finished rows to the end;
 - plain Llama models run prompt and decode steps through `LlamaDecodeStep`
-  (rlhf/rollout/llama_step.py): fused q/k/v and gate/up matmuls, a preallocated KV cache,
-  none of the forward's per-call and per-step setup;
-- on the CPU, linear layers compute (W·xᵀ)ᵀ for the few rows of a decode step, which the
-  BLAS runs ~2x faster than x·Wᵀ (rlhf/rollout/skinny.py);
+  (rlhf/kernels/llama_step.py, `kernels.llama_decode_step`): fused q/k/v and gate/up matmuls,
+  a preallocated KV cache, none of the forward's per-call and per-step setup;
 - one uniform number per row samples the token (inverse CDF), instead of an exponential
-  draw per vocabulary entry;
+  draw per vocabulary entry; with `SampleSeeds` that number depends only on the seed, the
+  step and the sample's id, so a sample is the same however prompts are batched, sorted or
+  spread over workers;
 - it returns the log-probability of every sampled token under softmax(logits / T), the
   distribution PPO scores, so PPO can skip a second forward of the actor (rollout.reuse_logprobs).
 
@@ -28,11 +28,26 @@ import torch.distributed as dist
 from transformers import DynamicCache
 
 from rlhf.algorithms.losses import token_logprobs
+from rlhf.kernels.llama_step import LlamaDecodeStep
 from rlhf.models.engines import is_whole
 from rlhf.rollout.engine import RolloutEngine, SamplingParams, concat_rollouts, finish_rollout, left_pad
-from rlhf.rollout.llama_step import LlamaDecodeStep
-from rlhf.rollout.skinny import skinny_matmuls
 from rlhf.rollout.types import Rollout
+
+
+class SampleSeeds:
+    """Per-sample random streams: the uniform number that draws sample `i`'s token at decode
+    step `t` is entry i of a vector drawn from a generator seeded by (seed, t)."""
+
+    def __init__(self, seed: int, sample_ids: Sequence[int]):
+        self.seed = seed
+        self.ids = torch.as_tensor(list(sample_ids), dtype=torch.long)
+        self.size = int(self.ids.max()) + 1 if len(self.ids) else 0
+
+    def uniforms(self, step: int, ids: torch.Tensor) -> torch.Tensor:
+        """(rows, 1) float64 uniforms in [0, 1) of the samples `ids` at `step`."""
+        generator = torch.Generator(device=ids.device).manual_seed(self.seed * 1_000_033 + step)
+        drawn = torch.rand(self.size, generator=generator, dtype=torch.float64, device=ids.device)
+        return drawn[ids].unsqueeze(-1)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -52,7 +67,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_with_logprobs(logits: torch.Tensor, generator: torch.Generator | None = None,
-                         workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         workspace: torch.Tensor | None = None, uniform: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row from softmax(logits), by inverting the CDF at one uniform number per
     row, and its log-probability (float32). The CDF is summed in float64: a float32 sum over a
     50k vocabulary drifts by ~1e-4.
@@ -60,7 +76,8 @@ def sample_with_logprobs(logits: torch.Tensor, generator: torch.Generator | None
     `workspace`, float64 and at least as large as `logits`, holds the CDF: the decode loop
     passes one buffer for all its steps instead of three fresh blocks per step (a float64
     copy, its softmax and its cumsum, 3 MB each at SmolLM2's vocabulary and 8 rows), and the
-    log-probability comes from the same sums instead of a separate logsumexp."""
+    log-probability comes from the same sums instead of a separate logsumexp. `uniform`, (rows,
+    1) float64 in [0, 1), replaces the draw from `generator`."""
     rows, vocab = logits.shape
     if workspace is None:
         cdf = torch.empty((rows, vocab), dtype=torch.float64, device=logits.device)
@@ -70,7 +87,10 @@ def sample_with_logprobs(logits: torch.Tensor, generator: torch.Generator | None
     peak = cdf.amax(-1, keepdim=True)
     cdf.sub_(peak).exp_().cumsum_(-1)  # unnormalised: softmax's exp(z - max), summed
     total = cdf[:, -1:]
-    uniform = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=logits.device)
+    if uniform is None:
+        uniform = torch.rand((rows, 1), generator=generator, dtype=torch.float64, device=logits.device)
+    else:
+        uniform = uniform.clone()
     # The first entry above u·total, with u < 1 in float64 so that u·total < total: its CDF step
     # is positive, so a token of probability 0 (filtered to -inf) is never drawn. The clamp only
     # keeps NaN logits from indexing past the vocabulary.
@@ -93,8 +113,17 @@ def _is_sharded(model: torch.nn.Module) -> bool:
 
 
 class DecodeEngine(RolloutEngine):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32,
+                 llama_step: bool = True):
+        super().__init__(model, eos_token_id, pad_token_id, batch_size)
+        self.llama_step = llama_step
+        """Run plain Llama models through `LlamaDecodeStep` (`kernels.llama_decode_step`)."""
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: SampleSeeds | None = None) -> Rollout:
+        """Sample one response per prompt; with `seeds`, prompt i's sample depends only on the
+        seed and its id `seeds.ids[i]` (otherwise on torch's global generator)."""
         was_training = self.model.training
         self.model.eval()
         synced = _is_sharded(self.model)
@@ -102,10 +131,13 @@ class DecodeEngine(RolloutEngine):
         # memory, if it must) first.
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         # Our own decode step for plain Llama models; anything else steps through its forward.
-        fast_step = LlamaDecodeStep(self.model) if not synced and LlamaDecodeStep.supports(self.model) else None
-        with skinny_matmuls(self.model):
-            parts = [self._generate([prompts[i] for i in order[s : s + self.batch_size]], params, synced, fast_step)
-                     for s in range(0, len(order), self.batch_size)]
+        fast_step = (LlamaDecodeStep(self.model) if self.llama_step and not synced and LlamaDecodeStep.supports(self.model)
+                     else None)
+        parts = []
+        for s in range(0, len(order), self.batch_size):
+            batch = order[s : s + self.batch_size]
+            ids = seeds.ids[batch] if seeds is not None else None
+            parts.append(self._generate([prompts[i] for i in batch], params, synced, fast_step, seeds, ids))
         self.model.train(was_training)
         joined = concat_rollouts(parts, self.pad_token_id)
         inverse = torch.empty(len(order), dtype=torch.long)
@@ -113,10 +145,11 @@ class DecodeEngine(RolloutEngine):
         return joined.select(inverse.to(joined.sequences.device))
 
     def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, synced: bool,
-                  fast_step: LlamaDecodeStep | None) -> Rollout:
+                  fast_step: LlamaDecodeStep | None, seeds: SampleSeeds | None, ids: torch.Tensor | None) -> Rollout:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        ids = ids.to(device) if ids is not None else None
         rows, width = prompt_ids.shape
         responses = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32, device=device)
@@ -139,8 +172,9 @@ class DecodeEngine(RolloutEngine):
             scaled = logits.float()
             if params.temperature != 1.0:
                 scaled = scaled / params.temperature
+            uniform = seeds.uniforms(step, ids[active]) if seeds is not None else None
             tokens, token_logps = sample_with_logprobs(filter_logits(scaled, params.top_k, params.top_p),
-                                                       workspace=workspace)
+                                                       workspace=workspace, uniform=uniform)
             if filtered:  # PPO scores the unfiltered distribution
                 token_logps = token_logprobs(scaled.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1)
             responses[active, step] = tokens

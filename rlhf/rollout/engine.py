@@ -6,9 +6,11 @@ GPU deployments would implement the same `generate` and return the same `Rollout
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -66,6 +68,21 @@ class RolloutEngine(ABC):
 
 
 class HFGenerateEngine(RolloutEngine):
+    """Sampling with transformers' `generate`, with exactly the given `SamplingParams`.
+
+    `generate` merges three layers (transformers 5.x, `GenerationMixin._prepare_generation_config`
+    in generation/utils.py): the `generation_config` argument, then every field it leaves unset
+    (`None`) filled from the model's own `model.generation_config` (a checkpoint's
+    generation_config.json: repetition_penalty, min_p, no_repeat_ngram_size, suppress_tokens,
+    min_new_tokens, typical_p, ...), then transformers' global defaults. PPO scores the samples
+    with plain softmax(logits / temperature), so any of the checkpoint's filters would make the
+    sampler differ from the distribution the ratio assumes. During each call the model-level
+    config is therefore replaced by one holding our settings only (and restored afterwards,
+    also on errors): what is left unset falls through to the global defaults, which are the
+    neutral values (no penalty, no filter), and `top_k=0` is passed explicitly so that it
+    means "no top-k" rather than the global default of 50.
+    """
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         device = next(self.model.parameters()).device
@@ -73,26 +90,49 @@ class HFGenerateEngine(RolloutEngine):
                  for i in range(0, len(prompts), self.batch_size)]
         return concat_rollouts(parts, self.pad_token_id)
 
-    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, device: torch.device) -> Rollout:
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        was_training = self.model.training
-        self.model.eval()
-        # A fresh GenerationConfig: a checkpoint's own defaults (top_k=50, repetition
-        # penalties, ...) would make the sampler differ from the distribution PPO scores.
-        config = GenerationConfig(
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        return GenerationConfig(
             do_sample=True,
             temperature=params.temperature,
-            top_k=params.top_k,
+            top_k=params.top_k,  # 0: no top-k (the global default would be 50)
             top_p=params.top_p,
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
-        out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
-        self.model.train(was_training)
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, device: torch.device) -> Rollout:
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        config = self._generation_config(params)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._model_generation_config(self.model, config):
+                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+        finally:
+            self.model.train(was_training)
         return finish_rollout(prompt_ids, prompt_mask, out[:, prompt_ids.shape[1] :], self.eos_token_id, self.pad_token_id)
+
+    @staticmethod
+    @contextmanager
+    def _model_generation_config(model: torch.nn.Module, config: GenerationConfig) -> Iterator[None]:
+        """Make `config` the model-level `generation_config` of `model` and of every submodule that
+        holds its own (a PEFT wrapper copies its own onto the wrapped model inside `generate`),
+        then put the originals back."""
+        holders = [model] + [m for m in model.modules() if m is not model and "generation_config" in vars(m)]
+        saved = [(m, "generation_config" in vars(m), vars(m).get("generation_config")) for m in holders]
+        try:
+            for module in holders:
+                module.generation_config = copy.deepcopy(config)
+            yield
+        finally:
+            for module, owned, original in saved:
+                if owned:
+                    module.generation_config = original
+                elif "generation_config" in vars(module):
+                    del module.generation_config
 
 
 def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
@@ -101,15 +141,8 @@ def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
         return parts[0]
     prompt_width = max(p.prompt_length for p in parts)
     response_width = max(p.response_mask.shape[1] for p in parts)
-    seqs, masks, response_masks, logprobs = [], [], [], []
-    for part in parts:
-        left = prompt_width - part.prompt_length
-        right = response_width - part.response_mask.shape[1]
-        seqs.append(torch.nn.functional.pad(part.sequences, (left, right), value=pad_token_id))
-        masks.append(torch.nn.functional.pad(part.attention_mask, (left, right), value=0))
-        response_masks.append(torch.nn.functional.pad(part.response_mask, (0, right), value=0.0))
-        if part.logprobs is not None:
-            logprobs.append(torch.nn.functional.pad(part.logprobs, (0, right), value=0.0))
-    return Rollout(torch.cat(seqs), torch.cat(masks), prompt_width, torch.cat(response_masks),
-                   torch.cat([p.eos_found for p in parts]),
+    parts = [p.padded(prompt_width, response_width, pad_token_id) for p in parts]
+    logprobs = [p.logprobs for p in parts if p.logprobs is not None]
+    return Rollout(torch.cat([p.sequences for p in parts]), torch.cat([p.attention_mask for p in parts]), prompt_width,
+                   torch.cat([p.response_mask for p in parts]), torch.cat([p.eos_found for p in parts]),
                    torch.cat(logprobs) if len(logprobs) == len(parts) else None)

@@ -45,6 +45,22 @@ class Rollout:
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
+    def padded(self, prompt_width: int, response_width: int, pad_token_id: int) -> "Rollout":
+        """The same rows widened to `prompt_width` prompt columns (padding on the left) and
+        `response_width` response columns (padding on the right)."""
+        left, right = prompt_width - self.prompt_length, response_width - self.response_mask.shape[1]
+        if left == 0 and right == 0:
+            return self
+        pad = torch.nn.functional.pad
+        return Rollout(
+            sequences=pad(self.sequences, (left, right), value=pad_token_id),
+            attention_mask=pad(self.attention_mask, (left, right), value=0),
+            prompt_length=prompt_width,
+            response_mask=pad(self.response_mask, (0, right), value=0.0),
+            eos_found=self.eos_found,
+            logprobs=None if self.logprobs is None else pad(self.logprobs, (0, right), value=0.0),
+        )
+
     def trimmed(self) -> "Rollout":
         """The same rows without the columns that are padding in every row: prompt columns
         left of the longest prompt and response columns right of the longest response (at

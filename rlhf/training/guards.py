@@ -10,8 +10,16 @@ written from finite weights.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from rlhf.errors import UserError
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The named values of a step that hold NaN or inf (the update is skipped)."""
+
+    names: tuple[str, ...]
 
 
 class NonFiniteGuard:
@@ -20,11 +28,15 @@ class NonFiniteGuard:
         self.skipped = 0
         self.consecutive = 0
 
-    def check(self, step: int, values: dict[str, float], strategy, before_update: bool = False) -> bool:
+    def check(self, step: int, values: dict[str, float] | NonFinite, strategy, before_update: bool = False) -> bool:
         """True when every value is finite on every worker; otherwise counts the skip and
         raises once the limit is reached (under DeepSpeed at the first one, unless the values
-        were checked `before_update`, as PPO checks its rewards)."""
-        bad = [name for name, value in values.items() if not math.isfinite(float(value))]
+        were checked `before_update`, as PPO checks its rewards). `values` are scalars, or
+        the names of the non-finite tensors."""
+        if isinstance(values, NonFinite):
+            bad = list(values.names)
+        else:
+            bad = [name for name, value in values.items() if not math.isfinite(float(value))]
         if strategy.world_size > 1:
             bad_anywhere = strategy.all_reduce({"bad": float(len(bad))}, op="sum")["bad"] > 0
             bad = bad or (["a value on another worker"] if bad_anywhere else [])

@@ -1,5 +1,5 @@
-"""Language-model training pieces shared by SFT and PPO-ptx: the micro-batch stream with
-step-exact positions, the token-normalised loss, and evaluation."""
+"""Language-model training pieces shared by SFT and PPO-ptx: the loss of a micro-batch, the
+micro-batch stream with step-exact positions, and evaluation."""
 
 from __future__ import annotations
 
@@ -9,37 +9,45 @@ from typing import Iterator
 
 import torch
 
+from rlhf.algorithms.losses import lm_nll
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatch, SFTBatches
-from rlhf.models.fused_head import head_loss_targets
+from rlhf.kernels.fused_head import loss_head, tied_gradient_slot
 from rlhf.models.segments import segment_kwargs
 
 
 def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
-    """(sum of next-token NLL over target tokens, number of target tokens).
+    """(sum of next-token NLL over target tokens, number of target tokens): the loss of SFT
+    and of the PPO-ptx term.
 
-    Logits are computed only at positions whose next token is a target: the vocabulary
-    projection is ~20% of a 135M model's FLOPs and its (tokens, vocab) output the largest
-    activation, and prompt and padding positions need neither. A head set up by
-    `use_fused_head_loss` computes the loss itself over chunks of those positions, without
-    the whole (tokens, vocab) logits."""
+    Only positions whose next token is a target reach the vocabulary projection: it is ~20% of
+    a 135M model's FLOPs and its (tokens, vocab) output the largest activation, and prompt and
+    padding positions need neither. A model whose head is a `LossHead` (`rlhf.kernels.accelerate`
+    with `kernels.fused_lm_loss`) returns its final hidden states, and the head computes the loss
+    of the target positions over chunks, without the whole (tokens, vocab) logits; any other
+    model gives the logits of those positions to `lm_nll`."""
     targets = batch.labels[:, 1:]
     predicts_target = torch.zeros_like(batch.labels, dtype=torch.bool)
     predicts_target[:, :-1] = targets != IGNORE_INDEX
     target_ids = targets[targets != IGNORE_INDEX]
-    with head_loss_targets(module, target_ids) as head_computes_loss:
-        output = module(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            # A cache would also switch off the packed-sequence mask in transformers.
-            use_cache=False,
-            logits_to_keep=predicts_target,
-            **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
-        ).logits  # (target tokens, vocab) in row-major order of the mask, or their summed NLL
-    if head_computes_loss:  # rlhf/models/fused_head.py
-        return output, int(target_ids.numel())
-    nll = torch.nn.functional.cross_entropy(output.float(), target_ids, reduction="sum")
-    return nll, int(output.shape[0])
+    inputs = dict(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        # A cache would also switch off the packed-sequence mask in transformers.
+        use_cache=False,
+        **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
+    )
+    head = loss_head(module)
+    if head is None:
+        logits = module(**inputs, logits_to_keep=predicts_target).logits  # (target tokens, vocab)
+        nll, count = lm_nll(logits, target_ids)
+        return nll, int(count)
+    # No logits from the forward (an empty selection); the head is then called as a module, so
+    # engines that gather its weight around its forward (ZeRO-3) do so.
+    nothing = torch.zeros_like(predicts_target)
+    hidden = module(**inputs, logits_to_keep=nothing, output_hidden_states=True).hidden_states[-1]
+    nll = head(hidden[predicts_target], targets=target_ids, weight_gradient_sink=tied_gradient_slot(module, head))
+    return nll, int(target_ids.numel())
 
 
 @dataclass
@@ -84,3 +92,32 @@ def evaluate_lm(module: torch.nn.Module, batches: Iterator[SFTBatch], device: to
         tokens += n
     module.train(was_training)
     return total, tokens
+
+
+class LMEvaluation:
+    """Held-out loss and perplexity over all workers, for `Run.begin(evaluate=...)`."""
+
+    def __init__(self, module: torch.nn.Module, batches: SFTBatches, world):
+        self.module, self.batches, self.world = module, batches, world
+
+    def __call__(self, step: int) -> dict[str, float]:
+        nll, tokens = evaluate_lm(self.module, self.batches.epoch(0), self.world.device)
+        totals = self.world.all_reduce({"nll": nll, "tokens": tokens}, op="sum")
+        loss = totals["nll"] / max(totals["tokens"], 1)
+        return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+def sft_step(trained, batches: list[SFTBatch], strategy) -> dict[str, float]:
+    """One optimizer step over this worker's micro-batches, the loss normalised by the answer
+    tokens of the whole global batch; the step's metrics, summed over workers."""
+    step_tokens = strategy.all_reduce({"tokens": sum(b.num_target_tokens for b in batches)}, op="sum")["tokens"]
+    loss_sum = 0.0
+    for batch in batches:
+        nll, _ = lm_forward_nll(trained.module, batch)
+        strategy.backward(trained, nll / max(step_tokens, 1))
+        loss_sum += float(nll.detach())
+    lr = trained.lr
+    grad_norm = strategy.step(trained)
+    totals = strategy.all_reduce({"nll": loss_sum, "tokens": sum(b.real_tokens for b in batches)}, op="sum")
+    return {"sft/loss": totals["nll"] / max(step_tokens, 1), "sft/lr": lr, "sft/grad_norm": grad_norm,
+            "sft/target_tokens": step_tokens, "sft/tokens": totals["tokens"]}

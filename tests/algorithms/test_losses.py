@@ -4,13 +4,12 @@ import pytest
 import torch
 
 from rlhf.algorithms.losses import (
+    clipped_surrogate,
     entropy_from_logits,
     explained_variance,
     kwise_ranking_loss,
-    pairwise_ranking_loss,
+    lm_nll,
     ppo_policy_loss,
-    ptx_loss,
-    sft_loss,
     token_logprobs,
     value_loss,
 )
@@ -48,54 +47,107 @@ def test_token_logprobs_bf16_is_upcast_and_matches_reference():
     assert torch.allclose(out.double(), ref, atol=1e-5)
 
 
-def test_sft_loss_shift_and_ignore_index():
-    # logits[:, 0] predicts labels[:, 1] = 1 with softmax [1, 2, 1] / 4 -> -log 0.5 = ln 2
-    # logits[:, 1] predicts labels[:, 2] = 0 with uniform logits        -> ln 3
-    # logits[:, 2] has no next label and must be ignored (it holds garbage)
-    logits = f64([[[0.0, LN2, 0.0], [0.0, 0.0, 0.0], [99.0, -99.0, 0.0]]])
-    loss, n = sft_loss(logits, torch.tensor([[7, 1, 0]]))
-    assert n.item() == 2
-    assert math.isclose(loss.item(), (LN2 + LN3) / 2, rel_tol=1e-6)  # 0.89587973
-    # masking the second target leaves only ln 2
-    loss, n = sft_loss(logits, torch.tensor([[7, 1, -100]]))
-    assert n.item() == 1
-    assert math.isclose(loss.item(), LN2, rel_tol=1e-6)
+def test_lm_nll_sums_over_kept_targets_without_shift():
+    # row 0 predicts target 1 with softmax [1, 2, 1] / 4 -> -log 0.5 = ln 2 = 0.69314718
+    # row 1 predicts target 0 with uniform logits        -> ln 3 = 1.09861229
+    # row 2 holds garbage and its target is ignored
+    # sum = ln 2 + ln 3 = ln 6 = 1.79175947 (a sum: the caller divides by the global count)
+    logits = f64([[0.0, LN2, 0.0], [0.0, 0.0, 0.0], [99.0, -99.0, 0.0]])
+    nll, n = lm_nll(logits, torch.tensor([1, 0, -100]))
+    assert n.dtype == torch.long and n.item() == 2
+    assert math.isclose(nll.item(), 1.79175947, rel_tol=1e-8)
+    # no shift inside: row i is scored against targets[i], so ignoring the second
+    # target leaves ln 2 alone; a custom ignore_index works the same way
+    nll, n = lm_nll(logits, torch.tensor([1, -100, -100]))
+    assert n.item() == 1 and math.isclose(nll.item(), LN2, rel_tol=1e-12)
+    nll, n = lm_nll(logits, torch.tensor([1, 7, 7]), ignore_index=7)
+    assert n.item() == 1 and math.isclose(nll.item(), LN2, rel_tol=1e-12)
 
 
-def test_sft_loss_all_ignored_is_zero_with_graph():
-    logits = torch.zeros(1, 3, 4, requires_grad=True)
-    loss, n = sft_loss(logits, torch.full((1, 3), -100))
-    assert n.item() == 0 and loss.item() == 0.0
-    loss.backward()
+def test_lm_nll_gradient_is_softmax_minus_one_hot():
+    # d/dz of -log softmax(z)[y] = softmax(z) - onehot(y): [1, 2, 1] / 4 - [0, 1, 0]
+    logits = f64([[0.0, LN2, 0.0]]).requires_grad_()
+    lm_nll(logits, torch.tensor([1]))[0].backward()
+    assert torch.allclose(logits.grad, f64([[0.25, -0.5, 0.25]]))
+
+
+def test_lm_nll_all_ignored_is_zero_with_graph():
+    logits = torch.zeros(3, 4, requires_grad=True)
+    nll, n = lm_nll(logits, torch.full((3,), -100))
+    assert n.item() == 0 and nll.item() == 0.0
+    nll.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+    # and an empty selection of positions
+    empty = torch.zeros(0, 4, requires_grad=True)
+    nll, n = lm_nll(empty, torch.zeros(0, dtype=torch.long))
+    assert n.item() == 0 and nll.item() == 0.0
 
 
-def test_ptx_loss_is_sft_loss():
-    assert ptx_loss is sft_loss
+def test_lm_nll_bf16_logits_are_upcast():
+    # logits [10, 0] with target 1: log(1 + e^10) = 10.00004540; [0, 0] with target 0: ln 2
+    # sum = 10.69319258. Both logits rows are exact in bf16; a bf16 log-softmax would round
+    # to a multiple of 1/16 near 10 (e.g. 10.0 and 10.6875), the float32 one keeps 1e-6.
+    logits = torch.tensor([[10.0, 0.0], [0.0, 0.0]], dtype=torch.bfloat16, requires_grad=True)
+    nll, n = lm_nll(logits, torch.tensor([1, 0]))
+    assert nll.dtype == torch.float32 and n.item() == 2
+    assert math.isclose(nll.item(), 10.69319258, rel_tol=1e-6)
+    nll.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    # float32 logits stay float32, float64 stay float64
+    assert lm_nll(logits.detach().float(), torch.tensor([1, 0]))[0].dtype == torch.float32
+    assert lm_nll(logits.detach().double(), torch.tensor([1, 0]))[0].dtype == torch.float64
+
+
+def test_lm_nll_rejects_unflattened_logits():
+    # (batch, seq, vocab) logits are the caller's to align and flatten
+    with pytest.raises(ValueError, match="must be"):
+        lm_nll(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long))
 
 
 # ---------------------------------------------------------------- reward model
 
 
-def test_pairwise_ranking_loss_by_hand():
-    # d = r_w - r_l = [1, -1]; -log sigmoid(1) = 0.31326169, -log sigmoid(-1) = 1.31326169
-    loss, stats = pairwise_ranking_loss(f64([2.0, 0.5]), f64([1.0, 1.5]))
+# K = 2: one (chosen, rejected) pair per prompt is the Bradley-Terry pairwise loss
+# -log sigmoid(r_w - r_l - m) averaged over prompts. Chosen [2, 0.5], rejected [1, 1.5]:
+# answers scored [2, 1, 0.5, 1.5], pairs (0, 1) and (2, 3), one per prompt.
+K2_SCORES = [2.0, 1.0, 0.5, 1.5]
+K2_PAIRS = [(0, 1), (2, 3)]
+
+
+def _k2(margin=None, scores=None):
+    scores = f64(K2_SCORES) if scores is None else scores
+    return kwise_ranking_loss(scores, torch.tensor(K2_PAIRS), torch.tensor([0, 1]), 2, margin)
+
+
+def test_kwise_k2_is_the_pairwise_formula_by_hand():
+    # d = r_w - r_l = [1, -1]; -log sigmoid(1) = sp(-1) = 0.31326169, -log sigmoid(-1) = sp(1) = 1.31326169
+    # mean = 0.81326169
+    loss, stats = _k2()
+    assert math.isclose(loss.item(), (softplus(-1) + softplus(1)) / 2, rel_tol=1e-12)
     assert math.isclose(loss.item(), 0.81326169, rel_tol=1e-7)
     assert stats["accuracy"].item() == 0.5
     assert stats["reward_margin"].item() == 0.0
-    # margin 0.5: d - m = [0.5, -1.5] -> (0.47407698 + 1.70141328) / 2 = 1.08774513
-    loss, _ = pairwise_ranking_loss(f64([2.0, 0.5]), f64([1.0, 1.5]), margin=0.5)
+    assert stats["num_pairs"].item() == 2
+
+
+def test_kwise_k2_margin_float_and_per_pair():
+    # margin 0.5: d - m = [0.5, -1.5] -> (sp(-0.5) + sp(1.5)) / 2 = (0.47407698 + 1.70141328) / 2 = 1.08774513
+    loss, _ = _k2(margin=0.5)
+    assert math.isclose(loss.item(), (softplus(-0.5) + softplus(1.5)) / 2, rel_tol=1e-12)
     assert math.isclose(loss.item(), 1.08774513, rel_tol=1e-7)
-    loss_t, _ = pairwise_ranking_loss(f64([2.0, 0.5]), f64([1.0, 1.5]), margin=f64([0.5, 0.5]))
+    loss_t, _ = _k2(margin=f64([0.5, 0.5]))
     assert math.isclose(loss_t.item(), loss.item(), rel_tol=1e-12)
+    # the margin only shifts the loss: the statistics are of the raw differences
+    _, stats = _k2(margin=0.5)
+    assert stats["accuracy"].item() == 0.5 and stats["reward_margin"].item() == 0.0
 
 
-def test_pairwise_gradient_pushes_chosen_up():
-    chosen = f64([0.0]).requires_grad_()
-    rejected = f64([0.0]).requires_grad_()
-    pairwise_ranking_loss(chosen, rejected)[0].backward()
-    # d/dr_w of -log sigmoid(r_w - r_l) at 0 = -(1 - sigmoid(0)) = -0.5
-    assert chosen.grad.item() == -0.5 and rejected.grad.item() == 0.5
+def test_kwise_k2_gradient_pushes_chosen_up():
+    # one pair, both scores 0: d/dr_w of -log sigmoid(r_w - r_l) at 0 = -(1 - sigmoid(0)) = -0.5
+    scores = f64([0.0, 0.0]).requires_grad_()
+    loss, _ = kwise_ranking_loss(scores, torch.tensor([(0, 1)]), torch.tensor([0]), 1)
+    loss.backward()
+    assert scores.grad.tolist() == [-0.5, 0.5]
 
 
 # Four answers with scores s = [3, 1, 0, 2], labelled ranking 0 > 1 > 2 > 3.
@@ -111,9 +163,9 @@ def test_kwise_k4_by_hand_equals_mean_of_pairwise():
     scores = f64(SCORES4)
     loss, stats = kwise_ranking_loss(scores, torch.tensor(PAIRS4), torch.zeros(6, dtype=torch.long), 1)
     assert math.isclose(loss.item(), 0.70703807, rel_tol=1e-7)
-    idx = torch.tensor(PAIRS4)
-    pair_loss, _ = pairwise_ranking_loss(scores[idx[:, 0]], scores[idx[:, 1]])
-    assert math.isclose(loss.item(), pair_loss.item(), rel_tol=1e-12)
+    # the mean over the 6 pairs of -log sigmoid(d) = softplus(-d)
+    pair_mean = sum(softplus(-(SCORES4[w] - SCORES4[l])) for w, l in PAIRS4) / 6
+    assert math.isclose(loss.item(), pair_mean, rel_tol=1e-12)
     assert math.isclose(stats["accuracy"].item(), 4 / 6, rel_tol=1e-12)
     # margins d: (2 + 3 + 1 + 1 - 1 - 2) / 6 = 4/6
     assert math.isclose(stats["reward_margin"].item(), 4 / 6, rel_tol=1e-12)
@@ -154,13 +206,12 @@ def test_kwise_prompts_with_different_k_weigh_equally():
     assert stats["num_pairs"].item() == 7
 
 
-def test_kwise_k2_matches_pairwise_and_empty_group_is_skipped():
-    # Three prompts, the middle one fully tied (no pairs): mean over prompts 0 and 2.
-    chosen, rejected = f64([2.0, 0.5]), f64([1.0, 1.5])
-    scores = torch.stack([chosen[0], rejected[0], chosen[1], rejected[1]])
-    loss, _ = kwise_ranking_loss(scores, torch.tensor([(0, 1), (2, 3)]), torch.tensor([0, 2]), 3, margin=0.5)
-    expected, _ = pairwise_ranking_loss(chosen, rejected, margin=0.5)
-    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-12)
+def test_kwise_k2_pairs_and_empty_group_is_skipped():
+    # Three prompts, the middle one fully tied (no pairs): mean over prompts 0 and 2 only.
+    # The K = 2 pairs above with margin 0.5: (sp(-0.5) + sp(1.5)) / 2 = 1.08774513, not / 3.
+    loss, _ = kwise_ranking_loss(f64(K2_SCORES), torch.tensor(K2_PAIRS), torch.tensor([0, 2]), 3, margin=0.5)
+    assert math.isclose(loss.item(), (softplus(-0.5) + softplus(1.5)) / 2, rel_tol=1e-12)
+    assert math.isclose(loss.item(), 1.08774513, rel_tol=1e-7)
 
 
 def test_kwise_center_coef_adds_mean_square_score():
@@ -271,6 +322,45 @@ def test_ppo_masked_mean_over_tokens_ignores_padding():
     # only the unclipped token (ratio 1, A 1) gets gradient: -A * ratio / 3
     assert torch.allclose(logp.grad, f64([[0.0, -1 / 3, 0.0], [0.0, 0.0, 0.0]]))
     assert all(not v.requires_grad for v in stats.values())
+
+
+def test_clipped_surrogate_is_per_token_and_zero_off_mask():
+    # The same batch as above, unreduced: [[-2.4, -1, 0], [0.8, 0, 0]], 0 where the mask is 0
+    # although the log-probs there are -inf and the advantages nan.
+    ninf, nan = float("-inf"), float("nan")
+    logp = f64([[math.log(1.5), 0.0, ninf], [math.log(0.5), ninf, ninf]]).requires_grad_()
+    old = f64([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    adv = f64([[2.0, 1.0, nan], [-1.0, nan, nan]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    per_token, stats = clipped_surrogate(logp, old, adv, mask)
+    assert torch.allclose(per_token, f64([[-2.4, -1.0, 0.0], [0.8, 0.0, 0.0]]))
+    # stats are masked means over the 3 response tokens: 2 of them clipped; ratios 1.5, 1, 0.5
+    assert math.isclose(stats["clip_frac"].item(), 2 / 3, rel_tol=1e-12)
+    assert math.isclose(stats["ratio_mean"].item(), 1.0, rel_tol=1e-12)
+    # approx_kl: [(0.5 - ln 1.5) + 0 + (-0.5 - ln 0.5)] / 3 = (0.09453489 + 0.19314718) / 3 = 0.09589402
+    assert math.isclose(stats["approx_kl"].item(), (0.5 - math.log(1.5) - 0.5 + LN2) / 3, rel_tol=1e-9)
+    assert "dual_clip_frac" not in stats
+    # summing it backpropagates finite numbers: only the unclipped token moves, -A * ratio = -1
+    per_token.sum().backward()
+    assert torch.allclose(logp.grad, f64([[0.0, -1.0, 0.0], [0.0, 0.0, 0.0]]))
+    # ppo_policy_loss is its token mean, with the same stats
+    loss, same = ppo_policy_loss(logp.detach(), old, adv, mask)
+    assert math.isclose(loss.item(), (-2.4 - 1.0 + 0.8) / 3, rel_tol=1e-12)
+    assert same.keys() == stats.keys() and all(torch.equal(same[k], stats[k]) for k in stats)
+
+
+def test_clipped_surrogate_dual_clip_per_token():
+    # A = [-1, -1, 2], ratio = [5, 1.1, 5], c = 3:
+    #   token 0: max(5, 1.2) = 5, capped at -c * A = 3 -> 3 (dual clip active)
+    #   token 1: max(1.1, 1.1) = 1.1 < 3 -> 1.1
+    #   token 2: A > 0, untouched: max(-10, -2.4) = -2.4
+    logp = f64([[math.log(5.0), math.log(1.1), math.log(5.0)]])
+    per_token, stats = clipped_surrogate(logp, f64([[0.0, 0.0, 0.0]]), f64([[-1.0, -1.0, 2.0]]),
+                                         torch.ones(1, 3), dual_clip=3.0)
+    assert torch.allclose(per_token, f64([[3.0, 1.1, -2.4]]))
+    assert math.isclose(stats["dual_clip_frac"].item(), 1 / 3, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        clipped_surrogate(logp, logp, logp, torch.ones(1, 3), dual_clip=1.0)
 
 
 # ---------------------------------------------------------------- value function

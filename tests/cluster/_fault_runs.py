@@ -15,6 +15,7 @@ import ray
 from rlhf.config import PPOConfig, SFTConfig, load_config
 from rlhf.logging.metrics import read_metrics
 from rlhf.ray.launch import run_stage_on_ray
+from stages import STAGES
 
 
 def kill_when(run_dir: Path, step: int, actor_name: str, kills: list) -> threading.Thread:
@@ -43,7 +44,7 @@ def main(spec_path: str, out_path: str) -> None:
             run_dir = root / f"{stage}_{variant}"
             cfg = load_config(cls, [spec[f"{stage}_config"]], spec[stage] + [f"output_dir={run_dir}"])
             watcher = kill_when(run_dir, spec["kill_after"][stage], actor, out["kills"]) if variant == "killed" else None
-            run_stage_on_ray(stage, cfg)
+            run_stage_on_ray(STAGES[stage], cfg)
             if watcher is not None:
                 watcher.join(timeout=1)
             out[f"{stage}_{variant}"] = read_metrics(run_dir)

@@ -10,7 +10,7 @@ import torch
 from rlhf.config import PPOConfig, SFTConfig, load_config
 from rlhf.logging.metrics import read_metrics
 from rlhf.ray.launch import run_stage_on_ray
-from rlhf.ray.stage_worker import run_stage
+from stages import STAGES
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -18,9 +18,9 @@ def main(spec_path: str, out_path: str) -> None:
     torch.set_num_threads(1)  # as each Ray worker (one CPU each): same float summation order
     out = {}
     sft_single = load_config(SFTConfig, [spec["sft_config"]], spec["sft"] + [f"output_dir={spec['root']}/sft_single"])
-    run_stage("sft", sft_single)
+    STAGES["sft"].main(sft_single)
     ppo_single = load_config(PPOConfig, [spec["ppo_config"]], spec["ppo"] + [f"output_dir={spec['root']}/ppo_single"])
-    run_stage("ppo", ppo_single)
+    STAGES["ppo"].main(ppo_single)
 
     from ray.cluster_utils import Cluster
 
@@ -31,11 +31,11 @@ def main(spec_path: str, out_path: str) -> None:
         sft_ray = load_config(SFTConfig, [spec["sft_config"]], spec["sft"] + [
             f"output_dir={spec['root']}/sft_ray", "ray.enabled=true", f"ray.address={cluster.address}",
             "strategy.name=deepspeed", "strategy.zero_stage=2", "resources.num_nodes=2"])
-        out["sft_nodes"] = run_stage_on_ray("sft", sft_ray)["nodes"]
+        out["sft_nodes"] = run_stage_on_ray(STAGES["sft"], sft_ray)["nodes"]
         ppo_ray = load_config(PPOConfig, [spec["ppo_config"]], spec["ppo"] + [
             f"output_dir={spec['root']}/ppo_ray", "ray.enabled=true", f"ray.address={cluster.address}",
             "ppo.colocate=[[actor,reference],[critic,reward]]"])
-        out["ppo_nodes"] = run_stage_on_ray("ppo", ppo_ray)["nodes"]
+        out["ppo_nodes"] = run_stage_on_ray(STAGES["ppo"], ppo_ray)["nodes"]
     finally:
         cluster.shutdown()
     for name in ("sft_single", "sft_ray", "ppo_single", "ppo_ray"):

@@ -11,6 +11,7 @@ from rlhf.config_sections import RayConfig
 from rlhf.errors import ConfigError
 from rlhf.ray.ppo_roles import row_slices
 from rlhf.ray.session import forwarded_env, runtime_env
+from stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +31,7 @@ def test_workers_get_run_settings_but_never_secrets():
 
 def test_joining_a_cluster_ships_the_code_and_a_working_dir_ships_without_runs(tmp_path):
     assert "py_modules" not in runtime_env(RayConfig(), {})
-    shipped = runtime_env(RayConfig(address="auto"), {})
+    shipped = runtime_env(RayConfig(address="auto"), {}, code_dirs=STAGES["sft"].code_dirs())
     assert {Path(p).name for p in shipped["py_modules"]} == {"rlhf", "stages"}
     with_dir = runtime_env(RayConfig(address="auto", working_dir=str(tmp_path)), {})
     assert with_dir["working_dir"] == str(tmp_path) and "runs" in with_dir["excludes"]
@@ -78,8 +79,8 @@ def test_role_workers_run_as_plain_objects(tmp_path, tiny_model_dir, quickstart_
         worker.setup("127.0.0.1", 0)
     prompts = [[5, 6, 7], [8, 9]]
     params = SamplingParams(max_new_tokens=5)
-    rollout = workers["actor"].generate(prompts, params, seed=3)
-    assert torch.equal(rollout.sequences, workers["actor"].generate(prompts, params, seed=3).sequences)
+    rollout = workers["actor"].generate(prompts, params, 3, [0, 1])
+    assert torch.equal(rollout.sequences, workers["actor"].generate(prompts, params, 3, [0, 1]).sequences)
     logprobs, ref_logprobs = workers["actor"].logprobs(rollout), workers["reference"].logprobs(rollout)
     assert torch.allclose(logprobs, ref_logprobs, atol=1e-5)  # same weights before any update
     values, scores = workers["critic"].values(rollout), workers["reward"].scores(rollout)

@@ -12,6 +12,7 @@ from cluster.loopback import loopback_namespace_available, run_isolated
 from rlhf.errors import UserError
 from rlhf.ray import launch
 from rlhf.ray.group import WorkerDied
+from stages import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,11 +66,11 @@ def test_the_restart_budget_ends_the_run_naming_the_role_and_cause(monkeypatch, 
         raise WorkerDied("sft-worker", "The actor died unexpectedly: SIGKILL")
 
     monkeypatch.setattr(launch, "_run_once", dies)
-    monkeypatch.setattr(launch, "ray_session", lambda cfg: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(launch, "ray_session", lambda *args: __import__("contextlib").nullcontext())
     cfg = SFTConfig()
     cfg.train.max_restarts, cfg.train.resume = 2, "never"
     with pytest.raises(UserError, match="a sft-worker worker died: The actor died unexpectedly: SIGKILL; "
                                         r"stopped after 2 restart\(s\)"):
-        launch.run_stage_on_ray("sft", cfg)
+        launch.run_stage_on_ray(STAGES["sft"], cfg)
     assert calls == ["never", "auto", "auto"]
     assert capsys.readouterr().out.count("from the newest checkpoint") == 2

@@ -15,7 +15,7 @@ from rlhf.config_sections import ModelConfig, StrategyConfig
 from rlhf.distributed.checkpoint import CheckpointManager
 from rlhf.distributed.single import SingleStrategy
 from rlhf.models.loading import load_causal_lm
-from rlhf.training.optim import OptimizerSpec
+from rlhf.distributed.optim import OptimizerSpec
 
 SPEC = OptimizerSpec(lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0,
                      scheduler="cosine", warmup_steps=0, total_steps=4, min_lr_ratio=0.0)

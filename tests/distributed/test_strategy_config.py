@@ -10,9 +10,9 @@ from rlhf.config import SFTConfig, load_config
 from rlhf.config_sections import StrategyConfig, TrainConfig
 from rlhf.distributed.deepspeed import build_deepspeed_config, load_raw_config
 from rlhf.distributed.single import SingleStrategy
-from rlhf.distributed.strategy import build_strategy
+from rlhf.distributed.factory import build_strategy
 from rlhf.errors import ConfigError, UserError
-from rlhf.training.optim import OptimizerSpec, build_optimizer, param_groups
+from rlhf.distributed.optim import OptimizerSpec, build_optimizer, param_groups
 
 SPEC = OptimizerSpec.from_train(TrainConfig(lr=3e-4, weight_decay=0.1, max_grad_norm=0.5, adam_betas=[0.9, 0.99]), 100)
 

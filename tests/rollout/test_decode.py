@@ -132,18 +132,14 @@ class _Fixed:
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_ppo_takes_the_samplers_logprobs_instead_of_an_actor_forward(model_and_tokenizer, reuse):
-    from rlhf.config import PPOConfig
-    from rlhf.training.ppo import RewardNormalizer, make_experience
+    from rlhf.roles.team import score
 
     model, tok = model_and_tokenizer
     torch.manual_seed(0)
     rollout = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id).generate(encode(tok, TEXTS),
                                                                               SamplingParams(max_new_tokens=8))
-    cfg = PPOConfig()
-    cfg.rollout.reuse_logprobs = reuse
     actor, reference, critic, reward = _Fixed(True), _Fixed(True), _Fixed(True), _Fixed(False)
-    experience, _ = make_experience(rollout, actor, reference, critic, reward,
-                                    RewardNormalizer("none", 0.0, None), cfg, kl_coef=0.1)
+    scored = score(rollout, actor, reference, critic, reward, reuse_logprobs=reuse)
     assert actor.calls == (0 if reuse else 1) and reference.calls == 1
     expected = rollout.logprobs if reuse else torch.zeros_like(rollout.logprobs)
-    assert torch.equal(experience.logprobs, expected)
+    assert torch.equal(scored.logprobs, expected)

@@ -80,8 +80,8 @@ def test_ptx_keeps_the_pretraining_loss_closer_to_sft(tmp_path, baseline, quicks
     cfg, plain = baseline
     ptx = ppo.main(ppo_config(tmp_path, quickstart_data, quickstart_models, "ppo.ptx_coef=1.0"))
     sft_loss = pretrain_loss(AutoModelForCausalLM.from_pretrained(quickstart_models["sft"]), cfg)
-    plain_gap = abs(pretrain_loss(plain.actor, cfg) - sft_loss)
-    ptx_gap = abs(pretrain_loss(ptx.actor, cfg) - sft_loss)
+    plain_gap = abs(pretrain_loss(plain.model, cfg) - sft_loss)
+    ptx_gap = abs(pretrain_loss(ptx.model, cfg) - sft_loss)
     assert ptx_gap < plain_gap
 
 

@@ -1,5 +1,5 @@
 """oneDNN linear layers: the values and gradients of F.linear, the kernels chosen by the CPU
-and RLHF_CPU_MATMUL alone, and layers that must keep F.linear keep it."""
+and kernels.cpu_matmul (RLHF_CPU_MATMUL) alone, and layers that must keep F.linear keep it."""
 
 import copy
 
@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.models import onednn
-from rlhf.rollout.skinny import few_row_linear
+from rlhf.config_sections import KernelsConfig
+from rlhf.kernels import onednn
+from rlhf.kernels.cpu_linear import CPULinear, use_cpu_linears
+from rlhf.kernels.skinny import few_row_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 
@@ -72,55 +74,75 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def test_a_patched_model_trains_like_the_plain_one_and_copies_keep_their_own_weights(enabled):
+def test_a_model_with_cpu_linears_trains_like_the_plain_one_and_copies_keep_their_own_weights(enabled):
     plain = tiny_llama()
-    patched = copy.deepcopy(plain)
-    assert onednn.use_onednn_linears(patched) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
-    assert onednn.use_onednn_linears(patched) == 0  # already patched
+    swapped = copy.deepcopy(plain)
+    assert use_cpu_linears(swapped) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    assert use_cpu_linears(swapped) == 0  # already swapped
+    assert all(type(m) is CPULinear for m in swapped.modules() if isinstance(m, torch.nn.Linear))
+    assert swapped.state_dict().keys() == plain.state_dict().keys()
     ids = torch.randint(0, 101, (3, 12), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for model in (plain, patched):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
+    calls = []
+    real = onednn.linear
+    onednn.linear = lambda *a: calls.append(1) or real(*a)  # noqa: E731
+    try:
+        losses = []
+        for model in (plain, swapped):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+    finally:
+        onednn.linear = real
+    assert len(calls) == 2 * 7 + 1  # the swapped model's layers went through oneDNN, the plain one's not
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
-    for (name, a), b in zip(plain.named_parameters(), patched.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), swapped.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
-    # deepcopy rebinds the forward to the copy: changing the copy's weights changes only its output.
-    twin = copy.deepcopy(patched)
+    # A deep copy computes with its own weights: changing them changes only its output.
+    twin = copy.deepcopy(swapped)
     with torch.no_grad():
-        before = patched(input_ids=ids).logits
+        before = swapped(input_ids=ids).logits
         twin.lm_head.weight.mul_(2)  # tied to the embedding: every layer's input changes too
-        assert torch.equal(patched(input_ids=ids).logits, before)
+        assert torch.equal(swapped(input_ids=ids).logits, before)
         assert not torch.allclose(twin(input_ids=ids).logits, before)
 
 
-def test_nothing_is_patched_when_disabled(monkeypatch):
-    monkeypatch.setattr(onednn, "onednn_enabled", lambda: False)
+def test_nothing_is_rebound_on_a_module():
     model = tiny_llama()
-    assert onednn.use_onednn_linears(model) == 0
+    use_cpu_linears(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_the_choice_follows_the_environment_and_the_cpu(monkeypatch):
+def test_the_choice_follows_the_config_and_the_cpu(monkeypatch):
     def choice(value, vendor="AuthenticAMD", capability="AVX512"):
-        monkeypatch.setenv("RLHF_CPU_MATMUL", value)
         monkeypatch.setattr(onednn, "_cpu_vendor", lambda: vendor)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        onednn.onednn_enabled.cache_clear()
+        onednn._onednn_for.cache_clear()
+        previous = onednn._matmul[0]
         try:
+            onednn.set_cpu_matmul(value)
             return onednn.onednn_enabled()
         finally:
-            onednn.onednn_enabled.cache_clear()
+            onednn._matmul[0] = previous
+            onednn._onednn_for.cache_clear()
 
     assert choice("blas") is False
     assert choice("onednn", vendor="GenuineIntel", capability="AVX2") is True
     assert choice("auto") is (torch.backends.mkl.is_available())
     assert choice("auto", vendor="GenuineIntel") is False  # MKL uses AVX-512 on Intel itself
     assert choice("auto", capability="AVX2") is False
-    with pytest.raises(ValueError, match="RLHF_CPU_MATMUL"):
+    with pytest.raises(ValueError, match="kernels.cpu_matmul"):
         choice("fast")
+
+
+def test_the_environment_overrides_the_config_and_the_run_records_it(monkeypatch):
+    monkeypatch.setenv("RLHF_CPU_MATMUL", "blas")
+    monkeypatch.setenv("RLHF_TUNE_HOST_MEMORY", "0")
+    effective = KernelsConfig(cpu_matmul="onednn").effective()
+    assert (effective.cpu_matmul, effective.tune_host_memory) == ("blas", False)
+    monkeypatch.delenv("RLHF_CPU_MATMUL")
+    monkeypatch.delenv("RLHF_TUNE_HOST_MEMORY")
+    assert KernelsConfig(cpu_matmul="onednn").effective() == KernelsConfig(cpu_matmul="onednn")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 32])

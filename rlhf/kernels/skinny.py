@@ -1,7 +1,7 @@
 """Decode-time matmuls on the CPU, where a handful of rows (one per sequence) meets every
 weight matrix.
 
-- Where linear layers compute through oneDNN (rlhf/models/onednn.py), `few_row_linear` packs
+- Where linear layers compute through oneDNN (rlhf/kernels/onednn.py), `few_row_linear` packs
   each large weight once into oneDNN's blocked layout: at 8 rows on the Zen 5 machine that
   took SmolLM2's 49152 x 576 head from 5.4 ms (the transposed product below) to 3.0 ms and a
   3072 x 576 block from 349 to 208 µs.
@@ -16,12 +16,11 @@ skinny shapes well.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from rlhf.models import onednn
+from rlhf.kernels import onednn
 
 SKINNY_ROWS = 64
 """Inputs with at most this many rows take the transposed product (measured faster up to
@@ -71,27 +70,3 @@ def few_row_linear_add(weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is None and product.func is torch.nn.functional.linear:
         return functools.partial(torch.addmm, mat2=weight.t())
     return functools.partial(_add_product, product=product)
-
-
-def _skinny_forward(module: torch.nn.Linear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return linear_for_few_rows(x, module.weight, module.bias)
-
-    return forward
-
-
-@contextmanager
-def skinny_matmuls(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block, plain `nn.Linear` layers of a CPU model use the transposed product for
-    few rows. Subclasses (LoRA, quantised or sharded layers) keep their own forward."""
-    patched = []
-    if next(model.parameters()).device.type == "cpu":
-        for module in model.modules():
-            if type(module) is torch.nn.Linear and "forward" not in module.__dict__:
-                module.forward = _skinny_forward(module)
-                patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward

@@ -10,7 +10,7 @@ gradients (rows x hidden and vocab x hidden, the sizes of the inputs) are kept f
 backward pass, which scales them by the incoming gradient. The products are the same three a
 plain linear layer and cross-entropy compute, so no work is added.
 
-On the CPU a chunk stays under glibc's 32 MB mmap threshold (rlhf/distributed/host_memory.py),
+On the CPU a chunk stays under glibc's 32 MB mmap threshold (rlhf/kernels/host_memory.py),
 so its blocks are reused from chunk to chunk instead of being faulted in fresh; on a GPU the
 chunks are larger, as the caching allocator reuses them anyway and larger products run faster.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.distributed.host_memory import advise_huge_pages
-from rlhf.models import onednn
+from rlhf.kernels.host_memory import advise_huge_pages
+from rlhf.kernels import onednn
 
 CPU_CHUNK_BYTES = 24 * 1024 * 1024
 """fp32 logits per chunk on the CPU: below the 32 MB mmap threshold, with room to spare."""
@@ -121,7 +121,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     When the weight needs a gradient and `weight_gradient_sink` is a list, the tensor the
     backward will deliver as the weight's gradient is appended to it: the backward scales it in
     place, so whatever is added to it after that (a tied input embedding's rows, see
-    rlhf/models/fused_head.py) reaches the weight without a second vocabulary-sized block. The
+    rlhf/kernels/fused_head.py) reaches the weight without a second vocabulary-sized block. The
     holder must drop the tensor before autograd hands it to the weight, which copies a gradient
     that is referenced elsewhere."""
     hidden = hidden.reshape(-1, hidden.shape[-1])

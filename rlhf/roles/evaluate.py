@@ -1,5 +1,6 @@
 """Held-out evaluation of a policy: reward-model score, gold score (when the task has a rule),
-KL to the reference, response length and EOS rate."""
+KL to the reference, response length and EOS rate. The roles are the plain ones or their Ray
+groups (anything with the same methods)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf.errors import UserError
-from rlhf.roles.roles import Actor, Reference, RewardModel
 from rlhf.rollout.engine import SamplingParams
 
 
@@ -31,9 +31,9 @@ def decode_responses(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> 
 
 @torch.no_grad()
 def evaluate_policy(
-    actor: Actor,
-    reference: Reference,
-    reward_model: RewardModel,
+    actor,
+    reference,
+    reward_model,
     tokenizer,
     prompts: Sequence[list[int]],
     prompt_texts: Sequence[str],
@@ -42,11 +42,12 @@ def evaluate_policy(
     seed: int,
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample one answer per held-out prompt with a fixed seed (without disturbing the
-    training RNG) and measure it. Returns metrics and per-sample rows."""
+    training RNG) and measure it. The KL is that of the distribution sampled from: policy and
+    reference log-probs at the sampling temperature. Returns metrics and per-sample rows."""
     rollout = actor.generate(list(prompts), params, seed=seed)
     mask = rollout.response_mask
-    logprobs = actor.logprobs(rollout)
-    ref_logprobs = reference.logprobs(rollout)
+    logprobs = actor.logprobs(rollout, temperature=params.temperature)
+    ref_logprobs = reference.logprobs(rollout, temperature=params.temperature)
     kl = ((logprobs - ref_logprobs) * mask).sum(-1)
     scores = reward_model.scores(rollout)
     texts = decode_responses(tokenizer, rollout.responses, mask)
@@ -62,3 +63,21 @@ def evaluate_policy(
     rows = [{"prompt": p, "response": t, "reward": float(s), "kl": float(k), "length": int(n), "gold": g}
             for p, t, s, k, n, g in zip(prompt_texts, texts, scores, kl, mask.sum(-1), golds)]
     return metrics, rows
+
+
+class PolicyEvaluation:
+    """The held-out evaluation of a PPO run, for `Run.begin(evaluate=...)`: `samples_per_prompt`
+    answers to each of the first `max_prompts` eval prompts, at `eval.temperature` (default: the
+    rollout temperature), logged with a table of the first 8 answers."""
+
+    def __init__(self, run, roles, tokenizer, prompts: Sequence[list[int]], prompt_texts: Sequence[str],
+                 params: SamplingParams, gold_reward: Callable[[str, str], float] | None, seed: int):
+        self.run, self.roles, self.tokenizer = run, roles, tokenizer
+        self.prompts, self.prompt_texts = list(prompts), list(prompt_texts)
+        self.params, self.gold_reward, self.seed = params, gold_reward, seed
+
+    def __call__(self, step: int) -> dict[str, float]:
+        metrics, rows = evaluate_policy(self.roles.actor, self.roles.reference, self.roles.reward_model, self.tokenizer,
+                                        self.prompts, self.prompt_texts, self.params, self.gold_reward, self.seed)
+        self.run.log_table("eval/samples", step, rows[:8])
+        return metrics

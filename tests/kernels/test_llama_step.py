@@ -8,7 +8,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from rlhf.rollout.decode import DecodeEngine
 from rlhf.rollout.engine import SamplingParams, left_pad
-from rlhf.rollout.llama_step import LlamaDecodeStep
+from rlhf.kernels.llama_step import LlamaDecodeStep
 
 
 def tiny_llama(**overrides) -> LlamaForCausalLM:

@@ -18,7 +18,7 @@ arithmetic:
   padding mask is an additive bias kept for the whole call, added inside the score product;
 - the attention scale is folded into the queries' rotary table;
 - on CPUs where linear layers run through oneDNN, the weights are packed once per call into
-  its blocked layout (rlhf/rollout/skinny.py).
+  its blocked layout (rlhf/kernels/skinny.py).
 `prefill` runs the left-padded prompts with `F.scaled_dot_product_attention` under a causal
 mask over each row's real tokens, at transformers' positions (the running count of real
 tokens), with the model's own rotary module and projection layers.
@@ -38,8 +38,13 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from rlhf.kernels.cpu_linear import CPULinear
+from rlhf.kernels.fused_head import LossHead
+from rlhf.kernels.skinny import few_row_linear, few_row_linear_add
 from rlhf.models.engines import is_whole
-from rlhf.rollout.skinny import few_row_linear, few_row_linear_add
+
+PLAIN_LINEARS = (torch.nn.Linear, CPULinear, LossHead)
+"""Layer classes computing exactly `F.linear`, whose weights the step may use directly."""
 
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -107,8 +112,7 @@ class LlamaDecodeStep:
         if getattr(model.model.rotary_emb, "rope_type", "default") == "dynamic":
             return False  # its frequencies change with the longest position seen, step by step
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return all(type(m) is torch.nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
-                   for m in linears)
+        return all(type(m) in PLAIN_LINEARS and not m._forward_hooks and not m._forward_pre_hooks for m in linears)
 
     @torch.no_grad()
     def __init__(self, model: LlamaForCausalLM):

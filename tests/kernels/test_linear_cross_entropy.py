@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf.algorithms import linear_cross_entropy as lce
-from rlhf.algorithms.linear_cross_entropy import linear_cross_entropy
+from rlhf.kernels import linear_cross_entropy as lce
+from rlhf.kernels.linear_cross_entropy import linear_cross_entropy
 
 
 def test_hand_computed_loss_and_hidden_gradient():

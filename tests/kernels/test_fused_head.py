@@ -1,6 +1,6 @@
 """A head computing the loss: `lm_forward_nll` gives the same loss and gradients as from full
 logits, a tied embedding adds its rows into the head's gradient, plain forwards are untouched,
-and models it cannot serve keep their logits."""
+and models it cannot serve keep their logits. Nothing is patched: the layers get subclasses."""
 
 import copy
 
@@ -10,11 +10,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, GPT2Config, Gemma2Config, LlamaConfig, Qwen2Config
 
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTExample, collate_padded, collate_padding_free
-from rlhf.models import fused_head
-from rlhf.models.fused_head import head_loss_targets, use_fused_head_loss
-from rlhf.models.lora import apply_lora
 from rlhf.config_sections import LoraConfig
-from rlhf.models.onednn import use_onednn_linears
+from rlhf.kernels import fused_head
+from rlhf.kernels.cpu_linear import use_cpu_linears
+from rlhf.kernels.fused_head import LossHead, TiedEmbedding, loss_head, use_fused_head_loss
+from rlhf.models.lora import apply_lora
 from rlhf.models.segments import use_segment_attention
 from rlhf.training.lm import lm_forward_nll
 
@@ -51,7 +51,7 @@ def _loss_and_grads(model, batch):
 def test_loss_and_every_gradient_equal_full_logits(name, padding_free):
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(CONFIGS[name]).eval()  # no dropout: both sides equal
-    use_onednn_linears(plain)
+    use_cpu_linears(plain)
     if padding_free:
         use_segment_attention(plain)
     fused = copy.deepcopy(plain)
@@ -91,6 +91,7 @@ def test_tied_embedding_adds_its_rows_into_the_head_gradient(name):
     fused = copy.deepcopy(plain)
     assert use_fused_head_loss(fused)
     assert fused.get_input_embeddings().weight is fused.lm_head.weight
+    assert type(fused.get_input_embeddings()) is TiedEmbedding and type(fused.lm_head) is LossHead
     first, second = _batch(padding_free=False), _batch(padding_free=True)
     second.input_ids[0, 3:6] = 0  # real tokens with the padding id: the lookup gives them no gradient
     ids = torch.randint(0, 97, (2, 9))
@@ -138,18 +139,22 @@ def test_plain_forwards_unchanged_and_a_copy_uses_its_own_weights():
     model = AutoModelForCausalLM.from_config(CONFIGS["llama"]).eval()
     ids = torch.randint(0, 97, (2, 9))
     before = model(input_ids=ids).logits
-    assert use_fused_head_loss(model) and use_fused_head_loss(model)  # twice: installed once
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_fused_head_loss(model) and use_fused_head_loss(model)  # twice: swapped once
+    assert type(model.lm_head) is LossHead and model.state_dict().keys() == state.keys()
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
     copied = copy.deepcopy(model)
+    assert loss_head(copied) is copied.lm_head  # the copy's own head, with its own weight
     with torch.no_grad():
         copied.lm_head.weight.mul_(2)
     assert not torch.allclose(copied(input_ids=ids).logits, before)
     batch = _batch(padding_free=False)
-    with torch.no_grad(), head_loss_targets(copied, torch.zeros(1, dtype=torch.long)) as computes:
-        assert computes
-    assert "_rlhf_loss_targets" not in copied.lm_head.__dict__  # cleared after the block
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
     assert lm_forward_nll(model, batch)[1] == batch.num_target_tokens
+    # The head called with targets is the loss of those rows, as cross-entropy of its logits.
+    hidden, targets = torch.randn(5, 64), torch.randint(0, 97, (5,))
+    expected = torch.nn.functional.cross_entropy(model.lm_head(hidden), targets, reduction="sum")
+    torch.testing.assert_close(model.lm_head(hidden, targets=targets), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_models_it_cannot_serve_keep_their_logits():
@@ -161,9 +166,8 @@ def test_models_it_cannot_serve_keep_their_logits():
     lora_head = AutoModelForCausalLM.from_config(CONFIGS["llama"]).eval()
     assert use_fused_head_loss(lora_head)
     lora_head = apply_lora(lora_head, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    assert type(lora_head.get_output_embeddings()) is not torch.nn.Linear
-    with head_loss_targets(lora_head, torch.zeros(1, dtype=torch.long)) as computes:
-        assert not computes
+    assert type(lora_head.get_output_embeddings()) is not LossHead
+    assert loss_head(lora_head) is None  # its loss comes from the logits
     batch = _batch(padding_free=False)
     nll, n = lm_forward_nll(lora_head, batch)
     assert torch.isfinite(nll) and n == batch.num_target_tokens

@@ -20,11 +20,12 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 VARYING_STEPS = """
 import random, sys
 import torch
-from rlhf.distributed.host_memory import release_fragments, tune_host_memory
+from rlhf.config_sections import KernelsConfig
+from rlhf.kernels.host_memory import release_fragments, tune_host_memory
 def rss_mb():
     with open("/proc/self/status") as status:
         return int(next(l for l in status if l.startswith("VmRSS")).split()[1]) // 1024
-print(tune_host_memory())
+print(tune_host_memory(KernelsConfig().effective().tune_host_memory))  # as the stages set it up
 torch.set_num_threads(1)  # one allocating thread: the same heap layout in every run
 rng, survivors, sizes = random.Random(0), [], []
 for step in range(80):
@@ -61,7 +62,8 @@ def test_steps_of_varying_shapes_do_not_grow_the_process_without_bound():
 
 FRAGMENTS = """
 import torch
-from rlhf.distributed.host_memory import release_fragments, tune_host_memory
+from rlhf.config_sections import KernelsConfig
+from rlhf.kernels.host_memory import release_fragments, tune_host_memory
 def rss_mb():
     with open("/proc/self/status") as status:
         return int(next(l for l in status if l.startswith("VmRSS")).split()[1]) // 1024
@@ -86,7 +88,9 @@ def test_fragmented_free_heap_is_handed_back():
 HUGE_PAGES = """
 import resource, sys
 import torch
-from rlhf.distributed.host_memory import advise_huge_pages
+from rlhf.config_sections import KernelsConfig
+from rlhf.kernels.host_memory import advise_huge_pages, tune_host_memory
+tune_host_memory(KernelsConfig().effective().tune_host_memory)
 def vm_flags(address):
     with open("/proc/self/smaps") as smaps:
         inside = False

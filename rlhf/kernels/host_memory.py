@@ -24,13 +24,13 @@ temporary became a fresh zeroed mapping: the tiny RM step ~35% and SmolLM2 decod
 (BENCHMARKS.md, item 13).
 
 The vocabulary-sized blocks that a step makes afresh (the fused head's weight gradient,
-rlhf/algorithms/linear_cross_entropy.py) are advised into transparent huge pages with
+rlhf/kernels/linear_cross_entropy.py) are advised into transparent huge pages with
 `advise_huge_pages` before first use: ~57 faults of 2 MB instead of ~27,600 of 4 KB for
 SmolLM2's 113 MB block. Only such whole mappings are advised, never heap blocks, so the
 mid-size temporaries keep reusing the pages of the step before.
 
-`RLHF_TUNE_HOST_MEMORY=0` leaves glibc's defaults and advises nothing. Nothing changes where
-the C library is not glibc.
+`kernels.tune_host_memory: false` (or `RLHF_TUNE_HOST_MEMORY=0`) leaves glibc's defaults and
+advises nothing. Nothing changes where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -57,8 +56,8 @@ HUGE_PAGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14
 
 
-def _enabled() -> bool:
-    return os.environ.get("RLHF_TUNE_HOST_MEMORY", "1").strip() != "0"
+_tuned: list[bool] = []
+"""Empty until `tune_host_memory` ran in this process, then whether it took effect."""
 
 
 class _MallInfo2(ctypes.Structure):
@@ -80,14 +79,15 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-@functools.cache
-def tune_host_memory() -> bool:
-    """Once per process: glibc's malloc set as the module doc says; True when it took effect."""
-    libc = _glibc()
-    if not _enabled() or libc is None:
-        return False
-    return (bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-            and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+def tune_host_memory(enabled: bool = True) -> bool:
+    """Set glibc's malloc as the module doc says, once per process (later calls return the
+    first one's outcome); True when it took effect."""
+    if not _tuned:
+        libc = _glibc()
+        _tuned.append(enabled and libc is not None
+                      and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+                      and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+    return _tuned[0]
 
 
 def free_heap_below_top() -> int:
@@ -106,7 +106,7 @@ def release_fragments() -> bool:
     """After `tune_host_memory`: once the free heap blocks below the top have grown by more
     than FRAGMENT_LIMIT bytes since the first call (or the last release), give their pages back
     to the kernel; True when it did. A steady run never triggers it; the check is cheap."""
-    if not tune_host_memory.cache_info().currsize or not tune_host_memory():
+    if not _tuned or not _tuned[0]:
         return False
     free = free_heap_below_top()
     if not _free_at_last_release:
@@ -124,7 +124,7 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     (glibc maps such blocks on their own, tuned or not) before anything is written to it; True
     when the kernel took the advice. Its whole 2 MB pages are covered; heap blocks never are."""
     storage = tensor.untyped_storage()
-    if tensor.device.type != "cpu" or storage.nbytes() < MMAP_THRESHOLD or not _enabled() or _glibc() is None:
+    if tensor.device.type != "cpu" or storage.nbytes() < MMAP_THRESHOLD or not (_tuned and _tuned[0]):
         return False
     start = -(-storage.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     end = (storage.data_ptr() + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE

@@ -8,17 +8,16 @@ module routes the three products of a linear layer (forward, input gradient, wei
 through `torch.ops.mkldnn._linear_pointwise`, in plain fp32: the results equal `F.linear`'s to
 float rounding (tests/models/test_onednn.py checks values and gradients).
 
-`RLHF_CPU_MATMUL` chooses: `onednn`, `blas` (PyTorch's default), or `auto` (the default):
-oneDNN on a non-Intel CPU with AVX-512, where MKL leaves the wide units unused; elsewhere the
-BLAS, which is at least as fast there. The rule reads the CPU, never a timing, so every
-process of a run (workers, restarts) computes with the same kernels.
+`kernels.cpu_matmul` chooses (`RLHF_CPU_MATMUL` overrides it): `onednn`, `blas` (PyTorch's
+default), or `auto` (the default): oneDNN on a non-Intel CPU with AVX-512, where MKL leaves
+the wide units unused; elsewhere the BLAS, which is at least as fast there. The rule reads the
+CPU, never a timing, so every process of a run (workers, restarts) computes with the same
+kernels.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import types
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,14 @@ import torch.nn.functional as F
 from rlhf.models.engines import is_whole
 
 CHOICES = ("auto", "onednn", "blas")
+_matmul = ["auto"]
+
+
+def set_cpu_matmul(choice: str) -> None:
+    """Choose the CPU matmul kernels for this process (see the module doc)."""
+    if choice not in CHOICES:
+        raise ValueError(f"kernels.cpu_matmul={choice!r}: expected one of {', '.join(CHOICES)}")
+    _matmul[0] = choice
 
 
 def _cpu_vendor() -> str:
@@ -39,12 +46,13 @@ def _cpu_vendor() -> str:
     return ""
 
 
-@functools.cache
 def onednn_enabled() -> bool:
     """Whether CPU linear layers compute through oneDNN in this process (see the module doc)."""
-    choice = os.environ.get("RLHF_CPU_MATMUL", "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"RLHF_CPU_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
+    return _onednn_for(_matmul[0])
+
+
+@functools.cache
+def _onednn_for(choice: str) -> bool:
     if choice == "blas" or not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
     if choice == "onednn":
@@ -95,10 +103,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _product(x, weight, bias)
 
 
-def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return linear(x, self.weight, self.bias)
-
-
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` (out, in) reordered into oneDNN's blocked layout for products with about
     `rows` input rows: a decode step multiplies the same weights by a few rows many times,
@@ -109,18 +113,3 @@ def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x · weightᵀ (+ bias) with a weight from `pack_weight` (no autograd)."""
     return _product(x, packed, bias)
-
-
-def use_onednn_linears(model: torch.nn.Module) -> int:
-    """Make every plain `nn.Linear` of a CPU model compute through oneDNN when
-    `onednn_enabled()`; returns how many layers now do. Subclasses (quantised or sharded
-    layers) and layers with a forward of their own are left alone. The forward is bound to
-    its module, so `copy.deepcopy` of the model carries it over to the copy's own weights."""
-    if not onednn_enabled():
-        return 0
-    patched = 0
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and "forward" not in module.__dict__ and module.weight.device.type == "cpu":
-            module.forward = types.MethodType(_forward, module)
-            patched += 1
-    return patched
