@@ -405,3 +405,34 @@ def test_ppo_lowers_the_generation_batch_when_the_kv_cache_is_the_peak():
     generate = first.overrides["rollout.batch_size"]
     more = load_config(PPOConfig, [PPO], overrides + [f"rollout.batch_size={generate + 1}"])
     assert not estimate(more, "ppo", 1, 16 * GiB, device_type="cuda", shapes=shapes).fits
+
+
+# -- the package ------------------------------------------------------------------------
+
+# Each module of rlhf/plan/ imports only modules of a lower layer.
+LAYERS = {"units": 0, "shapes": 1, "strategy": 1, "devices": 1, "memory": 2, "suggest": 3, "cli": 4}
+
+
+def test_plan_modules_import_one_way():
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "rlhf" / "plan"
+    assert {p.stem for p in package.glob("*.py")} == set(LAYERS) | {"__init__"}
+    for name, layer in LAYERS.items():
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {f"rlhf.plan.{node.module or ''}" if node.level else node.module
+                    for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        for module in sorted(m for m in imported if m and (m + ".").startswith("rlhf.plan.")):
+            below = (module.split(".") + [""])[2]  # "": the package itself, above every module
+            assert LAYERS.get(below, len(LAYERS)) < layer, f"rlhf.plan.{name} imports {module}, which is not below it"
+
+
+def test_importing_the_planner_loads_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhf.plan; from rlhf.plan import add_plan_parser, run_plan; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,329 @@
+"""The plan: per-worker memory of one stage under one config, component by component, and
+`estimate`, which builds it. Everything here is arithmetic on the model's shape and the config.
+
+- Weights, gradients and optimizer states of each trained model: bytes per element from
+  `strategy.precision`, sharded over the workers or offloaded as `strategy.sharding` says.
+  ZeRO-3 and FSDP also hold the full weights of a few layers at once for compute.
+- Activations of one decoder layer for a micro-batch of b sequences of s tokens, hidden size
+  h and a attention heads, without recomputation: s*b*h*(34 + 5*a*s/h) bytes at 16-bit
+  (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+  sec. 4.1), twice that in fp32. flash_attention_2 never stores the a*s*s score matrices, so
+  the 5*a*s/h term is dropped for it. With gradient checkpointing each layer keeps only its
+  input (2*s*b*h bytes at 16-bit) and one layer's full activations are live during its
+  recomputation. The loss adds fp32 logits: tokens x vocab x 4 bytes.
+- Generation keeps a KV cache of 2 x layers x batch x tokens x (kv heads x head dim) elements.
+
+What this project's code does decides the details: the reward model stage never applies LoRA,
+PPO's critic is never LoRA, and PPO's reference and reward model are unsharded frozen copies
+in their model.dtype on every worker that holds them.
+
+Phases that do not overlap (a training micro-batch, generation, each forward pass of the
+experience step) are peaks: the total counts resident memory plus the largest phase. A safety
+margin (`SAFETY_MARGIN`) of the device memory is kept for what the estimate leaves out (CUDA
+context, kernel workspaces, allocator fragmentation, communication buffers).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+from rlhf.config_sections import LoraConfig, ModelConfig, StrategyConfig
+from rlhf.errors import UserError
+from rlhf.plan.devices import detect_device_memory, detect_device_type, local_workers
+from rlhf.plan.shapes import ModelShape, count_parameters, describe_model, lora_params
+from rlhf.plan.strategy import Precision, describe_strategy, model_bytes, precision, sharding
+
+SAFETY_MARGIN = 0.10
+"""Fraction of the device memory the plan keeps free."""
+LOGIT_BYTES = 4
+"""Bytes per logit of the loss (computed in fp32)."""
+GATHERED_LAYERS = 2
+"""Transformer layers whose full weights ZeRO-3 / FSDP hold at once (the current one and the
+prefetched next one), besides the embeddings."""
+STAGES = ("sft", "rm", "ppo")
+
+
+class Bytes(NamedTuple):
+    device: int
+    cpu: int
+
+
+@dataclass
+class Component:
+    """One row of the plan: bytes per worker on the device and in CPU memory."""
+
+    name: str
+    kind: str
+    """parameters, gathered, gradients, optimizer, activations, frozen or kv_cache."""
+    device: int = 0
+    cpu: int = 0
+    role: str = "model"
+    """PPO: actor, critic, reference or reward."""
+    phase: Optional[str] = None
+    """None: held for the whole run. Otherwise the phase whose peak this is; phases do not
+    overlap, so the total counts only the largest."""
+
+
+@dataclass
+class Plan:
+    """Per-worker memory of one stage under one config."""
+
+    stage: str
+    workers: int
+    device_type: str
+    available: int
+    """Device memory per worker, in bytes."""
+    memory_source: str
+    components: list[Component]
+    strategy: str
+    precision: str
+    model: str
+    note: str = ""
+    margin: float = SAFETY_MARGIN
+    cfg: Any = field(default=None, repr=False)
+    shapes: dict = field(default_factory=dict, repr=False)
+    answers_per_prompt: int = 2
+
+    def _resident(self, kind: str) -> Bytes:
+        rows = [c for c in self.components if c.kind == kind]
+        return Bytes(sum(c.device for c in rows), sum(c.cpu for c in rows))
+
+    @property
+    def parameters(self) -> Bytes:
+        return self._resident("parameters")
+
+    @property
+    def gathered(self) -> Bytes:
+        return self._resident("gathered")
+
+    @property
+    def gradients(self) -> Bytes:
+        return self._resident("gradients")
+
+    @property
+    def optimizer(self) -> Bytes:
+        return self._resident("optimizer")
+
+    @property
+    def frozen(self) -> Bytes:
+        """PPO's frozen reference and reward model parameters."""
+        return self._resident("frozen")
+
+    @property
+    def kv_cache(self) -> Bytes:
+        return Bytes(max((c.device for c in self.components if c.kind == "kv_cache"), default=0), 0)
+
+    @property
+    def activations(self) -> Bytes:
+        """Activations (and logits) of the heaviest pass."""
+        by_phase: dict[str, int] = {}
+        for c in self.components:
+            if c.kind == "activations":
+                by_phase[c.phase or ""] = by_phase.get(c.phase or "", 0) + c.device
+        return Bytes(max(by_phase.values(), default=0), 0)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Device bytes of each phase."""
+        out: dict[str, int] = {}
+        for c in self.components:
+            if c.phase is not None:
+                out[c.phase] = out.get(c.phase, 0) + c.device
+        return out
+
+    @property
+    def peak_phase(self) -> Optional[str]:
+        phases = self.phases
+        return max(phases, key=phases.get) if phases else None
+
+    @property
+    def device_total(self) -> int:
+        resident = sum(c.device for c in self.components if c.phase is None)
+        return resident + max(self.phases.values(), default=0)
+
+    @property
+    def cpu_total(self) -> int:
+        return sum(c.cpu for c in self.components)
+
+    @property
+    def need(self) -> int:
+        """Bytes compared with the device memory: on a CPU run offloaded parts share the RAM."""
+        return self.device_total + (self.cpu_total if self.device_type == "cpu" else 0)
+
+    @property
+    def usable(self) -> int:
+        return int(self.available * (1 - self.margin))
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.usable
+
+
+def _shard(nbytes: int, workers: int, sharded: bool) -> int:
+    return -(-nbytes // workers) if sharded else nbytes
+
+
+def _trained_model(prefix: str, role: str, shape: ModelShape, base_params: int, lora: Optional[LoraConfig],
+                   prec: Precision, strategy: StrategyConfig, workers: int) -> list[Component]:
+    """Weights, gradients and optimizer states of a model the strategy trains."""
+    adapters = lora_params(shape, lora) if lora is not None and lora.r > 0 else 0
+    total = base_params + adapters
+    trainable = adapters or base_params
+    s = sharding(strategy)
+    rows = []
+    for kind, name, nbytes, sharded, offloaded in (
+        ("parameters", "parameters", total * prec.param_bytes, s.params, s.offload_params),
+        ("gradients", "gradients" + (" (LoRA adapters)" if adapters else ""), trainable * prec.grad_bytes,
+         s.grads, s.offload_grads),
+        ("optimizer", "optimizer states (AdamW)", trainable * prec.optim_bytes, s.optim, s.offload_optim),
+    ):
+        per_worker = _shard(nbytes, workers, sharded)
+        device, cpu = (0, per_worker) if offloaded else (per_worker, 0)
+        rows.append(Component(prefix + name, kind, device, cpu, role))
+    if s.params or s.offload_params:
+        gathered = min(shape.embedding_params + GATHERED_LAYERS * shape.layer_params, total) * prec.compute_bytes
+        rows.append(Component(f"{prefix}weights gathered for compute (embeddings + {GATHERED_LAYERS} layers)",
+                              "gathered", gathered, 0, role))
+    return rows
+
+
+def layer_activation_bytes(shape: ModelShape, seq: int, batch: int, compute_bytes: int, flash: bool) -> int:
+    """One decoder layer's stored activations, Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h)
+    bytes at 16-bit (the second term, 5*a*s*s*b, is the attention scores), scaled to the
+    compute width."""
+    sbh = seq * batch * shape.hidden_size
+    at_16bit = 34 * sbh + (0 if flash else 5 * shape.num_heads * seq * seq * batch)
+    return at_16bit * compute_bytes // 2
+
+
+def activation_bytes(shape: ModelShape, seq: int, batch: int, compute_bytes: int, checkpointing: bool,
+                     flash: bool) -> int:
+    """All layers' activations of a micro-batch kept for the backward pass."""
+    layer = layer_activation_bytes(shape, seq, batch, compute_bytes, flash)
+    if checkpointing:
+        # Each layer keeps its input (2*s*b*h bytes at 16-bit), one layer is recomputed at a time.
+        return shape.num_layers * seq * batch * shape.hidden_size * compute_bytes + layer
+    return shape.num_layers * layer
+
+
+def _pass(phase: str, role: str, shape: ModelShape, batch: int, seq: int, logit_tokens: int, compute_bytes: int,
+          model_cfg: ModelConfig, train: bool, label: Optional[str] = None,
+          batch_text: Optional[str] = None) -> list[Component]:
+    """A training micro-batch (activations kept for backward) or a forward pass without
+    gradients (one layer's activations live at a time), plus its fp32 logits. Rows are
+    named after the phase unless `label` is given."""
+    label = f"{phase}: " if label is None else label
+    batch_text = batch_text or str(batch)
+    flash = model_cfg.attn_implementation == "flash_attention_2"
+    if train:
+        checkpointing = model_cfg.gradient_checkpointing
+        nbytes = activation_bytes(shape, seq, batch, compute_bytes, checkpointing, flash)
+        name = f"{label}activations, micro-batch {batch_text} x {seq} tokens"
+        name += ", checkpointed" if checkpointing else ""
+    else:
+        nbytes = layer_activation_bytes(shape, seq, batch, compute_bytes, flash)
+        name = f"{label}forward of {batch_text} x {seq} tokens without gradients"
+    rows = [Component(name, "activations", nbytes, 0, role, phase)]
+    if logit_tokens:
+        rows.append(Component(f"{label}logits, {logit_tokens} tokens x {shape.vocab_size} vocab, fp32", "activations",
+                              logit_tokens * shape.vocab_size * LOGIT_BYTES, 0, role, phase))
+    return rows
+
+
+def _sft_components(cfg, shapes: dict, workers: int, device_type: str, answers: int) -> list[Component]:
+    shape = shapes["model"]
+    prec = precision(cfg.strategy, cfg.model, device_type)
+    seq, batch = cfg.data.max_length, cfg.train.micro_batch_size
+    rows = _trained_model("", "model", shape, shape.params, cfg.model.lora, prec, cfg.strategy, workers)
+    return rows + _pass("train", "model", shape, batch, seq, batch * seq, prec.compute_bytes, cfg.model, True, "")
+
+
+def _rm_components(cfg, shapes: dict, workers: int, device_type: str, answers: int) -> list[Component]:
+    # A batch element is a prompt with its K answers; a scalar head, so no vocabulary logits.
+    # The RM stage trains all weights (it does not apply model.lora).
+    shape = shapes["model"]
+    prec = precision(cfg.strategy, cfg.model, device_type)
+    seq, prompts = cfg.data.max_length, cfg.train.micro_batch_size
+    rows = _trained_model("", "model", shape, shape.scalar_params, None, prec, cfg.strategy, workers)
+    return rows + _pass("train", "model", shape, prompts * answers, seq, 0, prec.compute_bytes, cfg.model, True, "",
+                        f"{prompts} prompts x {answers} answers")
+
+
+def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: int) -> list[Component]:
+    actor, reward = shapes["model"], shapes["reward_model"]
+    critic_cfg = cfg.reward_model if cfg.ppo.critic_init == "reward" else cfg.model
+    critic = reward if cfg.ppo.critic_init == "reward" else actor
+    actor_prec = precision(cfg.strategy, cfg.model, device_type)
+    critic_prec = precision(cfg.strategy, critic_cfg, device_type)
+    ref_bytes = model_bytes(cfg.model.dtype, device_type)
+    rm_bytes = model_bytes(cfg.reward_model.dtype, device_type)
+    prompt, new = cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
+    seq = prompt + new
+    rollout = -(-cfg.ppo.rollout_batch_size // workers)  # this worker's share of each iteration
+    generate = min(cfg.rollout.batch_size, rollout)
+    micro = cfg.ppo.micro_batch_size
+    logit_tokens = new + 1  # only the response region's logits are computed (logits_to_keep)
+
+    rows = _trained_model("actor ", "actor", actor, actor.params, cfg.model.lora, actor_prec, cfg.strategy, workers)
+    rows += _trained_model("critic ", "critic", critic, critic.scalar_params, None, critic_prec, cfg.strategy, workers)
+    rows.append(Component("reference parameters (frozen)", "frozen", actor.params * ref_bytes, 0, "reference"))
+    rows.append(Component("reward model parameters (frozen)", "frozen", reward.scalar_params * rm_bytes, 0, "reward"))
+    kv = 2 * actor.num_layers * generate * seq * actor.kv_width * actor_prec.compute_bytes
+    rows.append(Component(f"generate: KV cache, {generate} x {seq} tokens", "kv_cache", kv, 0, "actor", "generate"))
+    actor_width, critic_width = actor_prec.compute_bytes, critic_prec.compute_bytes
+    rows += _pass("actor train", "actor", actor, micro, seq, micro * logit_tokens, actor_width, cfg.model, True)
+    if cfg.ppo.ptx_coef > 0:
+        ptx, length = cfg.ppo.ptx_micro_batch_size, cfg.data.pretrain_max_length
+        rows += _pass("actor ptx", "actor", actor, ptx, length, ptx * length, actor_width, cfg.model, True)
+    rows += _pass("critic train", "critic", critic, micro, seq, 0, critic_width, critic_cfg, True)
+    # The experience step runs each model once over this worker's whole rollout.
+    rollout_logits = rollout * logit_tokens
+    rows += _pass("actor log-probs", "actor", actor, rollout, seq, rollout_logits, actor_width, cfg.model, False)
+    rows += _pass("reference log-probs", "reference", actor, rollout, seq, rollout_logits, ref_bytes, cfg.model, False)
+    rows += _pass("critic values", "critic", critic, rollout, seq, 0, critic_width, critic_cfg, False)
+    rows += _pass("reward scores", "reward", reward, rollout, seq, 0, rm_bytes, cfg.reward_model, False)
+    return rows
+
+
+_BUILDERS = {"sft": _sft_components, "rm": _rm_components, "ppo": _ppo_components}
+
+
+def estimate(stage_cfg: Any, stage: str, workers: int, device_memory: Optional[int] = None, *,
+             device_type: Optional[str] = None, answers_per_prompt: int = 2, shapes: Optional[dict] = None,
+             memory_source: Optional[str] = None) -> Plan:
+    """The plan of `stage` with config `stage_cfg` on `workers` workers. `device_memory`
+    (bytes per worker) and `device_type` (cuda / cpu) default to this machine's; `shapes`
+    ({"model": ModelShape, "reward_model": ModelShape}) skips reading the model configs."""
+    if stage not in STAGES:
+        raise UserError(f"plan: stage {stage!r} is not one of {', '.join(STAGES)}")
+    if workers < 1:
+        raise UserError(f"plan: workers={workers} must be >= 1")
+    if answers_per_prompt < 2:
+        raise UserError(f"plan: answers per prompt={answers_per_prompt} must be >= 2 (a ranking needs two answers)")
+    device_type = device_type or detect_device_type()
+    if device_memory is None:
+        device_memory, memory_source = detect_device_memory(device_type, local_workers(stage_cfg, workers))
+    shapes = dict(shapes or {})
+    for key in ("model", "reward_model") if stage == "ppo" else ("model",):
+        if key not in shapes:
+            shapes[key] = count_parameters(getattr(stage_cfg, key), key)
+    components = _BUILDERS[stage](stage_cfg, shapes, workers, device_type, answers_per_prompt)
+    model = describe_model(stage_cfg.model, shapes["model"])
+    if stage == "ppo":
+        model = f"policy {model}; reward model {describe_model(stage_cfg.reward_model, shapes['reward_model'])}"
+    plan = Plan(stage, workers, device_type, int(device_memory), memory_source or "--device-memory-gb", components,
+                describe_strategy(stage_cfg.strategy),
+                precision(stage_cfg.strategy, stage_cfg.model, device_type).name, model,
+                cfg=stage_cfg, shapes=shapes, answers_per_prompt=answers_per_prompt)
+    groups = stage_cfg.ppo.role_groups() if stage == "ppo" else None
+    if groups:
+        # Each role group runs on its own `resources` workers: plan the heaviest.
+        plans = [(group, copy.copy(plan)) for group in groups]
+        for group, sub in plans:
+            sub.components = [c for c in components if c.role in group]
+        group, plan = max(plans, key=lambda item: item[1].need)
+        plan.note = f"role group [{', '.join(group)}], the heaviest of {len(groups)} (each runs on its own workers)"
+    return plan
+
