@@ -6,7 +6,7 @@ Square fp32 matmuls (and bf16 on a GPU) of several sizes, each timed `repeats` t
 warm-up; the peak is the best median over sizes and kernels. On the CPU two kernels are timed,
 with the threads torch uses by default (all cores), as training does:
 - `torch.mm`, PyTorch's default (MKL in the x86 wheels);
-- `onednn`, the oneDNN product that rlhf/models/onednn.py routes linear layers through. MKL
+- `onednn`, the oneDNN product that rlhf/kernels/onednn.py routes linear layers through. MKL
   leaves AVX-512 unused on AMD processors, so there the two can differ by 2x: the ceiling is
   the faster one, whichever the code under test uses.
 """

@@ -3,10 +3,10 @@
     python benchmarks/rollout.py --model tiny|smollm2 [--repeats 4] [--new-tokens 48]
 
 Both sample from softmax(logits) (temperature 1, no top-k/top-p), stop a row at EOS and
-are given the same chat-formatted prompts. Ours decodes the model as our stages load it
-(`load_causal_lm`: on CPUs where it applies, linear layers through oneDNN, see
-rlhf/models/onednn.py); `generate` runs the plain `from_pretrained` model. The process tunes
-host memory as our stages do (rlhf/distributed/host_memory.py), for both sides.
+are given the same chat-formatted prompts. Ours decodes the model as our stages prepare it
+(`load_causal_lm`, then `rlhf.kernels.accelerate` with the default kernels: on CPUs where it
+applies, linear layers through oneDNN); `generate` runs the plain `from_pretrained` model. The
+process tunes host memory as our stages do (rlhf/kernels/host_memory.py), for both sides.
 A new token is a response token up to and including EOS; what `generate` computes after a
 row's EOS is not counted. Each cell is the median of `repeats` timed calls after one warm-up
 call on the same prompts, the two sides alternating in ABBA order; the ratio is the median of
@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: E402
 
 from rlhf.data.records import Message  # noqa: E402
-from rlhf.config_sections import ModelConfig  # noqa: E402
+from rlhf.config_sections import KernelsConfig, ModelConfig  # noqa: E402
 from rlhf.data.template import prompt_text  # noqa: E402
-from rlhf.distributed.host_memory import tune_host_memory  # noqa: E402
+from rlhf.kernels import accelerate, configure_process  # noqa: E402
 from rlhf.models.loading import load_causal_lm  # noqa: E402
 from rlhf.rollout.decode import DecodeEngine  # noqa: E402
 from rlhf.rollout.engine import SamplingParams, finish_rollout, left_pad  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     args = parser.parse_args()
     scale = common.SCALES[args.model]
-    tune_host_memory()
+    configure_process(KernelsConfig())
     new_tokens = args.new_tokens or scale.ppo_new_tokens
     directory = common.model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -81,6 +81,7 @@ def main() -> None:
     encoded = [tokenizer(prompt_text(tokenizer, [Message("user", r["prompt"])]), add_special_tokens=False)["input_ids"]
                for r in records]
     ours_model = load_causal_lm(ModelConfig(path=str(directory)), torch.device("cpu"), dtype=torch.float32).eval()
+    accelerate(ours_model, KernelsConfig())
     engine = DecodeEngine(ours_model, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=32)
     params = SamplingParams(max_new_tokens=new_tokens)
 

@@ -12,7 +12,7 @@ $python benchmarks/matmul_peak.py
 for model in $models; do
   $python benchmarks/rollout.py --model "$model"
   $python benchmarks/sft.py --model "$model"
-  $python benchmarks/sft.py --model "$model" --no-peer --label logits --overrides fused_lm_loss=false
+  $python benchmarks/sft.py --model "$model" --no-peer --label logits --overrides kernels.fused_lm_loss=false
   $python benchmarks/sft.py --model "$model" --no-peer --label padded --overrides data.padding_free=false
   $python benchmarks/sft.py --model "$model" --no-peer --label packed --overrides data.packing=true
   $python benchmarks/sft.py --model "$model" --no-peer --label grouped --overrides data.padding_free=false data.group_by_length=true

@@ -11,7 +11,6 @@ from rlhf.algorithms.losses import (
     kwise_ranking_loss,
     lm_nll,
     loss_denominator,
-    ppo_policy_loss,
     token_logprobs,
     value_loss,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "lm_nll",
     "kwise_ranking_loss",
     "clipped_surrogate",
-    "ppo_policy_loss",
     "LOSS_AGGREGATIONS",
     "loss_denominator",
     "aggregate_loss",

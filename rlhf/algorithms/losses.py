@@ -19,7 +19,6 @@ __all__ = [
     "lm_nll",
     "kwise_ranking_loss",
     "clipped_surrogate",
-    "ppo_policy_loss",
     "LOSS_AGGREGATIONS",
     "loss_denominator",
     "aggregate_loss",
@@ -282,28 +281,6 @@ def clipped_surrogate(
         if dual_clip is not None:
             stats["dual_clip_frac"] = masked_mean(dual_active.to(ratio.dtype), keep)
     return per_token, {k: v.detach() for k, v in stats.items()}
-
-
-def ppo_policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    clip_eps: float = 0.2,
-    dual_clip: Optional[float] = None,
-) -> Tuple[torch.Tensor, Stats]:
-    """PPO clipped surrogate, token-level masked mean over response tokens.
-
-    The mean of :func:`clipped_surrogate` over the response tokens of this
-    batch (0 when there are none); same arguments and stats. For a
-    mini-batch split into micro-batches, use :func:`aggregate_loss` with the
-    denominator of the whole mini-batch instead.
-
-    Returns:
-        ``(loss, stats)``: scalar loss and the stats of :func:`clipped_surrogate`.
-    """
-    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, response_mask, clip_eps, dual_clip)
-    return masked_mean(per_token, response_mask), stats
 
 
 # Loss aggregation modes of Liu et al. 2025 ("Understanding R1-Zero-Like

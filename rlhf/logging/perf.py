@@ -12,10 +12,20 @@ forward of the project goes through (training, evaluation, generation with its K
 reference log-probs, reward and value heads), so SFT, RM and PPO are measured the same way
 without the stages counting anything. A pass with gradients enabled on a model with
 trainable weights counts as training (6·N per token); any other pass as a forward (2·N).
+Padding is not a token the model needs: with a 2-D attention mask only its attended positions
+count. (A ready 4-D mask, as the reward model's shared-prompt rows use, carries no per-token
+padding flag, so those rows count whole; their padding is at most the micro-batch's spread of
+row lengths.)
+
+The CPU's peak is measured once per process (`cpu_peak_flops`): square fp32 products through
+the kernels the linear layers use (rlhf/kernels), with the threads this process trains with.
+A fixed number cannot serve: the processors this runs on differ by 3x in fp32 throughput, and
+against a slower machine's peak a fast one reports MFU above 1.
 """
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -25,8 +35,9 @@ import torch
 
 from rlhf.models.engines import unwrap_engine
 
-CPU_PEAK_FLOPS = 1.4e11
-"""fp32 FLOP/s of 2 AVX2+FMA cores as measured on the development machine (matmul, 2 threads)."""
+PEAK_SIZE = 1024
+"""Side of the square products timed for the CPU peak: large enough for the kernels' steady
+rate, small enough to take ~0.1 s (3 timings of 2 GFLOP each on the slowest CPU here)."""
 
 GPU_PEAK_FLOPS = (  # dense bf16 tensor-core FLOP/s from the vendor data sheets; first match wins
     ("H100 PCIE", 756e12),
@@ -39,13 +50,32 @@ GPU_PEAK_FLOPS = (  # dense bf16 tensor-core FLOP/s from the vendor data sheets;
 )
 
 
+@functools.cache
+def cpu_peak_flops(threads: int) -> float:
+    """The best of three timings of a PEAK_SIZE³ fp32 product, after a warm-up, through the
+    kernel CPU linear layers use (oneDNN or the BLAS, see rlhf/kernels/cpu_linear.py)."""
+    from rlhf.kernels.cpu_linear import cpu_linear
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(PEAK_SIZE, PEAK_SIZE, generator=generator)
+    b = torch.randn(PEAK_SIZE, PEAK_SIZE, generator=generator)
+    with torch.no_grad():
+        cpu_linear(a, b)
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            cpu_linear(a, b)
+            best = min(best, time.perf_counter() - started)
+    return 2 * PEAK_SIZE**3 / best
+
+
 def device_peak_flops(device: torch.device, configured: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: the configured value, else a known GPU by name, else the CPU
-    default; None for a GPU this table does not know."""
+    """Peak FLOP/s of one device: the configured value, else a known GPU by name, else the CPU's
+    measured peak; None for a GPU this table does not know."""
     if configured:
         return float(configured)
     if device.type != "cuda":
-        return CPU_PEAK_FLOPS
+        return cpu_peak_flops(torch.get_num_threads())
     name = torch.cuda.get_device_name(device).upper()
     for key, flops in GPU_PEAK_FLOPS:
         if key in name:
@@ -93,6 +123,11 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _tokens(args: tuple, kwargs: dict) -> int:
+    """Tokens of one forward: the attended positions of a 2-D attention mask, else every input
+    position (see the module doc)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int(mask.count_nonzero())
     ids = kwargs.get("input_ids")
     if ids is None and args and isinstance(args[0], torch.Tensor):
         ids = args[0]

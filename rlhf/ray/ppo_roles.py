@@ -75,7 +75,8 @@ class RoleGroup:
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int | None = None,
                  sample_ids: Sequence[int] | None = None) -> Rollout:
         ids = list(range(len(prompts)) if sample_ids is None else sample_ids)
-        refs = [worker.generate.remote(list(prompts[s]), params, seed, ids[s])
+        count = max(ids) + 1 if ids else 0
+        refs = [worker.generate.remote(list(prompts[s]), params, seed, ids[s], count)
                 for worker, s in zip(self.group.workers, self._slices(len(prompts)))]
         return concat_rollouts(gather(refs, self.group.name), self.pad_token_id)
 

@@ -50,8 +50,9 @@ class RoleWorker(WorkerBase):
 
     # -- forwards ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int | None,
-                 sample_ids: Sequence[int]) -> Rollout:
-        return self.model.generate(list(prompts), params, seed=seed, sample_ids=sample_ids).to(torch.device("cpu"))
+                 sample_ids: Sequence[int], sample_count: int | None = None) -> Rollout:
+        return self.model.generate(list(prompts), params, seed=seed, sample_ids=sample_ids,
+                                   sample_count=sample_count).to(torch.device("cpu"))
 
     def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
         return self.model.logprobs(rollout.to(self.world.device), temperature).cpu()

@@ -42,16 +42,17 @@ class Actor:
         return self.trained.strategy
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
-                 sample_ids: Sequence[int] | None = None) -> Rollout:
+                 sample_ids: Sequence[int] | None = None, sample_count: int | None = None) -> Rollout:
         """Sample one response per prompt. With a seed the randomness depends on it alone (the
         process RNG is left as it was): with the decode engine each prompt's sample depends
-        only on (seed, its id in `sample_ids`, default 0..n-1), so a rollout is the same on any
-        worker layout and after a restart; other engines draw from one stream seeded by `seed`."""
+        only on (seed, its id in `sample_ids` among `sample_count` samples of the global batch;
+        default 0..n-1 of n), so a rollout is the same on any worker layout and after a
+        restart; other engines draw from one stream seeded by `seed`."""
         if seed is None:
             return self.engine.generate(prompts, params)
         if isinstance(self.engine, DecodeEngine):
             ids = range(len(prompts)) if sample_ids is None else sample_ids
-            return self.engine.generate(prompts, params, seeds=SampleSeeds(seed, ids))
+            return self.engine.generate(prompts, params, seeds=SampleSeeds(seed, ids, sample_count))
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)

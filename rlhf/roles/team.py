@@ -42,8 +42,10 @@ class LocalRoles:
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int) -> Rollout:
         """This worker's prompts (global samples rank, rank + W, ...) rolled out."""
-        ids = local_rows(len(prompts), self.strategy.rank, self.strategy.world_size).tolist()
-        return self.actor.generate(list(prompts), params, seed=seed, sample_ids=ids)
+        world_size = self.strategy.world_size
+        ids = local_rows(len(prompts), self.strategy.rank, world_size).tolist()
+        return self.actor.generate(list(prompts), params, seed=seed, sample_ids=ids,
+                                   sample_count=len(prompts) * world_size)
 
     def score(self, rollout: Rollout) -> Scored:
         """This worker's rollout scored, joined with every other worker's into the global batch."""

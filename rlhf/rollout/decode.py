@@ -36,18 +36,20 @@ from rlhf.rollout.types import Rollout
 
 class SampleSeeds:
     """Per-sample random streams: the uniform number that draws sample `i`'s token at decode
-    step `t` is entry i of a vector drawn from a generator seeded by (seed, t)."""
+    step `t` is entry (t, i) of a (steps, sample_count) table drawn from a generator seeded
+    with `seed`, so it depends on the seed, the step and the sample's id alone."""
 
-    def __init__(self, seed: int, sample_ids: Sequence[int]):
+    def __init__(self, seed: int, sample_ids: Sequence[int], sample_count: int | None = None):
         self.seed = seed
         self.ids = torch.as_tensor(list(sample_ids), dtype=torch.long)
-        self.size = int(self.ids.max()) + 1 if len(self.ids) else 0
+        self.count = sample_count if sample_count is not None else (int(self.ids.max()) + 1 if len(self.ids) else 0)
+        if len(self.ids) and int(self.ids.max()) >= self.count:
+            raise ValueError(f"sample id {int(self.ids.max())} out of range for {self.count} samples")
 
-    def uniforms(self, step: int, ids: torch.Tensor) -> torch.Tensor:
-        """(rows, 1) float64 uniforms in [0, 1) of the samples `ids` at `step`."""
-        generator = torch.Generator(device=ids.device).manual_seed(self.seed * 1_000_033 + step)
-        drawn = torch.rand(self.size, generator=generator, dtype=torch.float64, device=ids.device)
-        return drawn[ids].unsqueeze(-1)
+    def table(self, steps: int, device: torch.device) -> torch.Tensor:
+        """(steps, sample_count) float64 uniforms in [0, 1)."""
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.rand((steps, self.count), generator=generator, dtype=torch.float64, device=device)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -133,11 +135,14 @@ class DecodeEngine(RolloutEngine):
         # Our own decode step for plain Llama models; anything else steps through its forward.
         fast_step = (LlamaDecodeStep(self.model) if self.llama_step and not synced and LlamaDecodeStep.supports(self.model)
                      else None)
+        device = next(self.model.parameters()).device
+        uniforms = seeds.table(params.max_new_tokens, device) if seeds is not None else None
         parts = []
         for s in range(0, len(order), self.batch_size):
             batch = order[s : s + self.batch_size]
-            ids = seeds.ids[batch] if seeds is not None else None
-            parts.append(self._generate([prompts[i] for i in batch], params, synced, fast_step, seeds, ids))
+            # Each row's uniform numbers, one per step: (steps, rows).
+            rows = uniforms[:, seeds.ids[batch].to(uniforms.device)] if seeds is not None else None
+            parts.append(self._generate([prompts[i] for i in batch], params, synced, fast_step, rows))
         self.model.train(was_training)
         joined = concat_rollouts(parts, self.pad_token_id)
         inverse = torch.empty(len(order), dtype=torch.long)
@@ -145,11 +150,10 @@ class DecodeEngine(RolloutEngine):
         return joined.select(inverse.to(joined.sequences.device))
 
     def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, synced: bool,
-                  fast_step: LlamaDecodeStep | None, seeds: SampleSeeds | None, ids: torch.Tensor | None) -> Rollout:
+                  fast_step: LlamaDecodeStep | None, uniforms: torch.Tensor | None) -> Rollout:
         device = next(self.model.parameters()).device
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        ids = ids.to(device) if ids is not None else None
         rows, width = prompt_ids.shape
         responses = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
         logprobs = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32, device=device)
@@ -172,7 +176,7 @@ class DecodeEngine(RolloutEngine):
             scaled = logits.float()
             if params.temperature != 1.0:
                 scaled = scaled / params.temperature
-            uniform = seeds.uniforms(step, ids[active]) if seeds is not None else None
+            uniform = uniforms[step, active].unsqueeze(-1) if uniforms is not None else None
             tokens, token_logps = sample_with_logprobs(filter_logits(scaled, params.top_k, params.top_p),
                                                        workspace=workspace, uniform=uniform)
             if filtered:  # PPO scores the unfiltered distribution

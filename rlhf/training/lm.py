@@ -105,19 +105,3 @@ class LMEvaluation:
         totals = self.world.all_reduce({"nll": nll, "tokens": tokens}, op="sum")
         loss = totals["nll"] / max(totals["tokens"], 1)
         return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-
-
-def sft_step(trained, batches: list[SFTBatch], strategy) -> dict[str, float]:
-    """One optimizer step over this worker's micro-batches, the loss normalised by the answer
-    tokens of the whole global batch; the step's metrics, summed over workers."""
-    step_tokens = strategy.all_reduce({"tokens": sum(b.num_target_tokens for b in batches)}, op="sum")["tokens"]
-    loss_sum = 0.0
-    for batch in batches:
-        nll, _ = lm_forward_nll(trained.module, batch)
-        strategy.backward(trained, nll / max(step_tokens, 1))
-        loss_sum += float(nll.detach())
-    lr = trained.lr
-    grad_norm = strategy.step(trained)
-    totals = strategy.all_reduce({"nll": loss_sum, "tokens": sum(b.real_tokens for b in batches)}, op="sum")
-    return {"sft/loss": totals["nll"] / max(step_tokens, 1), "sft/lr": lr, "sft/grad_norm": grad_norm,
-            "sft/target_tokens": step_tokens, "sft/tokens": totals["tokens"]}

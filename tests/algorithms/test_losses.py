@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from rlhf.algorithms.losses import (
+    aggregate_loss,
     clipped_surrogate,
     entropy_from_logits,
     explained_variance,
     kwise_ranking_loss,
     lm_nll,
-    ppo_policy_loss,
+    loss_denominator,
     token_logprobs,
     value_loss,
 )
@@ -24,6 +25,12 @@ def softplus(x: float) -> float:
 
 def f64(x):
     return torch.tensor(x, dtype=torch.float64)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, **kw):
+    """The token-mean policy loss as the actor computes it over a whole mini-batch."""
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, **kw)
+    return aggregate_loss(per_token, mask, "token_mean", loss_denominator(mask, "token_mean")), stats
 
 
 # ---------------------------------------------------------------- SFT / log-probs
@@ -343,7 +350,7 @@ def test_clipped_surrogate_is_per_token_and_zero_off_mask():
     # summing it backpropagates finite numbers: only the unclipped token moves, -A * ratio = -1
     per_token.sum().backward()
     assert torch.allclose(logp.grad, f64([[0.0, -1.0, 0.0], [0.0, 0.0, 0.0]]))
-    # ppo_policy_loss is its token mean, with the same stats
+    # the token-mean aggregation of it, with the same stats
     loss, same = ppo_policy_loss(logp.detach(), old, adv, mask)
     assert math.isclose(loss.item(), (-2.4 - 1.0 + 0.8) / 3, rel_tol=1e-12)
     assert same.keys() == stats.keys() and all(torch.equal(same[k], stats[k]) for k in stats)

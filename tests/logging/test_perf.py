@@ -58,5 +58,29 @@ def test_gpu_peak_by_name(monkeypatch, name, expected):
     assert perf.device_peak_flops(torch.device("cuda", 0), configured=1e15) == 1e15
 
 
-def test_cpu_peak_default():
-    assert perf.device_peak_flops(torch.device("cpu")) == perf.CPU_PEAK_FLOPS
+def test_cpu_peak_is_measured_once_with_the_kernels_in_use():
+    peak = perf.device_peak_flops(torch.device("cpu"))
+    assert 1e9 < peak < 1e14 and perf.device_peak_flops(torch.device("cpu")) == peak  # cached
+    # The same product, timed here, cannot run much faster than the measured peak.
+    a = torch.randn(perf.PEAK_SIZE, perf.PEAK_SIZE)
+    from rlhf.kernels.cpu_linear import cpu_linear
+
+    import time
+    started = time.perf_counter()
+    cpu_linear(a, a)
+    assert 2 * perf.PEAK_SIZE**3 / (time.perf_counter() - started) < 1.5 * peak
+
+
+def test_padding_of_a_2d_mask_is_not_counted_a_4d_mask_counts_every_position():
+    model = tiny_llama(True).requires_grad_(False)
+    n = perf.matmul_parameters(model)
+    meter = perf.PerfMeter([model], peak_flops=1.0)
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # 10 real tokens of 12
+    model(input_ids=ids, attention_mask=mask)
+    assert meter.flops == 2 * n * 10
+    meter.flops = 0
+    full = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    model(input_ids=ids, attention_mask=full)
+    assert meter.flops == 2 * n * 12
+    meter.close()

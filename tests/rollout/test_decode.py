@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.data.records import Message
 from rlhf.data.template import prompt_text
 from rlhf.roles.forward import policy_logprobs
-from rlhf.rollout.decode import DecodeEngine, filter_logits, sample_tokens, sample_with_logprobs
+from rlhf.rollout.decode import DecodeEngine, SampleSeeds, filter_logits, sample_tokens, sample_with_logprobs
 from rlhf.rollout.engine import SamplingParams
 
 
@@ -37,6 +37,31 @@ def test_logprobs_equal_a_full_forward_of_the_rollout(model_and_tokenizer, tempe
     # Rows of different lengths: some rows finished early and left their batch.
     lengths = rollout.response_lengths.tolist()
     assert len(set(lengths)) > 1, lengths
+
+
+def test_a_seeded_sample_is_the_same_however_prompts_are_batched_or_spread_over_workers(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = encode(tok, TEXTS + ["Tell me a joke about cats.", "Spell 'owl' backwards."])
+    params = SamplingParams(max_new_tokens=10)
+    torch.manual_seed(123)  # the global generator plays no part
+    whole = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=7).generate(
+        prompts, params, seeds=SampleSeeds(5, range(7)))
+    torch.manual_seed(456)
+    small_batches = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=2).generate(
+        prompts, params, seeds=SampleSeeds(5, range(7)))
+    # Two workers, holding the global samples 0, 2, 4, 6 and 1, 3, 5.
+    shares = [DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=3).generate(
+        prompts[rank::2], params, seeds=SampleSeeds(5, range(rank, 7, 2), sample_count=7)) for rank in (0, 1)]
+
+    def responses(rollout):
+        return [row[mask.bool()].tolist() for row, mask in zip(rollout.responses, rollout.response_mask)]
+
+    expected = responses(whole)
+    assert responses(small_batches) == expected
+    assert responses(shares[0]) == expected[0::2] and responses(shares[1]) == expected[1::2]
+    other_seed = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=7).generate(
+        prompts, params, seeds=SampleSeeds(6, range(7)))
+    assert responses(other_seed) != expected
 
 
 def test_rows_keep_prompt_order_masks_and_eos(model_and_tokenizer):
