@@ -8,10 +8,10 @@ groups, our learning-rate schedule passed as a callable. A raw JSON in
 `train.*` are refused, since the loss contract depends on them.
 
 On CPU (no GPU) nothing is compiled: the optimizer is `torch.optim.AdamW` (`torch_adam`),
-also under offload, where DeepSpeedCPUAdam would cost a ~150 s g++ build on first use and is
-only faster, not more correct; and the shared-memory all-reduce op (a ~140 s build at
-`init_distributed`) is switched off, so collectives go through gloo. On GPU DeepSpeed's own
-FusedAdam / DeepSpeedCPUAdam are used.
+also under offload, where DeepSpeedCPUAdam would cost a g++ build of minutes on first use and
+is only faster, not more correct; and the shared-memory all-reduce op (another such build at
+`init_distributed`) is switched off, so collectives go through gloo (BENCHMARKS.md,
+'Measurements behind the code'). On GPU DeepSpeed's own FusedAdam / DeepSpeedCPUAdam are used.
 
 Loss contract (see strategy.py): `engine.backward(loss * world_size, scale_wrt_gas=False)`:
 no division by gradient_accumulation_steps, and the rank-averaging of the gradient reduction

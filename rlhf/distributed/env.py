@@ -8,7 +8,7 @@ A plain `python -m rlhf ...` is a world of one on 127.0.0.1 and a free port.
 Device and backend: CUDA + NCCL where a GPU exists, CPU + gloo otherwise. On CPU, processes
 on one machine share its cores: each gets cores / local processes threads (torchrun sets
 OMP_NUM_THREADS=1 itself; the deepspeed launcher does not, and two threads per process on a
-shared core ran up to 45x slower here).
+shared core run many times slower; see BENCHMARKS.md, 'Measurements behind the code').
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def strip_launcher_args(argv: Sequence[str]) -> list[str]:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """`strategy.mixed_precision` -> no / bf16 / fp16. auto: bf16 on GPUs that have it, fp32
-    elsewhere (bf16 matmuls run ~100x slower than fp32 on this kind of CPU)."""
+    elsewhere (bf16 matmuls ran far slower than fp32 on the CPUs tried)."""
     if name != "auto":
         return name
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

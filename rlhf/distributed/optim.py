@@ -59,8 +59,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     groups = param_groups(model, spec.weight_decay)
     params = [p for group in groups for p in group["params"]]
-    # The fused kernel makes one pass over each parameter: on a 2-core CPU a SmolLM2-135M step
-    # drops from ~560 ms (foreach) to ~100 ms; on GPU it is one launch per group.
+    # The fused kernel makes one pass over each parameter: on the CPU a step is several times
+    # faster than with foreach (BENCHMARKS.md, 'Measurements behind the code'); on GPU it is
+    # one launch per group.
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=fused or None)
 

@@ -9,25 +9,26 @@ zeroes. `tune_host_memory` fixes the threshold at 32 MB, glibc's own ceiling, an
 (vocabulary-sized logits and gradients) stay their own mappings, returned on free, as with the
 defaults.
 
-Keeping every block in the heap (no mmap at all, as 08d7366 did) also removed the faults of the
-large blocks, but steps that change shape fragment glibc's heap: a freed block of exactly N bytes
-cannot serve the next 64-byte-aligned request for N bytes once a small survivor sits next to it,
-and SmolLM2 SFT grew by ~110 MB per step (3.0 -> 6.9 GB over 30 steps). Blocks of 32 MB and
-more no longer enter the heap; `release_fragments`, called after every optimizer step, is the
-backstop for the smaller ones: whenever another 512 MB has come to lie free below the heap's top
-it hands those pages back to the kernel, so fragmentation costs page faults, never unbounded
-memory.
+Keeping every block in the heap (no mmap at all, as an earlier version did) also removed the
+faults of the large blocks, but steps that change shape fragment glibc's heap: a freed block of
+exactly N bytes cannot serve the next 64-byte-aligned request for N bytes once a small survivor
+sits next to it, and SmolLM2 SFT's resident memory grew steadily, by about one vocabulary-sized
+block per step, with no bound. Blocks of 32 MB and more no longer enter the heap;
+`release_fragments`, called after every optimizer step, is the backstop for the smaller ones:
+whenever another 512 MB has come to lie free below the heap's top it hands those pages back to
+the kernel, so fragmentation costs page faults, never unbounded memory.
 
-Measured and not kept: PyTorch's `THP_MEM_ALLOC_ENABLE` with every block of 2 MB and more
-mapped on its own kept SFT steps ~10% faster (huge pages fault cheaply), but each mid-size
-temporary became a fresh zeroed mapping: the tiny RM step ~35% and SmolLM2 decode ~15% slower
-(BENCHMARKS.md, item 13).
+Tried and not kept: PyTorch's `THP_MEM_ALLOC_ENABLE` with every block of 2 MB and more
+mapped on its own made SFT steps faster (huge pages fault cheaply), but each mid-size
+temporary became a fresh zeroed mapping, which made the tiny RM step and SmolLM2 decode
+clearly slower (BENCHMARKS.md, item 13 and 'Measurements behind the code').
 
 The vocabulary-sized blocks that a step makes afresh (the fused head's weight gradient,
 rlhf/kernels/linear_cross_entropy.py) are advised into transparent huge pages with
-`advise_huge_pages` before first use: ~57 faults of 2 MB instead of ~27,600 of 4 KB for
-SmolLM2's 113 MB block. Only such whole mappings are advised, never heap blocks, so the
-mid-size temporaries keep reusing the pages of the step before.
+`advise_huge_pages` before first use: one fault per 2 MB page instead of one per 4 KB page,
+a few dozen instead of tens of thousands for SmolLM2's 113 MB block. Only such whole mappings
+are advised, never heap blocks, so the mid-size temporaries keep reusing the pages of the step
+before.
 
 `kernels.tune_host_memory: false` (or `RLHF_TUNE_HOST_MEMORY=0`) leaves glibc's defaults and
 advises nothing. Nothing changes where the C library is not glibc.

@@ -39,7 +39,8 @@ def _chunk_gradients(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     """The chunk's summed NLL; `logits` become softmax − one-hot in place (their gradient)."""
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
     # logsumexp by hand, in place: `torch.logsumexp` makes a chunk-sized temporary, and the
-    # exponentials are needed for the gradient anyway (3.6 against 6.5 ms at 128 x 49152).
+    # exponentials are needed for the gradient anyway (nearly twice as fast per chunk; see
+    # BENCHMARKS.md, 'Measurements behind the code').
     peak = logits.amax(dim=-1, keepdim=True)
     probs = logits.sub_(peak).exp_()
     total = probs.sum(dim=-1, keepdim=True)

@@ -4,9 +4,9 @@ model, computed from its own weights, with a preallocated KV cache.
 A decode step feeds one token per row through every layer. With few rows the step is short
 on arithmetic, so what the Python around it costs shows: transformers' forward rebuilds the
 attention mask, walks its module hooks and grows its cache with `torch.cat` at every step, and
-its prompt forward plus the copy of its cache cost ~0.6 ms more per call than `prefill` on the
-tiny benchmark model (of ~5 ms, ~37 ms for the whole call at 8 rows). This class does only the
-arithmetic:
+its prompt forward plus the copy of its cache cost more per call than `prefill` on a small
+model such as the tiny benchmark model, whose prompt pass is light on arithmetic
+(BENCHMARKS.md, 'Measurements behind the code'). This class does only the arithmetic:
 - q/k/v are one matmul per layer, over weights concatenated once per `generate` call and
   ordered by KV group: each group's query heads, then its key and its value head. The
   rotary embedding then turns the whole product at once (the value slot's table is cos 1,

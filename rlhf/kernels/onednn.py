@@ -1,9 +1,9 @@
 """Linear layers on the CPU through oneDNN instead of the BLAS that `torch.mm` calls.
 
 PyTorch's CPU build sends fp32 `F.linear` to MKL. On AMD processors MKL takes its AVX2 code
-path even where the cores have AVX-512, so on the Zen 5 development machine `torch.mm` peaks
-at ~235 GFLOP/s while oneDNN, which PyTorch also ships and which uses AVX-512 on any vendor,
-reaches ~498 GFLOP/s on the same products (benchmarks/matmul_peak.py measures both). This
+path even where the cores have AVX-512, so oneDNN, which PyTorch also ships and which uses
+AVX-512 on any vendor, is roughly twice as fast there on the same products
+(benchmarks/matmul_peak.py measures both; BENCHMARKS.md, 'Measurements behind the code'). This
 module routes the three products of a linear layer (forward, input gradient, weight gradient)
 through `torch.ops.mkldnn._linear_pointwise`, in plain fp32: the results equal `F.linear`'s to
 float rounding (tests/models/test_onednn.py checks values and gradients).
@@ -106,7 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` (out, in) reordered into oneDNN's blocked layout for products with about
     `rows` input rows: a decode step multiplies the same weights by a few rows many times,
-    and the packed layout ran those products 1.3-1.5x faster than the plain one at 8 rows."""
+    and the packed layout runs those products faster than the plain one."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 

@@ -2,15 +2,14 @@
 weight matrix.
 
 - Where linear layers compute through oneDNN (rlhf/kernels/onednn.py), `few_row_linear` packs
-  each large weight once into oneDNN's blocked layout: at 8 rows on the Zen 5 machine that
-  took SmolLM2's 49152 x 576 head from 5.4 ms (the transposed product below) to 3.0 ms and a
-  3072 x 576 block from 349 to 208 µs.
+  each large weight once into oneDNN's blocked layout, where a few rows multiply clearly
+  faster than through the transposed product below.
 - Otherwise the product is y = (W · xᵀ)ᵀ instead of y = x · Wᵀ: MKL picks a poor kernel for
-  `x · Wᵀ` when x has few rows and W many (the head: 35 ms at 8 rows against 12 ms for
-  `W · xᵀ` on the AVX2 machine; over all its linears one decode step dropped from ~123 to
-  ~70 ms there).
+  `x · Wᵀ` when x has few rows and W many, so `W · xᵀ` is several times faster on a
+  vocabulary-sized head and takes a large share off a whole decode step.
 Both are the same product up to float rounding. GPUs are left alone: their GEMMs handle
-skinny shapes well.
+skinny shapes well. The timings behind both are in BENCHMARKS.md, 'Measurements behind the
+code'.
 """
 
 from __future__ import annotations
@@ -23,14 +22,14 @@ import torch
 from rlhf.kernels import onednn
 
 SKINNY_ROWS = 64
-"""Inputs with at most this many rows take the transposed product (measured faster up to
-64 rows on the development CPU, and never slower on the model's shapes)."""
+"""Inputs with at most this many rows take the transposed product: up to this many rows it
+was the faster one, and never slower on the model's shapes."""
 
 SKINNY_MIN_WEIGHT = 1 << 18
 """Weights with fewer elements (under 1 MB in fp32) keep `x · Wᵀ`: they stay in the cores'
-caches from step to step, and there the plain product was faster (a 128-wide tiny model's
-1024 x 128 matrix at 8 rows: 55 µs against 92 µs), while SmolLM2's matrices, all above
-this size and read from memory each step, gain 10-60% from the transposed one."""
+caches from step to step, and there the plain product is faster (as for a 128-wide tiny
+model's matrices), while SmolLM2's matrices, all above this size and read from memory each
+step, gain from the transposed one."""
 
 
 def linear_for_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

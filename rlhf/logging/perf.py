@@ -37,7 +37,7 @@ from rlhf.models.engines import unwrap_engine
 
 PEAK_SIZE = 1024
 """Side of the square products timed for the CPU peak: large enough for the kernels' steady
-rate, small enough to take ~0.1 s (3 timings of 2 GFLOP each on the slowest CPU here)."""
+rate, small enough that the four products (2 GFLOP each) take a fraction of a second."""
 
 GPU_PEAK_FLOPS = (  # dense bf16 tensor-core FLOP/s from the vendor data sheets; first match wins
     ("H100 PCIE", 756e12),

@@ -17,7 +17,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp32 on CPU (bf16 matmuls are ~100x slower there) and bf16 on GPUs that have it."""
+    """`auto` is fp32 on CPU (bf16 matmuls are far slower there) and bf16 on GPUs that have it."""
     if name != "auto":
         return _DTYPES[name]
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

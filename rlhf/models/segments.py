@@ -7,8 +7,9 @@ forward to its attention layers:
 - `flash_attention_2/3` use them as they are (varlen kernels);
 - `rlhf_segment_sdpa`, which `use_segment_attention` sets in place of `sdpa`, runs PyTorch's
   SDPA once per example with `is_causal`, so no work is spent on pairs of tokens from
-  different examples (a block-diagonal mask over the whole row does that work and masks it;
-  on SmolLM2 at 4 x ~150 tokens it took 19 ms a layer against 6-7 ms per example);
+  different examples (a block-diagonal mask over the whole row does that work and masks it,
+  and on SmolLM2-sized examples took about three times as long per layer; BENCHMARKS.md,
+  'Measurements behind the code');
 - any other implementation ignores them and gets the block-diagonal mask that transformers
   builds from the restarting positions, which is exact but slower.
 Calls without the lengths (evaluation with padding, generation) go through transformers' own

@@ -2,9 +2,10 @@
 
 With no address a private local Ray starts with the dashboard off, its node address set to
 127.0.0.1 and Ray's token authentication on (Ray 2.60's default). Ray's internal services
-may still listen on every interface (measured here with Ray 2.60): run on a trusted network,
-or in a loopback-only network namespace as the tests do. `auto`, `HOST:PORT` and
-`ray://HOST:PORT` join a running cluster (launchers/ray_head.sh starts one).
+may still listen on every interface whatever the node address (BENCHMARKS.md, 'Measurements
+behind the code'): run on a trusted network, or in a loopback-only network namespace as the
+tests do. `auto`, `HOST:PORT` and `ray://HOST:PORT` join a running cluster
+(launchers/ray_head.sh starts one).
 
 The workers get the driver's environment settings that shape a run (HF caches and offline
 flags, W&B mode and directory, NCCL/GLOO interface choices), never its secrets.

@@ -32,7 +32,7 @@ def policy_logprobs(
     """Log-probs of the sampled response tokens under softmax(logits / temperature), the
     distribution the sampler drew them from; optionally the per-token entropy, differentiable
     only with `entropy_grad` (as a logged statistic its backward through the vocabulary-wide
-    softmax would cost ~15% of the actor's step for nothing)."""
+    softmax would cost a sizeable share of the actor's step for nothing)."""
     logits = response_logits(model, rollout)
     logprobs = token_logprobs(logits, rollout.responses, temperature)
     entropy = None

@@ -1,5 +1,6 @@
 """The chunked linear + cross-entropy: hand-computed numbers, and the loss and gradients of
-`F.linear` + `F.cross_entropy` over several chunks and vocabulary slices."""
+`F.linear` + the project's LM loss (`rlhf.algorithms.losses.lm_nll`, which the logits path of
+SFT and PPO-ptx runs) over several chunks and vocabulary slices."""
 
 import math
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf.algorithms.losses import lm_nll
 from rlhf.kernels import linear_cross_entropy as lce
 from rlhf.kernels.linear_cross_entropy import linear_cross_entropy
 
@@ -36,7 +38,7 @@ def test_equals_full_logits_over_chunks_and_slices(monkeypatch, with_bias, froze
     targets = torch.randint(0, vocab, (rows,))
     inputs = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
 
-    expected = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
+    expected, _ = lm_nll(F.linear(hidden, weight, bias), targets)
     expected_grads = torch.autograd.grad(expected * 0.5, inputs)
     got = linear_cross_entropy(hidden, weight, bias, targets)
     got_grads = torch.autograd.grad(got * 0.5, inputs)  # a scaled loss scales the gradients
@@ -72,7 +74,7 @@ def test_half_precision_weights_give_the_full_logits_loss(monkeypatch):
     hidden = torch.randn(30, 16, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(200, 16) * 0.3).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, 200, (30,))
-    expected = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    expected, _ = lm_nll(F.linear(hidden, weight), targets)
     expected_grads = torch.autograd.grad(expected, [hidden, weight])
     got = linear_cross_entropy(hidden, weight, None, targets)
     got_grads = torch.autograd.grad(got, [hidden, weight])
