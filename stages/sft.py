@@ -19,7 +19,8 @@ from rlhf.models.init import resolve_model_path
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
 from rlhf.models.segments import use_segment_attention
-from rlhf.training.lm import LMEvaluation, StepPlan, lm_forward_nll, step_micro_batches
+from rlhf.kernels.lm_loss import lm_forward_nll
+from rlhf.training.lm import LMEvaluation, StepPlan, step_micro_batches
 from rlhf.training.run import Run, Schedule, StageResult
 
 

@@ -88,6 +88,12 @@ def load_scalar_model(
             torch.nn.init.zeros_(head.bias)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    text_config = model.config.get_text_config()
+    if text_config.pad_token_id is None:
+        # transformers' own pooling (never read here: scores come from `sequence_scores`) refuses
+        # batches without a pad id, and the root forward that FSDP2 needs runs it.
+        eos = text_config.eos_token_id
+        text_config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) or 0
     return model.to(device)
 
 
@@ -111,13 +117,30 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=-1)
 
 
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, hidden) final hidden states (after the last norm). Usually the backbone's
+    own forward, which skips the scalar head's pooling. Under FSDP2 the call goes through the
+    root module instead: FSDP2 gathers the parameters outside the transformer blocks
+    (embedding, final norm, head) in the root's forward, and leaves them gathered after it for
+    the head and the backward (an FSDP2 root is not resharded after its forward)."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    inner = unwrap_engine(model)
+    if _is_fsdp(inner):
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+    return backbone(model)(**inputs).last_hidden_state
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return backbone(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    return final_hidden(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
 
 
 def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -144,8 +167,6 @@ def shared_prefix_scores(
     `score_index`: the same scores `sequence_scores` gives each [prompt, answer] row."""
     config = unwrap_engine(model).config
     mask = shared_prefix_attention_mask(segment_ids, config._attn_implementation, unwrap_engine(model).dtype)
-    hidden = backbone(model)(
-        input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
+    hidden = final_hidden(model, input_ids, mask, position_ids)
     picked = hidden.reshape(-1, hidden.shape[-1])[score_index]
     return score_head(model)(picked).squeeze(-1).float()

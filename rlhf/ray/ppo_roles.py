@@ -23,8 +23,7 @@ from rlhf.ray.group import Placement, WorkerGroup, gather
 from rlhf.ray.role_worker import RoleWorker
 from rlhf.roles.team import LocalRoles
 from rlhf.rollout.engine import SamplingParams, concat_rollouts
-from rlhf.rollout.types import Experience, Rollout
-from rlhf.training.ppo import Scored
+from rlhf.rollout.types import Experience, Rollout, Scored
 
 
 def uses_role_groups(cfg: PPOConfig) -> bool:

@@ -66,9 +66,8 @@ class RoleWorker(WorkerBase):
     # -- training ------------------------------------------------------------------------
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float,
                step_offset: int) -> dict[str, float]:
-        """This worker's share of every global mini-batch; metrics averaged over the role's workers."""
-        metrics = self.model.update(experience.to(self.world.device), orders, kl_coef, step_offset)
-        return self.world.all_reduce(metrics)
+        """This worker's share of every global mini-batch; metrics over the role's workers."""
+        return self.model.update(experience.to(self.world.device), orders, kl_coef, step_offset)
 
     def save_state(self, directory: str) -> None:
         self.model.trained.save_state(Path(directory))

@@ -16,7 +16,7 @@ from rlhf.models.reward import RewardStats, load_scalar_model
 from rlhf.roles.roles import Actor, Critic, Reference, RewardModel
 from rlhf.rollout.decode import DecodeEngine
 from rlhf.rollout.engine import HFGenerateEngine
-from rlhf.training.ppo import PolicyLossSettings
+from rlhf.roles.update import PolicyLossSettings
 
 
 def steps_per_iteration(cfg: PPOConfig) -> int:

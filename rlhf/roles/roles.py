@@ -20,8 +20,8 @@ from rlhf.roles.forward import policy_logprobs, response_values
 from rlhf.rollout.decode import DecodeEngine, SampleSeeds
 from rlhf.rollout.engine import RolloutEngine, SamplingParams
 from rlhf.rollout.types import Experience, Rollout
-from rlhf.training.lm import lm_forward_nll
-from rlhf.training.ppo import Means, PolicyLossSettings, actor_loss, critic_loss, mini_batch_shares, ptx_loss
+from rlhf.kernels.lm_loss import lm_forward_nll
+from rlhf.roles.update import Means, PolicyLossSettings, actor_loss, critic_loss, mini_batch_shares, ptx_loss
 
 
 class Actor:
@@ -72,7 +72,8 @@ class Actor:
         """Clipped policy-gradient steps (plus entropy, in-loss KL and the PPO-ptx LM term), one
         optimizer step per global mini-batch of `orders`, on this worker's share of it.
         `experience` is the global batch; `step_offset` numbers the optimizer steps of the run
-        (the PPO-ptx data position)."""
+        (the PPO-ptx data position). Returns the iteration's statistics over every worker of
+        this role (a collective)."""
         strategy, settings = self.strategy, self.loss
         means = Means()
         steps = mini_batch_shares(orders, self.mini_batch_size, self.micro_batch_size, strategy.rank,
@@ -86,15 +87,15 @@ class Actor:
                                                     with_entropy=True, entropy_grad=settings.entropy_coef != 0)
                 loss, stats = actor_loss(logprobs, entropy, part, kl_coef, settings, denominator)
                 strategy.backward(self.trained, loss)
-                means.add("ppo/", **stats)
+                means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
             if self.ptx_batch is not None:
                 batch = self.ptx_batch(step_offset + step).to(strategy.device)
                 nll, tokens = lm_forward_nll(self.trained.module, batch)
                 tokens_all = strategy.all_reduce({"n": float(tokens)}, op="sum")["n"]
                 strategy.backward(self.trained, ptx_loss(nll, tokens_all, self.ptx_coef))
-                means.add(**{"ppo/ptx_loss": float(nll.detach()) / max(tokens, 1)})
+                means.add(weight=float(tokens), **{"ppo/ptx_loss": float(nll.detach()) / max(tokens, 1)})
             means.add(**{"ppo/actor_grad_norm": strategy.step(self.trained)})
-        return means.result()
+        return means.result(strategy)
 
 
 class Critic:
@@ -129,9 +130,9 @@ class Critic:
                 values = response_values(self.trained.module, part.rollout)
                 loss, stats = critic_loss(values, part, self.value_clip_eps, tokens)
                 strategy.backward(self.trained, loss)
-                means.add("ppo/", **stats)
+                means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
             means.add(**{"ppo/critic_grad_norm": strategy.step(self.trained)})
-        return means.result()
+        return means.result(strategy)
 
 
 class Reference:

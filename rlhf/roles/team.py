@@ -18,8 +18,8 @@ from rlhf.distributed.strategy import Strategy, TrainedModel
 from rlhf.roles.build import build_actor, build_critic, build_reference, build_reward_model
 from rlhf.roles.roles import Actor, Critic, Reference, RewardModel
 from rlhf.rollout.engine import SamplingParams
-from rlhf.rollout.types import Experience, Rollout
-from rlhf.training.ppo import Scored, gather_scored, local_rows
+from rlhf.rollout.gather import gather_scored, local_rows
+from rlhf.rollout.types import Experience, Rollout, Scored
 
 
 def score(rollout: Rollout, actor: Actor, reference: Reference, critic: Critic, reward_model: RewardModel,
@@ -55,11 +55,11 @@ class LocalRoles:
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float, train_actor: bool,
                step_offset: int) -> dict[str, float]:
         """PPO epochs over the global mini-batches of `orders`: critic always, actor after the
-        warm-up; metrics averaged over workers."""
+        warm-up; metrics over every worker."""
         metrics = self.critic.update(experience, orders)
         if train_actor:
             metrics.update(self.actor.update(experience, orders, kl_coef, step_offset))
-        return self.strategy.all_reduce(metrics)
+        return metrics
 
     def trained(self) -> dict[str, TrainedModel]:
         return {"actor": self.actor.trained, "critic": self.critic.trained}

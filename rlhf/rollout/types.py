@@ -116,3 +116,31 @@ class Experience:
         width = rollout.response_mask.shape[1]
         return Experience(rollout, **{f.name: getattr(self, f.name)[:, :width] if getattr(self, f.name).ndim == 2
                                       else getattr(self, f.name) for f in fields(self) if f.name != "rollout"})
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The named values of a step that hold NaN or inf (the update is skipped)."""
+
+    names: tuple[str, ...]
+
+
+@dataclass
+class Scored:
+    """A rollout with everything the roles compute for it, before rewards. Per-token tensors
+    are (batch, response_length), aligned with `rollout.response_mask`."""
+
+    rollout: Rollout
+    logprobs: torch.Tensor
+    """Actor log-probs of the sampled tokens at rollout time (π_old, temperature-scaled)."""
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    """Critic values V(s) of the state before each response token."""
+    scores: torch.Tensor
+    """(batch,) raw reward-model scores."""
+
+    def nonfinite(self) -> NonFinite | None:
+        bad = tuple(name for name, t in (("reward", self.scores), ("logprobs", self.logprobs),
+                                         ("ref_logprobs", self.ref_logprobs), ("values", self.values))
+                    if not bool(torch.isfinite(t).all()))
+        return NonFinite(bad) if bad else None

@@ -10,16 +10,9 @@ written from finite weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from rlhf.errors import UserError
-
-
-@dataclass(frozen=True)
-class NonFinite:
-    """The named values of a step that hold NaN or inf (the update is skipped)."""
-
-    names: tuple[str, ...]
+from rlhf.rollout.types import NonFinite
 
 
 class NonFiniteGuard:

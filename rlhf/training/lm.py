@@ -1,5 +1,6 @@
-"""Language-model training pieces shared by SFT and PPO-ptx: the loss of a micro-batch, the
-micro-batch stream with step-exact positions, and evaluation."""
+"""Language-model training pieces of the SFT stage: the micro-batch stream with step-exact
+positions, and evaluation (the loss of a micro-batch is `rlhf.kernels.lm_loss.lm_forward_nll`,
+which PPO-ptx shares)."""
 
 from __future__ import annotations
 
@@ -9,45 +10,8 @@ from typing import Iterator
 
 import torch
 
-from rlhf.algorithms.losses import lm_nll
-from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatch, SFTBatches
-from rlhf.kernels.fused_head import loss_head, tied_gradient_slot
-from rlhf.models.segments import segment_kwargs
-
-
-def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
-    """(sum of next-token NLL over target tokens, number of target tokens): the loss of SFT
-    and of the PPO-ptx term.
-
-    Only positions whose next token is a target reach the vocabulary projection: it is ~20% of
-    a 135M model's FLOPs and its (tokens, vocab) output the largest activation, and prompt and
-    padding positions need neither. A model whose head is a `LossHead` (`rlhf.kernels.accelerate`
-    with `kernels.fused_lm_loss`) returns its final hidden states, and the head computes the loss
-    of the target positions over chunks, without the whole (tokens, vocab) logits; any other
-    model gives the logits of those positions to `lm_nll`."""
-    targets = batch.labels[:, 1:]
-    predicts_target = torch.zeros_like(batch.labels, dtype=torch.bool)
-    predicts_target[:, :-1] = targets != IGNORE_INDEX
-    target_ids = targets[targets != IGNORE_INDEX]
-    inputs = dict(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        # A cache would also switch off the packed-sequence mask in transformers.
-        use_cache=False,
-        **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
-    )
-    head = loss_head(module)
-    if head is None:
-        logits = module(**inputs, logits_to_keep=predicts_target).logits  # (target tokens, vocab)
-        nll, count = lm_nll(logits, target_ids)
-        return nll, int(count)
-    # No logits from the forward (an empty selection); the head is then called as a module, so
-    # engines that gather its weight around its forward (ZeRO-3) do so.
-    nothing = torch.zeros_like(predicts_target)
-    hidden = module(**inputs, logits_to_keep=nothing, output_hidden_states=True).hidden_states[-1]
-    nll = head(hidden[predicts_target], targets=target_ids, weight_gradient_sink=tied_gradient_slot(module, head))
-    return nll, int(target_ids.numel())
+from rlhf.data.sft_dataset import SFTBatch, SFTBatches
+from rlhf.kernels.lm_loss import lm_forward_nll
 
 
 @dataclass

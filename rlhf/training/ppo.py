@@ -1,19 +1,17 @@
-"""PPO glue between the roles and the algorithms, as plain functions of tensors.
+"""PPO glue of the loop (stages/ppo.py), as plain functions of tensors.
 
-One iteration: the workers roll out their share of the prompts and score it (log-probs,
-reference log-probs, values, reward-model scores: a `Scored` batch); `gather_scored` joins the
-shares into the global batch in prompt order, identical on every worker; `make_experience`
-turns it into per-token rewards, advantages and returns (normalising scores and whitening
-advantages over the global batch); then each PPO epoch walks global mini-batches in one
-shuffled order, every worker training on its share of each (`mini_batch_shares`) with losses
-weighted by the whole mini-batch (`actor_loss`, `critic_loss`). The result does not depend on
-how many workers there are, up to float rounding.
+One iteration: the workers roll out their share of the prompts and score it (a `Scored`
+batch, rlhf/rollout/types.py), joined into the global batch in prompt order, identical on every
+worker (rlhf/rollout/gather.py); `make_experience` turns it into per-token rewards, advantages
+and returns, normalising scores and whitening advantages over the global batch; each PPO epoch
+then walks global mini-batches of one shuffled order (`shuffle_orders`), every trained role
+updating on its share of each (rlhf/roles/update.py). The result does not depend on how many
+workers there are, up to float rounding. `PPOState` is what a checkpoint keeps besides models.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -25,78 +23,12 @@ from rlhf.algorithms import (
     kl_estimate,
     masked_mean,
     masked_whiten,
-    value_loss,
 )
-from rlhf.algorithms.losses import aggregate_loss, clipped_surrogate
 from rlhf.algorithms.rewards import RunningMoments, normalize_scores, shape_rewards
-from rlhf.rollout.types import Experience, Rollout
+from rlhf.rollout.types import Experience, Scored
 from rlhf.training.ema import EMA
-from rlhf.training.guards import NonFinite
 
 
-@dataclass
-class Scored:
-    """A rollout with everything the roles compute for it, before rewards. Per-token tensors
-    are (batch, response_length), aligned with `rollout.response_mask`."""
-
-    rollout: Rollout
-    logprobs: torch.Tensor
-    """Actor log-probs of the sampled tokens at rollout time (π_old, temperature-scaled)."""
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    """Critic values V(s) of the state before each response token."""
-    scores: torch.Tensor
-    """(batch,) raw reward-model scores."""
-
-    def nonfinite(self) -> NonFinite | None:
-        bad = tuple(name for name, t in (("reward", self.scores), ("logprobs", self.logprobs),
-                                         ("ref_logprobs", self.ref_logprobs), ("values", self.values))
-                    if not bool(torch.isfinite(t).all()))
-        return NonFinite(bad) if bad else None
-
-
-# -- the global batch -------------------------------------------------------------------------
-_TOKEN_FIELDS = ("logprobs", "ref_logprobs", "values")
-
-
-def gather_scored(scored: Scored, world, pad_token_id: int) -> Scored:
-    """Every worker's `Scored` share joined into the global batch, identical on all workers.
-    Worker r holds global samples r, r + W, r + 2W, ... (the prompt stream's order), so row i
-    of worker r is global sample i·W + r. Shares are padded to the widest prompt and response
-    before the collective; a world of one returns `scored` unchanged."""
-    if world.world_size == 1:
-        return scored
-    rollout = scored.rollout
-    widths = world.all_reduce({"prompt": rollout.prompt_length, "response": rollout.response_mask.shape[1]}, op="max")
-    prompt_width, response_width = int(widths["prompt"]), int(widths["response"])
-    padded = rollout.padded(prompt_width, response_width, pad_token_id)
-    right = response_width - rollout.response_mask.shape[1]
-    local = {
-        "sequences": padded.sequences, "attention_mask": padded.attention_mask,
-        "response_mask": padded.response_mask, "eos_found": padded.eos_found.to(torch.uint8),
-        "scores": scored.scores.float(),
-        **{name: torch.nn.functional.pad(getattr(scored, name).float(), (0, right)) for name in _TOKEN_FIELDS},
-    }
-    if rollout.logprobs is not None:
-        local["rollout_logprobs"] = padded.logprobs
-    joined = {name: _interleave(world.all_gather(tensor)) for name, tensor in local.items()}
-    global_rollout = Rollout(joined["sequences"], joined["attention_mask"], prompt_width, joined["response_mask"],
-                             joined["eos_found"].bool(), joined.get("rollout_logprobs"))
-    return Scored(global_rollout, joined["logprobs"], joined["ref_logprobs"], joined["values"], joined["scores"])
-
-
-def _interleave(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Rows of worker shares [worker, row] in global order row·W + worker."""
-    stacked = torch.stack(list(parts), dim=1)
-    return stacked.reshape(-1, *stacked.shape[2:])
-
-
-def local_rows(rows: int, rank: int, world_size: int) -> torch.Tensor:
-    """Global sample ids of a worker's `rows` local samples (see `gather_scored`)."""
-    return torch.arange(rows) * world_size + rank
-
-
-# -- rewards and advantages ------------------------------------------------------------------
 @dataclass
 class RewardNormalizer:
     """Turns raw reward-model scores into the scalar PPO optimises: normalise, penalise a
@@ -161,101 +93,10 @@ def make_experience(scored: Scored, normalizer: RewardNormalizer, kl_coef: float
     return experience, metrics
 
 
-# -- mini-batches ----------------------------------------------------------------------------
 def shuffle_orders(generator: torch.Generator, epochs: int, size: int) -> list[torch.Tensor]:
     """One permutation of the global batch's `size` samples per PPO epoch, drawn once and
     handed to actor and critic, which walk the same mini-batches."""
     return [torch.randperm(size, generator=generator) for _ in range(epochs)]
-
-
-@dataclass
-class MiniBatch:
-    """One optimizer step: the global mini-batch and this worker's micro-batches of it."""
-
-    samples: torch.Tensor
-    """Global sample ids of the whole mini-batch (every worker's share)."""
-    micro_batches: list[torch.Tensor]
-    """This worker's share, cut into micro-batches."""
-
-
-def mini_batch_shares(orders: Sequence[torch.Tensor], mini_batch_size: int, micro_batch_size: int, rank: int,
-                      world_size: int) -> list[MiniBatch]:
-    """The optimizer steps of an iteration in training order. Mini-batch j of an epoch is
-    samples order[j·M : (j+1)·M]; worker r trains on its every W-th sample from position r, in
-    micro-batches of `micro_batch_size` (M is a multiple of micro_batch_size · W)."""
-    steps = []
-    for order in orders:
-        for start in range(0, len(order), mini_batch_size):
-            samples = order[start : start + mini_batch_size]
-            share = samples[rank::world_size]
-            steps.append(MiniBatch(samples, [share[m : m + micro_batch_size]
-                                             for m in range(0, len(share), micro_batch_size)]))
-    return steps
-
-
-# -- losses of a micro-batch ------------------------------------------------------------------
-@dataclass
-class PolicyLossSettings:
-    clip_eps: float = 0.2
-    dual_clip: float | None = None
-    entropy_coef: float = 0.0
-    kl_in_loss: bool = False
-    kl_estimator: str = "k1"
-    aggregation: str = "token_mean"
-
-
-def actor_loss(logprobs: torch.Tensor, entropy: torch.Tensor | None, part: Experience, kl_coef: float,
-               settings: PolicyLossSettings, denominator: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """This micro-batch's share of the mini-batch's actor loss: the clipped surrogate (Schulman
-    et al. 2017, eq. 7), minus the entropy bonus, plus β·KL to the reference when the KL is in
-    the loss, each aggregated over the mini-batch by `settings.aggregation` (`denominator`:
-    `loss_denominator` of the whole mini-batch). Summed over all micro-batches of all workers,
-    these give the mini-batch's loss."""
-    mask = part.rollout.response_mask
-    per_token, stats = clipped_surrogate(logprobs, part.logprobs, part.advantages, mask, settings.clip_eps,
-                                         settings.dual_clip)
-    loss = aggregate_loss(per_token, mask, settings.aggregation, denominator)
-    stats = {"policy_loss": masked_mean(per_token.detach(), mask), **stats}
-    if entropy is not None and settings.entropy_coef:
-        loss = loss - settings.entropy_coef * aggregate_loss(entropy, mask, settings.aggregation, denominator)
-    if settings.kl_in_loss and kl_coef:
-        kl = kl_estimate(logprobs, part.ref_logprobs, settings.kl_estimator)
-        loss = loss + kl_coef * aggregate_loss(kl, mask, settings.aggregation, denominator)
-    if entropy is not None:
-        stats["entropy"] = masked_mean(entropy.detach(), mask)
-    return loss, stats
-
-
-def critic_loss(values: torch.Tensor, part: Experience, clip_eps: float | None, mini_batch_tokens: float
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """This micro-batch's share of the clipped value loss's token mean over the mini-batch."""
-    mask = part.rollout.response_mask
-    loss, stats = value_loss(values, part.values, part.returns, mask, clip_eps)
-    share = loss * (float(mask.sum()) / max(mini_batch_tokens, 1.0))
-    return share, {"value_loss": loss.detach(), "value_clip_frac": stats["clip_frac"]}
-
-
-def ptx_loss(nll_sum: torch.Tensor, tokens_all_workers: float, coef: float) -> torch.Tensor:
-    """PPO-ptx's γ·(pretraining LM loss) (Ouyang et al. 2022, eq. 2) as this worker's share:
-    its NLL sum over the tokens of every worker's pretraining micro-batch."""
-    return coef * nll_sum / max(tokens_all_workers, 1.0)
-
-
-class Means:
-    """Running means of logged statistics over an iteration's micro-batches and steps."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, prefix: str = "", **values: float | torch.Tensor) -> None:
-        for key, value in values.items():
-            key = prefix + key
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def result(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
 def rollout_seed(seed: int, iteration: int) -> int:

@@ -134,7 +134,7 @@ def test_batches_are_seeded_and_randomly_addressable(tokenizer):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_lm_nll_from_target_positions_only_equals_the_full_logits_loss(tiny_model_dir, packing):
-    from rlhf.training.lm import lm_forward_nll
+    from rlhf.kernels.lm_loss import lm_forward_nll
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     generator = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ from rlhf.kernels.cpu_linear import use_cpu_linears
 from rlhf.kernels.fused_head import LossHead, TiedEmbedding, loss_head, use_fused_head_loss
 from rlhf.models.lora import apply_lora
 from rlhf.models.segments import use_segment_attention
-from rlhf.training.lm import lm_forward_nll
+from rlhf.kernels.lm_loss import lm_forward_nll
 
 CONFIGS = {  # llama-tied's embedding has a padding row (its lookup gets no gradient)
     "llama-tied": LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

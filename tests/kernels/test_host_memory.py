@@ -69,9 +69,11 @@ def rss_mb():
         return int(next(l for l in status if l.startswith("VmRSS")).split()[1]) // 1024
 assert tune_host_memory() and not release_fragments()  # the first call takes the baseline
 blocks, pins = [], []
-for _ in range(800):  # 1 MB blocks (heap-resident), each followed by a small survivor
+# 1 MB blocks (heap-resident), each followed by a 256 KB survivor: a survivor that size cannot
+# land in the small free holes an import leaves, so it sits between two blocks.
+for _ in range(800):
     blocks.append(torch.ones(256 * 1024))
-    pins.append(torch.ones(16))
+    pins.append(torch.ones(64 * 1024))
 steady = release_fragments()  # nothing freed yet
 held = rss_mb()
 del blocks  # ~800 MB of free heap below the survivors, which the heap cannot trim

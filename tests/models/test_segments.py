@@ -10,7 +10,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Mistral
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatches, SFTExample, collate_padded, collate_padding_free
 from rlhf.models import segments
 from rlhf.models.segments import SEGMENT_SDPA, use_segment_attention
-from rlhf.training.lm import lm_forward_nll
+from rlhf.kernels.lm_loss import lm_forward_nll
 
 LLAMA_GQA = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
