@@ -105,4 +105,5 @@ def main(cfg: PPOConfig) -> StageResult:
         if state.ema is not None:
             state.ema.copy_to(roles.policy.module)
             run.export(roles.policy, tokenizer, "model_ema")
-        return run.finish(summary, None if uses_role_groups(cfg) else run.strategy.unwrap(roles.policy))
+        model = None if uses_role_groups(cfg) else run.strategy.unwrap(roles.policy)
+        return run.finish(summary, model, nodes=roles.nodes)

@@ -13,8 +13,12 @@ from rlhf.distributed.env import free_port
 
 
 def stage_summary(result: Any) -> dict:
-    """What a stage run reports back to its launcher: summary metrics and model directory."""
-    return {"metrics": dict(result.metrics), "model_dir": str(result.model_dir)}
+    """What a stage run reports back to its launcher: summary metrics, model directory and,
+    for a stage that started its own worker groups, where they ran."""
+    summary = {"metrics": dict(result.metrics), "model_dir": str(result.model_dir)}
+    if getattr(result, "nodes", None):
+        summary["nodes"] = result.nodes
+    return summary
 
 
 def node_ip() -> str:

@@ -39,6 +39,7 @@ class LocalRoles:
         self.reward_model = build_reward_model(cfg, strategy)
         self.critic = build_critic(cfg, strategy)
         self.actor = build_actor(cfg, strategy, tokenizer)
+        self.nodes = None  # all four live in this process
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int) -> Rollout:
         """This worker's prompts (global samples rank, rank + W, ...) rolled out."""

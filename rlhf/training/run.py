@@ -55,6 +55,8 @@ class StageResult:
     model: torch.nn.Module | None = None
     """The trained model in memory (sharded under a sharded strategy; None when it lives in
     Ray workers)."""
+    nodes: dict | None = None
+    """Where worker groups the stage started itself ran (Ray node ids per role), if any."""
 
 
 @dataclass
@@ -225,7 +227,8 @@ class Run:
         trainee.export(directory, tokenizer, extra_files)
         return directory
 
-    def finish(self, summary: dict[str, float], model: torch.nn.Module | None = None) -> StageResult:
+    def finish(self, summary: dict[str, float], model: torch.nn.Module | None = None,
+               nodes: dict | None = None) -> StageResult:
         """Mark the run finished (model/rlhf_config.yaml), close the metrics, release the world."""
         if self.progress is not None:
             self.progress.close()
@@ -236,7 +239,7 @@ class Run:
         if self.metrics is not None:
             self.metrics.finish()
         self.world.teardown()
-        return StageResult(summary, self.dir / "model", model)
+        return StageResult(summary, self.dir / "model", model, nodes)
 
 
 def _format(metrics: dict[str, float]) -> str:
