@@ -97,7 +97,8 @@ class SFTConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray, self.kernels):
+        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray,
+                        self.kernels):
             section.validate()
         if self.data.group_by_length and self.data.padding_free:
             raise ConfigError("data.group_by_length groups padded rows: set data.padding_free=false with it "
@@ -156,7 +157,8 @@ class RMConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray, self.kernels):
+        for section in (self.model, self.data, self.train, self.strategy, self.logging, self.resources, self.ray,
+                        self.kernels):
             section.validate()
         _check_ray_batch(self.train, self.resources, self.ray)
 

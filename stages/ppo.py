@@ -43,10 +43,10 @@ def main(cfg: PPOConfig) -> StageResult:
 
         # 2. Roles (dropout off in all four), sampling settings, evaluation and loop state.
         roles = run.own(build_ppo_roles(cfg, world, tokenizer))
-        rollout_cfg = cfg.rollout
-        sampling = SamplingParams(rollout_cfg.max_new_tokens, rollout_cfg.temperature, rollout_cfg.top_k, rollout_cfg.top_p)
-        eval_sampling = SamplingParams(rollout_cfg.max_new_tokens, cfg.eval.temperature or rollout_cfg.temperature,
-                                       rollout_cfg.top_k, rollout_cfg.top_p)
+        sample = cfg.rollout
+        sampling = SamplingParams(sample.max_new_tokens, sample.temperature, sample.top_k, sample.top_p)
+        eval_sampling = SamplingParams(sample.max_new_tokens, cfg.eval.temperature or sample.temperature,
+                                       sample.top_k, sample.top_p)
         evaluation = PolicyEvaluation(run, roles, tokenizer,
                                       [encode_prompt(tokenizer, r, cfg.data.max_prompt_length) for r in eval_records],
                                       [r.prompt[-1].content for r in eval_records], eval_sampling,
