@@ -21,6 +21,7 @@ from rlhf.data.splits import load_split
 from rlhf.distributed.optim import OptimizerSpec
 from rlhf.kernels import accelerate
 from rlhf.models.loading import load_tokenizer
+from rlhf.models.lora import apply_lora
 from rlhf.models.reward import load_scalar_model
 from rlhf.models.shared_prefix import attention_window, shared_prefix_unsupported
 from rlhf.training.lm import StepPlan, step_micro_batches
@@ -41,6 +42,7 @@ def main(cfg: RMConfig) -> StageResult:
         model = load_scalar_model(cfg.model, strategy.device, seed=cfg.seed)
         model.config.pad_token_id = tokenizer.pad_token_id
         accelerate(model, cfg.kernels)
+        model = apply_lora(model, cfg.model.lora, scalar_head=True)
 
         # 3. Tokenise: each prompt once, each of its K answers after it.
         truncation = TruncationStats()

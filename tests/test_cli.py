@@ -113,7 +113,6 @@ def test_data_synth_writes_every_set_and_gold_reward_ranks_them(tmp_path, capsys
     assert row["scores"] == [round(gold_reward(row["prompt"], r), 6) for r in row["responses"]]
 
 
-@pytest.mark.slow
 def test_generate_answers_prompts(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "answers.jsonl"
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "List 2 cats.", "--prompt", "Name 3 owls.",
@@ -121,3 +120,31 @@ def test_generate_answers_prompts(tiny_model_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["List 2 cats.", "Name 3 owls."]
     assert all(isinstance(r["response"], str) for r in rows)
+
+
+def test_rm_score_writes_one_score_per_answer_as_the_model_scores_them(tiny_model_dir, tmp_path, capsys):
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlhf.config_sections import ModelConfig
+    from rlhf.models.export import export_pretrained
+    from rlhf.models.reward import load_scalar_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = load_scalar_model(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), seed=3)
+    model.config.pad_token_id = tok.pad_token_id
+    export_pretrained(model, tok, tmp_path / "rm")
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "List 2 cats.", "chosen": "cat, lion", "rejected": "dog"},
+            {"prompt": "Name 3 owls.", "responses": ["barn owl, snowy owl, eagle owl", "owl", "cat"]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "scores.jsonl"
+    assert main(["rm", "score", "--model", str(tmp_path / "rm"), "--data", str(data), "--out", str(out)]) == 0
+    assert f"wrote scores of 2 rows to {out}" in capsys.readouterr().out
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(r["scores"]) for r in scored] == [2, 3]
+    again = tmp_path / "again.jsonl"
+    assert main(["rm", "score", "--model", str(tmp_path / "rm"), "--data", str(data), "--out", str(again),
+                 "--batch-size", "1"]) == 0
+    for a, b in zip(scored, (json.loads(line) for line in again.read_text().splitlines())):
+        assert b["scores"] == pytest.approx(a["scores"], abs=1e-5)  # batching does not change a score

@@ -44,7 +44,8 @@ def _plain_lora_copy(module: torch.nn.Module, state: dict[str, torch.Tensor]) ->
     with torch.device("meta"):
         copy = get_peft_model(_plain_class(base)(base.config), config)
     copy.load_state_dict(state, strict=True, assign=True)
-    copy.get_base_model().generation_config = base.generation_config
+    if getattr(base, "generation_config", None) is not None:  # causal LMs have one, scalar-head models not
+        copy.get_base_model().generation_config = base.generation_config
     leftover = [n for n, p in copy.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"gathered weights miss {leftover[:5]}")

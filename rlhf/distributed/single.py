@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_scheduler
 from rlhf.distributed.strategy import Strategy, TrainedModel
 from rlhf.kernels.host_memory import release_fragments
+from rlhf.distributed.gather import export_gathered
 from rlhf.models.export import export_pretrained
 
 
@@ -58,7 +59,14 @@ class SingleStrategy(Strategy):
         model.optimizer.load_state_dict(state["optimizer"])
         model.scheduler.load_state_dict(state["scheduler"])
 
-    def export(self, model: TrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path, extra_files: dict | None = None) -> None:
+    def export(self, model: TrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
+               extra_files: dict | None = None) -> None:
+        if hasattr(model.module, "merge_and_unload"):
+            # LoRA: merged into a copy, so that training goes on with its adapters (a reward
+            # model exports its best state mid-run).
+            state = {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
+            export_gathered(model.module, state, tokenizer, directory, extra_files)
+            return
         export_pretrained(model.module, tokenizer, directory, extra_files=extra_files)
 
 

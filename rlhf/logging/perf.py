@@ -85,9 +85,18 @@ def device_peak_flops(device: torch.device, configured: float | None = None) -> 
 
 def peak_memory_gb(device: torch.device) -> float:
     """CUDA: the most memory tensors have held on `device`. CPU: the process's resident-set
-    high-water mark (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    high-water mark: Linux's VmHWM, of this program's own address space (ru_maxrss keeps the
+    peak of the process it was exec'd from, e.g. a large launcher), else ru_maxrss (KiB on
+    Linux, bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
 

@@ -181,6 +181,9 @@ class WandbTracker(Tracker):
         run_dir.mkdir(parents=True, exist_ok=True)
         mode = None if os.environ.get("WANDB_MODE") else (cfg.wandb_mode or "offline")
         self._wandb = wandb
+        # The mode also goes to W&B's process-wide settings: its background telemetry reads
+        # those, not the run's, and would otherwise try to reach the network in offline mode.
+        wandb.setup(settings=wandb.Settings(mode=mode or os.environ["WANDB_MODE"]))
         self.run = wandb.init(
             project=cfg.project,
             name=cfg.run_name or (f"{run_dir.parent.name}-{run_dir.name}" if run_dir.name == stage else run_dir.name),

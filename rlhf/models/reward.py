@@ -97,17 +97,25 @@ def load_scalar_model(
     return model.to(device)
 
 
-def score_head(model: torch.nn.Module) -> torch.nn.Linear:
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside an engine wrapper and a PEFT model (whose adapters are
+    injected into it)."""
     model = unwrap_engine(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The scalar head (a linear layer, or PEFT's trained copy of one under LoRA)."""
+    model = transformers_model(model)
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear):
+        if isinstance(head, torch.nn.Linear) or isinstance(getattr(head, "original_module", None), torch.nn.Linear):
             return head
     raise UserError(f"{type(model).__name__} has no scalar head this project knows (score / classifier)")
 
 
 def backbone(model: PreTrainedModel) -> torch.nn.Module:
-    model = unwrap_engine(model)
+    model = transformers_model(model)
     return getattr(model, model.base_model_prefix)
 
 
@@ -126,7 +134,7 @@ def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     the head and the backward (an FSDP2 root is not resharded after its forward)."""
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     inner = unwrap_engine(model)
-    if _is_fsdp(inner):
+    if _is_fsdp(inner) or _is_fsdp(transformers_model(model)):
         return model(**inputs, output_hidden_states=True).hidden_states[-1]
     return backbone(model)(**inputs).last_hidden_state
 
@@ -165,8 +173,8 @@ def shared_prefix_scores(
     """(answers,) scores of answers laid out as rows [prompt, answer 1, ..., answer K] (see
     rlhf/models/shared_prefix.py), read at the flat (row * seq + column) positions in
     `score_index`: the same scores `sequence_scores` gives each [prompt, answer] row."""
-    config = unwrap_engine(model).config
-    mask = shared_prefix_attention_mask(segment_ids, config._attn_implementation, unwrap_engine(model).dtype)
+    inner = transformers_model(model)
+    mask = shared_prefix_attention_mask(segment_ids, inner.config._attn_implementation, inner.dtype)
     hidden = final_hidden(model, input_ids, mask, position_ids)
     picked = hidden.reshape(-1, hidden.shape[-1])[score_index]
     return score_head(model)(picked).squeeze(-1).float()

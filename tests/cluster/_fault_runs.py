@@ -1,6 +1,7 @@
-"""Driven by test_worker_faults.py inside a loopback namespace: each run once straight and
-once with a worker SIGKILLed mid-run (after a checkpoint), on a local Ray; writes the
-metrics of all four runs and the kills made as JSON."""
+"""Driven by test_worker_faults.py inside a loopback namespace: each stage of the spec run once
+straight and once with a worker SIGKILLed mid-run (after a checkpoint), on a local Ray, and
+the stages listed under "single" also as one plain process first; writes the metrics of the
+runs, the kills made and this driver's pid as JSON."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 from rlhf.config import PPOConfig, SFTConfig, load_config
 from rlhf.logging.metrics import read_metrics
@@ -22,11 +24,14 @@ def kill_when(run_dir: Path, step: int, actor_name: str, kills: list) -> threadi
     """SIGKILL the process of `actor_name` once metrics.jsonl reaches `step`."""
     def watch():
         while True:
-            rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            try:
+                rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            except json.JSONDecodeError:  # the last line is being written
+                rows = []
             if any(r["step"] >= step for r in rows):
                 pid = ray.get(ray.get_actor(actor_name, namespace="rlhf").pid.remote())
                 os.kill(pid, signal.SIGKILL)
-                kills.append({"actor": actor_name, "after_step": max(r["step"] for r in rows)})
+                kills.append({"actor": actor_name, "pid": pid, "after_step": max(r["step"] for r in rows)})
                 return
             time.sleep(0.05)
     thread = threading.Thread(target=watch, daemon=True)
@@ -37,9 +42,17 @@ def kill_when(run_dir: Path, step: int, actor_name: str, kills: list) -> threadi
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     root = Path(spec["root"])
+    classes, actors = {"sft": SFTConfig, "ppo": PPOConfig}, {"sft": "sft-worker-1", "ppo": "ppo-critic-0"}
+    out = {"kills": [], "driver_pid": os.getpid()}
+    for stage in spec.get("single", []):  # the same config as one plain process, one thread like each Ray worker
+        torch.set_num_threads(1)
+        run_dir = root / f"{stage}_single"
+        overrides = spec[stage] + [f"output_dir={run_dir}", "ray.enabled=false", "ppo.colocate=all"]
+        STAGES[stage].main(load_config(classes[stage], [spec[f"{stage}_config"]], overrides))
+        out[f"{stage}_single"] = read_metrics(run_dir)
     ray.init(num_cpus=2, include_dashboard=False, namespace="rlhf", _node_ip_address="127.0.0.1")
-    out = {"kills": []}
-    for stage, cls, actor in (("sft", SFTConfig, "sft-worker-1"), ("ppo", PPOConfig, "ppo-critic-0")):
+    for stage in spec["stages"]:
+        cls, actor = classes[stage], actors[stage]
         for variant in ("straight", "killed"):
             run_dir = root / f"{stage}_{variant}"
             cfg = load_config(cls, [spec[f"{stage}_config"]], spec[stage] + [f"output_dir={run_dir}"])

@@ -21,6 +21,7 @@ from _die_during_save import SPEC  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.claim
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir):
     root = tmp_path / "checkpoints"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

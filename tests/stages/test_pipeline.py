@@ -41,6 +41,7 @@ def assert_no_secret_in(root: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.claim
 def test_lineage_decides_what_reruns(tmp_path, quickstart_data, monkeypatch):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)

@@ -40,7 +40,7 @@ def test_ppo_smoke_on_tiny_models_logs_every_metric(tmp_path, quickstart_data, t
     assert (tmp_path / "samples.jsonl").is_file()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the always-run check and the budgeted ones that reuse it run apart
 def baseline(tmp_path_factory, quickstart_data, quickstart_models):
     out = tmp_path_factory.mktemp("ppo_baseline")
     cfg = ppo_config(out, quickstart_data, quickstart_models)
@@ -48,6 +48,7 @@ def baseline(tmp_path_factory, quickstart_data, quickstart_models):
 
 
 @pytest.mark.slow
+@pytest.mark.core
 def test_gold_reward_rises_30_percent_within_the_kl_budget(baseline):
     cfg, result = baseline
     before, after = result.metrics["initial_eval/gold_reward"], result.metrics["eval/gold_reward"]

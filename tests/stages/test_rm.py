@@ -47,6 +47,7 @@ def run_rm(tmp_path: Path, sft_model: Path, train: str, *overrides: str):
 
 
 @pytest.mark.slow
+@pytest.mark.core
 def test_quickstart_rm_learns_the_gold_preference(quickstart_models):
     assert quickstart_models["rm_metrics"]["eval/accuracy"] >= 0.9
     stats = json.loads((quickstart_models["rm"] / "reward_stats.json").read_text())

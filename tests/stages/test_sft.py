@@ -26,6 +26,7 @@ def run_sft(tmp_path: Path, train_path: str, *overrides: str):
 
 
 @pytest.mark.slow
+@pytest.mark.core
 def test_quickstart_sft_learns_and_exports_same_logits(tmp_path, quickstart_data):
     cfg, result = run_sft(tmp_path, quickstart_data["sft"], "train.epochs=2")
     initial, final = result.metrics["eval/initial_loss"], result.metrics["eval/loss"]
