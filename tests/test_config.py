@@ -80,3 +80,37 @@ def test_describe_documents_fields():
     lines = "\n".join(describe(SFTConfig))
     assert "train.global_batch_size = 16  # Sequences per optimizer step" in lines
     assert "data.train.path = ''" in lines
+
+
+PPO = [str(Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml")]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["kl.in_loss=true", "kl.estimator=k1"], "kl.in_loss=true with kl.estimator=k1 adds no KL penalty"),
+    (["kl.in_loss=true", "kl.estimator=k3", "kl.coef=0"], "kl.in_loss=true with kl.coef=0 adds nothing"),
+    (["ppo.loss_aggregation=mean"], "ppo.loss_aggregation='mean' is not one of"),
+    (["ppo.dual_clip=1.0"], "ppo.dual_clip=1.0: must be > 1"),
+])
+def test_ppo_settings_that_do_not_do_what_they_say_are_refused(overrides, message):
+    from rlhf.config import PPOConfig
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(PPOConfig, PPO, ["model.path=m", "reward_model.path=r", "data.prompts.path=p.jsonl", *overrides])
+
+
+def test_k2_and_k3_in_the_loss_and_the_aggregations_load():
+    from rlhf.config import PPOConfig
+
+    for overrides in (["kl.in_loss=true", "kl.estimator=k2"], ["kl.in_loss=true", "kl.estimator=k3"],
+                      ["ppo.loss_aggregation=seq_mean_token_sum_norm", "ppo.dual_clip=3.0"]):
+        load_config(PPOConfig, PPO, ["model.path=m", "reward_model.path=r", "data.prompts.path=p.jsonl", *overrides])
+
+
+def test_kernels_section_is_in_every_stage_config_and_in_the_saved_yaml(tmp_path):
+    cfg = load_config(SFTConfig, [], [*BASE, "kernels.cpu_matmul=blas", "kernels.fused_lm_loss=false"])
+    assert (cfg.kernels.cpu_matmul, cfg.kernels.fused_lm_loss) == ("blas", False)
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "kernels:" in text and "cpu_matmul: blas" in text
+    with pytest.raises(ConfigError, match="kernels.cpu_matmul='fast' is not one of"):
+        load_config(SFTConfig, [], [*BASE, "kernels.cpu_matmul=fast"])
