@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -164,6 +164,96 @@ class RMConfig:
 
 
 @dataclass
+class DPODataConfig:
+    train: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Ranked answers, any format the RM stage takes: prompt+chosen+rejected, HH pairs, or
+    prompt+responses(+scores/ranks). A prompt with K ranked answers gives its C(K,2) untied pairs."""
+    eval: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Held-out set; when its path is empty, `eval_fraction` of train is held out."""
+    eval_fraction: float = 0.1
+    max_length: int = 512
+    """Tokens of prompt + answer; an answer keeps its start."""
+    max_prompt_length: int = 256
+    """Prompts longer than this keep their last tokens."""
+    on_error: str = "raise"
+    """raise: stop at the first malformed row; skip: skip and count malformed rows."""
+    share_prompt: bool = True
+    """Forward a prompt once for its K answers: one row [prompt, answer 1, ..., answer K] with
+    a block attention mask and positions restarting after the prompt, giving the log-probs of
+    K rows [prompt, answer k]. Used with `sdpa` or `eager` attention and rows within a sliding
+    window; otherwise one row per answer."""
+
+    def validate(self) -> None:
+        SFTDataConfig.validate(self)  # same rules: train given, on_error, fractions, lengths
+
+
+@dataclass
+class DPOLossConfig:
+    beta: float = 0.1
+    """β: the strength of the pull towards the reference (DPO's KL coefficient; IPO's τ)."""
+    label_smoothing: float = 0.0
+    """ε in [0, 0.5): each preference label taken as flipped with probability ε (conservative
+    DPO, Mitchell 2023); sigmoid loss only."""
+    loss_type: str = "sigmoid"
+    """sigmoid: DPO, -log σ(β·h) on summed answer log-probs (Rafailov et al. 2023); ipo:
+    (h - 1/(2β))² on per-token mean answer log-probs, as TRL computes IPO (Azar et al. 2023).
+    h = (log π - log π_ref)(chosen) - (log π - log π_ref)(rejected)."""
+
+    def validate(self) -> None:
+        _choice("loss.loss_type", self.loss_type, ("sigmoid", "ipo"))
+        if self.beta <= 0:
+            raise ConfigError("loss.beta must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError("loss.label_smoothing must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"loss.label_smoothing applies to loss.loss_type=sigmoid only, not {self.loss_type}")
+
+
+@dataclass
+class ReferenceConfig:
+    path: str = ""
+    """The frozen reference policy (a model directory or hub id); empty: model.path, the SFT
+    model the policy starts from. It must share the policy's tokenizer."""
+    precompute: bool = False
+    """Compute the reference log-prob of every train and eval answer once, before the first
+    step, then free the reference: no reference model in memory during training. The numbers
+    are kept in checkpoints, so a resumed run never loads the reference again."""
+
+
+@dataclass
+class DPOConfig:
+    """DPO / IPO: the policy learns the preferences directly, with no reward model, by
+    maximising the implicit reward margin β·log(π/π_ref) between preferred and other answers."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The SFT model: the policy starts from it (model.path is required)."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, micro_batch_size=2, global_batch_size=8))
+    """micro/global batch sizes count prompts; each prompt brings its K answers."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    output_dir: str = "runs/dpo"
+    """Run directory: metrics.jsonl, config.yaml, checkpoints/ and the exported model/."""
+    overwrite: bool = False
+    """Train again into an output_dir that holds a finished run (its checkpoints are ignored;
+    model/ is replaced at the end). Off: such a directory is refused."""
+    seed: int = 42
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.loss, self.train, self.strategy, self.logging, self.resources,
+                        self.ray, self.kernels):
+            section.validate()
+        if self.model.tiny is not None or not self.model.path:
+            raise ConfigError("DPO starts from a trained (SFT) model: set model.path, not model.tiny")
+        _check_ray_batch(self.train, self.resources, self.ray)
+
+
+@dataclass
 class PPODataConfig:
     prompts: DataSourceConfig = field(default_factory=DataSourceConfig)
     """Prompt set for rollouts: `prompt` (text or messages) or `messages` without the answer."""
@@ -203,9 +293,20 @@ class RolloutConfig:
     a second actor forward. Same weights, same distribution; they differ from a full forward
     only by float rounding (~1e-6 in fp32). Turn off in bf16, where a cached decode drifts
     further from the training forward than the clip range should see."""
+    n_samples_per_prompt: int = 1
+    """Answers sampled per prompt (a group, each answer from its own random stream); the group
+    estimators (ppo.advantage = grpo, dr_grpo, rloo) compare the answers of a group and need 2
+    or more. ppo.rollout_batch_size counts prompts, ppo.mini_batch_size and
+    ppo.micro_batch_size count answers."""
+    drop_uniform_groups: bool = False
+    """Leave out of the update the groups whose answers all got the same reward (no signal for
+    a group estimator); their share is logged as ppo/uniform_group_share. The update then runs
+    on the largest whole number of mini-batches the kept answers fill."""
 
     def validate(self) -> None:
         _choice("rollout.engine", self.engine, ("decode", "hf"))
+        if self.n_samples_per_prompt < 1:
+            raise ConfigError("rollout.n_samples_per_prompt must be >= 1")
         if self.temperature <= 0:
             raise ConfigError("rollout.temperature must be > 0 (PPO needs a stochastic policy)")
         if self.max_new_tokens < 1:
@@ -220,10 +321,46 @@ class RewardConfig:
     clip: float = 5.0
     """Clip the (normalised) score to [-clip, clip]; 0 disables."""
     missing_eos_penalty: Optional[float] = None
-    """Added to the score of responses that end without EOS (cut at max_new_tokens)."""
+    """Subtracted, as a magnitude whatever its sign, from the normalised reward of responses cut
+    at max_new_tokens without EOS, before the clip."""
+    functions: List[str] = field(default_factory=list)
+    """Rewards computed by code: "module:function" entries, each called as
+    f(prompt, response, **fields) with the prompt row's other fields (e.g. a reference answer),
+    returning a float or a dict of named components (summed; each logged). Built in:
+    rlhf.rewards.builtin:exact_match, :numeric_match (math-verify), :format_match."""
+    http: str = ""
+    """URL of a reward server: batches are POSTed as JSON {"prompts", "responses", "fields"}
+    and answered with {"rewards": [...]} (see rlhf/rewards/http.py)."""
+    weights: Dict[str, float] = field(default_factory=dict)
+    """Weight of each reward source in their sum: "model" (the reward model), "http", and each
+    function by its "module:function" entry; a source not listed weighs 1."""
+    function_timeout_s: float = 10.0
+    """Seconds one function call may take; a call past it counts as a failure."""
+    function_workers: int = 2
+    """Processes the reward functions run in (each call with its timeout)."""
+    http_timeout_s: float = 30.0
+    http_retries: int = 3
+    """Attempts per batch after the first before the run stops with an error naming the URL."""
+
+    @property
+    def from_code(self) -> bool:
+        """Rewards come (also) from functions or a service."""
+        return bool(self.functions or self.http)
 
     def validate(self) -> None:
         _choice("reward.normalize", self.normalize, ("rm_stats", "running", "none"))
+        for spec in self.functions:
+            if ":" not in spec:
+                raise ConfigError(f"reward.functions: {spec!r} must look like module:function")
+        if self.function_timeout_s <= 0 or self.http_timeout_s <= 0:
+            raise ConfigError("reward.function_timeout_s and reward.http_timeout_s must be > 0")
+        if self.function_workers < 1 or self.http_retries < 0:
+            raise ConfigError("reward.function_workers must be >= 1 and reward.http_retries >= 0")
+        known = {"model", "http", *self.functions}
+        unknown = [k for k in self.weights if k not in known]
+        if unknown:
+            raise ConfigError(f"reward.weights: {', '.join(unknown)} is no reward source; sources: "
+                              f"{', '.join(sorted(known))}")
 
 
 @dataclass
@@ -263,6 +400,8 @@ class KLConfig:
 
 
 PPO_ROLES = ("actor", "critic", "reference", "reward")
+ADVANTAGES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
 
 
 @dataclass
@@ -270,11 +409,20 @@ class PPOAlgoConfig:
     iterations: int = 100
     """Rollout-then-train iterations."""
     rollout_batch_size: int = 64
-    """Prompts rolled out per iteration (over all workers)."""
+    """Prompts rolled out per iteration (over all workers); each brings
+    rollout.n_samples_per_prompt answers."""
     mini_batch_size: int = 16
-    """Samples per optimizer step within an iteration."""
+    """Answers (samples) per optimizer step within an iteration."""
     micro_batch_size: int = 8
-    """Samples per forward/backward on one worker."""
+    """Answers per forward/backward on one worker."""
+    advantage: str = "gae"
+    """How answers are credited (rlhf/algorithms/advantages.py). gae: a critic's values and GAE
+    (PPO, InstructGPT). Without a critic (not built at all): grpo: (r - group mean) / (group std
+    + ε) per answer (Shao et al. 2024); dr_grpo: r - group mean, best with
+    ppo.loss_aggregation=seq_mean_token_sum_norm (Liu et al. 2025); rloo: r - mean of the group's
+    other answers (Ahmadian et al. 2024); reinforce_pp: per-token rewards with the KL penalty,
+    discounted returns whitened over the global batch (Hu 2025). grpo, dr_grpo and rloo need
+    rollout.n_samples_per_prompt >= 2."""
     ppo_epochs: int = 1
     """Passes over each iteration's rollouts."""
     clip_eps: float = 0.2
@@ -321,17 +469,19 @@ class PPOAlgoConfig:
             return None
         return [list(group) for group in self.colocate]
 
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
+
     def validate(self) -> None:
         _choice("ppo.critic_init", self.critic_init, ("reward", "sft"))
+        _choice("ppo.advantage", self.advantage, ADVANTAGES)
         _choice("ppo.loss_aggregation", self.loss_aggregation,
                 ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise ConfigError(f"ppo.dual_clip={self.dual_clip}: must be > 1 (it caps the loss of negative-advantage "
                               "tokens at -dual_clip·A; 1 or less would also cap tokens whose ratio is still inside "
                               "the clip range), or null to turn dual clipping off")
-        if self.rollout_batch_size % self.mini_batch_size:
-            raise ConfigError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not a multiple of "
-                              f"ppo.mini_batch_size={self.mini_batch_size}")
         if self.mini_batch_size % self.micro_batch_size:
             raise ConfigError(f"ppo.mini_batch_size={self.mini_batch_size} is not a multiple of "
                               f"ppo.micro_batch_size={self.micro_batch_size}")
@@ -388,10 +538,43 @@ class PPOConfig:
     model/ is replaced at the end). Off: such a directory is refused."""
     seed: int = 42
 
+    @property
+    def samples_per_iteration(self) -> int:
+        """Answers rolled out per iteration over all workers."""
+        return self.ppo.rollout_batch_size * self.rollout.n_samples_per_prompt
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return bool(self.reward_model.path or self.reward_model.tiny is not None)
+
+    @property
+    def uses_reference(self) -> bool:
+        """The frozen reference is loaded only when the KL penalty can be non-zero."""
+        return self.kl.coef > 0
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.ppo.uses_critic
+
     def validate(self) -> None:
-        for section in (self.model, self.reward_model, self.data, self.rollout, self.reward, self.kl, self.ppo,
-                        self.train, self.strategy, self.logging, self.resources, self.ray, self.kernels):
+        sections = [self.model, self.data, self.rollout, self.reward, self.kl, self.ppo, self.train, self.strategy,
+                    self.logging, self.resources, self.ray, self.kernels]
+        for section in sections + ([self.reward_model] if self.uses_reward_model or not self.reward.from_code else []):
             section.validate()
+        samples = self.samples_per_iteration
+        if samples % self.ppo.mini_batch_size:
+            raise ConfigError(f"ppo.rollout_batch_size x rollout.n_samples_per_prompt = {self.ppo.rollout_batch_size} x "
+                              f"{self.rollout.n_samples_per_prompt} = {samples} answers per iteration is not a multiple "
+                              f"of ppo.mini_batch_size={self.ppo.mini_batch_size}")
+        if self.ppo.advantage in GROUP_ADVANTAGES and self.rollout.n_samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage={self.ppo.advantage} compares the answers of a prompt: set "
+                              "rollout.n_samples_per_prompt >= 2")
+        if self.uses_critic and not self.uses_reward_model and self.ppo.critic_init == "reward":
+            raise ConfigError("ppo.advantage=gae trains a critic, initialised from the reward model by default, but "
+                              "no reward_model.path is given: set ppo.critic_init=sft, or a critic-free ppo.advantage")
+        if self.reward.normalize == "rm_stats" and not self.uses_reward_model:
+            raise ConfigError("reward.normalize=rm_stats needs the reward model's statistics: with rewards from "
+                              "functions only use reward.normalize=running or none")
         if self.ppo.ptx_coef > 0 and not self.data.pretrain.given:
             raise ConfigError("ppo.ptx_coef > 0 needs data.pretrain.path (plain `text` rows)")
         if self.ppo.role_groups() is not None and self.ppo.ema_decay > 0:
@@ -488,7 +671,8 @@ class PipelineConfig:
                 raise ConfigError(f"{stage} section: {exc}") from None
 
 
-STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "pipeline": PipelineConfig}
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+                                  "pipeline": PipelineConfig}
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import PipelineConfig, PPOConfig, RMConfig, SFTConfig
+from rlhf.config import DPOConfig, PipelineConfig, PPOConfig, RMConfig, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ STAGES: dict[str, Stage] = {
     "ppo": Stage("ppo", PPOConfig, "stages.ppo",
                  "Optimise the policy against the reward model with PPO / PPO-ptx and a KL penalty.",
                  ("data.prompts", "data.eval_prompts", "data.pretrain")),
+    "dpo": Stage("dpo", DPOConfig, "stages.dpo",
+                 "Direct preference optimisation (DPO / IPO) of the SFT model on ranked answers.",
+                 ("data.train", "data.eval")),
     "pipeline": Stage("pipeline", PipelineConfig, "stages.pipeline",
                       "Run SFT -> RM -> PPO with lineage, skipping stages that are up to date."),
 }

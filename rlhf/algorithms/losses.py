@@ -1,4 +1,4 @@
-"""Losses of the three RLHF stages (SFT, reward model, PPO / PPO-ptx).
+"""Losses of the RLHF stages (SFT, reward model, PPO / PPO-ptx, DPO / IPO).
 
 All functions are pure: tensors in, ``(loss, stats)`` out, where ``stats``
 holds detached scalar tensors meant for logging (no host sync happens here;
@@ -25,6 +25,9 @@ __all__ = [
     "value_loss",
     "entropy_from_logits",
     "explained_variance",
+    "DPO_LOSS_TYPES",
+    "dpo_loss",
+    "per_prompt_mean",
 ]
 
 Stats = Dict[str, torch.Tensor]
@@ -469,3 +472,112 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     var_error = masked_var(returns - values, mask, unbiased=False)
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns > 0, 1.0 - var_error / var_returns, nan)
+
+
+# Direct preference optimisation and its IPO variant, in their order of appearance.
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> Tuple[torch.Tensor, Stats]:
+    """DPO / IPO loss of every (chosen, rejected) pair, before any reduction.
+
+    With ``h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))``:
+
+    * ``"sigmoid"``: Rafailov et al. 2023 (DPO), eq. 7, ``-log sigmoid(beta * h)``; with
+      ``label_smoothing`` = eps the conservative DPO of Mitchell 2023 ("A note on DPO with
+      noisy preferences", cDPO): each label is taken to be flipped with probability eps,
+      ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``. Its gradient vanishes
+      where ``sigmoid(beta h) = 1 - eps`` instead of pushing ``h`` to infinity.
+    * ``"ipo"``: Azar et al. 2023 (IPO), eq. 17, ``(h - 1 / (2 beta))^2``, beta playing their
+      tau: a squared loss whose minimum is a finite margin, so the policy stays near the
+      reference even on deterministic preferences. Which log-probabilities to pass is the
+      caller's choice (TRL passes per-token means for IPO, sums for DPO).
+
+    The log-probabilities are whatever the caller reduced over each answer's tokens (sums of
+    the answer tokens' log-probs for DPO). ``beta * (log pi - log ref)`` is DPO's implicit
+    reward (eq. 5 without the partition function), reported in the stats.
+
+    Args:
+        policy_chosen_logps: ``(P,)`` log pi of each pair's preferred answer (with grad).
+        policy_rejected_logps: ``(P,)`` log pi of each pair's other answer (with grad).
+        ref_chosen_logps: ``(P,)`` the frozen reference's log-prob of the preferred answer.
+        ref_rejected_logps: ``(P,)`` the same for the other answer.
+        beta: strength of the KL regularisation, > 0.
+        label_smoothing: eps in [0, 0.5), ``"sigmoid"`` only.
+        loss_type: one of :data:`DPO_LOSS_TYPES`.
+
+    Returns:
+        ``(per_pair_loss, stats)``: ``(P,)`` loss; stats, each ``(P,)`` and detached (the
+        caller reduces them as it reduces the loss): ``reward_chosen`` and
+        ``reward_rejected`` (implicit rewards), ``accuracy`` (1.0 where reward_chosen >
+        reward_rejected), ``margin`` (reward_chosen - reward_rejected).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; valid types are {', '.join(DPO_LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss_type!r}")
+    shape = policy_chosen_logps.shape
+    for name, tensor in (("policy_rejected_logps", policy_rejected_logps), ("ref_chosen_logps", ref_chosen_logps),
+                         ("ref_rejected_logps", ref_rejected_logps)):
+        if tensor.shape != shape:
+            raise ValueError(f"{name} {tuple(tensor.shape)} must match policy_chosen_logps {tuple(shape)}")
+
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        per_pair = -F.logsigmoid(beta * h)
+        if label_smoothing:
+            per_pair = (1.0 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-beta * h)
+    else:
+        per_pair = (h - 1.0 / (2.0 * beta)) ** 2
+
+    with torch.no_grad():
+        reward_chosen = beta * chosen_ratio
+        reward_rejected = beta * rejected_ratio
+        stats = {
+            "reward_chosen": reward_chosen,
+            "reward_rejected": reward_rejected,
+            "accuracy": (reward_chosen > reward_rejected).to(reward_chosen.dtype),
+            "margin": reward_chosen - reward_rejected,
+        }
+    return per_pair, {k: v.detach() for k, v in stats.items()}
+
+
+def per_prompt_mean(
+    per_pair: torch.Tensor, pair_group: torch.Tensor, num_groups: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean of a per-pair value over each prompt's pairs.
+
+    The weighting of :func:`kwise_ranking_loss` (Ouyang et al. 2022, eq. 1): a prompt's
+    C(K,2) pairs share one prompt's weight, so a prompt with K answers counts as much as
+    a prompt with two. Summing the returned means over the prompts that have pairs, on
+    every micro-batch, and dividing by the number of such prompts in the whole global batch
+    gives the global per-prompt mean whatever the split into micro-batches.
+
+    Args:
+        per_pair: ``(P,)`` values, e.g. the loss of :func:`dpo_loss`.
+        pair_group: ``(P,)`` long prompt id of each pair, in ``[0, num_groups)``.
+        num_groups: number of prompts.
+
+    Returns:
+        ``(means, has_pairs)``: ``(num_groups,)`` mean per prompt (0 for a prompt without
+        pairs) and ``(num_groups,)`` bool, which prompts have pairs.
+    """
+    if per_pair.dim() != 1 or pair_group.shape != per_pair.shape:
+        raise ValueError(f"per_pair {tuple(per_pair.shape)} and pair_group {tuple(pair_group.shape)} must be (P,)")
+    group_sum = per_pair.new_zeros(num_groups).index_add(0, pair_group, per_pair)
+    group_count = per_pair.new_zeros(num_groups).index_add(0, pair_group, torch.ones_like(per_pair))
+    return group_sum / group_count.clamp_min(1), group_count > 0

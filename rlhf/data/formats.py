@@ -570,7 +570,21 @@ def parse_prompt_row(data: dict, location: str, columns: Mapping[str, str] | Non
     check_format("prompt", fmt)
     fields = _Fields(data, location, columns, "prompt")
     prompt = _PROMPT_PARSERS[_detect_prompt(fields) if fmt == "auto" else fmt](fields)
-    return PromptRecord(prompt=prompt, source=location)
+    used = {fields.column(name) for name in ("prompt", "messages", "instruction", "input", "instances", "chosen",
+                                             "rejected", "text")}
+    extra = {str(key): value for key, value in data.items() if key not in used and _plain_json(value)}
+    return PromptRecord(prompt=prompt, source=location, fields=extra)
+
+
+def _plain_json(value: Any) -> bool:
+    """A value a reward function may receive as it is (and send to a reward server as JSON)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_json(v) for k, v in value.items())
+    return False
 
 
 # --- pretrain ---------------------------------------------------------------------------

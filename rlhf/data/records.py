@@ -67,6 +67,8 @@ class PromptRecord:
 
     prompt: list[Message]
     source: str = ""
+    fields: dict = field(default_factory=dict)
+    """The row's other columns (e.g. a reference answer), which reward functions receive."""
 
 
 @dataclass

@@ -18,10 +18,12 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.config import PPOConfig
+from rlhf.data.prompt_dataset import PromptBatch
 from rlhf.distributed.strategy import Strategy, World
 from rlhf.ray.group import Placement, WorkerGroup, gather
 from rlhf.ray.role_worker import RoleWorker
-from rlhf.roles.team import LocalRoles
+from rlhf.roles.rewards import RewardSources
+from rlhf.roles.team import LocalRoles, score
 from rlhf.rollout.engine import SamplingParams, concat_rollouts
 from rlhf.rollout.types import Experience, Rollout, Scored
 
@@ -44,7 +46,7 @@ def ppo_world(cfg: PPOConfig) -> World | None:
 def build_ppo_roles(cfg: PPOConfig, world: World, tokenizer) -> "LocalRoles | RayRoles":
     """All four roles in this process (trained through `world`, a Strategy), or Ray groups."""
     if uses_role_groups(cfg):
-        return RayRoles(cfg, tokenizer.pad_token_id)
+        return RayRoles(cfg, tokenizer)
     assert isinstance(world, Strategy)
     return LocalRoles(cfg, world, tokenizer)
 
@@ -108,9 +110,9 @@ class RoleGroup:
 
 
 class RayRoles:
-    def __init__(self, cfg: PPOConfig, pad_token_id: int):
+    def __init__(self, cfg: PPOConfig, tokenizer):
         self.cfg = cfg
-        self.pad_token_id = pad_token_id
+        pad_token_id = self.pad_token_id = tokenizer.pad_token_id
         self.placements: list[Placement] = []
         self.groups: dict[str, WorkerGroup] = {}
         try:
@@ -119,15 +121,19 @@ class RayRoles:
             self.shutdown()  # a worker that died while starting: free what was placed
             raise
         self.nodes = {role: self.groups[role].call("node_id") for role in self.groups}
-        self.actor = RoleGroup(self.groups["actor"], pad_token_id)
-        self.critic = RoleGroup(self.groups["critic"], pad_token_id)
-        self.reference = RoleGroup(self.groups["reference"], pad_token_id)
-        self.reward_model = RoleGroup(self.groups["reward"], pad_token_id)
+        group = lambda role: RoleGroup(self.groups[role], pad_token_id) if role in self.groups else None  # noqa: E731
+        self.actor, self.critic = group("actor"), group("critic")
+        self.reference, self.reward_model = group("reference"), group("reward")
+        self.rewards = RewardSources(cfg.reward, self.reward_model, tokenizer)
 
     def _start(self, cfg: PPOConfig) -> None:
         resources = cfg.resources
         cwd = os.getcwd()
         role_groups = cfg.ppo.role_groups()
+        needed = {"actor": True, "critic": cfg.uses_critic, "reference": cfg.uses_reference,
+                  "reward": cfg.uses_reward_model}
+        role_groups = [[role for role in names if needed[role]] for names in role_groups]
+        role_groups = [names for names in role_groups if names]
         for names in role_groups:
             placement = Placement.reserve(resources, f"rlhf-ppo-{'-'.join(names)}", groups_per_node=len(role_groups))
             self.placements.append(placement)
@@ -147,24 +153,24 @@ class RayRoles:
         """The global batch rolled out over the actor's workers."""
         return self.actor.generate(prompts, params, seed=seed, sample_ids=range(len(prompts)))
 
-    def score(self, rollout: Rollout) -> Scored:
-        """The global batch scored by every role's workers."""
-        reuse = self.cfg.rollout.reuse_logprobs and rollout.logprobs is not None
-        return Scored(rollout, rollout.logprobs if reuse else self.actor.logprobs(rollout),
-                      self.reference.logprobs(rollout), self.critic.values(rollout), self.reward_model.scores(rollout))
+    def score(self, rollout: Rollout, prompts: PromptBatch) -> Scored:
+        """The global batch scored by every role's workers (reward functions and the reward
+        service run here, on the driver)."""
+        return score(rollout, self.actor, self.reference, self.critic, self.rewards, prompts,
+                     self.cfg.rollout.reuse_logprobs)
 
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float, train_actor: bool,
                step_offset: int) -> dict[str, float]:
         """Actor and critic groups train on their shares of the experience at the same time."""
-        critic_refs = self.critic.update_async(experience, orders, kl_coef, step_offset)
+        critic_refs = self.critic.update_async(experience, orders, kl_coef, step_offset) if self.critic else []
         actor_refs = self.actor.update_async(experience, orders, kl_coef, step_offset) if train_actor else []
-        metrics = gather(critic_refs, "ppo-critic")[0]
+        metrics = gather(critic_refs, "ppo-critic")[0] if critic_refs else {}
         if actor_refs:
             metrics.update(gather(actor_refs, "ppo-actor")[0])
         return metrics
 
     def trained(self) -> dict[str, RoleGroup]:
-        return {"actor": self.actor, "critic": self.critic}
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
 
     @property
     def policy(self) -> RoleGroup:
@@ -176,6 +182,8 @@ class RayRoles:
     def shutdown(self) -> None:
         """Kill every role's workers (a dead one's peers may wait in a collective) and free
         the placement groups."""
+        if getattr(self, "rewards", None) is not None:
+            self.rewards.shutdown()
         for group in self.groups.values():
             group.kill()
         for placement in self.placements:

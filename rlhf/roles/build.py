@@ -20,7 +20,8 @@ from rlhf.roles.update import PolicyLossSettings
 
 
 def steps_per_iteration(cfg: PPOConfig) -> int:
-    return cfg.ppo.ppo_epochs * cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size
+    """Optimizer steps of a full iteration (fewer when uniform groups are dropped)."""
+    return cfg.ppo.ppo_epochs * cfg.samples_per_iteration // cfg.ppo.mini_batch_size
 
 
 def accumulation_steps(cfg: PPOConfig, world_size: int) -> tuple[int, int]:
@@ -35,6 +36,8 @@ def accumulation_steps(cfg: PPOConfig, world_size: int) -> tuple[int, int]:
 
 
 def reward_stats_for(cfg: PPOConfig) -> RewardStats | None:
+    if not cfg.uses_reward_model:
+        return None
     stats = RewardStats.load(cfg.reward_model.path)
     if cfg.reward.normalize == "rm_stats" and stats is None:
         raise UserError(f"reward.normalize=rm_stats but {cfg.reward_model.path} has no reward_stats.json "

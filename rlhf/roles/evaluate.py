@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from rlhf.data.prompt_dataset import PromptBatch
 from rlhf.errors import UserError
 from rlhf.rollout.engine import SamplingParams
 
@@ -33,23 +34,26 @@ def decode_responses(tokenizer, responses: torch.Tensor, mask: torch.Tensor) -> 
 def evaluate_policy(
     actor,
     reference,
-    reward_model,
+    rewards,
     tokenizer,
-    prompts: Sequence[list[int]],
-    prompt_texts: Sequence[str],
+    prompts: PromptBatch,
     params: SamplingParams,
     gold_reward: Callable[[str, str], float] | None,
     seed: int,
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample one answer per held-out prompt with a fixed seed (without disturbing the
-    training RNG) and measure it. The KL is that of the distribution sampled from: policy and
-    reference log-probs at the sampling temperature. Returns metrics and per-sample rows."""
-    rollout = actor.generate(list(prompts), params, seed=seed)
+    training RNG) and measure it: the run's reward (every source, mixed; `rewards` as
+    `RewardSources`), the KL of the distribution sampled from (policy and reference log-probs
+    at the sampling temperature; 0 without a reference), length, EOS rate and the gold reward.
+    Returns metrics and per-sample rows."""
+    rollout = actor.generate(list(prompts.ids), params, seed=seed)
     mask = rollout.response_mask
-    logprobs = actor.logprobs(rollout, temperature=params.temperature)
-    ref_logprobs = reference.logprobs(rollout, temperature=params.temperature)
-    kl = ((logprobs - ref_logprobs) * mask).sum(-1)
-    scores = reward_model.scores(rollout)
+    if reference is not None:
+        logprobs = actor.logprobs(rollout, temperature=params.temperature)
+        kl = ((logprobs - reference.logprobs(rollout, temperature=params.temperature)) * mask).sum(-1)
+    else:
+        kl = torch.zeros(mask.shape[0])
+    scores, _ = rewards(rollout, prompts.texts, prompts.fields)
     texts = decode_responses(tokenizer, rollout.responses, mask)
     metrics = {
         "eval/reward": float(scores.mean()),
@@ -57,11 +61,11 @@ def evaluate_policy(
         "eval/response_length": float(mask.sum(-1).mean()),
         "eval/eos_rate": float(rollout.eos_found.float().mean()),
     }
-    golds = [gold_reward(p, t) for p, t in zip(prompt_texts, texts)] if gold_reward else [None] * len(texts)
+    golds = [gold_reward(p, t) for p, t in zip(prompts.texts, texts)] if gold_reward else [None] * len(texts)
     if gold_reward:
         metrics["eval/gold_reward"] = sum(golds) / len(golds)
     rows = [{"prompt": p, "response": t, "reward": float(s), "kl": float(k), "length": int(n), "gold": g}
-            for p, t, s, k, n, g in zip(prompt_texts, texts, scores, kl, mask.sum(-1), golds)]
+            for p, t, s, k, n, g in zip(prompts.texts, texts, scores, kl, mask.sum(-1), golds)]
     return metrics, rows
 
 
@@ -70,14 +74,13 @@ class PolicyEvaluation:
     answers to each of the first `max_prompts` eval prompts, at `eval.temperature` (default: the
     rollout temperature), logged with a table of the first 8 answers."""
 
-    def __init__(self, run, roles, tokenizer, prompts: Sequence[list[int]], prompt_texts: Sequence[str],
-                 params: SamplingParams, gold_reward: Callable[[str, str], float] | None, seed: int):
+    def __init__(self, run, roles, tokenizer, prompts: PromptBatch, params: SamplingParams,
+                 gold_reward: Callable[[str, str], float] | None, seed: int):
         self.run, self.roles, self.tokenizer = run, roles, tokenizer
-        self.prompts, self.prompt_texts = list(prompts), list(prompt_texts)
-        self.params, self.gold_reward, self.seed = params, gold_reward, seed
+        self.prompts, self.params, self.gold_reward, self.seed = prompts, params, gold_reward, seed
 
     def __call__(self, step: int) -> dict[str, float]:
-        metrics, rows = evaluate_policy(self.roles.actor, self.roles.reference, self.roles.reward_model, self.tokenizer,
-                                        self.prompts, self.prompt_texts, self.params, self.gold_reward, self.seed)
+        metrics, rows = evaluate_policy(self.roles.actor, self.roles.reference, self.roles.rewards, self.tokenizer,
+                                        self.prompts, self.params, self.gold_reward, self.seed)
         self.run.log_table("eval/samples", step, rows[:8])
         return metrics

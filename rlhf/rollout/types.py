@@ -6,7 +6,7 @@ Per-token tensors cover the response region only: column j is response token j, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -134,10 +134,14 @@ class Scored:
     logprobs: torch.Tensor
     """Actor log-probs of the sampled tokens at rollout time (π_old, temperature-scaled)."""
     ref_logprobs: torch.Tensor
+    """The reference's log-probs (the actor's own when there is no reference: a zero KL)."""
     values: torch.Tensor
-    """Critic values V(s) of the state before each response token."""
+    """Critic values V(s) of the state before each response token (zeros without a critic)."""
     scores: torch.Tensor
-    """(batch,) raw reward-model scores."""
+    """(batch,) raw rewards: the weighted sum of `sources`."""
+    sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(batch,) raw reward of each source ("model", "http", a function's "module:function") and
+    each component a function returned ("module:function/name")."""
 
     def nonfinite(self) -> NonFinite | None:
         bad = tuple(name for name, t in (("reward", self.scores), ("logprobs", self.logprobs),

@@ -24,6 +24,14 @@ from rlhf.algorithms import (
     masked_mean,
     masked_whiten,
 )
+from rlhf.algorithms.advantages import (
+    broadcast_to_tokens,
+    group_stats,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    uniform_groups,
+)
 from rlhf.algorithms.rewards import RunningMoments, normalize_scores, shape_rewards
 from rlhf.rollout.types import Experience, Scored
 from rlhf.training.ema import EMA
@@ -60,18 +68,33 @@ class RewardNormalizer:
 
 @torch.no_grad()
 def make_experience(scored: Scored, normalizer: RewardNormalizer, kl_coef: float, kl_estimator: str,
-                    kl_in_loss: bool, gamma: float, lam: float, whiten_advantages: bool
-                    ) -> tuple[Experience, dict[str, float]]:
+                    kl_in_loss: bool, gamma: float, lam: float, whiten_advantages: bool, advantage: str = "gae",
+                    group_size: int = 1) -> tuple[Experience, dict[str, float]]:
     """Per-token rewards (the normalised score on the last response token, minus β·KL on every
-    response token unless the KL goes into the loss), GAE advantages and returns, and the
-    batch's metrics. `scored` is the global batch (see `gather_scored`)."""
+    response token unless the KL goes into the loss), advantages and returns, and the batch's
+    metrics. `scored` is the global batch (see `gather_scored`), in groups of `group_size`
+    answers per prompt. `advantage`:
+    - gae: the critic's values and GAE (Schulman et al. 2016), whitened if asked;
+    - grpo / dr_grpo / rloo: each answer's sequence reward (score - β·Σ KL) against its group
+      (Shao et al. 2024; Liu et al. 2025; Ahmadian et al. 2024), on every response token;
+    - reinforce_pp: discounted returns of the per-token rewards, whitened over the global batch
+      (Hu 2025)."""
     rollout, mask = scored.rollout, scored.rollout.response_mask
     scores = normalizer(scored.scores, rollout.eos_found)
     kl = kl_estimate(scored.logprobs, scored.ref_logprobs, kl_estimator) * mask
-    rewards = shape_rewards(scores, kl, mask, 0.0 if kl_in_loss else kl_coef)
-    advantages, returns = compute_gae(rewards, scored.values * mask, mask, gamma, lam)
-    if whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    beta = 0.0 if kl_in_loss else kl_coef
+    rewards = shape_rewards(scores, kl, mask, beta)
+    if advantage == "gae":
+        advantages, returns = compute_gae(rewards, scored.values * mask, mask, gamma, lam)
+        if whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+    elif advantage == "reinforce_pp":
+        advantages = returns = reinforce_pp_advantages(rewards, mask, gamma)
+    else:
+        sequence_rewards = scores - beta * kl.sum(-1)
+        per_answer = (rloo_advantages(sequence_rewards, group_size) if advantage == "rloo"
+                      else grpo_advantages(sequence_rewards, group_size, scale=advantage == "grpo"))
+        advantages = returns = broadcast_to_tokens(per_answer, mask)
     experience = Experience(rollout, scored.logprobs, scored.ref_logprobs, scored.values, rewards, advantages, returns,
                             scored.scores)
     # An unbiased estimate of KL(π || π_ref) per response: the summed per-token log-ratio.
@@ -86,17 +109,37 @@ def make_experience(scored: Scored, normalizer: RewardNormalizer, kl_coef: float
         "ppo/eos_rate": float(rollout.eos_found.float().mean()),
         "ppo/advantage_mean": float(masked_mean(advantages, mask)),
         "ppo/advantage_std": float(advantages[mask > 0].std()) if mask.sum() > 1 else 0.0,
-        "ppo/return_mean": float(masked_mean(returns, mask)),
-        "ppo/value_mean": float(masked_mean(scored.values, mask)),
-        "ppo/explained_variance": float(explained_variance(scored.values, returns, mask)),
+        **{f"reward/{name}": float(values.float().mean()) for name, values in sorted(scored.sources.items())},
     }
+    if advantage == "gae":
+        metrics.update({"ppo/return_mean": float(masked_mean(returns, mask)),
+                        "ppo/value_mean": float(masked_mean(scored.values, mask)),
+                        "ppo/explained_variance": float(explained_variance(scored.values, returns, mask))})
+    if group_size > 1:
+        metrics.update({f"ppo/{name}": float(value) for name, value in group_stats(scores, group_size).items()})
     return experience, metrics
 
 
-def shuffle_orders(generator: torch.Generator, epochs: int, size: int) -> list[torch.Tensor]:
-    """One permutation of the global batch's `size` samples per PPO epoch, drawn once and
-    handed to actor and critic, which walk the same mini-batches."""
-    return [torch.randperm(size, generator=generator) for _ in range(epochs)]
+def update_samples(scores: torch.Tensor, group_size: int, drop_uniform: bool, mini_batch_size: int) -> torch.Tensor:
+    """The global batch's samples an update trains on, in order: every one, or, with
+    `drop_uniform`, those of the groups whose rewards differ, plus as few of the dropped ones as
+    fill the last mini-batch (a uniform group's answers have zero advantage under the group
+    estimators: they only cost compute)."""
+    everything = torch.arange(scores.shape[0])
+    if not drop_uniform or group_size < 2:
+        return everything
+    uniform = uniform_groups(scores, group_size).repeat_interleave(group_size)
+    kept, dropped = everything[~uniform], everything[uniform]
+    fill = -len(kept) % mini_batch_size
+    return torch.cat([kept, dropped[:fill]]).sort().values if len(kept) else kept
+
+
+def shuffle_orders(generator: torch.Generator, epochs: int, size: int | torch.Tensor) -> list[torch.Tensor]:
+    """One permutation per PPO epoch of the global batch's samples (`size` of them, or the
+    sample ids given), drawn once and handed to actor and critic, which walk the same
+    mini-batches."""
+    samples = torch.arange(size) if isinstance(size, int) else size
+    return [samples[torch.randperm(len(samples), generator=generator)] for _ in range(epochs)]
 
 
 def rollout_seed(seed: int, iteration: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.data.prompt_dataset import PromptBatch
 from rlhf.roles.evaluate import evaluate_policy
 from rlhf.rollout.engine import SamplingParams, finish_rollout
 
@@ -26,6 +27,9 @@ class _Role:
     def scores(self, rollout):
         return torch.zeros(len(rollout.sequences))
 
+    def __call__(self, rollout, prompts, fields):  # as RewardSources: (mixed, sources)
+        return self.scores(rollout), {}
+
 
 class _Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
@@ -38,8 +42,9 @@ def test_eval_kl_is_taken_at_the_eval_temperature():
                              torch.tensor([[5, 9, 0], [6, 7, 9]]), eos_token_id=9, pad_token_id=0)
     actor, reference = _Role(-1.0, rollout), _Role(-1.5)
     params = SamplingParams(max_new_tokens=3, temperature=0.5)
-    metrics, rows = evaluate_policy(actor, reference, _Role(0.0), _Tokenizer(), [[1, 2], [3, 4]], ["a", "b"],
-                                    params, gold_reward=None, seed=0)
+    prompts = PromptBatch([[1, 2], [3, 4]], ["a", "b"], [{}, {}])
+    metrics, rows = evaluate_policy(actor, reference, _Role(0.0), _Tokenizer(), prompts, params, gold_reward=None,
+                                    seed=0)
     assert actor.temperatures == [0.5] and reference.temperatures == [0.5]
     # KL per answer = sum over its tokens of (-1.0 - -1.5) = 0.5 x length: (1.0 + 1.5) / 2.
     assert metrics["eval/kl"] == 1.25 and [r["kl"] for r in rows] == [1.0, 1.5]

@@ -1,0 +1,82 @@
+"""Every reward source of a PPO run behind one call: the reward model, reward functions (run in
+a pool of worker processes, each call with a timeout) and a reward service over HTTP, mixed by
+`reward.weights`.
+
+A source that fails on a sample (a function that raises, hangs past its timeout or returns
+something non-finite) gives NaN there, so the mixed reward is NaN and the iteration is skipped
+by the non-finite guard, as a NaN from the reward model is; the failures are counted and logged
+(`reward/function_errors`, `reward/function_timeouts`, `reward/function_nonfinite`,
+`reward/function_skipped`). A reward service that stays down after its retries stops the run
+with one line naming the URL.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from rlhf.rewards.mix import mix_rewards
+from rlhf.rollout.types import Rollout
+
+
+FAILURE_KINDS = ("errors", "timeouts", "nonfinite", "skipped")
+"""Failure totals of the reward functions (`skipped`: calls left out after a function hung or
+crashed its worker too often in one batch)."""
+
+
+class RewardSources:
+    def __init__(self, reward_cfg, reward_model, tokenizer):
+        """`reward_cfg`: the `reward` section of a PPO config; `reward_model`: anything with
+        `scores(rollout) -> (batch,)` (a `RewardModel`, its Ray group) or None."""
+        self.model, self.tokenizer = reward_model, tokenizer
+        self.weights = dict(reward_cfg.weights)
+        self.functions = list(reward_cfg.functions)
+        self.pool = self.http = None
+        if self.functions:
+            from rlhf.rewards.functions import RewardFunctionPool
+
+            self.pool = RewardFunctionPool(self.functions, reward_cfg.function_workers, reward_cfg.function_timeout_s)
+        if reward_cfg.http:
+            from rlhf.rewards.http import HTTPReward
+
+            self.http = HTTPReward(reward_cfg.http, reward_cfg.http_timeout_s, reward_cfg.http_retries)
+        self.failures: Counter = Counter()
+
+    def __call__(self, rollout: Rollout, prompts: Sequence[str], fields: Sequence[dict]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(batch,) mixed raw reward of each sample, and every source's (and function
+        component's) own reward; `prompts` and `fields` are the samples' prompt texts and rows."""
+        sources: dict[str, torch.Tensor] = {}
+        if self.model is not None:
+            sources["model"] = self.model.scores(rollout).float().cpu()
+        if self.pool is not None or self.http is not None:
+            responses = self.responses(rollout)
+            if self.pool is not None:
+                result = self.pool(list(prompts), responses, list(fields))
+                sources.update({name: values.float() for name, values in result.rewards.items()})
+                sources.update({name: values.float() for name, values in result.components.items()})
+                self.failures.update(result.failures)
+            if self.http is not None:
+                sources["http"] = self.http(list(prompts), responses, list(fields)).float()
+        # A function's components ("module:function/name") are already summed into its reward.
+        mixed = mix_rewards({name: values for name, values in sources.items() if "/" not in name}, self.weights)
+        device = rollout.sequences.device
+        return mixed.to(device), {name: values.to(device) for name, values in sources.items()}
+
+    def responses(self, rollout: Rollout) -> list[str]:
+        mask = rollout.response_mask
+        return [self.tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True).strip()
+                for row, n in zip(rollout.responses, mask.sum(-1))]
+
+    def take_failures(self) -> dict[str, float]:
+        """Failures counted since the last call, as metrics (the same keys every call, so that
+        workers can sum them)."""
+        counts = {f"reward/function_{kind}": float(self.failures.get(kind, 0)) for kind in FAILURE_KINDS}
+        self.failures.clear()
+        return counts
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
