@@ -6,7 +6,8 @@ A source that fails on a sample (a function that raises, hangs past its timeout 
 something non-finite) gives NaN there, so the mixed reward is NaN and the iteration is skipped
 by the non-finite guard, as a NaN from the reward model is; the failures are counted and logged
 (`reward/function_errors`, `reward/function_timeouts`, `reward/function_nonfinite`,
-`reward/function_skipped`). A reward service that stays down after its retries stops the run
+`reward/function_skipped`), and each batch with failures prints one line per failing function
+naming it and its first failure. A reward service that stays down after its retries stops the run
 with one line naming the URL.
 """
 
@@ -58,6 +59,7 @@ class RewardSources:
                 sources.update({name: values.float() for name, values in result.rewards.items()})
                 sources.update({name: values.float() for name, values in result.components.items()})
                 self.failures.update(result.failures)
+                self._say_failures(result, len(responses))
             if self.http is not None:
                 sources["http"] = self.http(list(prompts), responses, list(fields)).float()
         # A function's components ("module:function/name") are already summed into its reward.
@@ -69,6 +71,14 @@ class RewardSources:
         mask = rollout.response_mask
         return [self.tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True).strip()
                 for row, n in zip(rollout.responses, mask.sum(-1))]
+
+    def _say_failures(self, result, samples: int) -> None:
+        """One line per function that failed in this batch, naming it and its first failure:
+        the guard's own message says only "non-finite reward"."""
+        for spec, message in result.messages.items():
+            failed = sum(result.failures.get(f"{spec}/{kind}", 0) for kind in FAILURE_KINDS)
+            print(f"[reward] {spec} failed on {failed} of {samples} samples, whose reward is NaN; first: {message}",
+                  flush=True)
 
     def take_failures(self) -> dict[str, float]:
         """Failures counted since the last call, as metrics (the same keys every call, so that
