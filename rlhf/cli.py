@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="read canonical FIELD from COLUMN, e.g. prompt=question")
     inspect.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    synth = data_sub.add_parser("synth", help="Write the quickstart task (SFT, ranked, prompt, pretraining sets).")
+    synth = data_sub.add_parser("synth", help="Write a built-in task: the quickstart (SFT, ranked, prompt, pretraining "
+                                "sets) or arithmetic (SFT and prompts with exact answers, for rewards from code).")
     synth.add_argument("--out", required=True, help="directory to write the .jsonl files into")
+    synth.add_argument("--task", choices=("quickstart", "arithmetic"), default="quickstart")
     synth.add_argument("--seed", type=int, default=0)
 
     generate = sub.add_parser("generate", help="Answer prompts with a trained model.")
@@ -144,8 +146,9 @@ def _columns(pairs: Sequence[str]) -> dict[str, str]:
 
 def _run_data(args: argparse.Namespace) -> None:
     if args.data_command == "synth":
-        from rlhf.data.quickstart import synthesize
+        from rlhf.data import arithmetic, quickstart
 
+        synthesize = {"quickstart": quickstart.synthesize, "arithmetic": arithmetic.synthesize}[args.task]
         for name, path in synthesize(args.out, seed=args.seed).items():
             print(f"{name}: {path}")
         return

@@ -221,6 +221,32 @@ class ReferenceConfig:
 
 
 @dataclass
+class DPOEvalConfig:
+    gold_reward: Optional[str] = None
+    """"module:function" scoring (prompt, response) by a known rule, e.g.
+    rlhf.data.quickstart:gold_reward: each evaluation then also samples answers to held-out
+    prompts (the same seed every time, so step 0 gives the SFT model's number) and reports
+    their mean gold reward, length and EOS rate. None: no sampling."""
+    prompts: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Prompts to sample from (`prompt` or `messages` rows); empty: the prompts of the
+    held-out ranked answers."""
+    max_prompts: int = 64
+    """The first prompts of that set that are sampled."""
+    samples_per_prompt: int = 4
+    """Answers sampled per prompt; more make the mean less noisy."""
+    max_new_tokens: int = 64
+    """Tokens per answer at most (an answer cut there counts as it is)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0; top-k and top-p off)."""
+
+    def validate(self) -> None:
+        if self.max_prompts < 1 or self.samples_per_prompt < 1 or self.max_new_tokens < 1:
+            raise ConfigError("eval.max_prompts, eval.samples_per_prompt and eval.max_new_tokens must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("eval.temperature must be > 0")
+
+
+@dataclass
 class DPOConfig:
     """DPO / IPO: the policy learns the preferences directly, with no reward model, by
     maximising the implicit reward margin β·log(π/π_ref) between preferred and other answers."""
@@ -230,6 +256,7 @@ class DPOConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     data: DPODataConfig = field(default_factory=DPODataConfig)
     loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    eval: DPOEvalConfig = field(default_factory=DPOEvalConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, micro_batch_size=2, global_batch_size=8))
     """micro/global batch sizes count prompts; each prompt brings its K answers."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -245,8 +272,8 @@ class DPOConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.loss, self.train, self.strategy, self.logging, self.resources,
-                        self.ray, self.kernels):
+        for section in (self.model, self.data, self.loss, self.eval, self.train, self.strategy, self.logging,
+                        self.resources, self.ray, self.kernels):
             section.validate()
         if self.model.tiny is not None or not self.model.path:
             raise ConfigError("DPO starts from a trained (SFT) model: set model.path, not model.tiny")
@@ -602,28 +629,38 @@ def _check_ray_batch(train: TrainConfig, resources: ResourcesConfig, ray: RayCon
                           "(workers = resources.num_nodes x resources.workers_per_node)")
 
 
-PIPELINE_STAGES = ("sft", "rm", "ppo")
+PIPELINE_STAGES = ("sft", "rm", "dpo", "ppo")
 
 
 @dataclass
 class PipelineConfig:
-    """SFT -> RM -> PPO in one command. The RM starts from the SFT export, PPO's actor and
-    reference from SFT and its critic and reward model from the RM export: leave those
-    model paths empty and the pipeline fills them in. Each stage writes into
+    """SFT -> RM -> PPO in one command, or SFT -> DPO, or SFT -> PPO/GRPO with rewards from code.
+    The RM and DPO start from the SFT export; PPO's actor and reference from SFT, its critic and
+    reward model from the RM export (when the pipeline runs the RM, or PPO has no rewards from
+    code): leave those model paths empty and the pipeline fills them in. Each stage writes into
     `output_dir/<stage>` with a lineage.json; a stage whose lineage matches is skipped."""
 
     output_dir: str = "runs/pipeline"
-    """Parent of the stage run directories (sft/, rm/, ppo/); each stage's own output_dir is ignored."""
-    stages: List[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
-    """Stages to run, in order (a prefix or suffix of sft, rm, ppo)."""
+    """Parent of the stage run directories (sft/, rm/, ppo/, dpo/); each stage's own output_dir is ignored."""
+    stages: List[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
+    """Stages to run, in the order sft, rm, dpo, ppo: e.g. [sft, rm, ppo] (InstructGPT),
+    [sft, dpo], [sft, ppo] with `ppo.reward.functions` (verifiable rewards, no RM), or a suffix
+    of one of those whose earlier stages ran before into the same output_dir."""
     ray: RayConfig = field(default_factory=RayConfig)
     """One Ray session for the whole pipeline; every stage runs on it when enabled (the stages'
     own `ray` sections are ignored, their `resources` are used)."""
     logging_group: Optional[str] = None
-    """W&B group of the three runs; None: the output directory's name."""
+    """W&B group of the runs; None: the output directory's name."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def _ppo_reads_rm(self) -> bool:
+        """PPO's reward model (and default critic) is the RM export when the RM runs in this
+        pipeline, or when PPO has no other reward (a suffix [ppo] after an earlier [sft, rm])."""
+        return not self.ppo.reward_model.path and self.ppo.reward_model.tiny is None and \
+            ("rm" in self.stages or not self.ppo.reward.from_code)
 
     def wired(self, stage: str) -> Any:
         """The stage's config as the pipeline runs it: output directory, parent model paths,
@@ -637,34 +674,34 @@ class PipelineConfig:
         cfg.ray = copy.deepcopy(self.ray)
         cfg.kernels = cfg.kernels.effective()  # as the stage will record it
         cfg.logging.group = cfg.logging.group or self.logging_group or root.name
-        if stage == "rm" and not cfg.model.path and cfg.model.tiny is None:
-            cfg.model.path = str(root / "sft" / "model")
-        if stage == "ppo":
-            if not cfg.model.path:
-                cfg.model.path = str(root / "sft" / "model")
-            if not cfg.reward_model.path:
-                cfg.reward_model.path = str(root / "rm" / "model")
+        for parent in self.parents(stage):
+            section = cfg.reward_model if (stage, parent) == ("ppo", "rm") else cfg.model
+            section.path = str(root / parent / "model")
         return cfg
 
     def parents(self, stage: str) -> list[str]:
         """Earlier stages whose exports this stage reads (by the wiring above)."""
-        if stage == "rm":
-            return ["sft"] if not self.rm.model.path and self.rm.model.tiny is None else []
+        if stage in ("rm", "dpo"):
+            model = getattr(self, stage).model
+            return ["sft"] if not model.path and model.tiny is None else []
         if stage == "ppo":
-            return [p for p, path in (("sft", self.ppo.model.path), ("rm", self.ppo.reward_model.path)) if not path]
+            return (["sft"] if not self.ppo.model.path else []) + (["rm"] if self._ppo_reads_rm() else [])
         return []
 
     def validate(self) -> None:
         if not self.stages or any(s not in PIPELINE_STAGES for s in self.stages) or \
                 list(self.stages) != [s for s in PIPELINE_STAGES if s in self.stages]:
             raise ConfigError(f"stages={list(self.stages)}: stages run in the order {', '.join(PIPELINE_STAGES)}")
+        if "dpo" in self.stages and ("rm" in self.stages or "ppo" in self.stages):
+            raise ConfigError(f"stages={list(self.stages)}: DPO is the alternative to rm + ppo; run [sft, dpo] or "
+                              "[sft, rm, ppo] (or [sft, ppo] with rewards from code)")
         self.ray.validate()
         for stage in self.stages:
             cfg = self.wired(stage)
             try:
                 # Parent exports do not exist yet: check everything but their paths.
                 for parent in self.parents(stage):
-                    section = cfg.reward_model if (stage == "ppo" and parent == "rm") else cfg.model
+                    section = cfg.reward_model if (stage, parent) == ("ppo", "rm") else cfg.model
                     section.path = "pending-" + parent
                 cfg.validate()
             except ConfigError as exc:

@@ -166,7 +166,7 @@ def _function_lines(path: Path, name: str) -> int:
     return function.end_lineno - function.lineno + 1
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "pipeline"])
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "dpo", "pipeline"])
 def test_a_stage_main_is_a_short_recipe(stage):
     assert _function_lines(REPO / "stages" / f"{stage}.py", "main") <= 85
 

@@ -44,8 +44,9 @@ def evaluate_policy(
     """Sample one answer per held-out prompt with a fixed seed (without disturbing the
     training RNG) and measure it: the run's reward (every source, mixed; `rewards` as
     `RewardSources`), the KL of the distribution sampled from (policy and reference log-probs
-    at the sampling temperature; 0 without a reference), length, EOS rate and the gold reward.
-    Returns metrics and per-sample rows."""
+    at the sampling temperature; 0 without a reference), length, EOS rate and the gold reward;
+    reward-function failures of this evaluation, if any, as eval/function_*. Returns metrics and
+    per-sample rows."""
     rollout = actor.generate(list(prompts.ids), params, seed=seed)
     mask = rollout.response_mask
     if reference is not None:
@@ -56,7 +57,7 @@ def evaluate_policy(
     scores, _ = rewards(rollout, prompts.texts, prompts.fields)
     texts = decode_responses(tokenizer, rollout.responses, mask)
     metrics = {
-        "eval/reward": float(scores.mean()),
+        "eval/reward": float(scores.nanmean()),  # over the samples every reward source could score
         "eval/kl": float(kl.mean()),
         "eval/response_length": float(mask.sum(-1).mean()),
         "eval/eos_rate": float(rollout.eos_found.float().mean()),
@@ -64,6 +65,10 @@ def evaluate_policy(
     golds = [gold_reward(p, t) for p, t in zip(prompts.texts, texts)] if gold_reward else [None] * len(texts)
     if gold_reward:
         metrics["eval/gold_reward"] = sum(golds) / len(golds)
+    if getattr(rewards, "functions", None):  # this evaluation's own failures, kept out of the next training step's count
+        failures = rewards.take_failures()
+        if any(failures.values()):
+            metrics.update({name.replace("reward/", "eval/"): value for name, value in failures.items()})
     rows = [{"prompt": p, "response": t, "reward": float(s), "kl": float(k), "length": int(n), "gold": g}
             for p, t, s, k, n, g in zip(prompts.texts, texts, scores, kl, mask.sum(-1), golds)]
     return metrics, rows

@@ -144,7 +144,12 @@ class Scored:
     each component a function returned ("module:function/name")."""
 
     def nonfinite(self) -> NonFinite | None:
-        bad = tuple(name for name, t in (("reward", self.scores), ("logprobs", self.logprobs),
-                                         ("ref_logprobs", self.ref_logprobs), ("values", self.values))
-                    if not bool(torch.isfinite(t).all()))
-        return NonFinite(bad) if bad else None
+        """What holds NaN or inf; a non-finite reward names the sources it came from (a reward
+        function that failed, the reward model), so the guard's message points at the cause."""
+        bad = []
+        for name, t in (("reward", self.scores), ("logprobs", self.logprobs), ("ref_logprobs", self.ref_logprobs),
+                        ("values", self.values)):
+            if not bool(torch.isfinite(t).all()):
+                culprits = [source for source, v in self.sources.items() if not bool(torch.isfinite(v).all())]
+                bad.append(f"{name} (from {', '.join(culprits)})" if name == "reward" and culprits else name)
+        return NonFinite(tuple(bad)) if bad else None

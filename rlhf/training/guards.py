@@ -45,6 +45,7 @@ class NonFiniteGuard:
         if self.consecutive >= self.limit:
             raise UserError(f"{self.stage}: {self.consecutive} steps in a row with non-finite {what} (last at step {step}, "
                             f"train.max_consecutive_nonfinite={self.limit}); no checkpoint was written from them. "
-                            "Lower train.lr or check the data")
+                            + ("Check the reward source named (its failures are printed above and logged as "
+                               "reward/function_*)" if "(from " in what else "Lower train.lr or check the data"))
         print(f"[{self.stage}] step {step}: non-finite {what}; update skipped ({self.consecutive} in a row)")
         return False

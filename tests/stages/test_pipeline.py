@@ -94,3 +94,40 @@ def test_a_stage_without_its_parent_export_is_refused(tmp_path, quickstart_data)
     cfg = tiny_pipeline(tmp_path / "run", quickstart_data, "stages=[rm,ppo]")
     with pytest.raises(UserError, match="no lineage.json: run the pipeline with sft"):
         pipeline.main(cfg)
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_reads_the_sft_export(tmp_path, quickstart_data):
+    root = tmp_path / "run"
+    cfg = tiny_pipeline(root, quickstart_data, "stages=[sft,dpo]", f"dpo.data.train.path={quickstart_data['rank']}",
+                        "dpo.train.max_steps=2", "dpo.data.eval_fraction=0.02", "dpo.logging.progress=false")
+    assert pipeline.main(cfg) == {"sft": "ran", "dpo": "ran"}
+    lineage = {stage: read_lineage(root / stage) for stage in ("sft", "dpo")}
+    assert lineage["dpo"].parents == {"sft": lineage["sft"].lineage_id}
+    assert (root / "dpo" / "model" / "config.json").is_file() and not (root / "rm").exists()
+    assert pipeline.main(cfg) == {"sft": "skipped", "dpo": "skipped"}
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_needs_no_reward_model(tmp_path, quickstart_data):
+    root = tmp_path / "run"
+    cfg = tiny_pipeline(root, quickstart_data, "stages=[sft,ppo]", "ppo.ppo.advantage=grpo",
+                        "ppo.reward.functions=[rlhf.data.quickstart:gold_reward]", "ppo.reward.normalize=none",
+                        "ppo.rollout.n_samples_per_prompt=2", "ppo.ppo.rollout_batch_size=4", "ppo.kl.coef=0")
+    assert pipeline.main(cfg) == {"sft": "ran", "ppo": "ran"}
+    lineage = {stage: read_lineage(root / stage) for stage in ("sft", "ppo")}
+    assert lineage["ppo"].parents == {"sft": lineage["sft"].lineage_id}
+    assert "reward_model.path" not in lineage["ppo"].inputs and not (root / "rm").exists()
+    rows = read_metrics(root / "ppo")
+    assert any("reward/rlhf.data.quickstart:gold_reward" in row for row in rows)
+
+
+def test_dpo_is_the_alternative_to_rm_and_ppo(tmp_path, quickstart_data):
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="DPO is the alternative to rm \\+ ppo"):
+        tiny_pipeline(tmp_path / "run", quickstart_data, "stages=[sft,rm,dpo]").validate()
+    with pytest.raises(ConfigError, match="stages run in the order sft, rm, dpo, ppo"):
+        tiny_pipeline(tmp_path / "run", quickstart_data, "stages=[dpo,sft]").validate()
+    # Without rewards from code, a PPO stage after [sft] alone reads the RM export of an earlier run.
+    assert tiny_pipeline(tmp_path / "run", quickstart_data, "stages=[sft,ppo]").parents("ppo") == ["sft", "rm"]

@@ -89,8 +89,8 @@ def rows_by_step(run_dir: Path) -> dict[int, dict]:
 # (reward/function_errors, _timeouts, _nonfinite, _skipped); the mixed reward is then NaN and the
 # non-finite guard skips the iteration (ppo/skipped_nonfinite), train.max_consecutive_nonfinite in a
 # row stop the run with one line. A reward service that stays down after its retries stops the run
-# with one line naming the URL. The counts taken at step 1 also hold the step-0 evaluation's calls
-# (RewardSources counts every call since the last take), so exact counts are checked at step 2.
+# with one line naming the URL. An evaluation's own failures are logged with it (eval/function_*),
+# not in the next training step's counts.
 
 KINDS = ("errors", "timeouts", "nonfinite", "skipped")
 
@@ -112,7 +112,8 @@ def test_a_function_that_raises_gives_nan_is_counted_and_the_iteration_is_skippe
     ppo.main(cfg)  # 2 skipped iterations < train.max_consecutive_nonfinite=3: the run ends normally
     rows = rows_by_step(tmp_path)
     assert failures(rows[2]) == {"errors": 8, "timeouts": 0, "nonfinite": 0, "skipped": 0}
-    assert failures(rows[1])["errors"] == 8 + 4  # the step-0 evaluation's 4 calls, then the batch's 8
+    assert failures(rows[1])["errors"] == 8
+    assert rows[0]["eval/function_errors"] == 4  # the step-0 evaluation's 4 calls
     assert_every_iteration_skipped(rows, 2)
     out = capsys.readouterr().out
     assert f"[reward] {functions}:raises failed on 8 of 8 samples" in out
@@ -169,12 +170,13 @@ def test_nan_for_every_sample_stops_the_run_after_the_limit_with_one_line(
         ppo.main(cfg)
     message = str(raised.value)
     assert "\n" not in message
-    assert message.startswith("ppo: 2 steps in a row with non-finite reward (last at step 2, "
+    assert message.startswith(f"ppo: 2 steps in a row with non-finite reward (from {spec}) (last at step 2, "
                               "train.max_consecutive_nonfinite=2)")
+    assert "Check the reward source named" in message
     assert not list((tmp_path / "checkpoints").glob("step-*"))
     rows = rows_by_step(tmp_path)
-    assert rows[1]["reward/function_nonfinite"] == 4 + 8 and rows[1]["ppo/skipped_nonfinite"] == 1
-    out = capsys.readouterr().out  # the guard names only "reward": the line before it names the function
+    assert rows[1]["reward/function_nonfinite"] == 8 and rows[1]["ppo/skipped_nonfinite"] == 1
+    out = capsys.readouterr().out  # and the line before it says how it failed
     assert f"[reward] {spec} failed on 8 of 8 samples, whose reward is NaN; first: nonfinite: returned nan" in out
 
 
