@@ -38,9 +38,12 @@ CRITIC_METRICS = ("ppo/explained_variance", "ppo/value_loss", "ppo/value_mean")
 """Logged only by a PPO run with a critic (ppo.advantage=gae)."""
 GROUP_STATS = ("ppo/group_reward_std_mean", "ppo/uniform_group_share")
 """Logged when rollout.n_samples_per_prompt > 1 (group estimators)."""
-REWARD_FAILURES = tuple(f"reward/function_{kind}" for kind in ("errors", "timeouts", "nonfinite", "skipped"))
+FAILURE_KINDS = ("errors", "timeouts", "nonfinite", "skipped")
+REWARD_FAILURES = tuple(f"reward/function_{kind}" for kind in FAILURE_KINDS)
 """Per-iteration failure counts of the reward functions (rlhf/roles/rewards.py), logged by every
 PPO iteration, skipped ones included."""
+EVAL_FAILURES = tuple(f"eval/function_{kind}" for kind in FAILURE_KINDS)
+"""The same for an evaluation's calls, logged only when one failed (rlhf/roles/evaluate.py)."""
 
 
 @dataclass
@@ -126,7 +129,7 @@ class Run:
         """Rewards came (also) from reward functions: a function's reward was logged, the
         config lists some, or a function failed (a run whose every iteration failed logs no reward)."""
         return (any(":" in k for k in self.reward_sources) or bool(self.setting("reward.functions"))
-                or any(self.total(k) > 0 for k in REWARD_FAILURES))
+                or any(self.total(k) > 0 for k in REWARD_FAILURES + EVAL_FAILURES))
 
     @property
     def skipped_iterations(self) -> int:
@@ -275,8 +278,8 @@ def _plot_lines(ax, runs: list[Run], keys: Sequence[tuple[str, str, str]], title
     return _finish_axes(ax, title, ylabel, drawn)
 
 
-def _plot_each(ax, runs: list[Run], keys_of: Callable[[Run], Sequence[str]], prefix: str, title: str,
-               ylabel: str) -> bool:
+def _plot_each(ax, runs: list[Run], keys_of: Callable[[Run], Sequence[str]], name_of: Callable[[str], str],
+               title: str, ylabel: str) -> bool:
     """Every metric `keys_of(run)` names, one colour per metric and one line style per run
     (for metric sets that differ between runs: reward sources, failure kinds)."""
     drawn, color = False, 0
@@ -286,8 +289,7 @@ def _plot_each(ax, runs: list[Run], keys_of: Callable[[Run], Sequence[str]], pre
             steps, values = run.series(key)
             if not steps:
                 continue
-            name = key[len(prefix):] if key.startswith(prefix) else key
-            label = f"{run.label} {name}" if len(runs) > 1 else name
+            label = f"{run.label} {name_of(key)}" if len(runs) > 1 else name_of(key)
             ax.plot(steps, values, styles[index % len(styles)], color=f"C{color % 10}",
                     marker="o" if len(steps) <= 20 else None, markersize=3, label=label)
             drawn, color = True, color + 1
@@ -374,6 +376,11 @@ def _function_keys(run: Run, components: bool) -> list[str]:
     return [k for k in run.reward_sources if ("/" in k[len("reward/"):]) == components]
 
 
+def _failure_keys(run: Run) -> list[str]:
+    """The failure kinds that happened (a run without any: its errors, a line at 0)."""
+    return [k for k in REWARD_FAILURES + EVAL_FAILURES if run.total(k) > 0] or [REWARD_FAILURES[0]]
+
+
 def _plot_ppo(runs: list[Run], out: Path, report: Report) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -405,10 +412,12 @@ def _plot_ppo(runs: list[Run], out: Path, report: Report) -> None:
     sourced = [r for r in runs if r.uses_functions or any(k != "reward/model" for k in r.reward_sources)]
     if sourced:
         failing = [r for r in sourced if r.uses_functions]
-        specs = [(sourced, lambda r: _function_keys(r, False), "reward/", "reward by source", "mean raw reward"),
-                 (sourced, lambda r: _function_keys(r, True), "reward/", "reward-function components", "mean"),
-                 (failing, lambda r: REWARD_FAILURES, "reward/function_", "reward-function failures per iteration",
-                  "calls")]
+        source = lambda key: key[len("reward/"):]  # noqa: E731
+        failure = lambda key: key.replace("reward/function_", "").replace("eval/function_", "eval ")  # noqa: E731
+        specs = [(sourced, lambda r: _function_keys(r, False), source, "reward by source", "mean raw reward"),
+                 (sourced, lambda r: _function_keys(r, True), source, "reward-function components", "mean"),
+                 (failing, _failure_keys, failure,
+                  "reward-function failures per iteration", "calls")]
         if not any(_function_keys(r, True) for r in sourced):
             specs.pop(1)
         panels = [lambda ax, s=s: s[3] if _plot_each(ax, *s) else None for s in specs]
@@ -500,9 +509,13 @@ def _sources(run: Run) -> str:
 
 
 def _failures(run: Run) -> str:
+    """Total failures of the training calls, then of the evaluations' when any failed."""
     if not run.uses_functions:
         return "–"
-    return " / ".join(str(int(run.total(k))) for k in REWARD_FAILURES)
+    text = " / ".join(str(int(run.total(k))) for k in REWARD_FAILURES)
+    if any(run.total(k) for k in EVAL_FAILURES):
+        text += " (eval: " + " / ".join(str(int(run.total(k))) for k in EVAL_FAILURES) + ")"
+    return text
 
 
 def _ppo_section(runs: list[Run], report: Report) -> list[str]:

@@ -166,14 +166,18 @@ def test_report_tells_a_critic_free_run_without_config_and_counts_failed_iterati
     rows = _grpo_rows(functions=False)
     rows[2] = {"step": 2, "time": 2.0, "reward/function_errors": 8.0, "reward/function_timeouts": 0.0,
                "reward/function_nonfinite": 0.0, "reward/function_skipped": 0.0, "ppo/skipped_nonfinite": 1.0}
+    # The last evaluation's calls: 2 timeouts (an evaluation logs its failures only when there are some).
+    rows[5].update({"eval/function_errors": 0.0, "eval/function_timeouts": 2.0, "eval/function_nonfinite": 0.0,
+                    "eval/function_skipped": 0.0})
     _write_run(tmp_path / "rloo", rows)
     report = make_report([tmp_path / "rloo"], tmp_path / "out")
     assert report.runs[0].critic_free and report.runs[0].estimator == "critic-free"
-    # Only the model as source: no per-source panel, but the failures (and the groups) are drawn.
+    # Only the model as source: no components panel, but the failures (and the groups) are drawn.
     assert report.panels["ppo_rewards.png"] == ["reward by source", "reward-function failures per iteration"]
     assert "ppo_groups.png" in report.panels
     # Uniform-group share median over the iterations that trained: 0.1, 0.3, 0.4, 0.5 -> 0.35.
-    row = "| rloo | – | 0.1 → 0.5 | 0.45 → 0.25 | 0.1 → 0.5 | 0.35 | `model` 0.5 | 8 / 0 / 0 / 0 | 1 |"
+    row = ("| rloo | – | 0.1 → 0.5 | 0.45 → 0.25 | 0.1 → 0.5 | 0.35 | `model` 0.5 | 8 / 0 / 0 / 0 (eval: 0 / 2 / 0 / 0) "
+           "| 1 |")
     assert row in report.text
 
 
