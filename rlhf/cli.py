@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="Plot runs' metrics (PNG) and write a Markdown summary.",
                             description="PNG plots and report.md from the metrics.jsonl of one or more runs: SFT "
-                            "loss, RM accuracy, PPO reward / KL / kl_coef and diagnostics, and with several PPO "
-                            "runs the reward-KL frontier. See docs/dashboards.md.")
+                            "loss, RM accuracy, DPO loss / accuracy / margins, PPO and GRPO-style reward / KL / kl_coef "
+                            "and diagnostics, group statistics, reward sources and their failures, and with several "
+                            "PPO runs the reward-KL frontier. See docs/dashboards.md.")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="a stage's output directory, or a directory of them (e.g. runs/quickstart)")
     report.add_argument("--out", help="where to write the report (default: RUN_DIR/report for one run "
