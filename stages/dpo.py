@@ -8,7 +8,9 @@ instead). Each batch element is one prompt with its K answers: every answer's lo
 once (by default in one row with the prompt forwarded once, `data.share_prompt`), the C(K,2)
 pairs are formed from those K numbers, and the loss is the mean over a prompt's pairs, then
 over prompts. The reference is the frozen SFT model, live or precomputed once
-(`reference.precompute`). Writes config.yaml, metrics.jsonl, checkpoints/ and the exported
+(`reference.precompute`). Held-out evaluation reports the loss, implicit-reward accuracy and
+margin and the answers' log-probs; with `eval.gold_reward`, also the gold reward of answers
+sampled from the policy. Writes config.yaml, metrics.jsonl, checkpoints/ and the exported
 policy model/ into `output_dir`.
 """
 
@@ -25,7 +27,9 @@ from rlhf.kernels import accelerate
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
 from rlhf.models.shared_prefix import attention_window, shared_prefix_unsupported
-from rlhf.training.dpo import DPOEvaluation, PreferenceBatches, ReferenceLogps, dpo_step, reference_loader
+from rlhf.roles.evaluate import load_gold_reward
+from rlhf.training.dpo import (DPOEvaluation, PreferenceBatches, ReferenceLogps, dpo_step, reference_loader,
+                               sampled_gold)
 from rlhf.training.lm import StepPlan, step_micro_batches
 from rlhf.training.run import Run, Schedule, StageResult
 
@@ -67,7 +71,8 @@ def main(cfg: DPOConfig) -> StageResult:
         plan = StepPlan(len(train_batches), accumulation, strategy.world_size)
         total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         policy = strategy.wrap(model, OptimizerSpec.from_train(cfg.train, total), accumulation, micro)
-        evaluation = DPOEvaluation(policy, eval_batches, reference, cfg.loss, strategy.device)
+        gold = sampled_gold(cfg, load_gold_reward(cfg.eval.gold_reward), tokenizer, data.eval)
+        evaluation = DPOEvaluation(policy, eval_batches, reference, cfg.loss, strategy.device, gold)
         schedule = Schedule(total, cfg.train.eval_every, cfg.train.log_every, cfg.train.save_every)
         start = run.begin(schedule, {"policy": policy}, [policy.module], evaluation, state=reference)
         policy.module.train()

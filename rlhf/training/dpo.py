@@ -1,6 +1,7 @@
 """DPO training pieces: preference micro-batches that say where each answer token is predicted,
 the answers' log-probs from one forward pass, the frozen reference (live, or precomputed once),
-a step and the held-out evaluation.
+a step and the held-out evaluation (with, when the task has a rule, the gold reward of answers
+sampled from the policy).
 
 A micro-batch is a set of prompts, each with its K ranked answers, in either layout of the RM
 stage (rlhf/data/rank_dataset.py): one row per answer, or one row [prompt, answer 1, ...,
@@ -24,13 +25,19 @@ import torch
 
 from rlhf.algorithms import dpo_loss, per_prompt_mean
 from rlhf.config import DPOConfig, DPOLossConfig
+from rlhf.data.builders import load_records
 from rlhf.data.order import EpochOrder
+from rlhf.data.prompt_dataset import PromptBatch, prompt_batch
 from rlhf.data.rank_dataset import RankBatch, RankExample, collate_rank, collate_rank_shared
+from rlhf.data.records import PromptRecord, RankRecord
+from rlhf.errors import UserError
 from rlhf.kernels import accelerate
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.reward import transformers_model
 from rlhf.models.shared_prefix import shared_prefix_attention_mask
+from rlhf.rollout.decode import DecodeEngine, SampleSeeds
+from rlhf.rollout.engine import SamplingParams
 
 
 @dataclass
@@ -225,7 +232,7 @@ def preference_loss(module: torch.nn.Module, batch: PreferenceBatch, ref_logps: 
                     cfg: DPOLossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum over the micro-batch's prompts of each prompt's mean pair loss, per-pair stats).
     Sequence log-probs are sums over answer tokens, per-token means for IPO."""
-    policy = answer_logps(module, batch)
+    summed = policy = answer_logps(module, batch)
     if cfg.loss_type == "ipo":
         tokens = batch.answer_tokens.clamp_min(1).to(policy.dtype)
         policy, ref_logps = policy / tokens, ref_logps / tokens
@@ -233,7 +240,8 @@ def preference_loss(module: torch.nn.Module, batch: PreferenceBatch, ref_logps: 
     per_pair, stats = dpo_loss(policy[chosen], policy[rejected], ref_logps[chosen], ref_logps[rejected], cfg.beta,
                                cfg.label_smoothing, cfg.loss_type)
     means, has_pairs = per_prompt_mean(per_pair, batch.rank.pair_group, batch.rank.num_prompts)
-    stats.update(chosen_logps=policy[chosen].detach(), rejected_logps=policy[rejected].detach())
+    # Whatever the loss reads, the reported log-probs are the answers' summed ones.
+    stats.update(chosen_logps=summed[chosen].detach(), rejected_logps=summed[rejected].detach())
     return means[has_pairs].sum(), stats
 
 
@@ -276,8 +284,9 @@ class DPOEvaluation:
     worker in every forward pass), so all of them get the same numbers."""
 
     def __init__(self, trained, batches: PreferenceBatches, reference: ReferenceLogps, cfg: DPOLossConfig,
-                 device: torch.device):
+                 device: torch.device, gold: "SampledGold | None" = None):
         self.trained, self.batches, self.reference, self.cfg, self.device = trained, batches, reference, cfg, device
+        self.gold = gold
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict[str, float]:
@@ -292,5 +301,54 @@ class DPOEvaluation:
             sums["loss"] += float(loss)
             prompts, pairs = prompts + batch.prompts_with_pairs, pairs + batch.num_pairs
             _add_stats(sums, stats)
+        metrics = {**{f"eval/{k}": v for k, v in _means(sums, prompts, pairs).items()}, "eval/pairs": float(pairs)}
+        if self.gold is not None:
+            metrics.update(self.gold(module))
         module.train(was_training)
-        return {**{f"eval/{k}": v for k, v in _means(sums, prompts, pairs).items()}, "eval/pairs": float(pairs)}
+        return metrics
+
+
+def sampled_gold(cfg: DPOConfig, gold_reward: Callable[[str, str], float] | None, tokenizer,
+                 held_out: Sequence[RankRecord]) -> "SampledGold | None":
+    """The `SampledGold` that `cfg.eval` asks for (None without a gold rule): the first
+    `eval.max_prompts` prompts of `eval.prompts`, or else of the held-out ranked answers, each
+    sampled `eval.samples_per_prompt` times."""
+    if gold_reward is None:
+        return None
+    if cfg.eval.prompts.given:
+        records, _ = load_records("prompt", cfg.eval.prompts, cfg.data.on_error)
+    else:
+        records = [PromptRecord(r.prompt) for r in held_out]
+    if not records:
+        raise UserError("eval.gold_reward is set but there are no prompts to sample: set eval.prompts.path or "
+                        "hold out ranked answers (data.eval or data.eval_fraction)")
+    prompts = prompt_batch(tokenizer, records[: cfg.eval.max_prompts], cfg.data.max_prompt_length)
+    return SampledGold(prompts.repeated(cfg.eval.samples_per_prompt),
+                       SamplingParams(cfg.eval.max_new_tokens, cfg.eval.temperature), gold_reward, tokenizer,
+                       seed=cfg.seed + 1, llama_step=cfg.kernels.llama_decode_step)
+
+
+class SampledGold:
+    """The mean gold reward (a rule's score) of answers sampled from the policy for held-out
+    prompts, with their mean length and EOS rate. The samples depend on the seed alone (the
+    decode engine's per-sample streams; the process RNG is left as it was), so every
+    evaluation, and the SFT model at step 0, answers with the same random numbers."""
+
+    def __init__(self, prompts: PromptBatch, params: SamplingParams, gold_reward: Callable[[str, str], float],
+                 tokenizer, seed: int, batch_size: int = 64, llama_step: bool = True):
+        self.prompts, self.params, self.gold_reward, self.tokenizer = prompts, params, gold_reward, tokenizer
+        self.seed, self.batch_size, self.llama_step = seed, batch_size, llama_step
+
+    @torch.no_grad()
+    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
+        model = getattr(module, "module", module)  # engines wrap the HF model as .module
+        tokenizer = self.tokenizer
+        engine = DecodeEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, self.batch_size, self.llama_step)
+        ids = self.prompts.ids
+        rollout = engine.generate(ids, self.params, seeds=SampleSeeds(self.seed, range(len(ids))))
+        lengths = rollout.response_mask.sum(-1)
+        texts = [tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True).strip()
+                 for row, n in zip(rollout.responses, lengths)]
+        golds = [float(self.gold_reward(p, t)) for p, t in zip(self.prompts.texts, texts)]
+        return {"eval/gold_reward": sum(golds) / len(golds), "eval/response_length": float(lengths.float().mean()),
+                "eval/eos_rate": float(rollout.eos_found.float().mean())}
