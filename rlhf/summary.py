@@ -1,5 +1,5 @@
-"""A short table of a quickstart-style run: SFT eval loss, RM held-out accuracy, PPO gold
-reward before/after and KL. `python -m rlhf.summary runs/quickstart`."""
+"""A short table of a quickstart-style run: SFT eval loss, RM held-out accuracy, DPO held-out
+accuracy and gold reward, PPO (or GRPO, ...) gold reward before/after, reward and KL. `python -m rlhf.summary runs/quickstart`."""
 
 from __future__ import annotations
 
@@ -13,20 +13,29 @@ def _summary(stage_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def _before_after(summary: dict, key: str) -> str:
+    before, after = summary.get(f"initial_{key}", float("nan")), summary[key]
+    gain = f" ({(after / before - 1) * 100:+.0f}%)" if before and before == before else ""
+    return f"{before:.3f} -> {after:.3f}{gain}"
+
+
 def summary_rows(root: str | Path) -> list[tuple[str, str]]:
     root = Path(root)
-    sft, rm, ppo = (_summary(root / name) for name in ("sft", "rm", "ppo"))
+    sft, rm, dpo, ppo = (_summary(root / name) for name in ("sft", "rm", "dpo", "ppo"))
     rows = []
     if sft:
         rows.append(("SFT eval loss", f"{sft.get('eval/initial_loss', float('nan')):.3f} -> {sft['eval/loss']:.3f}"))
     if rm:
         rows.append(("RM held-out pairwise accuracy", f"{rm['eval/accuracy']:.3f}"))
+    if dpo:
+        if "eval/accuracy" in dpo:
+            rows.append(("DPO held-out preference accuracy", f"{dpo['eval/accuracy']:.3f}"))
+        if "eval/gold_reward" in dpo:
+            rows.append(("DPO gold reward (held-out)", _before_after(dpo, "eval/gold_reward")))
     if ppo:
-        if "eval/gold_reward" in ppo and "initial_eval/gold_reward" in ppo:
-            before, after = ppo["initial_eval/gold_reward"], ppo["eval/gold_reward"]
-            gain = (after / before - 1) * 100 if before else float("nan")
-            rows.append(("PPO gold reward (held-out)", f"{before:.3f} -> {after:.3f} ({gain:+.0f}%)"))
-        rows.append(("PPO RM reward (held-out)", f"{ppo.get('initial_eval/reward', float('nan')):.3f} -> {ppo['eval/reward']:.3f}"))
+        if "eval/gold_reward" in ppo:
+            rows.append(("PPO gold reward (held-out)", _before_after(ppo, "eval/gold_reward")))
+        rows.append(("PPO reward (held-out)", f"{ppo.get('initial_eval/reward', float('nan')):.3f} -> {ppo['eval/reward']:.3f}"))
         rows.append(("PPO KL to reference (nats/answer)", f"{ppo['eval/kl']:.3f}"))
     return rows
 

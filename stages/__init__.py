@@ -54,7 +54,7 @@ STAGES: dict[str, Stage] = {
                  ("data.prompts", "data.eval_prompts", "data.pretrain")),
     "dpo": Stage("dpo", DPOConfig, "stages.dpo",
                  "Direct preference optimisation (DPO / IPO) of the SFT model on ranked answers.",
-                 ("data.train", "data.eval")),
+                 ("data.train", "data.eval", "eval.prompts")),
     "pipeline": Stage("pipeline", PipelineConfig, "stages.pipeline",
-                      "Run SFT -> RM -> PPO with lineage, skipping stages that are up to date."),
+                      "Run SFT -> RM -> PPO (or SFT -> DPO) with lineage, skipping stages that are up to date."),
 }

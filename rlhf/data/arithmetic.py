@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-OPERANDS = range(10)
+OPERANDS = range(7)
 TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "{a} {op} {b} = ?")
 ANSWER_FORMAT = "Answer: {value}"
 _PROMPT_RE = re.compile(r"(\d+) ([+-]) (\d+)")
@@ -84,7 +84,7 @@ def synthesize(
     sft_rows: int = 3000,
     prompt_rows: int = 1024,
     eval_fraction: float = 0.2,
-    quality: float = 0.5,
+    quality: float = 0.6,
 ) -> dict[str, str]:
     """Write sft.jsonl (prompt, response), prompts.jsonl and prompts_eval.jsonl (prompt,
     answer)."""
