@@ -19,11 +19,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.rewards.builtin import exact_match
+
 OPERANDS = range(7)
 TEMPLATES = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "{a} {op} {b} = ?")
 ANSWER_FORMAT = "Answer: {value}"
 _PROMPT_RE = re.compile(r"(\d+) ([+-]) (\d+)")
-_ANSWER_RE = re.compile(r"answer\s*:\s*(-?\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,11 @@ def parse_prompt(prompt: str) -> Problem:
 
 
 def gold_reward(prompt: str, response: str) -> float:
-    """1.0 when the response's "Answer: N" states the exact result of the prompt's sum, else
-    0.0: the held-out accuracy (`eval.gold_reward`). It reads the prompt, not the row's answer
-    field, so it checks the data as well as the policy."""
-    match = _ANSWER_RE.search(response)
-    return float(bool(match) and int(match.group(1)) == parse_prompt(prompt).value)
+    """1.0 when the response states the exact result of the prompt's sum (read as the
+    built-in `exact_match` reads a final answer), else 0.0: the held-out accuracy
+    (`eval.gold_reward`). The result is computed from the prompt, not taken from the row's
+    answer field, so it checks the data as well as the policy."""
+    return exact_match(prompt, response, answer=str(parse_prompt(prompt).value))
 
 
 def noisy_answer(problem: Problem, rng: random.Random, quality: float) -> str:

@@ -15,7 +15,10 @@ def test_gold_reward_by_hand():
     assert gold_reward("What is 7 + 5?", "answer:12.") == 1.0
     assert gold_reward("Compute 9 - 4.", "Answer: 5") == 1.0
     assert gold_reward("Compute 9 - 4.", "Answer: 13") == 0.0
-    assert gold_reward("9 + 4 = ?", "13") == 0.0  # no "Answer:": not the asked format
+    assert gold_reward("9 + 4 = ?", "13") == 1.0  # no marker: the last line is the final answer, as exact_match reads it
+    assert gold_reward("9 + 4 = ?", "Answer: 14, no, 13") == 1.0  # the last number of the final answer
+    assert gold_reward("9 + 4 = ?", "Answer: 13 or 14") == 0.0
+    assert gold_reward("What is 4 + 1?", "Answer:: 5") == exact_match("What is 4 + 1?", "Answer:: 5", answer="5")
     assert gold_reward("9 + 4 = ?", "") == 0.0
 
 
