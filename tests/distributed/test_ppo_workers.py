@@ -151,3 +151,27 @@ def test_two_workers_match_one_worker(tmp_path, one_worker, sft_model, quickstar
     start = load_file(sft_model / "model.safetensors")
     moved = max(float((a[k] - start[k]).abs().max()) for k in a)
     assert worst < 1e-4 < 1e-2 < moved, f"max weight difference {worst:.2e} (moved {moved:.2e})"
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
+def test_critic_free_estimators_with_two_workers_match_one_worker(tmp_path, sft_model, quickstart_data, advantage):
+    """Groups of 2 answers per prompt, split over workers by prompt: the group statistics
+    (grpo) and REINFORCE++'s whitening over the global batch see every worker's samples."""
+    groups = [f"ppo.advantage={advantage}", "rollout.n_samples_per_prompt=2", f"ppo.rollout_batch_size={BATCH // 2}",
+              "ppo.actor_lr=2e-3"]  # lower than PPO's: whitening over 8 samples amplifies rounding at 1e-2
+    runs = {}
+    for name, launch, engine in (("one", [], ["strategy.name=single"]),
+                                 ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                                  ENGINES["zero2"])):
+        runs[name] = tmp_path / name
+        args = [*launch, *ppo_args(sft_model, quickstart_data, runs[name]), *groups, *engine]
+        _run(args, f"{advantage} with {name} worker(s)", threads_one=not launch)
+    single, double = by_step(runs["one"]), by_step(runs["two"])
+    assert sorted(double) == sorted(single) == [0, 1, 2, 3, 4]
+    assert "ppo/value_loss" not in single[4] and "ppo/advantage_std" in single[4]
+    for step in sorted(single):
+        for key in SAME + CLOSE + ("ppo/advantage_std", "ppo/group_reward_std_mean"):
+            if key in single[step]:
+                a, b = single[step][key], double[step].get(key)
+                assert (a == b) if key in SAME else (b is not None and b == pytest.approx(a, rel=REL, abs=ABS)), \
+                    f"step {step} {key}: one worker {a!r}, two workers {b!r}"
