@@ -655,3 +655,15 @@ def test_logged_policy_loss_does_not_depend_on_the_worker_layout():
     for key, rel in (("ppo/policy_loss", 1e-9), ("ppo/approx_kl", 1e-9), ("ppo/entropy", 1e-6)):
         assert one[key] == pytest.approx(whole[key], rel=rel), key
         assert two[key] == pytest.approx(whole[key], rel=rel), key
+
+
+def test_update_samples_drop_uniform_groups_and_fill_the_last_mini_batch():
+    from rlhf.training.ppo import update_samples
+
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])  # groups of 2: uniform, mixed, uniform
+    assert update_samples(scores, 2, drop_uniform=False, mini_batch_size=2).tolist() == [0, 1, 2, 3, 4, 5]
+    assert update_samples(scores, 2, drop_uniform=True, mini_batch_size=2).tolist() == [2, 3]
+    # A mini-batch of 4 needs two more samples: the first dropped ones, in batch order.
+    assert update_samples(scores, 2, drop_uniform=True, mini_batch_size=4).tolist() == [0, 1, 2, 3]
+    assert update_samples(torch.zeros(4), 2, drop_uniform=True, mini_batch_size=2).tolist() == []
+    assert update_samples(scores, 1, drop_uniform=True, mini_batch_size=2).tolist() == [0, 1, 2, 3, 4, 5]
