@@ -58,13 +58,20 @@ class Scale:
     ppo_new_tokens: int
     warmup: int
     steps: int
+    grpo_prompts: int
+    """GRPO: prompts per step, each with `grpo_samples` answers (of `ppo_new_tokens` at most)."""
+    grpo_samples: int
+    dpo_pairs: int
+    """DPO: (prompt, chosen, rejected) records per optimizer step."""
 
 
 SCALES = {
     "tiny": Scale("tiny", sft_batch=8, prompt_words=24, answer_words=96, max_length=256, max_prompt_length=64,
-                  rm_sequences=16, ppo_batch=16, ppo_new_tokens=48, warmup=2, steps=8),
+                  rm_sequences=16, ppo_batch=16, ppo_new_tokens=48, warmup=2, steps=8, grpo_prompts=4, grpo_samples=4,
+                  dpo_pairs=8),
     "smollm2": Scale("smollm2", sft_batch=4, prompt_words=24, answer_words=120, max_length=256, max_prompt_length=64,
-                     rm_sequences=8, ppo_batch=8, ppo_new_tokens=48, warmup=1, steps=4),
+                     rm_sequences=8, ppo_batch=8, ppo_new_tokens=48, warmup=1, steps=4, grpo_prompts=2,
+                     grpo_samples=4, dpo_pairs=4),
 }
 
 
@@ -160,12 +167,31 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def processor() -> dict:
+    """The CPU as /proc/cpuinfo names it (model name, family, model) and the vector flags that
+    decide its fp32/bf16 speed; the processor changes between sessions (MACHINE-NOTES.md)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if not line.strip() and info:
+                    break
+    except OSError:
+        return {"model_name": platform.processor() or None}
+    flags = set(info.get("flags", "").split())
+    return {"model_name": info.get("model name"), "family": info.get("cpu family"), "model": info.get("model"),
+            "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})}
+
+
 def machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "processor": processor(),
+            "load_average": os.getloadavg()}
 
 
 def peer_python(venv: str) -> Path:
@@ -262,9 +288,9 @@ def run_stage(stage: str, overrides: Sequence[str], warmup: int) -> list[dict]:
     import tempfile
 
     add_project_to_path()
-    from rlhf.config import PPOConfig, RMConfig, SFTConfig, load_config
+    from rlhf.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, load_config
 
-    cls = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}[stage]
+    cls = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}[stage]
     module = __import__(f"stages.{stage}", fromlist=["main"])
     with tempfile.TemporaryDirectory(prefix=f"bench-{stage}-") as out:
         cfg = load_config(cls, overrides=[*overrides, f"output_dir={out}/run", "logging.progress=false",

@@ -1,5 +1,5 @@
 """Summarise benchmarks/results/*.json into the tables BENCHMARKS.md quotes, with each
-target of issue 9 marked met or missed.
+target of issues 9 and 23 marked met or missed.
 
     python benchmarks/report.py
 """
@@ -16,6 +16,8 @@ TARGETS = {  # (what, ratio it needs)
     "rm_k4": ("RM pairs/s at K=4 vs TRL RewardTrainer", 2.0),
     "rm_k2": ("RM pairs/s at K=2 vs TRL RewardTrainer", 1.2),
     "rollout_b8": ("rollout new-tokens/s at batch 8 vs model.generate", 2.0),
+    "grpo": ("GRPO samples/s vs TRL GRPOTrainer", 2.0),
+    "dpo": ("DPO pairs/s vs TRL DPOTrainer", 1.5),
 }
 
 
@@ -36,7 +38,8 @@ def main() -> None:
         for name in (f"sft_{model}", f"sft_{model}_logits", f"sft_{model}_padded", f"sft_{model}_packed",
                      f"sft_{model}_grouped",
                      f"rm_{model}", f"rm_{model}_rows",
-                     f"ppo_{model}", f"ppo_{model}_generate", f"rollout_{model}"):
+                     f"ppo_{model}", f"ppo_{model}_generate", f"rollout_{model}",
+                     f"grpo_{model}", f"dpo_{model}", f"dpo_{model}_rows"):
             result = load(name)
             if not result:
                 continue
@@ -53,7 +56,7 @@ def main() -> None:
                     checks.append((model, *TARGETS["rollout_b8"], row["ratio"]))
                 elif name.startswith("rm"):
                     checks.append((model, *TARGETS[f"rm_k{row['k']}"], row["ratio"]))
-                elif name in (f"sft_{model}", f"ppo_{model}"):
+                elif name in (f"sft_{model}", f"ppo_{model}", f"grpo_{model}", f"dpo_{model}"):
                     checks.append((model, *TARGETS[name.split("_")[0]], row["ratio"]))
             if name == f"sft_{model}" and model == "smollm2":
                 mfu = result["rows"][0]["mfu"]

@@ -21,5 +21,8 @@ for model in $models; do
   $python benchmarks/ppo.py --model "$model"
   $python benchmarks/ppo.py --model "$model" --no-peer --label generate \
     --overrides rollout.engine=hf rollout.reuse_logprobs=false
+  $python benchmarks/grpo.py --model "$model"
+  $python benchmarks/dpo.py --model "$model"
+  $python benchmarks/dpo.py --model "$model" --no-peer --label rows --overrides data.share_prompt=false
 done
 $python benchmarks/report.py
