@@ -312,3 +312,19 @@ def peak_flops(kernel: str | None = None) -> float:
         key.split(" ", 1)[0]: value for key, value in result["peak_flops_by_kernel"].items()
         if key.split(" ", 1)[1] == kernel}
     return peaks.get("bfloat16", peaks["float32"])
+
+
+def rl_step_rates(runs: list[list[dict]], samples_per_step: int) -> tuple[list[float], dict]:
+    """Our PPO-stage runs (each a list of metric rows, one per timed iteration): each run's
+    median samples/s, and the row fields every RL benchmark reports (step seconds split into
+    generation, scoring and training, answer length)."""
+    rows = [r for run in runs for r in run]
+
+    def step_seconds(r: dict) -> float:
+        return r["perf/generate_seconds"] + r["perf/score_seconds"] + r["perf/train_seconds"]
+
+    rates = [median([samples_per_step / step_seconds(r) for r in run]) for run in runs]
+    fields = {"samples_per_s": median(rates), "step_s": median([step_seconds(r) for r in rows]),
+              **{f"{part}_s": median([r[f"perf/{part}_seconds"] for r in rows]) for part in ("generate", "score", "train")},
+              "new_tokens": median([r["ppo/response_length"] for r in rows])}
+    return rates, fields

@@ -64,19 +64,9 @@ def main() -> None:
                 "reward_dir": str(common.HERE), "reward": REWARD})
 
         ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
-        ours_all = [r for run in ours_runs for r in run]
-        split = {part: common.median([r[f"perf/{part}_seconds"] for r in ours_all])
-                 for part in ("generate", "score", "train")}
-
-        def step_seconds(r: dict) -> float:
-            return r["perf/generate_seconds"] + r["perf/score_seconds"] + r["perf/train_seconds"]
-
-        ours_rates = [common.median([samples / step_seconds(r) for r in run]) for run in ours_runs]
-        ours_row = {"side": args.label, "model": args.model, "samples_per_s": common.median(ours_rates),
-                    "step_s": common.median([step_seconds(r) for r in ours_all]),
-                    **{f"{k}_s": v for k, v in split.items()},
-                    "new_tokens": common.median([r["ppo/response_length"] for r in ours_all]),
-                    "reward": common.median([r["ppo/reward_raw"] for r in ours_all])}
+        ours_rates, fields = common.rl_step_rates(ours_runs, samples)
+        ours_row = {"side": args.label, "model": args.model, **fields,
+                    "reward": common.median([r["ppo/reward_raw"] for run in ours_runs for r in run])}
         rows.append(ours_row)
         if peer_runs:
             peer_rates = [common.median([p["samples_per_step"] / s for s in p["step_seconds"]]) for p in peer_runs]

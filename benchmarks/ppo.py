@@ -55,18 +55,8 @@ def main() -> None:
                 "temperature": 1.0, "kl_coef": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-6})
 
         ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
-        ours_all = [r for run in ours_runs for r in run]
-        split = {part: common.median([r[f"perf/{part}_seconds"] for r in ours_all])
-                 for part in ("generate", "score", "train")}
-
-        def step_seconds(r: dict) -> float:
-            return r["perf/generate_seconds"] + r["perf/score_seconds"] + r["perf/train_seconds"]
-
-        ours_rates = [common.median([batch / step_seconds(r) for r in run]) for run in ours_runs]
-        ours_row = {"side": args.label, "model": args.model, "samples_per_s": common.median(ours_rates),
-                    "step_s": common.median([step_seconds(r) for r in ours_all]),
-                    **{f"{k}_s": v for k, v in split.items()},
-                    "new_tokens": common.median([r["ppo/response_length"] for r in ours_all])}
+        ours_rates, fields = common.rl_step_rates(ours_runs, batch)
+        ours_row = {"side": args.label, "model": args.model, **fields}
         rows.append(ours_row)
         if peer_runs:
             peer_rates = [common.median([p["rollouts_per_step"] / s for s in p["step_seconds"]]) for p in peer_runs]
