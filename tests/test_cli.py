@@ -41,7 +41,7 @@ def test_pipeline_without_a_config_names_the_stage_and_field(capsys):
 
 def test_pipeline_rejects_stages_out_of_order(capsys):
     assert main(["pipeline", "--config", "configs/pipeline.yaml", "stages=[ppo,sft]"]) == 2
-    assert "stages run in the order sft, rm, ppo" in capsys.readouterr().err
+    assert "stages run in the order sft, rm, dpo, ppo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])

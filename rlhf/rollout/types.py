@@ -144,12 +144,15 @@ class Scored:
     each component a function returned ("module:function/name")."""
 
     def nonfinite(self) -> NonFinite | None:
-        """What holds NaN or inf; a non-finite reward names the sources it came from (a reward
-        function that failed, the reward model), so the guard's message points at the cause."""
+        """What holds NaN or inf; a non-finite reward names the reward functions or service it
+        came from, so the guard's message points at the cause."""
         bad = []
         for name, t in (("reward", self.scores), ("logprobs", self.logprobs), ("ref_logprobs", self.ref_logprobs),
                         ("values", self.values)):
             if not bool(torch.isfinite(t).all()):
-                culprits = [source for source, v in self.sources.items() if not bool(torch.isfinite(v).all())]
+                # Functions and services are named; the reward model's NaN keeps the guard's
+                # usual advice (learning rate, data).
+                culprits = [source for source, v in self.sources.items()
+                            if source != "model" and "/" not in source and not bool(torch.isfinite(v).all())]
                 bad.append(f"{name} (from {', '.join(culprits)})" if name == "reward" and culprits else name)
         return NonFinite(tuple(bad)) if bad else None
