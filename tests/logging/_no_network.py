@@ -84,16 +84,20 @@ def main(out_path: str, command: list[str]) -> int:
     probe.sendto(b"probe", ("192.0.2.1", 9))
     probe.close()
     deadline = time.time() + 5
-    while not capture.packets and time.time() < deadline:
+    while not any(p[2] == "192.0.2.1" for p in capture.packets) and time.time() < deadline:
         time.sleep(0.05)
     probe_seen = any(p[2] == "192.0.2.1" for p in capture.packets)
+    time.sleep(0.2)  # the probe can show up twice on loopback (sent, then received): wait for both
+    probes = set(capture.packets)
     capture.packets = []
     returncode = subprocess.run(command).returncode
     time.sleep(0.5)
     capture.running = False
     capture.join()
+    # A copy of the probe seen late (a loaded machine) is not the command's; any other packet is.
+    packets = sorted(set(capture.packets) - {p for p in probes if p[2] == "192.0.2.1"})
     with open(out_path, "w") as handle:
-        json.dump({"probe_seen": probe_seen, "packets": sorted(set(capture.packets)), "returncode": returncode}, handle)
+        json.dump({"probe_seen": probe_seen, "packets": packets, "returncode": returncode}, handle)
     return returncode
 
 
