@@ -120,9 +120,10 @@ class Run:
     @property
     def reward_sources(self) -> list[str]:
         """The per-source reward metrics: reward/model, reward/http, reward/<module:function>
-        and its components reward/<module:function>/<name> (not the failure counts)."""
+        and its components reward/<module:function>/<name> (not the failure counts, total or
+        per function)."""
         keys = sorted({k for row in self.rows for k in row if k.startswith("reward/")})
-        return [k for k in keys if k not in REWARD_FAILURES]
+        return [k for k in keys if k not in REWARD_FAILURES and not k.startswith(tuple(f + "/" for f in REWARD_FAILURES))]
 
     @property
     def uses_functions(self) -> bool:

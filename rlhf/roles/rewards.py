@@ -82,8 +82,12 @@ class RewardSources:
 
     def take_failures(self) -> dict[str, float]:
         """Failures counted since the last call, as metrics (the same keys every call, so that
-        workers can sum them)."""
+        workers can sum them): totals per kind, and per function as
+        `reward/function_<kind>/<module:function>` when there are several."""
         counts = {f"reward/function_{kind}": float(self.failures.get(kind, 0)) for kind in FAILURE_KINDS}
+        if len(self.functions) > 1:  # which function failed, when there is more than one
+            counts.update({f"reward/function_{kind}/{spec}": float(self.failures.get(f"{spec}/{kind}", 0))
+                           for spec in self.functions for kind in FAILURE_KINDS})
         self.failures.clear()
         return counts
 

@@ -165,7 +165,9 @@ def test_report_tells_a_critic_free_run_without_config_and_counts_failed_iterati
     # counts were logged and the iteration was skipped.
     rows = _grpo_rows(functions=False)
     rows[2] = {"step": 2, "time": 2.0, "reward/function_errors": 8.0, "reward/function_timeouts": 0.0,
-               "reward/function_nonfinite": 0.0, "reward/function_skipped": 0.0, "ppo/skipped_nonfinite": 1.0}
+               "reward/function_nonfinite": 0.0, "reward/function_skipped": 0.0, "ppo/skipped_nonfinite": 1.0,
+               # per-function counts (logged when there are several functions) are no reward source
+               "reward/function_errors/rw:gold": 8.0, "reward/function_errors/rw:parts": 0.0}
     # The last evaluation's calls: 2 timeouts (an evaluation logs its failures only when there are some).
     rows[5].update({"eval/function_errors": 0.0, "eval/function_timeouts": 2.0, "eval/function_nonfinite": 0.0,
                     "eval/function_skipped": 0.0})

@@ -113,7 +113,11 @@ def test_a_function_that_raises_gives_nan_is_counted_and_the_iteration_is_skippe
     rows = rows_by_step(tmp_path)
     assert failures(rows[2]) == {"errors": 8, "timeouts": 0, "nonfinite": 0, "skipped": 0}
     assert failures(rows[1])["errors"] == 8
+    # With two functions, each one's own count says which failed.
+    assert rows[2][f"reward/function_errors/{functions}:raises"] == 8
+    assert rows[2][f"reward/function_errors/{functions}:length"] == 0
     assert rows[0]["eval/function_errors"] == 4  # the step-0 evaluation's 4 calls
+    assert rows[0][f"eval/function_errors/{functions}:raises"] == 4
     assert_every_iteration_skipped(rows, 2)
     out = capsys.readouterr().out
     assert f"[reward] {functions}:raises failed on 8 of 8 samples" in out
