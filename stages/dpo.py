@@ -19,18 +19,16 @@ from __future__ import annotations
 import time
 
 from rlhf.config import DPOConfig
-from rlhf.data.rank_dataset import encode_rank
-from rlhf.data.sft_dataset import TruncationStats
 from rlhf.data.splits import load_split
 from rlhf.distributed.optim import OptimizerSpec
 from rlhf.kernels import accelerate
 from rlhf.models.loading import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
-from rlhf.models.shared_prefix import attention_window, shared_prefix_unsupported
 from rlhf.roles.evaluate import load_gold_reward
 from rlhf.training.dpo import (DPOEvaluation, PreferenceBatches, ReferenceLogps, dpo_step, reference_loader,
                                sampled_gold)
 from rlhf.training.lm import StepPlan, step_micro_batches
+from rlhf.training.ranked import encode_ranked
 from rlhf.training.run import Run, Schedule, StageResult
 
 
@@ -51,17 +49,11 @@ def main(cfg: DPOConfig) -> StageResult:
         model = apply_lora(model, cfg.model.lora)
 
         # 3. Tokenise: each prompt once, each of its K answers after it.
-        truncation = TruncationStats()
-        lengths = (cfg.data.max_length, cfg.data.max_prompt_length)
-        train_examples = [encode_rank(tokenizer, r, *lengths, truncation) for r in data.train]
-        eval_examples = [encode_rank(tokenizer, r, *lengths) for r in data.eval]
-        unsupported = cfg.data.share_prompt and shared_prefix_unsupported(model.config)
-        run.say(f"truncation: {truncation.as_dict()}" + (f"; one row per answer ({unsupported})" if unsupported else ""))
-        layout = {"share_prompt": cfg.data.share_prompt and not unsupported,
-                  "max_shared_length": attention_window(model.config)}
+        ranked = encode_ranked(tokenizer, data.train, data.eval, cfg.data, model.config)
+        run.say(ranked.note)
         micro = cfg.train.micro_batch_size
-        train_batches = PreferenceBatches(train_examples, micro, tokenizer.pad_token_id, cfg.seed, **layout)
-        eval_batches = PreferenceBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False, **layout)
+        train_batches = PreferenceBatches(ranked.train, micro, tokenizer.pad_token_id, cfg.seed, **ranked.layout)
+        eval_batches = PreferenceBatches(ranked.eval, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False, **ranked.layout)
         reference = ReferenceLogps(reference_loader(cfg, strategy.device), cfg.reference.precompute,
                                    {"train": train_batches, "eval": eval_batches}, strategy)
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 import time
 
 from rlhf.config import RMConfig
-from rlhf.data.rank_dataset import RankBatches, encode_rank
-from rlhf.data.sft_dataset import TruncationStats
+from rlhf.data.rank_dataset import RankBatches
 from rlhf.data.splits import load_split
 from rlhf.distributed.optim import OptimizerSpec
 from rlhf.kernels import accelerate
 from rlhf.models.loading import load_tokenizer
 from rlhf.models.lora import apply_lora
 from rlhf.models.reward import load_scalar_model
-from rlhf.models.shared_prefix import attention_window, shared_prefix_unsupported
 from rlhf.training.lm import StepPlan, step_micro_batches
 from rlhf.training.reward import BestRewardModel, rank_step
+from rlhf.training.ranked import encode_ranked
 from rlhf.training.run import Run, Schedule, StageResult
 
 
@@ -45,17 +44,11 @@ def main(cfg: RMConfig) -> StageResult:
         model = apply_lora(model, cfg.model.lora, scalar_head=True)
 
         # 3. Tokenise: each prompt once, each of its K answers after it.
-        truncation = TruncationStats()
-        lengths = (cfg.data.max_length, cfg.data.max_prompt_length)
-        train_examples = [encode_rank(tokenizer, r, *lengths, truncation) for r in data.train]
-        eval_examples = [encode_rank(tokenizer, r, *lengths) for r in data.eval]
-        unsupported = cfg.data.share_prompt and shared_prefix_unsupported(model.config)
-        run.say(f"truncation: {truncation.as_dict()}" + (f"; one row per answer ({unsupported})" if unsupported else ""))
-        layout = {"share_prompt": cfg.data.share_prompt and not unsupported,
-                  "max_shared_length": attention_window(model.config)}
+        ranked = encode_ranked(tokenizer, data.train, data.eval, cfg.data, model.config)
+        run.say(ranked.note)
         micro = cfg.train.micro_batch_size
-        train_batches = RankBatches(train_examples, micro, tokenizer.pad_token_id, cfg.seed, **layout)
-        eval_batches = RankBatches(eval_examples, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False, **layout)
+        train_batches = RankBatches(ranked.train, micro, tokenizer.pad_token_id, cfg.seed, **ranked.layout)
+        eval_batches = RankBatches(ranked.eval, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False, **ranked.layout)
 
         # 4. Step plan, optimizer and schedule on the chosen engine; resume if a checkpoint exists.
         accumulation = strategy.accumulation_steps(cfg.train.global_batch_size, micro)

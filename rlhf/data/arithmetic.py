@@ -13,12 +13,12 @@ sum may appear there under another wording, as a fact the model has seen).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.data.quickstart import write_jsonl
 from rlhf.rewards.builtin import exact_match
 
 OPERANDS = range(7)
@@ -73,12 +73,6 @@ def all_prompts() -> list[str]:
     return prompts
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def synthesize(
     out_dir: str | Path,
     seed: int = 0,
@@ -110,5 +104,5 @@ def synthesize(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
-        _write_jsonl(out / f"{name}.jsonl", rows)
+        write_jsonl(out / f"{name}.jsonl", rows)
     return {name: str(out / f"{name}.jsonl") for name in files}

@@ -104,7 +104,8 @@ def all_prompts() -> list[str]:
     ]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, written to a temp file beside `path` and renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     tmp.replace(path)
@@ -166,5 +167,5 @@ def synthesize(
         "pretrain": (out / "pretrain.jsonl", pretrain),
     }
     for path, rows in files.values():
-        _write_jsonl(path, rows)
+        write_jsonl(path, rows)
     return {name: str(path) for name, (path, _) in files.items()}
