@@ -12,6 +12,8 @@ attention take their masks in other forms.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rlhf.data.rank_dataset import PAD_SEGMENT, PROMPT_SEGMENT
@@ -53,3 +55,92 @@ def shared_prefix_attention_mask(segment_ids: torch.Tensor, implementation: str,
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@dataclass
+class SharedPromptRows:
+    """A batch of [prompt, answer] rows regrouped as one row per distinct prompt:
+    [prompt, answer slot 1, ..., answer slot m], each slot as wide as the batch's response
+    region (a prompt with fewer than m answers leaves its last slots empty). The prompt is
+    forwarded once per distinct prompt instead of once per answer, which is what a group of
+    n answers per prompt (GRPO, RLOO, ...) spends most of its scoring and training forwards on
+    when prompts are long next to the answers."""
+
+    input_ids: torch.Tensor
+    """(prompts, prompt_length + slots * response_length)."""
+    segment_ids: torch.Tensor
+    """Same shape: PROMPT_SEGMENT, the slot's number (1-based) or PAD_SEGMENT."""
+    position_ids: torch.Tensor
+    """Same shape: each answer's positions continue from its prompt's real tokens."""
+    logits_positions: torch.Tensor
+    """(slots * response_length,) the columns whose outputs predict each slot's tokens, slot by
+    slot: the prompt's last column, then the slot's own columns but its last."""
+    row_slots: torch.Tensor
+    """(batch,) where each original row landed: packed row * slots + slot."""
+    slots: int
+    prompt_length: int
+    response_length: int
+
+    def unpack(self, per_position: torch.Tensor) -> torch.Tensor:
+        """(prompts, slots * response_length, ...) outputs at `logits_positions` -> the original
+        rows' (batch, response_length, ...)."""
+        prompts = per_position.shape[0]
+        return per_position.reshape(prompts * self.slots, self.response_length, *per_position.shape[2:])[self.row_slots]
+
+
+def pack_shared_prompts(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+                        ) -> SharedPromptRows | None:
+    """Rows [left-padded prompt (prompt_length), response] regrouped by identical prompt (same
+    real tokens); None when no two rows share one."""
+    batch, width = sequences.shape
+    response = width - prompt_length
+    prompt_ids, prompt_mask = sequences[:, :prompt_length], attention_mask[:, :prompt_length]
+    _, owner = torch.unique(prompt_ids.masked_fill(prompt_mask == 0, -1), dim=0, return_inverse=True)
+    counts = torch.bincount(owner)
+    prompts, slots = counts.shape[0], int(counts.max())
+    if prompts == batch:
+        return None
+    # Each row's slot: its rank among the rows of its prompt, in batch order.
+    order = torch.argsort(owner, stable=True)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(owner)
+    rank[order] = torch.arange(batch, device=owner.device) - starts[owner[order]]
+    row_slots = owner * slots + rank
+    first_rows = order[starts]
+
+    answers = sequences.new_zeros((prompts * slots, response))
+    answers[row_slots] = sequences[:, prompt_length:]
+    answer_mask = attention_mask.new_zeros((prompts * slots, response))
+    answer_mask[row_slots] = attention_mask[:, prompt_length:]
+    answer_mask = answer_mask.view(prompts, slots, response)
+    prompt_mask = prompt_mask[first_rows]
+
+    slot_numbers = torch.arange(1, slots + 1, device=sequences.device).view(1, slots, 1)
+    segment_ids = torch.cat([
+        torch.where(prompt_mask > 0, PROMPT_SEGMENT, PAD_SEGMENT),
+        torch.where(answer_mask > 0, slot_numbers, PAD_SEGMENT).view(prompts, -1)], dim=1)
+    prompt_positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+    answer_positions = prompt_mask.long().sum(-1).view(prompts, 1, 1) + torch.arange(response, device=sequences.device)
+    position_ids = torch.cat([prompt_positions, answer_positions.expand(prompts, slots, response).reshape(prompts, -1)],
+                             dim=1)
+    columns = prompt_length + torch.arange(slots * response, device=sequences.device).view(slots, response) - 1
+    columns[:, 0] = prompt_length - 1
+    return SharedPromptRows(
+        input_ids=torch.cat([prompt_ids[first_rows], answers.view(prompts, -1)], dim=1),
+        segment_ids=segment_ids, position_ids=position_ids, logits_positions=columns.flatten(),
+        row_slots=row_slots, slots=slots, prompt_length=prompt_length, response_length=response)
+
+
+def packed_cost_ratio(rows: SharedPromptRows, batch: int, config) -> float:
+    """The packed forward's cost over the unpacked one's, in multiply-adds of the decoder
+    layers: the projections grow with the tokens, the attention with the square of each row's
+    length (under a ready mask no kernel skips the masked blocks)."""
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = 4 * hidden * hidden + 3 * hidden * intermediate
+
+    def cost(count: int, length: int) -> float:
+        return count * length * (per_token + 2 * length * hidden)
+
+    prompts, packed_length = rows.input_ids.shape
+    return cost(prompts, packed_length) / cost(batch, rows.prompt_length + rows.response_length)

@@ -7,13 +7,49 @@ import torch
 
 from rlhf.algorithms import entropy_from_logits, token_logprobs
 from rlhf.models.positions import position_ids_from_mask
-from rlhf.models.reward import token_values
+from rlhf.models.reward import token_values, transformers_model
+from rlhf.models.shared_prefix import (SharedPromptRows, attention_window, pack_shared_prompts, packed_cost_ratio,
+                                       shared_prefix_attention_mask, shared_prefix_unsupported)
 from rlhf.rollout.types import Rollout
+
+PACKED_COST_LIMIT = 0.9
+"""Rows sharing a prompt are packed into one when that is estimated to cost at most this share
+of the plain forward (a small saving is not worth the dense mask)."""
+
+PACKED_MASK_LIMIT = 1 << 28
+"""Most elements of the packed rows' (rows, length, length) attention mask."""
+
+
+def shared_prompt_rows(model: torch.nn.Module, rollout: Rollout) -> SharedPromptRows | None:
+    """The rollout's rows packed by shared prompt (the n answers of a group), where the model
+    takes a ready mask and packing saves compute; else None."""
+    config = getattr(transformers_model(model), "config", None)
+    if config is None or shared_prefix_unsupported(config):
+        return None
+    rows = pack_shared_prompts(rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    if rows is None:
+        return None
+    prompts, length = rows.input_ids.shape
+    window = attention_window(config)
+    if (window is not None and length > window) or prompts * length * length > PACKED_MASK_LIMIT:
+        return None
+    if packed_cost_ratio(rows, rollout.sequences.shape[0], config) > PACKED_COST_LIMIT:
+        return None
+    return rows
 
 
 def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """(batch, response_length, vocab) logits that predicted each response token; only the
-    response region's logits are computed (logits_to_keep)."""
+    response region's logits are computed (logits_to_keep). Answers sharing a prompt are
+    forwarded in one row behind one copy of it where that is cheaper (`shared_prompt_rows`):
+    the same logits up to float rounding."""
+    packed = shared_prompt_rows(model, rollout)
+    if packed is not None:
+        inner = transformers_model(model)
+        mask = shared_prefix_attention_mask(packed.segment_ids, inner.config._attn_implementation, inner.dtype)
+        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                       use_cache=False, logits_to_keep=packed.logits_positions).logits
+        return packed.unpack(logits)
     response_length = rollout.response_mask.shape[1]
     logits = model(
         input_ids=rollout.sequences,

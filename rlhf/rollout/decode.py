@@ -152,19 +152,30 @@ class DecodeEngine(RolloutEngine):
     def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, synced: bool,
                   fast_step: LlamaDecodeStep | None, uniforms: torch.Tensor | None) -> Rollout:
         device = next(self.model.parameters()).device
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
+        # A prompt repeated in the batch (a group of n answers) runs through the prompt pass once;
+        # its keys and values are then copied to each of its rows.
+        distinct: dict[tuple[int, ...], int] = {}
+        copies = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+        prompt_ids, prompt_mask = left_pad(list(distinct), self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        rows, width = prompt_ids.shape
-        responses = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32, device=device)
+        repeated = len(distinct) < len(prompts)
 
         positions = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
         if fast_step is not None:
             logits = fast_step.prefill(prompt_ids, prompt_mask, params.max_new_tokens)
+            if repeated:
+                fast_step.keep(copies)
         else:
             cache = DynamicCache(config=getattr(self.model, "config", None))
             logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            if repeated:
+                cache.batch_select_indices(copies)
+        if repeated:
+            logits, prompt_ids, prompt_mask, positions = (t[copies] for t in (logits, prompt_ids, prompt_mask, positions))
+        rows = prompt_ids.shape[0]
+        responses = torch.full((rows, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((rows, params.max_new_tokens), dtype=torch.float32, device=device)
         active = torch.arange(rows, device=device)  # batch rows still decoding -> original row
         attention = prompt_mask
         next_position = positions[:, -1] + 1

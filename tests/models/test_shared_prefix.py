@@ -121,3 +121,35 @@ def test_attention_without_a_4d_mask_is_reported_unsupported():
     assert shared_prefix_unsupported(config) is None
     config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in shared_prefix_unsupported(config)
+
+
+def test_rows_sharing_a_prompt_pack_behind_one_copy_of_it():
+    from rlhf.models.shared_prefix import pack_shared_prompts
+
+    # Prompt width 3, responses 2 wide. Rows 0 and 2 share [5, 6, 7]; row 1 has the left-padded
+    # prompt [8, 9] (padding id 0) with a one-token answer, row 3 the same prompt padded with 1.
+    sequences = torch.tensor([[5, 6, 7, 10, 11], [0, 8, 9, 12, 0], [5, 6, 7, 13, 14], [1, 8, 9, 15, 16]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    rows = pack_shared_prompts(sequences, mask, prompt_length=3)
+    assert rows.slots == 2 and rows.input_ids.shape == (2, 3 + 2 * 2)
+    # One packed row per prompt; each original row's answer in its own slot.
+    by_prompt = {tuple(r[:3].tolist()): r for r in rows.input_ids}
+    shared = by_prompt[(5, 6, 7)]
+    assert shared.tolist() == [5, 6, 7, 10, 11, 13, 14]
+    padded = next(r for key, r in by_prompt.items() if key != (5, 6, 7))
+    assert padded[1:].tolist() == [8, 9, 12, 0, 15, 16]
+    index = {tuple(r[:3].tolist()): i for i, r in enumerate(rows.input_ids)}
+    first, second = index[(5, 6, 7)], 1 - index[(5, 6, 7)]
+    assert rows.row_slots.tolist() == [first * 2, second * 2, first * 2 + 1, second * 2 + 1]
+    assert rows.segment_ids[first].tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert rows.segment_ids[second].tolist() == [-1, 0, 0, 1, -1, 2, 2]
+    # Each answer's positions continue from its prompt's real tokens.
+    assert rows.position_ids[first].tolist() == [0, 1, 2, 3, 4, 3, 4]
+    assert rows.position_ids[second].tolist() == [0, 0, 1, 2, 3, 2, 3]
+    # The outputs predicting slot 1's tokens sit at the prompt's end and slot 1's first column;
+    # slot 2's at the prompt's end and slot 2's first column.
+    assert rows.logits_positions.tolist() == [2, 3, 2, 5]
+    outputs = torch.arange(2 * 4).view(2, 4)  # (packed rows, logits positions)
+    assert rows.unpack(outputs).tolist() == [outputs[first, :2].tolist(), outputs[second, :2].tolist(),
+                                             outputs[first, 2:].tolist(), outputs[second, 2:].tolist()]
+    assert pack_shared_prompts(sequences[:2], mask[:2], prompt_length=3) is None

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf.data.records import Message
 from rlhf.data.template import prompt_text
 from rlhf.roles.forward import policy_logprobs
+from rlhf.kernels.llama_step import LlamaDecodeStep
 from rlhf.rollout.decode import DecodeEngine, SampleSeeds, filter_logits, sample_tokens, sample_with_logprobs
 from rlhf.rollout.engine import SamplingParams
 
@@ -92,6 +93,41 @@ def test_same_seed_same_rollout_and_batch_size_only_regroups(model_and_tokenizer
         torch.manual_seed(3)
         runs.append(DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=4).generate(prompts, params))
     assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+@pytest.mark.parametrize("llama_step", [True, False])
+def test_a_repeated_prompt_runs_its_prompt_pass_once_and_samples_as_alone(model_and_tokenizer, llama_step):
+    model, tok = model_and_tokenizer
+    first, second = encode(tok, TEXTS[:2])
+    prompts = [first, second, first, first, second]  # two groups, interleaved
+    params = SamplingParams(max_new_tokens=10)
+    prompt_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: prompt_rows.append(kwargs["input_ids"].shape) if kwargs["input_ids"].shape[1] > 1
+        else None, with_kwargs=True)
+    original_prefill = LlamaDecodeStep.prefill
+
+    def counted_prefill(step, prompt_ids, *args):
+        prompt_rows.append(prompt_ids.shape)
+        return original_prefill(step, prompt_ids, *args)
+
+    try:
+        LlamaDecodeStep.prefill = counted_prefill
+        engine = DecodeEngine(model, tok.eos_token_id, tok.pad_token_id, batch_size=8, llama_step=llama_step)
+        grouped = engine.generate(prompts, params, seeds=SampleSeeds(7, range(5)))
+        assert [shape[0] for shape in prompt_rows] == [2]  # one prompt pass, over the two distinct prompts
+        alone = [engine.generate([prompt], params, seeds=SampleSeeds(7, [i], sample_count=5))
+                 for i, prompt in enumerate(prompts)]
+    finally:
+        LlamaDecodeStep.prefill = original_prefill
+        hook.remove()
+    for i, single in enumerate(alone):
+        width = int(single.response_mask.sum())
+        assert int(grouped.response_mask[i].sum()) == width
+        assert torch.equal(grouped.responses[i, :width], single.responses[0, :width])
+        torch.testing.assert_close(grouped.logprobs[i, :width], single.logprobs[0, :width], rtol=1e-4, atol=1e-5)
+    # The rows of a group are different samples, not copies.
+    assert not torch.equal(grouped.responses[0], grouped.responses[2])
 
 
 def test_sampler_matches_the_softmax_distribution():

@@ -1,0 +1,77 @@
+"""Rollout forwards: answers that share a prompt (a group) go through the model in one row
+behind one copy of it, and give the log-probs and gradients of the plain forward."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from rlhf.roles import forward
+from rlhf.roles.forward import policy_logprobs, shared_prompt_rows
+from rlhf.rollout.types import Rollout
+
+PROMPT, RESPONSE = 24, 6
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def group_rollout(vocab: int) -> Rollout:
+    """8 rows: one prompt with 3 answers (rows 0, 3, 5), one with 2 (1, 2), one alone (4) and a
+    shorter, left-padded prompt with 2 answers (6, 7) whose padding ids differ; answers of
+    different lengths."""
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randint(3, vocab, (8, PROMPT + RESPONSE), generator=generator)
+    mask = torch.ones_like(sequences)
+    for row in (3, 5):
+        sequences[row, :PROMPT] = sequences[0, :PROMPT]
+    sequences[2, :PROMPT] = sequences[1, :PROMPT]
+    sequences[7, :PROMPT] = sequences[6, :PROMPT]
+    mask[6:, :4] = 0
+    sequences[6, :4], sequences[7, :4] = 0, 1
+    mask[0, PROMPT + 5 :] = 0
+    mask[3, PROMPT + 2 :] = 0
+    mask[7, PROMPT + 1 :] = 0
+    return Rollout(sequences=sequences, attention_mask=mask, prompt_length=PROMPT,
+                   response_mask=mask[:, PROMPT:].float(), eos_found=torch.ones(8, dtype=torch.bool))
+
+
+def logprobs_and_grads(model, rollout, packed: bool, monkeypatch):
+    monkeypatch.setattr(forward, "PACKED_COST_LIMIT", 10.0 if packed else -1.0)
+    assert (shared_prompt_rows(model, rollout) is not None) == packed
+    model.zero_grad()
+    logprobs, entropy = policy_logprobs(model, rollout, temperature=0.7, with_entropy=True, entropy_grad=True)
+    mask = rollout.response_mask
+    ((logprobs * mask).sum() + (entropy * mask).sum()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logprobs.detach() * mask, entropy.detach() * mask, grads
+
+
+def test_packed_group_forward_gives_the_plain_log_probs_entropy_and_gradients(model, monkeypatch):
+    rollout = group_rollout(model.config.vocab_size)
+    packed = logprobs_and_grads(model, rollout, True, monkeypatch)
+    plain = logprobs_and_grads(model, rollout, False, monkeypatch)
+    torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[1], plain[1], rtol=1e-5, atol=1e-5)
+    assert packed[2].keys() == plain[2].keys() and len(plain[2]) > 0
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packing_is_chosen_only_where_it_pays_and_the_model_takes_the_mask(model, tiny_model_dir):
+    rollout = group_rollout(model.config.vocab_size)
+    # Four prompts for eight rows, prompts longer than the answers: packed.
+    assert shared_prompt_rows(model, rollout) is not None
+    # No prompt shared: nothing to pack.
+    distinct = rollout.select(torch.tensor([0, 1, 4, 6]))
+    assert shared_prompt_rows(model, distinct) is None
+    # Long answers behind a short prompt: the longer rows' attention outweighs the saved prompt.
+    long_answers = rollout.padded(PROMPT, 400, pad_token_id=0)
+    assert shared_prompt_rows(model, long_answers) is None
+    # Flash attention takes no ready 4-D mask.
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config._attn_implementation = "flash_attention_2"
+    flash = torch.nn.Module()
+    flash.config = config
+    assert shared_prompt_rows(flash, rollout) is None
