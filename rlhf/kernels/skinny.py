@@ -31,6 +31,11 @@ caches from step to step, and there the plain product is faster (as for a 128-wi
 model's matrices), while SmolLM2's matrices, all above this size and read from memory each
 step, gain from the transposed one."""
 
+PACKED_MIN_WEIGHT = 1 << 17
+"""Where oneDNN computes linear layers, weights from this many elements (512 KB in fp32) are
+packed: the packed product overtakes the plain one at about this size (a 1024 × 128 block at
+8-16 rows), while smaller blocks lose to its fixed cost per call."""
+
 
 def linear_for_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, as the transposed product when x is a few CPU rows."""
@@ -48,10 +53,10 @@ def few_row_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Ca
     weights, fixed for a whole `generate` call), prepared once for that: packed for oneDNN,
     the transposed product, or plain `F.linear` for small or GPU weights. A partial, since a
     decode step of a small model is bound by per-call overhead."""
-    large = weight.device.type == "cpu" and weight.numel() >= SKINNY_MIN_WEIGHT
-    if large and weight.dtype == torch.float32 and onednn.onednn_enabled():
+    cpu = weight.device.type == "cpu"
+    if cpu and weight.numel() >= PACKED_MIN_WEIGHT and weight.dtype == torch.float32 and onednn.onednn_enabled():
         return functools.partial(onednn.packed_linear, packed=onednn.pack_weight(weight, rows=8), bias=bias)
-    if large:
+    if cpu and weight.numel() >= SKINNY_MIN_WEIGHT:
         return functools.partial(linear_for_few_rows, weight=weight, bias=bias)
     return functools.partial(torch.nn.functional.linear, weight=weight, bias=bias)
 

@@ -12,7 +12,9 @@ attention take their masks in other forms.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -81,11 +83,19 @@ class SharedPromptRows:
     prompt_length: int
     response_length: int
 
-    def unpack(self, per_position: torch.Tensor) -> torch.Tensor:
-        """(prompts, slots * response_length, ...) outputs at `logits_positions` -> the original
-        rows' (batch, response_length, ...)."""
-        prompts = per_position.shape[0]
-        return per_position.reshape(prompts * self.slots, self.response_length, *per_position.shape[2:])[self.row_slots]
+    @property
+    def answers(self) -> torch.Tensor:
+        """(prompts * slots, response_length) each slot's answer tokens (zeros in empty slots)."""
+        return self.input_ids[:, self.prompt_length :].reshape(-1, self.response_length)
+
+    def per_slot(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(prompts, slots * response_length, ...) outputs at `logits_positions` -> (prompts *
+        slots, response_length, ...): one row per slot, aligned with `answers`."""
+        return outputs.reshape(-1, self.response_length, *outputs.shape[2:])
+
+    def unpack(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """(prompts * slots, response_length, ...) -> the original rows' (batch, response_length, ...)."""
+        return per_slot.index_select(0, self.row_slots)
 
 
 def pack_shared_prompts(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
@@ -133,14 +143,105 @@ def pack_shared_prompts(sequences: torch.Tensor, attention_mask: torch.Tensor, p
 
 def packed_cost_ratio(rows: SharedPromptRows, batch: int, config) -> float:
     """The packed forward's cost over the unpacked one's, in multiply-adds of the decoder
-    layers: the projections grow with the tokens, the attention with the square of each row's
-    length (under a ready mask no kernel skips the masked blocks)."""
+    layers: the projections grow with the tokens, the attention with the scores computed: per
+    block under `sdpa` (`shared_prompt_sdpa`), else the whole packed row's square (no kernel
+    skips the masked blocks of a ready mask)."""
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     per_token = 4 * hidden * hidden + 3 * hidden * intermediate
-
-    def cost(count: int, length: int) -> float:
-        return count * length * (per_token + 2 * length * hidden)
-
     prompts, packed_length = rows.input_ids.shape
-    return cost(prompts, packed_length) / cost(batch, rows.prompt_length + rows.response_length)
+    prompt, slots, width = rows.prompt_length, rows.slots, rows.response_length
+    if config._attn_implementation == "sdpa":
+        packed_scores = prompt * prompt + slots * width * (prompt + width)
+    else:
+        packed_scores = packed_length * packed_length
+    plain_length = prompt + width
+    packed = prompts * (packed_length * per_token + 2 * packed_scores * hidden)
+    plain = batch * (plain_length * per_token + 2 * plain_length * plain_length * hidden)
+    return packed / plain
+
+
+SHARED_PROMPT_SDPA = "rlhf_shared_prompt_sdpa"
+"""The attention implementation a packed forward switches an `sdpa` model to (registered with
+transformers on first use): `shared_prompt_sdpa`."""
+
+
+@dataclass
+class PromptBlocks:
+    """The attention masks of packed rows block by block (what `shared_prompt_sdpa` takes as
+    `shared_prompt`): the prompt's queries against the prompt, and each slot's queries against
+    the prompt and that slot."""
+
+    prompt_length: int
+    slots: int
+    width: int
+    prompt_mask: torch.Tensor
+    """(prompts, 1, prompt_length, prompt_length) booleans, True attends."""
+    answer_mask: torch.Tensor
+    """(prompts * slots, 1, width, prompt_length + width) booleans."""
+
+    @classmethod
+    def of(cls, rows: SharedPromptRows) -> "PromptBlocks":
+        prompt, slots, width = rows.prompt_length, rows.slots, rows.response_length
+        prompt_segments = rows.segment_ids[:, :prompt]
+        # Each slot as a plain row [prompt, its answer] (answer segments all slot 1): the rows of
+        # its answer's queries are its block.
+        answers = rows.segment_ids[:, prompt:].unflatten(1, (slots, width)).clamp(max=1)
+        per_slot = torch.cat([prompt_segments[:, None].expand(-1, slots, -1), answers], dim=2).flatten(0, 1)
+        return cls(prompt, slots, width, shared_prefix_attention_mask(prompt_segments, "sdpa", torch.bool),
+                   shared_prefix_attention_mask(per_slot, "sdpa", torch.bool)[:, :, prompt:])
+
+
+def shared_prompt_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       shared_prompt: PromptBlocks | None = None, **kwargs):
+    """transformers' `sdpa` attention for rows [prompt, answer slot 1, ..., answer slot m]
+    computed block by block (`shared_prompt`, whose masks replace `attention_mask`): the
+    prompt's queries against the prompt, then every slot's queries against the prompt and that
+    slot in one batched product. The dense product over the whole row computes every
+    answer-to-other-answer block only to mask it out: (P + mR)² scores against P² + mR(P + R)
+    here, with the same result."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if shared_prompt is None or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    prompt, slots, width = shared_prompt.prompt_length, shared_prompt.slots, shared_prompt.width
+    rows = query.shape[0]
+    prompt_out, _ = sdpa_attention_forward(module, query[:, :, :prompt], key[:, :, :prompt], value[:, :, :prompt],
+                                           shared_prompt.prompt_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    def per_slot(states: torch.Tensor) -> torch.Tensor:
+        """(rows, heads, prompt + slots * width, dim) -> (rows * slots, heads, width, dim)."""
+        return states[:, :, prompt:].unflatten(2, (slots, width)).transpose(1, 2).flatten(0, 1)
+
+    def with_prompt(states: torch.Tensor) -> torch.Tensor:
+        """(rows, heads, length, dim) -> each slot's keys (or values): the prompt's, then its own."""
+        shared = states[:, None, :, :prompt].expand(rows, slots, *states.shape[1:2], prompt, states.shape[-1])
+        return torch.cat([shared.flatten(0, 1), per_slot(states)], dim=2)
+
+    answer_out, _ = sdpa_attention_forward(module, per_slot(query), with_prompt(key), with_prompt(value),
+                                           shared_prompt.answer_mask, dropout=dropout, scaling=scaling, **kwargs)
+    # (rows * slots, width, heads, dim) -> (rows, slots * width, heads, dim), after the prompt's
+    return torch.cat([prompt_out, answer_out.unflatten(0, (rows, slots)).flatten(1, 2)], dim=1), None
+
+
+@contextlib.contextmanager
+def shared_prompt_attention(config) -> Iterator[dict]:
+    """Inside, an `sdpa` model's attention is `shared_prompt_sdpa` (its forward then takes
+    `shared_prompt=(prompt length, slots, slot length)`); yields whether it is. Any other
+    implementation is left alone: the dense masked product."""
+    if config._attn_implementation != "sdpa":
+        yield False
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if SHARED_PROMPT_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SHARED_PROMPT_SDPA, shared_prompt_sdpa)
+        AttentionMaskInterface.register(SHARED_PROMPT_SDPA, sdpa_mask)
+    config._attn_implementation = SHARED_PROMPT_SDPA
+    try:
+        yield True
+    finally:
+        config._attn_implementation = "sdpa"

@@ -8,8 +8,9 @@ import torch
 from rlhf.algorithms import entropy_from_logits, token_logprobs
 from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.reward import token_values, transformers_model
-from rlhf.models.shared_prefix import (SharedPromptRows, attention_window, pack_shared_prompts, packed_cost_ratio,
-                                       shared_prefix_attention_mask, shared_prefix_unsupported)
+from rlhf.models.shared_prefix import (PromptBlocks, SharedPromptRows, attention_window, pack_shared_prompts,
+                                       packed_cost_ratio, shared_prefix_attention_mask, shared_prefix_unsupported,
+                                       shared_prompt_attention)
 from rlhf.rollout.types import Rollout
 
 PACKED_COST_LIMIT = 0.9
@@ -17,7 +18,8 @@ PACKED_COST_LIMIT = 0.9
 of the plain forward (a small saving is not worth the dense mask)."""
 
 PACKED_MASK_LIMIT = 1 << 28
-"""Most elements of the packed rows' (rows, length, length) attention mask."""
+"""Most elements of the packed rows' dense (rows, length, length) attention mask, where the
+attention takes one (not `sdpa`, which works block by block)."""
 
 
 def shared_prompt_rows(model: torch.nn.Module, rollout: Rollout) -> SharedPromptRows | None:
@@ -31,8 +33,10 @@ def shared_prompt_rows(model: torch.nn.Module, rollout: Rollout) -> SharedPrompt
         return None
     prompts, length = rows.input_ids.shape
     window = attention_window(config)
-    if (window is not None and length > window) or prompts * length * length > PACKED_MASK_LIMIT:
+    if window is not None and length > window:
         return None
+    if config._attn_implementation != "sdpa" and prompts * length * length > PACKED_MASK_LIMIT:
+        return None  # the dense mask (block attention builds only its blocks)
     if packed_cost_ratio(rows, rollout.sequences.shape[0], config) > PACKED_COST_LIMIT:
         return None
     return rows
@@ -40,16 +44,7 @@ def shared_prompt_rows(model: torch.nn.Module, rollout: Rollout) -> SharedPrompt
 
 def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """(batch, response_length, vocab) logits that predicted each response token; only the
-    response region's logits are computed (logits_to_keep). Answers sharing a prompt are
-    forwarded in one row behind one copy of it where that is cheaper (`shared_prompt_rows`):
-    the same logits up to float rounding."""
-    packed = shared_prompt_rows(model, rollout)
-    if packed is not None:
-        inner = transformers_model(model)
-        mask = shared_prefix_attention_mask(packed.segment_ids, inner.config._attn_implementation, inner.dtype)
-        logits = model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                       use_cache=False, logits_to_keep=packed.logits_positions).logits
-        return packed.unpack(logits)
+    response region's logits are computed (logits_to_keep)."""
     response_length = rollout.response_mask.shape[1]
     logits = model(
         input_ids=rollout.sequences,
@@ -61,6 +56,20 @@ def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     return logits[:, :-1]
 
 
+def packed_response_logits(model: torch.nn.Module, rows: SharedPromptRows) -> torch.Tensor:
+    """(prompts * slots, response_length, vocab) logits that predicted each slot's tokens."""
+    inner = transformers_model(model)
+    with shared_prompt_attention(inner.config) as by_blocks:
+        if by_blocks:  # the blocks' own masks; the model's causal mask goes unused
+            mask, blocks = None, {"shared_prompt": PromptBlocks.of(rows)}
+        else:
+            mask, blocks = shared_prefix_attention_mask(rows.segment_ids, inner.config._attn_implementation,
+                                                        inner.dtype), {}
+        logits = model(input_ids=rows.input_ids, attention_mask=mask, position_ids=rows.position_ids, use_cache=False,
+                       logits_to_keep=rows.logits_positions, **blocks).logits
+    return rows.per_slot(logits)
+
+
 def policy_logprobs(
     model: torch.nn.Module, rollout: Rollout, temperature: float, with_entropy: bool = False,
     entropy_grad: bool = False,
@@ -68,13 +77,22 @@ def policy_logprobs(
     """Log-probs of the sampled response tokens under softmax(logits / temperature), the
     distribution the sampler drew them from; optionally the per-token entropy, differentiable
     only with `entropy_grad` (as a logged statistic its backward through the vocabulary-wide
-    softmax would cost a sizeable share of the actor's step for nothing)."""
-    logits = response_logits(model, rollout)
-    logprobs = token_logprobs(logits, rollout.responses, temperature)
+    softmax would cost a sizeable share of the actor's step for nothing). Answers sharing a
+    prompt are forwarded in one row behind one copy of it where that is cheaper
+    (`shared_prompt_rows`): the same values up to float rounding."""
+    packed = shared_prompt_rows(model, rollout)
+    if packed is not None:
+        logits, responses = packed_response_logits(model, packed), packed.answers
+    else:
+        logits, responses = response_logits(model, rollout), rollout.responses
+    logprobs = token_logprobs(logits, responses, temperature)
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits.float() / temperature)
+    if packed is not None:  # back to the rollout's rows, as per-token values (not vocabulary-wide logits)
+        logprobs = packed.unpack(logprobs)
+        entropy = packed.unpack(entropy) if entropy is not None else None
     return logprobs, entropy
 
 

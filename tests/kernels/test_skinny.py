@@ -56,6 +56,7 @@ def test_residual_products_equal_the_sum_on_every_path(monkeypatch, path):
     x, residual = torch.randn(8, 16), torch.randn(8, 32)
     weight, bias = torch.randn(32, 16), torch.randn(32)
     monkeypatch.setattr(skinny, "SKINNY_MIN_WEIGHT", 1 << 18 if path == "plain" else 256)
+    monkeypatch.setattr(skinny, "PACKED_MIN_WEIGHT", 1 << 17 if path == "plain" else 256)
     monkeypatch.setattr(onednn, "onednn_enabled", lambda: path == "packed")
     for b in (None, bias):
         got = skinny.few_row_linear_add(weight, b)(residual, x)

@@ -149,7 +149,9 @@ def test_rows_sharing_a_prompt_pack_behind_one_copy_of_it():
     # The outputs predicting slot 1's tokens sit at the prompt's end and slot 1's first column;
     # slot 2's at the prompt's end and slot 2's first column.
     assert rows.logits_positions.tolist() == [2, 3, 2, 5]
+    assert rows.answers.tolist() == [[10, 11], [13, 14], [12, 0], [15, 16]] if first == 0 else \
+        [[12, 0], [15, 16], [10, 11], [13, 14]]
     outputs = torch.arange(2 * 4).view(2, 4)  # (packed rows, logits positions)
-    assert rows.unpack(outputs).tolist() == [outputs[first, :2].tolist(), outputs[second, :2].tolist(),
+    assert rows.unpack(rows.per_slot(outputs)).tolist() == [outputs[first, :2].tolist(), outputs[second, :2].tolist(),
                                              outputs[first, 2:].tolist(), outputs[second, 2:].tolist()]
     assert pack_shared_prompts(sequences[:2], mask[:2], prompt_length=3) is None

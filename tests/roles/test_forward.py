@@ -48,7 +48,9 @@ def logprobs_and_grads(model, rollout, packed: bool, monkeypatch):
     return logprobs.detach() * mask, entropy.detach() * mask, grads
 
 
-def test_packed_group_forward_gives_the_plain_log_probs_entropy_and_gradients(model, monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # block by block, and the dense masked product
+def test_packed_group_forward_gives_the_plain_log_probs_entropy_and_gradients(model, monkeypatch, attention):
+    monkeypatch.setattr(model.config, "_attn_implementation", attention)
     rollout = group_rollout(model.config.vocab_size)
     packed = logprobs_and_grads(model, rollout, True, monkeypatch)
     plain = logprobs_and_grads(model, rollout, False, monkeypatch)
@@ -66,12 +68,49 @@ def test_packing_is_chosen_only_where_it_pays_and_the_model_takes_the_mask(model
     # No prompt shared: nothing to pack.
     distinct = rollout.select(torch.tensor([0, 1, 4, 6]))
     assert shared_prompt_rows(model, distinct) is None
-    # Long answers behind a short prompt: the longer rows' attention outweighs the saved prompt.
+    # Uneven groups and long answers: the empty slots cost more than the prompts saved.
     long_answers = rollout.padded(PROMPT, 400, pad_token_id=0)
     assert shared_prompt_rows(model, long_answers) is None
+    # A full group, long prompt and long answers: block attention computes only the (answer,
+    # prompt + answer) blocks, so packing pays; the dense product over the whole row does not.
+    full_groups = rollout.select(torch.tensor([0, 3, 5])).padded(200, 400, pad_token_id=0)
+    assert shared_prompt_rows(model, full_groups) is not None
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert shared_prompt_rows(eager, full_groups) is None
     # Flash attention takes no ready 4-D mask.
     config = AutoConfig.from_pretrained(tiny_model_dir)
     config._attn_implementation = "flash_attention_2"
     flash = torch.nn.Module()
     flash.config = config
     assert shared_prompt_rows(flash, rollout) is None
+
+
+def test_block_attention_equals_the_dense_masked_product():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf.models.shared_prefix import (PromptBlocks, SharedPromptRows, shared_prefix_attention_mask,
+                                           shared_prompt_sdpa)
+
+    torch.manual_seed(0)
+    prompt, slots, width = 5, 3, 4
+    # Row 0: a left-padded prompt, answers of 4, 2 and 0 tokens; row 1: a full prompt, full answers.
+    segments = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1, 1, 2, 2, -1, -1, -1, -1, -1, -1],
+                             [0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]])
+    mask = shared_prefix_attention_mask(segments, "sdpa", torch.float32)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True  # 4 query heads over 2 key/value heads
+    length = prompt + slots * width
+    query = torch.randn(2, 4, length, 8, requires_grad=True)
+    key, value = torch.randn(2, 2, length, 8, requires_grad=True), torch.randn(2, 2, length, 8, requires_grad=True)
+    dense, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    rows = SharedPromptRows(input_ids=torch.zeros_like(segments), segment_ids=segments, position_ids=segments,
+                            logits_positions=torch.arange(slots * width), row_slots=torch.arange(2 * slots), slots=slots,
+                            prompt_length=prompt, response_length=width)
+    blocks, _ = shared_prompt_sdpa(module, query, key, value, None, scaling=0.3, shared_prompt=PromptBlocks.of(rows))
+    assert blocks.shape == dense.shape == (2, length, 4, 8)
+    torch.testing.assert_close(blocks, dense, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(dense)
+    dense_grads = torch.autograd.grad((dense * weights).sum(), (query, key, value))
+    block_grads = torch.autograd.grad((blocks * weights).sum(), (query, key, value))
+    for got, expected in zip(block_grads, dense_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
