@@ -8,6 +8,12 @@ with the prompt forwarded once instead of once per answer.
 transformers takes a ready 4-D mask as it is (masking_utils returns it untouched), which
 works for the `sdpa` and `eager` attention implementations; flash-attention and flex
 attention take their masks in other forms.
+
+The reward model and DPO lay out a ranked record's K answers this way; PPO's actor and
+reference forwards pack the n answers of a group (GRPO, RLOO, ...) the same way
+(`pack_shared_prompts`) where `packed_cost_ratio` says it is cheaper, and under `sdpa` they
+attend block by block (`shared_prompt_sdpa`) so that no answer-to-other-answer score is
+computed only to be masked.
 """
 
 from __future__ import annotations
