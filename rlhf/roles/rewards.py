@@ -14,6 +14,7 @@ with one line naming the URL.
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -44,28 +45,37 @@ class RewardSources:
 
             self.http = HTTPReward(reward_cfg.http, reward_cfg.http_timeout_s, reward_cfg.http_retries)
         self.failures: Counter = Counter()
+        self._thread: ThreadPoolExecutor | None = None
 
     def __call__(self, rollout: Rollout, prompts: Sequence[str], fields: Sequence[dict]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(batch,) mixed raw reward of each sample, and every source's (and function
         component's) own reward; `prompts` and `fields` are the samples' prompt texts and rows."""
-        sources: dict[str, torch.Tensor] = {}
-        if self.model is not None:
-            sources["model"] = self.model.scores(rollout).float().cpu()
+        return self.start(rollout, prompts, fields).result()
+
+    def start(self, rollout: Rollout, prompts: Sequence[str], fields: Sequence[dict]) -> "PendingRewards":
+        """Set the reward functions and the reward service going on a background thread (they
+        wait on worker processes and sockets), so that the caller's own forwards run meanwhile;
+        `result()` then scores with the reward model, here, and mixes."""
+        external = None
         if self.pool is not None or self.http is not None:
             responses = self.responses(rollout)
-            if self.pool is not None:
-                result = self.pool(list(prompts), responses, list(fields))
-                sources.update({name: values.float() for name, values in result.rewards.items()})
-                sources.update({name: values.float() for name, values in result.components.items()})
-                self.failures.update(result.failures)
-                self._say_failures(result, len(responses))
-            if self.http is not None:
-                sources["http"] = self.http(list(prompts), responses, list(fields)).float()
-        # A function's components ("module:function/name") are already summed into its reward.
-        mixed = mix_rewards({name: values for name, values in sources.items() if "/" not in name}, self.weights)
-        device = rollout.sequences.device
-        return mixed.to(device), {name: values.to(device) for name, values in sources.items()}
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlhf-rewards")
+            external = self._thread.submit(self._external, list(prompts), responses, list(fields))
+        return PendingRewards(self, rollout, external)
+
+    def _external(self, prompts: list[str], responses: list[str], fields: list[dict]) -> dict[str, torch.Tensor]:
+        sources: dict[str, torch.Tensor] = {}
+        if self.pool is not None:
+            result = self.pool(prompts, responses, fields)
+            sources.update({name: values.float() for name, values in result.rewards.items()})
+            sources.update({name: values.float() for name, values in result.components.items()})
+            self.failures.update(result.failures)
+            self._say_failures(result, len(responses))
+        if self.http is not None:
+            sources["http"] = self.http(prompts, responses, fields).float()
+        return sources
 
     def responses(self, rollout: Rollout) -> list[str]:
         mask = rollout.response_mask
@@ -92,5 +102,27 @@ class RewardSources:
         return counts
 
     def shutdown(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
         if self.pool is not None:
             self.pool.close()
+
+
+class PendingRewards:
+    """Rewards under way (`RewardSources.start`)."""
+
+    def __init__(self, sources: RewardSources, rollout: Rollout, external: Future | None):
+        self.sources, self.rollout, self.external = sources, rollout, external
+
+    def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As `RewardSources.__call__`: the mixed reward and each source's."""
+        scores: dict[str, torch.Tensor] = {}
+        if self.sources.model is not None:
+            scores["model"] = self.sources.model.scores(self.rollout).float().cpu()
+        if self.external is not None:
+            scores.update(self.external.result())
+        # A function's components ("module:function/name") are already summed into its reward.
+        mixed = mix_rewards({name: values for name, values in scores.items() if "/" not in name},
+                            self.sources.weights)
+        device = self.rollout.sequences.device
+        return mixed.to(device), {name: values.to(device) for name, values in scores.items()}

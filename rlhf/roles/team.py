@@ -30,11 +30,13 @@ def score(rollout: Rollout, actor: Actor, reference: Reference | None, critic: C
     """Everything the roles compute for a rollout before rewards. The sampler's own log-probs
     are π_old on these tokens (`reuse_logprobs`): no second actor forward. Without a reference
     (kl.coef = 0) the KL is zero; without a critic (a critic-free advantage) the values are."""
+    # Reward functions and a reward service run meanwhile (worker processes, a socket).
+    pending = rewards.start(rollout, prompts.texts, prompts.fields)
     reuse = reuse_logprobs and rollout.logprobs is not None
     logprobs = rollout.logprobs if reuse else actor.logprobs(rollout)
     ref_logprobs = reference.logprobs(rollout) if reference is not None else logprobs.clone()
     values = critic.values(rollout) if critic is not None else torch.zeros_like(logprobs)
-    mixed, sources = rewards(rollout, prompts.texts, prompts.fields)
+    mixed, sources = pending.result()
     return Scored(rollout, logprobs, ref_logprobs, values, mixed, sources)
 
 

@@ -73,3 +73,9 @@ def torch_loaded(prompt, response, **fields):
 
 
 not_callable = 42
+
+
+def slow_length(prompt, response, **fields):
+    """The length, after half a second (a unit-test runner, say)."""
+    time.sleep(0.5)
+    return float(len(response))

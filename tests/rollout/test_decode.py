@@ -193,7 +193,9 @@ class _Fixed:
 
 @pytest.mark.parametrize("reuse", [True, False])
 def test_ppo_takes_the_samplers_logprobs_instead_of_an_actor_forward(model_and_tokenizer, reuse):
+    from rlhf.config import RewardConfig
     from rlhf.data.prompt_dataset import PromptBatch
+    from rlhf.roles.rewards import RewardSources
     from rlhf.roles.team import score
 
     model, tok = model_and_tokenizer
@@ -202,8 +204,8 @@ def test_ppo_takes_the_samplers_logprobs_instead_of_an_actor_forward(model_and_t
                                                                               SamplingParams(max_new_tokens=8))
     actor, reference, critic, reward = _Fixed(True), _Fixed(True), _Fixed(True), _Fixed(False)
     prompts = PromptBatch(encode(tok, TEXTS), TEXTS, [{} for _ in TEXTS])
-    scored = score(rollout, actor, reference, critic, lambda r, texts, fields: (reward.scores(r), {}), prompts,
-                   reuse_logprobs=reuse)
+    rewards = RewardSources(RewardConfig(), reward, tok)
+    scored = score(rollout, actor, reference, critic, rewards, prompts, reuse_logprobs=reuse)
     assert actor.calls == (0 if reuse else 1) and reference.calls == 1
     expected = rollout.logprobs if reuse else torch.zeros_like(rollout.logprobs)
     assert torch.equal(scored.logprobs, expected)
