@@ -61,12 +61,13 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr)
     trained = strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size)
     generation_model = getattr(trained.module, "module", trained.module)  # engines wrap the HF model as .module
+    # The strategy keeps sharded ranks in step during generation (its collectives run on its device).
     if cfg.rollout.engine == "decode":
         engine = DecodeEngine(generation_model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.batch_size,
-                              llama_step=cfg.kernels.llama_decode_step)
+                              llama_step=cfg.kernels.llama_decode_step, world=strategy)
     else:
         engine = HFGenerateEngine(generation_model, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                  cfg.rollout.batch_size)
+                                  cfg.rollout.batch_size, world=strategy)
     return Actor(trained, engine, cfg.rollout.temperature, policy_loss_settings(cfg), cfg.ppo.mini_batch_size,
                  cfg.ppo.micro_batch_size, aggregation_constant=float(cfg.rollout.max_new_tokens),
                  ptx_coef=cfg.ppo.ptx_coef, ptx_batch=ptx_batch_fn(cfg, tokenizer))

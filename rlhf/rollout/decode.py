@@ -16,7 +16,9 @@ What it does that `model.generate` does not (benchmarks/rollout.py measures each
 
 Sharded models (ZeRO-3, FSDP2) gather their weights inside every forward, so all ranks must
 run the same number of forwards: in that case a rank whose rows are all finished keeps
-running one-token forwards until every rank is done (as `generate(synced_gpus=True)` does).
+running one-token forwards until every rank is done (as `generate(synced_gpus=True)` does),
+and a rank with fewer batches than another runs idle ones. Ranks agree through the engine's
+`world` (the strategy), which reduces on the process group's device.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from transformers import DynamicCache
 
 from rlhf.algorithms.losses import token_logprobs
 from rlhf.kernels.llama_step import LlamaDecodeStep
-from rlhf.models.engines import is_whole
-from rlhf.rollout.engine import RolloutEngine, SamplingParams, concat_rollouts, finish_rollout, left_pad
+from rlhf.rollout.engine import (Collective, RolloutEngine, SamplingParams, concat_rollouts, empty_rollout,
+                                 finish_rollout, left_pad)
 from rlhf.rollout.types import Rollout
 
 
@@ -106,18 +107,10 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None
     return sample_with_logprobs(logits, generator)[0]
 
 
-def _is_sharded(model: torch.nn.Module) -> bool:
-    """Parameters partitioned over ranks (ZeRO-3 or FSDP2 DTensors): forwards are collective."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    param = next(model.parameters())
-    return not is_whole(param)
-
-
 class DecodeEngine(RolloutEngine):
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32,
-                 llama_step: bool = True):
-        super().__init__(model, eos_token_id, pad_token_id, batch_size)
+                 llama_step: bool = True, world: Collective | None = None):
+        super().__init__(model, eos_token_id, pad_token_id, batch_size, world)
         self.llama_step = llama_step
         """Run plain Llama models through `LlamaDecodeStep` (`kernels.llama_decode_step`)."""
 
@@ -128,7 +121,7 @@ class DecodeEngine(RolloutEngine):
         seed and its id `seeds.ids[i]` (otherwise on torch's global generator)."""
         was_training = self.model.training
         self.model.eval()
-        synced = _is_sharded(self.model)
+        synced = self._synced()
         # Longest first: batches of similar lengths, and the widest batch runs (and fails on
         # memory, if it must) first.
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
@@ -138,12 +131,17 @@ class DecodeEngine(RolloutEngine):
         device = next(self.model.parameters()).device
         uniforms = seeds.table(params.max_new_tokens, device) if seeds is not None else None
         parts = []
-        for s in range(0, len(order), self.batch_size):
-            batch = order[s : s + self.batch_size]
+        for index in range(self._batch_count(len(order), synced)):
+            batch = order[index * self.batch_size : (index + 1) * self.batch_size]
+            if not batch:  # only under sharding: another rank has more batches
+                self._idle_forwards(params.max_new_tokens, device)  # its prompt pass, then its steps
+                continue
             # Each row's uniform numbers, one per step: (steps, rows).
             rows = uniforms[:, seeds.ids[batch].to(uniforms.device)] if seeds is not None else None
             parts.append(self._generate([prompts[i] for i in batch], params, synced, fast_step, rows))
         self.model.train(was_training)
+        if not parts:
+            return empty_rollout(with_logprobs=True)
         joined = concat_rollouts(parts, self.pad_token_id)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -219,16 +217,17 @@ class DecodeEngine(RolloutEngine):
         rollout.logprobs = logprobs[:, :steps] * rollout.response_mask
         return rollout
 
-    @staticmethod
-    def _continue(local_running: bool, synced: bool) -> bool:
+    def _continue(self, local_running: bool, synced: bool) -> bool:
+        """Whether to run another decode step: while any row of this rank runs, or under
+        sharding while any row of any rank runs (a collective, through the world)."""
         if not synced:
             return local_running
-        flag = torch.tensor([1.0 if local_running else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return self._any_rank(local_running)
 
     def _idle_forwards(self, remaining: int, device: torch.device) -> None:
-        """Keep a finished rank in step with the others' collective forwards."""
+        """Keep a finished rank in step with the others' collective forwards: up to `remaining`
+        one-token forwards, with the others' check before each one after the first. A whole
+        idle batch is `max_new_tokens` of them (the others' prompt pass, then their steps)."""
         dummy = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=device)
         for index in range(remaining):
             self.model(input_ids=dummy, use_cache=False)

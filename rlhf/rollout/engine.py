@@ -2,6 +2,12 @@
 
 `HFGenerateEngine` uses transformers' `generate` (KV cache, left padding). A vLLM engine for
 GPU deployments would implement the same `generate` and return the same `Rollout`.
+
+Sharded models (ZeRO-3, FSDP2) gather their weights inside every forward, so every rank must
+run the same number of forwards, whatever its prompt count and however early its rows end.
+The engines agree on that through the run's `World` (the strategy), never through
+`torch.distributed` directly: the strategy reduces on its own device, which NCCL requires to
+be the rank's GPU.
 """
 
 from __future__ import annotations
@@ -10,12 +16,30 @@ import copy
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
+import torch.distributed as dist
 from transformers import GenerationConfig
 
+from rlhf.models.engines import is_whole
 from rlhf.rollout.types import Rollout
+
+
+class Collective(Protocol):
+    """What an engine needs from the run's `World` (rlhf/distributed/strategy.py): a reduction
+    of scalar flags over the ranks, done on the device of the strategy's process group.
+    Structural, so that rollout/ does not import distributed/."""
+
+    def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]: ...
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Parameters partitioned over ranks (ZeRO-3 or FSDP2 DTensors): forwards are collective."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    param = next(model.parameters())
+    return not is_whole(param)
 
 
 @dataclass
@@ -55,16 +79,52 @@ def finish_rollout(
     )
 
 
+def empty_rollout(with_logprobs: bool) -> Rollout:
+    """A rollout of no rows: a rank given no prompts still joins the others' forwards, and
+    returns this instead of failing after them."""
+    return Rollout(sequences=torch.empty((0, 0), dtype=torch.long), attention_mask=torch.empty((0, 0), dtype=torch.long),
+                   prompt_length=0, response_mask=torch.empty((0, 0)), eos_found=torch.empty(0, dtype=torch.bool),
+                   logprobs=torch.empty((0, 0)) if with_logprobs else None)
+
+
 class RolloutEngine(ABC):
-    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32):
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32,
+                 world: Collective | None = None):
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size  # prompts generated together
+        self.world = world
+        """The run's world (the strategy): keeps ranks in step when the model is sharded. None
+        for an engine used by one process alone."""
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         """Sample one response per prompt (token ids, no padding) and return the rollout."""
+
+    # -- keeping sharded ranks in step ----------------------------------------------------
+    def _synced(self) -> bool:
+        """Whether this rank's forwards are collective (sharded weights), so that it must run
+        as many as every other rank. A sharded model needs the world to agree on that count."""
+        if not is_sharded(self.model):
+            return False
+        if self.world is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: the model's weights are sharded over ranks, so every rank must run the "
+                "same forwards; build the engine with the run's world (world=strategy) to keep them in step")
+        return True
+
+    def _any_rank(self, local: bool) -> bool:
+        """Whether the flag is set on any rank (a collective: every rank calls it together)."""
+        return self.world.all_reduce({"flag": 1.0 if local else 0.0}, op="max")["flag"] > 0
+
+    def _batch_count(self, prompt_count: int, synced: bool) -> int:
+        """Batches to run: this rank's own, or under sharding the most any rank has (a rank
+        that runs out joins the others' batches with idle forwards)."""
+        local = -(-prompt_count // self.batch_size)
+        if not synced:
+            return local
+        return int(self.world.all_reduce({"batches": float(local)}, op="max")["batches"])
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -85,9 +145,21 @@ class HFGenerateEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+        """Sample one response per prompt. Under sharding (ZeRO-3, FSDP2) `generate` runs with
+        `synced_gpus=True`, so a rank whose rows have all ended keeps running forwards until
+        every rank's have; a rank with fewer batches than another runs a throw-away one-prompt
+        `generate` for each missing batch, which joins the others' forwards the same way."""
         device = next(self.model.parameters()).device
-        parts = [self._generate(prompts[i : i + self.batch_size], params, device)
-                 for i in range(0, len(prompts), self.batch_size)]
+        synced = self._synced()
+        parts = []
+        for index in range(self._batch_count(len(prompts), synced)):
+            batch = prompts[index * self.batch_size : (index + 1) * self.batch_size]
+            if batch:
+                parts.append(self._generate(batch, params, device, synced))
+            else:  # only under sharding: the other ranks still have prompts
+                self._generate([[self.eos_token_id]], params, device, synced)
+        if not parts:
+            return empty_rollout(with_logprobs=False)
         return concat_rollouts(parts, self.pad_token_id)
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
@@ -102,7 +174,8 @@ class HFGenerateEngine(RolloutEngine):
             use_cache=True,
         )
 
-    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, device: torch.device) -> Rollout:
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, device: torch.device,
+                  synced: bool) -> Rollout:
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         config = self._generation_config(params)
@@ -110,7 +183,11 @@ class HFGenerateEngine(RolloutEngine):
         self.model.eval()
         try:
             with self._model_generation_config(self.model, config):
-                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
+                # Explicit either way: transformers guesses ZeRO-3 from a global HfDeepSpeedConfig,
+                # which need not describe this model. Its synced loop reduces its flag on the
+                # inputs' device, the rank's own.
+                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                          synced_gpus=synced)
         finally:
             self.model.train(was_training)
         return finish_rollout(prompt_ids, prompt_mask, out[:, prompt_ids.shape[1] :], self.eos_token_id, self.pad_token_id)

@@ -37,7 +37,7 @@ from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.reward import transformers_model
 from rlhf.models.shared_prefix import shared_prefix_attention_mask
 from rlhf.rollout.decode import DecodeEngine, SampleSeeds
-from rlhf.rollout.engine import SamplingParams
+from rlhf.rollout.engine import Collective, SamplingParams
 
 
 @dataclass
@@ -303,7 +303,7 @@ class DPOEvaluation:
             _add_stats(sums, stats)
         metrics = {**{f"eval/{k}": v for k, v in _means(sums, prompts, pairs).items()}, "eval/pairs": float(pairs)}
         if self.gold is not None:
-            metrics.update(self.gold(module))
+            metrics.update(self.gold(module, world=self.trained.strategy))
         module.train(was_training)
         return metrics
 
@@ -340,10 +340,13 @@ class SampledGold:
         self.seed, self.batch_size, self.llama_step = seed, batch_size, llama_step
 
     @torch.no_grad()
-    def __call__(self, module: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, module: torch.nn.Module, world: Collective | None = None) -> dict[str, float]:
+        """`world`, the run's strategy, keeps the ranks' forwards in step when `module` is
+        sharded (ZeRO-3, FSDP2); a model of one process needs none."""
         model = getattr(module, "module", module)  # engines wrap the HF model as .module
         tokenizer = self.tokenizer
-        engine = DecodeEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, self.batch_size, self.llama_step)
+        engine = DecodeEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, self.batch_size, self.llama_step,
+                              world=world)
         ids = self.prompts.ids
         rollout = engine.generate(ids, self.params, seeds=SampleSeeds(self.seed, range(len(ids))))
         lengths = rollout.response_mask.sum(-1)
