@@ -1,9 +1,11 @@
 """A group of Ray actors of one plain class, placed `workers_per_node` per node.
 
-The placement group has one bundle per node holding that node's workers, so local ranks are
-known before anything starts and a multi-node group is spread with STRICT_SPREAD. Several
-groups can share one placement group (colocated PPO roles): each then asks for its share of
-every bundle. Calls fan out to all workers and gather in rank order.
+Where each worker runs is rlhf/ray/placement.py's table: on GPUs one bundle per worker slot
+(whole GPUs; Ray's best-fit would otherwise stack two ranks of one NCCL group on one device),
+pinned node by node so local ranks are known before anything starts; on CPUs one bundle per
+node holding that node's workers, STRICT_SPREAD over several nodes. Several groups can share
+one placement group (colocated PPO roles): rank i of each takes its share of slot i. Calls fan
+out to all workers and gather in rank order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from rlhf.config_sections import ResourcesConfig
 from rlhf.errors import UserError
+from rlhf.ray.placement import BundleLayout, bundle_layout
 
 
 def cluster_has_gpus() -> bool:
@@ -29,6 +32,34 @@ def default_cpus_per_worker(workers_per_node: int) -> float:
     return max(1.0, float(int(min(cpus) // workers_per_node))) if cpus else 1.0
 
 
+def _wait_placed(group: Any, name: str, what: str, timeout_s: float) -> None:
+    """Wait for `group` to be placed, or free it and raise a UserError naming `what`."""
+    import ray
+
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(group)
+        raise UserError(
+            f"Ray could not place {name}: {what} within {timeout_s:.0f} s; the cluster has "
+            f"{ray.available_resources()} free. Lower resources.* or add nodes")
+
+
+def pick_nodes(layout: BundleLayout, name: str, timeout_s: float) -> list[str]:
+    """Ray node ids of `layout.num_nodes` distinct nodes with room for their slots: Ray places
+    one bundle of each node's totals STRICT_SPREAD; that probe is freed again at once, and the
+    slot bundles are pinned to the nodes it got."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    bundles = layout.node_bundles()
+    probe = placement_group(bundles, strategy="STRICT_SPREAD", name=f"{name}-nodes")
+    _wait_placed(probe, name, f"{layout.num_nodes} node(s) x {bundles[0]}", timeout_s)
+    try:
+        where = placement_group_table(probe)["bundles_to_node_id"]
+        return [where[index] for index in range(layout.num_nodes)]
+    finally:
+        ray.util.remove_placement_group(probe)
+
 
 @dataclass
 class Placement:
@@ -38,12 +69,15 @@ class Placement:
     resources: ResourcesConfig
     cpus_per_worker: float
     gpus_per_worker: float
+    layout: BundleLayout
 
     @classmethod
     def reserve(cls, resources: ResourcesConfig, name: str, timeout_s: float = 120.0,
-                groups_per_node: int = 1) -> "Placement":
+                groups_per_node: int = 1, roles_sharing: int = 1) -> "Placement":
         """`groups_per_node`: placement groups that will share each node (PPO colocation
-        groups), which split the default CPU share between them."""
+        groups), which split the default CPU share between them. `roles_sharing`: worker
+        groups that will share every slot (the roles of one colocation group); a GPU share
+        Ray cannot place on distinct devices is refused here, before anything is reserved."""
         import ray
         from ray.util.placement_group import placement_group
 
@@ -51,18 +85,13 @@ class Placement:
         if gpus is None:
             gpus = 1.0 if cluster_has_gpus() else 0.0
         cpus = resources.cpus_per_worker or default_cpus_per_worker(resources.workers_per_node * groups_per_node)
-        bundle = {"CPU": cpus * resources.workers_per_node}
-        if gpus:
-            bundle["GPU"] = gpus * resources.workers_per_node
-        strategy = "STRICT_SPREAD" if resources.num_nodes > 1 else "PACK"
-        group = placement_group([dict(bundle) for _ in range(resources.num_nodes)], strategy=strategy, name=name)
-        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-        if not ready:
-            ray.util.remove_placement_group(group)
-            raise UserError(
-                f"Ray could not place {name}: {resources.num_nodes} node(s) x {bundle} within {timeout_s:.0f} s; the "
-                f"cluster has {ray.available_resources()} free. Lower resources.* or add nodes")
-        return cls(group, resources, cpus, gpus)
+        layout = bundle_layout(resources.num_nodes, resources.workers_per_node, gpus, cpus, roles_sharing)
+        selectors = layout.label_selectors(pick_nodes(layout, name, timeout_s)) if layout.pinned_to_nodes else None
+        bundles = layout.bundles()
+        group = placement_group(bundles, strategy=layout.strategy, name=name, bundle_label_selector=selectors)
+        per_node = len(bundles) // resources.num_nodes
+        _wait_placed(group, name, f"{resources.num_nodes} node(s) x {per_node} x {bundles[0]}", timeout_s)
+        return cls(group, resources, cpus, gpus, layout)
 
     def release(self) -> None:
         import ray
@@ -71,7 +100,8 @@ class Placement:
 
 
 class WorkerGroup:
-    """`resources.workers` actors of `cls`, built with `make_args(rank, local_rank)`."""
+    """`resources.workers` actors of `cls`, built with `make_args(rank, local_rank)`; rank i
+    takes `share` of the placement's slot i (placement.py)."""
 
     def __init__(self, cls: type, placement: Placement, make_args: Callable[[int, int], tuple], name: str,
                  share: float = 1.0):
@@ -79,20 +109,18 @@ class WorkerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.name = name
-        res = placement.resources
         remote_cls = ray.remote(cls)
         self.workers = []
-        for rank in range(res.workers):
-            node, local_rank = divmod(rank, res.workers_per_node)
+        for slot in placement.layout.slots(share):
             options = {
-                "num_cpus": placement.cpus_per_worker * share,
-                "num_gpus": placement.gpus_per_worker * share,
-                "name": f"{name}-{rank}",
+                "num_cpus": slot.num_cpus,
+                "num_gpus": slot.num_gpus,
+                "name": f"{name}-{slot.rank}",
                 "max_concurrency": 2,  # a status query may run beside a long call
                 "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement_group=placement.group, placement_group_bundle_index=node),
+                    placement_group=placement.group, placement_group_bundle_index=slot.bundle),
             }
-            self.workers.append(remote_cls.options(**options).remote(*make_args(rank, local_rank)))
+            self.workers.append(remote_cls.options(**options).remote(*make_args(slot.rank, slot.local_rank)))
 
     def __len__(self) -> int:
         return len(self.workers)

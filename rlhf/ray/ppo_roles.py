@@ -1,23 +1,25 @@
 """PPO with each role a Ray actor group (`ppo.colocate` a list of groups).
 
-Roles named in one colocation group share one placement group: every role gets its share of
-each bundle, so e.g. [[actor, reference], [critic, reward]] puts the policy and its frozen
-copy on the same GPUs and the two scalar models on others. The PPO loop (stages/ppo.py) runs
-on the driver, a world of one, through `RayRoles`, which has the shape of `LocalRoles`: a
-call splits its batch over the role's workers by rows, runs them in parallel and joins the
-results. Trained roles get the whole experience and train on their worker's share of every
-global mini-batch, as SPMD workers do.
+Roles named in one colocation group share one placement group: rank i of every role gets its
+share of worker slot i (placement.py), so e.g. [[actor, reference], [critic, reward]] puts
+actor rank i and reference rank i on one GPU, the two scalar models on others, and never two
+ranks of one role on one GPU. The PPO loop (stages/ppo.py) runs on the driver, a world of
+one, through `RayRoles`, which has the shape of `LocalRoles`: a call splits its batch over the
+role's workers by rows, runs them in parallel and joins the results. Trained roles get the
+whole experience and train on their worker's share of every global mini-batch, as SPMD
+workers do.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from rlhf.config import PPOConfig
+from rlhf.config_sections import ResourcesConfig
 from rlhf.data.prompt_dataset import PromptBatch
 from rlhf.distributed.strategy import Strategy, World
 from rlhf.ray.group import Placement, WorkerGroup, gather
@@ -62,6 +64,24 @@ def row_slices(rows: int, parts: int) -> list[slice]:
     return slices
 
 
+def place_role_groups(role_groups: Sequence[Sequence[str]], resources: ResourcesConfig, worker_cls: type,
+                      make_args: Callable[[str, int, int], tuple], placements: list[Placement],
+                      groups: dict[str, WorkerGroup]) -> None:
+    """One placement group per colocation group, each of its roles a worker group taking an
+    equal share of every slot: rank i of each role runs in slot i, so colocated roles share a
+    slot's GPU on purpose and two ranks of one role never share one (placement.colocation_table
+    is this layout). Appends to `placements` and `groups` as it goes, so that a caller can free
+    what was started when a later step fails."""
+    for names in role_groups:
+        placement = Placement.reserve(resources, f"rlhf-ppo-{'-'.join(names)}", groups_per_node=len(role_groups),
+                                      roles_sharing=len(names))
+        placements.append(placement)
+        for role in names:
+            groups[role] = WorkerGroup(worker_cls, placement,
+                                       lambda rank, local, role=role: make_args(role, rank, local),
+                                       name=f"ppo-{role}", share=1.0 / len(names))
+
+
 class RoleGroup:
     """A role's workers behind the interface of the plain role class; a trained role's group
     also saves, loads and exports like a `TrainedModel`."""
@@ -82,6 +102,10 @@ class RoleGroup:
         return concat_rollouts(gather(refs, self.group.name), self.pad_token_id)
 
     def _rows(self, method: str, rollout: Rollout, *args: Any) -> torch.Tensor:
+        """`method` over the rollout's rows, split near-equally over the workers (whole groups
+        of answers to a prompt in training, whose rollout_batch_size is a multiple of the
+        workers). Each worker scores its share in pieces of ppo.micro_batch_size (the role's
+        `scoring`, set by RoleWorker.setup), so its peak memory does not grow with the batch."""
         shards = [rollout.select(torch.arange(s.start, s.stop)) for s in self._slices(len(rollout.sequences))]
         return torch.cat(gather(self.group.scatter_async(method, shards, *args), self.group.name))
 
@@ -134,15 +158,10 @@ class RayRoles:
                   "reward": cfg.uses_reward_model}
         role_groups = [[role for role in names if needed[role]] for names in role_groups]
         role_groups = [names for names in role_groups if names]
-        for names in role_groups:
-            placement = Placement.reserve(resources, f"rlhf-ppo-{'-'.join(names)}", groups_per_node=len(role_groups))
-            self.placements.append(placement)
-            for role in names:
-                self.groups[role] = WorkerGroup(
-                    RoleWorker, placement,
-                    lambda rank, local, role=role: (role, cfg, rank, resources.workers, local,
-                                                    resources.workers_per_node, cwd),
-                    name=f"ppo-{role}", share=1.0 / len(names))
+        place_role_groups(role_groups, resources, RoleWorker,
+                          lambda role, rank, local: (role, cfg, rank, resources.workers, local,
+                                                     resources.workers_per_node, cwd),
+                          self.placements, self.groups)
         # Each trained role is its own process group; rank 0 of each hosts it.
         addresses = {role: gather([group.workers[0].rendezvous.remote()], group.name)[0]
                      for role, group in self.groups.items()}
