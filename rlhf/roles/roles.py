@@ -4,10 +4,16 @@ Actor and critic train through their Strategy and own their update step; referen
 model are frozen. Dropout is off in all four, so log-probs and values of the same tokens are
 reproducible. A trained role updates on its share of every global mini-batch
 (rlhf/training/ppo.py), so the same experience gives the same update on any number of workers.
+
+Their scoring forwards (log-probs, values, reward-model scores of a whole rollout) run in pieces
+of `scoring.size` rows (`ScoringBatches`, ppo.micro_batch_size in PPO), so that the activations
+and the (rows, response, vocabulary) logits of that phase are those of one micro-batch however
+large the rollout batch is.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -24,6 +30,86 @@ from rlhf.kernels.lm_loss import lm_forward_nll
 from rlhf.roles.update import Means, PolicyLossSettings, actor_loss, critic_loss, mini_batch_shares, ptx_loss
 
 
+@dataclass(frozen=True)
+class ScoringBatches:
+    """How a role's scoring forward splits a rollout batch. The default, one forward over the
+    whole batch, is what a caller that builds a role by hand gets; PPO's roles get
+    ppo.micro_batch_size and the group size (rlhf/roles/team.py, rlhf/ray/role_worker.py)."""
+
+    size: int | None = None
+    """Most rows per forward; None: the whole batch in one forward."""
+    group: int = 1
+    """Consecutive rows that share a prompt (rollout.n_samples_per_prompt). Pieces are cut at
+    multiples of it where `size` allows, so that the packed forward (rlhf/roles/forward.py)
+    keeps every group behind one copy of its prompt instead of forwarding a split group's
+    prompt twice."""
+
+    def step(self) -> int:
+        """Rows per piece: the most whole groups that fit in `size`; `size` itself where one
+        group is larger (a split is then unavoidable)."""
+        assert self.size is not None
+        return self.size // self.group * self.group if self.size >= self.group else self.size
+
+    def slices(self, rows: int, pieces: int | None = None) -> list[slice]:
+        """Contiguous row ranges, in order, covering `rows` rows. Their number depends on
+        `rows` and the settings alone, so workers with as many rows run as many forwards; with
+        `pieces` (at least the natural number) exactly that many, near-equal, in whole groups
+        where there are enough (some empty when `rows < pieces`): what a sharded model needs,
+        whose forward is a collective (ZeRO-3, FSDP2), when workers hold different row counts."""
+        if self.size is None or rows <= self.size:
+            natural = [slice(0, rows)]
+        else:
+            step = self.step()
+            natural = [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+        if pieces is None or pieces == len(natural):
+            return natural
+        if pieces < len(natural):
+            raise ValueError(f"{rows} rows need {len(natural)} pieces of at most {self.size}, not {pieces}")
+        unit = self.group if rows % self.group == 0 and rows // self.group >= pieces else 1
+        base, extra = divmod(rows // unit, pieces)
+        bounds = [0]
+        for piece in range(pieces):
+            bounds.append(bounds[-1] + (base + (1 if piece < extra else 0)) * unit)
+        return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
+
+def in_pieces(forward: Callable[[Rollout], torch.Tensor], rollout: Rollout, batches: ScoringBatches,
+              strategy=None) -> torch.Tensor:
+    """`forward(rollout)` ((batch,) or (batch, response_length)) computed piece by piece
+    (`batches.slices`). Each piece is trimmed of the columns that are padding in all of its
+    rows (`Rollout.trimmed`), so a piece of short answers is not as wide as the batch's
+    longest; per-token columns past a piece's longest response are 0 (they are off the
+    response mask, as the sampler's own log-probs are). Positions come from the attention
+    mask: every real token's value is the one the whole-batch forward gives, up to float
+    rounding. One piece: the forward on the rollout as it is. With a `strategy` of several
+    workers the workers agree on the number of pieces first (a max over them), since their
+    forwards are collectives under ZeRO-3 and FSDP2."""
+    rows = rollout.sequences.shape[0]
+    pieces = None
+    if strategy is not None and strategy.world_size > 1:
+        natural = len(batches.slices(rows))
+        pieces = int(strategy.all_reduce({"pieces": float(natural)}, op="max")["pieces"])
+    slices = batches.slices(rows, pieces)
+    if len(slices) == 1:
+        return forward(rollout)
+    width = rollout.response_mask.shape[1]
+    device = rollout.sequences.device
+    out: torch.Tensor | None = None
+    for piece in slices:
+        if piece.stop == piece.start:  # more pieces agreed than rows: one row's forward, only to keep in step
+            forward(rollout.select(torch.arange(rows - 1, rows, device=device)).trimmed())
+            continue
+        part = forward(rollout.select(torch.arange(piece.start, piece.stop, device=device)).trimmed())
+        if out is None:
+            out = part.new_zeros((rows, width) if part.ndim == 2 else (rows,))
+        if part.ndim == 2:
+            out[piece, : part.shape[1]] = part
+        else:
+            out[piece] = part
+    assert out is not None
+    return out
+
+
 class Actor:
     def __init__(self, trained: TrainedModel, engine: RolloutEngine, temperature: float,
                  loss: PolicyLossSettings, mini_batch_size: int, micro_batch_size: int,
@@ -36,6 +122,8 @@ class Actor:
         self.loss, self.aggregation_constant = loss, aggregation_constant
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
         self.ptx_coef, self.ptx_batch = ptx_coef, ptx_batch
+        self.scoring = ScoringBatches()
+        """How `logprobs` splits a rollout (whole, unless the builder of the PPO roles sets it)."""
 
     @property
     def strategy(self):
@@ -61,11 +149,14 @@ class Actor:
     @torch.no_grad()
     def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
         """(batch, response) log-probs under softmax(logits / T), T the rollout temperature
-        unless given."""
+        unless given; in pieces of `scoring`."""
+        temperature = temperature or self.temperature
         self.trained.module.eval()
-        logprobs, _ = policy_logprobs(self.trained.module, rollout, temperature or self.temperature)
-        self.trained.module.train()
-        return logprobs
+        try:
+            return in_pieces(lambda part: policy_logprobs(self.trained.module, part, temperature)[0], rollout,
+                             self.scoring, self.strategy)
+        finally:
+            self.trained.module.train()
 
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float,
                step_offset: int) -> dict[str, float]:
@@ -104,6 +195,8 @@ class Critic:
         disable_dropout(trained.module)
         self.trained, self.value_clip_eps = trained, value_clip_eps
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
+        self.scoring = ScoringBatches()
+        """How `values` splits a rollout (whole, unless the builder of the PPO roles sets it)."""
 
     @property
     def strategy(self):
@@ -111,10 +204,13 @@ class Critic:
 
     @torch.no_grad()
     def values(self, rollout: Rollout) -> torch.Tensor:
+        """(batch, response) values, in pieces of `scoring`."""
         self.trained.module.eval()
-        values = response_values(self.trained.module, rollout)
-        self.trained.module.train()
-        return values
+        try:
+            return in_pieces(lambda part: response_values(self.trained.module, part), rollout, self.scoring,
+                             self.strategy)
+        finally:
+            self.trained.module.train()
 
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float = 0.0,
                step_offset: int = 0) -> dict[str, float]:
@@ -136,24 +232,29 @@ class Critic:
 
 
 class Reference:
-    def __init__(self, model: torch.nn.Module, temperature: float):
+    def __init__(self, model: torch.nn.Module, temperature: float, scoring: ScoringBatches | None = None):
         disable_dropout(model)
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
+        self.scoring = scoring or ScoringBatches()
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
-        return policy_logprobs(self.model, rollout, temperature or self.temperature)[0]
+        """(batch, response) log-probs under softmax(logits / T), in pieces of `scoring`."""
+        temperature = temperature or self.temperature
+        return in_pieces(lambda part: policy_logprobs(self.model, part, temperature)[0], rollout, self.scoring)
 
 
 class RewardModel:
-    def __init__(self, model: torch.nn.Module, stats: RewardStats | None):
+    def __init__(self, model: torch.nn.Module, stats: RewardStats | None, scoring: ScoringBatches | None = None):
         disable_dropout(model)
         self.model = model.eval().requires_grad_(False)
         self.stats = stats
+        self.scoring = scoring or ScoringBatches()
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> torch.Tensor:
         """(batch,) raw scores, read at the last response token (EOS, or the last token of a
-        truncated response), never at padding."""
-        return sequence_scores(self.model, rollout.sequences, rollout.attention_mask)
+        truncated response), never at padding; in pieces of `scoring`."""
+        return in_pieces(lambda part: sequence_scores(self.model, part.sequences, part.attention_mask), rollout,
+                         self.scoring)
