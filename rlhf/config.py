@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, TypeVar, Union
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +28,7 @@ from rlhf.config_sections import (
     StrategyConfig,
     TrainConfig,
     _choice,
+    forward_precision,
 )
 from rlhf.errors import ConfigError
 
@@ -315,11 +316,18 @@ class RolloutConfig:
     top_p: float = 1.0
     batch_size: int = 32
     """Prompts generated together."""
-    reuse_logprobs: bool = True
-    """Use the decode engine's log-probs of the sampled tokens as PPO's old log-probs instead of
-    a second actor forward. Same weights, same distribution; they differ from a full forward
-    only by float rounding (~1e-6 in fp32). Turn off in bf16, where a cached decode drifts
-    further from the training forward than the clip range should see."""
+    reuse_logprobs: Union[bool, str] = "auto"
+    """auto, true or false. Use the decode engine's log-probs of the sampled tokens as PPO's old
+    log-probs (π_old) instead of a second actor forward. In fp32 the two differ only by float
+    rounding (~1e-6), so the PPO ratio starts at 1. In bf16/fp16 a cached decode and the full
+    training forward round differently (~1e-2 per token): the ratio would be off 1 at the first
+    step and the clip would act on rounding noise. auto: on exactly when the actor's forwards
+    are fp32 on every worker (the CPU defaults; on GPUs model.dtype=float32 with
+    strategy.mixed_precision=no), off where they are bf16/fp16 or cannot be told from here (a
+    remote Ray cluster with resources.gpus_per_worker unset). true where they are not fp32 is
+    refused (ConfigError) rather than warned about: false costs one actor forward per rollout,
+    while a biased ratio silently changes every update, and a warning scrolls by in a long run.
+    Validation replaces auto with the value the run uses (config.yaml records it)."""
     n_samples_per_prompt: int = 1
     """Answers sampled per prompt (a group, each answer from its own random stream); the group
     estimators (ppo.advantage = grpo, dr_grpo, rloo) compare the answers of a group and need 2
@@ -338,6 +346,52 @@ class RolloutConfig:
             raise ConfigError("rollout.temperature must be > 0 (PPO needs a stochastic policy)")
         if self.max_new_tokens < 1:
             raise ConfigError("rollout.max_new_tokens must be >= 1")
+        _check_reuse_logprobs(self.reuse_logprobs)
+
+
+def _check_reuse_logprobs(value: Union[bool, str]) -> None:
+    if not isinstance(value, bool) and value != "auto":
+        raise ConfigError(f"rollout.reuse_logprobs={value!r} is not one of: auto, true, false")
+
+
+def worker_devices(resources: ResourcesConfig, ray: RayConfig) -> list[tuple[str, bool]]:
+    """The (device type, GPU has bf16) pairs a stage's workers may run on, as far as the
+    process that validates the config can tell. Without Ray (a plain process, or a torchrun /
+    deepspeed-launcher worker, each of which loads the config itself) and on a local Ray that
+    is this machine. On a remote Ray cluster (`ray.address` set) only resources.gpus_per_worker
+    says: 0 is CPU, > 0 a GPU of unknown kind, unset either."""
+    remote = ray.enabled and bool(ray.address)
+    gpus = resources.gpus_per_worker if ray.enabled else None
+    if gpus == 0 or (ray.enabled and not remote and ray.num_gpus == 0):
+        return [("cpu", False)]
+    if remote:
+        return [("cuda", True), ("cuda", False)] + ([] if gpus else [("cpu", False)])
+    import torch  # here only: loading a config needs no torch otherwise
+
+    if torch.cuda.is_available():
+        return [("cuda", torch.cuda.is_bf16_supported())]
+    return [("cpu", False)]
+
+
+def resolve_reuse_logprobs(cfg: "PPOConfig", devices: Optional[Sequence[tuple[str, bool]]] = None) -> bool:
+    """rollout.reuse_logprobs as the run uses it (see its docstring): auto is on exactly when the
+    actor computes in fp32 on every device its workers may have; an explicit true elsewhere is
+    a ConfigError. `devices`: from `worker_devices` unless given."""
+    _check_reuse_logprobs(cfg.rollout.reuse_logprobs)
+    devices = worker_devices(cfg.resources, cfg.ray) if devices is None else devices
+    precisions = sorted({forward_precision(cfg.strategy, cfg.model, kind, bf16) for kind, bf16 in devices})
+    fp32 = precisions == ["fp32"]
+    if cfg.rollout.reuse_logprobs == "auto":
+        return fp32
+    if cfg.rollout.reuse_logprobs is True and not fp32:
+        where = f"run in {'/'.join(p for p in precisions if p != 'fp32')}" if len(devices) == 1 else \
+            "may not run in fp32 on the workers (a remote Ray cluster, resources.gpus_per_worker unset or > 0)"
+        raise ConfigError(
+            f"rollout.reuse_logprobs=true: the actor's forwards {where} (strategy.name={cfg.strategy.name}, "
+            f"strategy.mixed_precision={cfg.strategy.mixed_precision}, model.dtype={cfg.model.dtype}), so the "
+            "sampler's log-probs are not the training forward's and the PPO ratio would not start at 1; set "
+            "rollout.reuse_logprobs=auto (or false), or strategy.mixed_precision=no and model.dtype=float32")
+    return bool(cfg.rollout.reuse_logprobs)
 
 
 @dataclass
@@ -610,6 +664,7 @@ class PPOConfig:
         if self.ppo.role_groups() is not None and not self.ray.enabled:
             raise ConfigError("ppo.colocate lists role groups, which run as separate Ray actor groups: "
                               "set ray.enabled=true (or ppo.colocate=all)")
+        self.rollout.reuse_logprobs = resolve_reuse_logprobs(self)
         if self.ray.enabled:
             workers = self.resources.workers
             if self.ppo.rollout_batch_size % workers or self.ppo.mini_batch_size % (self.ppo.micro_batch_size * workers):
@@ -673,6 +728,8 @@ class PipelineConfig:
         cfg.overwrite = True  # the pipeline re-runs a stage only when its lineage says so
         cfg.ray = copy.deepcopy(self.ray)
         cfg.kernels = cfg.kernels.effective()  # as the stage will record it
+        if stage == "ppo":  # as its validation does (the pipeline validates copies)
+            cfg.rollout.reuse_logprobs = resolve_reuse_logprobs(cfg)
         cfg.logging.group = cfg.logging.group or self.logging_group or root.name
         for parent in self.parents(stage):
             section = cfg.reward_model if (stage, parent) == ("ppo", "rm") else cfg.model

@@ -206,6 +206,29 @@ class StrategyConfig:
             raise ConfigError("strategy.offload_optimizer needs strategy.zero_stage 1, 2 or 3")
 
 
+_PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def forward_precision(strategy: StrategyConfig, model: ModelConfig, device_type: str, gpu_has_bf16: bool) -> str:
+    """fp32, bf16 or fp16: what a trained model's forwards compute in on a worker of this
+    device type ("cpu" or "cuda"), as loading and the engines set it up. The same for the
+    rollout and the training forward of one engine, but two low-precision forwards of another
+    shape (a cached decode, a full sequence) round differently, so only fp32 makes them agree.
+
+    - model.dtype auto: bf16 on a GPU with bf16, else fp32 (rlhf/models/loading.py);
+    - strategy.mixed_precision auto: the same rule (rlhf/distributed/env.py resolve_precision);
+    - single ignores strategy.mixed_precision: the weights' dtype is the compute dtype;
+    - DeepSpeed with bf16/fp16 enabled casts the module to it, on any device;
+    - FSDP2 computes in the mixed-precision dtype on GPUs only (on CPU it trains the weights'
+      dtype, rlhf/distributed/fsdp.py)."""
+    auto = "bf16" if device_type == "cuda" and gpu_has_bf16 else "fp32"
+    weights = _PRECISION_OF_DTYPE.get(model.dtype, auto)
+    mixed = {"auto": auto, "no": "fp32", "False": "fp32"}.get(strategy.mixed_precision, strategy.mixed_precision)
+    if mixed != "fp32" and (strategy.name == "deepspeed" or (strategy.name == "fsdp" and device_type == "cuda")):
+        return mixed
+    return weights
+
+
 @dataclass
 class LoggingConfig:
     backends: List[str] = field(default_factory=list)
