@@ -8,6 +8,10 @@ unit, the root module holds the rest (embeddings, final norm, tied head). Option
 - Mixed precision on GPU only: bf16/fp16 compute and all-gathers, fp32 sharded parameters
   and fp32 gradient reduction (a low-precision model is upcast before sharding so that the
   optimizer steps fp32 weights). On CPU training stays fp32.
+- Several nodes: HSDP, a (replicate, shard) device mesh of nodes x workers per node, where
+  each node's share of the state fits (`mesh_shape`): parameters are all-gathered within a
+  node (NVLink) and only the gradients cross nodes (one all-reduce), instead of every layer's
+  all-gather and reduce-scatter spanning the slower network. Otherwise one flat mesh.
 Checkpoints are sharded with torch.distributed.checkpoint (DCP), one file per rank; export
 gathers a full state dict on rank 0 (CPU).
 
@@ -28,10 +32,11 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from rlhf.distributed import env
 from rlhf.distributed.env import resolve_precision
 from rlhf.distributed.group import DistributedStrategy
 from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_scheduler
@@ -57,17 +62,64 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+HSDP_MEMORY_SHARE = 0.5
+"""HSDP is chosen only where a rank's share of the sharded state (split over its node's
+workers alone) stays under this fraction of the device's memory: the rest is for activations,
+the gathered layers and the other roles' models."""
+
+_STATE_BYTES_PER_TRAINED_PARAM = 16
+"""fp32 weight, fp32 gradient and AdamW's two fp32 moments."""
+
+
+def mesh_shape(world_size: int, local_world_size: int, state_bytes: int = 0,
+               device_bytes: int | None = None) -> tuple[int, ...]:
+    """(nodes, workers per node) for HSDP, else (world_size,). HSDP needs more than one node,
+    nodes of equal size (ranks are numbered node by node, so a row of the mesh is a node) and,
+    where the device's memory is known, `state_bytes` / workers per node within
+    HSDP_MEMORY_SHARE of it (each node holds a whole copy of the state)."""
+    if local_world_size < 1 or world_size % local_world_size or world_size // local_world_size < 2:
+        return (world_size,)
+    if device_bytes is not None and state_bytes / local_world_size > HSDP_MEMORY_SHARE * device_bytes:
+        return (world_size,)
+    return (world_size // local_world_size, local_world_size)
+
+
+def sharded_state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the state FSDP2 shards for `model`: fp32 weights, and for trained parameters
+    their gradient and AdamW moments."""
+    total = 0
+    for param in model.parameters():
+        total += param.numel() * (_STATE_BYTES_PER_TRAINED_PARAM if param.requires_grad else 4)
+    return total
+
+
 class FSDPStrategy(DistributedStrategy):
     name = "fsdp"
 
     def setup(self, seed: int) -> None:
         super().setup(seed)
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.local_world_size = env.detect_launch().local_world_size
+        self.meshes: dict[tuple[int, ...], DeviceMesh] = {}
         self.precision = resolve_precision(self.cfg.mixed_precision, self.device)
+
+    def mesh_for(self, model: torch.nn.Module) -> DeviceMesh:
+        """HSDP or the flat mesh for `model` (`mesh_shape`); every rank takes the same decision
+        (the memory check is agreed by all-reduce, devices may differ), and a mesh is built once."""
+        offload = self.cfg.offload_params or self.cfg.offload_optimizer
+        device_bytes = torch.cuda.get_device_properties(self.device).total_memory \
+            if self.device.type == "cuda" and not offload else None
+        shape = mesh_shape(self.world_size, self.local_world_size, sharded_state_bytes(model), device_bytes)
+        if self.all_reduce({"hsdp": float(len(shape) == 2)}, op="sum")["hsdp"] < self.world_size:
+            shape = (self.world_size,)
+        if shape not in self.meshes:
+            names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
+            self.meshes[shape] = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+        return self.meshes[shape]
 
     def wrap(
         self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
     ) -> TrainedModel:
+        mesh = self.mesh_for(model)
         low = _LOW_PRECISION.get(self.precision) if self.device.type == "cuda" else None
         mp_policy = MixedPrecisionPolicy()
         if low is not None:
@@ -77,8 +129,8 @@ class FSDPStrategy(DistributedStrategy):
         policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
         model.to(self.device)
         for block in transformer_blocks(model):
-            fully_shard(block, mesh=self.mesh, mp_policy=mp_policy, offload_policy=policy)
-        fully_shard(model, mesh=self.mesh, mp_policy=mp_policy, offload_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=policy)
         optimizer = build_optimizer(model, spec)
         return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation,
                             strategy=self)
