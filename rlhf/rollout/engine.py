@@ -35,11 +35,18 @@ class Collective(Protocol):
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Parameters partitioned over ranks (ZeRO-3 or FSDP2 DTensors): forwards are collective."""
+    """Parameters partitioned over ranks (ZeRO-3, FSDP2): forwards are collective.
+
+    FSDP2 is recognised by its modules, not by its parameters: it swaps a module's DTensor
+    shards for plain tensors while they are gathered, and the root's stay gathered after a
+    forward under no_grad, so after one rollout the first parameter looks whole."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
-    param = next(model.parameters())
-    return not is_whole(param)
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(module, FSDPModule) for module in model.modules()):
+        return True
+    return not all(is_whole(param) for param in model.parameters())
 
 
 @dataclass
