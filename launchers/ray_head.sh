@@ -18,6 +18,11 @@
 #   RAY_DASHBOARD_HOST  address the dashboard binds (default 127.0.0.1; reach it through an
 #                       SSH tunnel rather than opening it: the Job API runs any command)
 #   RAY_DASHBOARD_PORT  dashboard port (default 8265)
+#   RAY_AUTH_MODE       token (default) or disabled. With token every node and every driver
+#                       needs the cluster's token: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH or
+#                       ~/.ray/auth_token; the head writes a new one there when none exists
+#                       (never printed): copy it to the other nodes, or share it on a common
+#                       filesystem through RAY_AUTH_TOKEN_PATH
 #   DRY_RUN             1: print the command (prefixed "+ ") instead of running it
 # Usage statistics are never sent (--disable-usage-stats).
 #
@@ -49,6 +54,7 @@ DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 [[ -n "$HEAD_IP" && "$HEAD_IP" != *[[:space:]]* ]] || die "RAY_HEAD_IP must be one address, got '$HEAD_IP'"
 need_uint RAY_PORT "$PORT"
 
+ray_auth head
 cmd=(ray start --head --node-ip-address "$HEAD_IP" --port "$PORT" --disable-usage-stats)
 if [[ -n "${RAY_NUM_CPUS:-}" ]]; then need_uint RAY_NUM_CPUS "$RAY_NUM_CPUS"; cmd+=(--num-cpus "$RAY_NUM_CPUS"); fi
 if [[ -n "${RAY_NUM_GPUS:-}" ]]; then need_uint RAY_NUM_GPUS "$RAY_NUM_GPUS"; cmd+=(--num-gpus "$RAY_NUM_GPUS"); fi

@@ -11,6 +11,8 @@
 #                  of the interface that reaches the head)
 #   RAY_NUM_CPUS   CPUs this node offers Ray (default: Ray counts them)
 #   RAY_NUM_GPUS   GPUs this node offers Ray (default: Ray counts the visible ones)
+#   RAY_AUTH_MODE  token (default) or disabled, as on the head; with token this node needs the
+#                  head's token: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
 #   DRY_RUN        1: print the command (prefixed "+ ") instead of running it
 # Usage statistics are never sent (--disable-usage-stats).
 #
@@ -42,6 +44,7 @@ fi
 [[ "$ADDRESS" =~ ^[^:[:space:]]+:[0-9]+$ ]] \
     || die "the head address must look like HEAD_IP:PORT (e.g. 10.0.0.1:6379), got '$ADDRESS'"
 
+ray_auth node
 cmd=(ray start --address "$ADDRESS")
 if [[ -n "${RAY_NODE_IP:-}" ]]; then cmd+=(--node-ip-address "$RAY_NODE_IP"); fi
 cmd+=(--disable-usage-stats)

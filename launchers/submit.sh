@@ -19,6 +19,8 @@
 #   RAY_JOB_ID        submission id to give the job (default: Ray makes one)
 #   RAY_JOB_NO_WAIT   1: return once submitted instead of following the job's logs
 #   RLHF_CMD          the command that runs rlhf on the cluster (default rlhf)
+#   RAY_AUTH_MODE     token (default) or disabled, as on the head; with token the head's token
+#                     must be here: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
 #   DRY_RUN           1: print the command (prefixed "+ ") instead of running it
 #
 # Example (PPO on 2 nodes x 8 GPUs, ZeRO-2):
@@ -57,6 +59,7 @@ entrypoint=("${RLHF[@]}" "$STAGE" "$@")
 if [[ "$STAGE" != pipeline ]]; then entrypoint+=(ray.enabled=true); fi
 entrypoint+=(ray.address=auto)
 
+ray_auth node   # the Job API checks the cluster's token too
 cmd=(ray job submit --address "${RAY_JOB_ADDRESS:-http://127.0.0.1:8265}"
      --working-dir . --runtime-env-json "$RUNTIME_ENV")
 if [[ -n "${RAY_JOB_ID:-}" ]]; then cmd+=(--submission-id "$RAY_JOB_ID"); fi

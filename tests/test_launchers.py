@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import subprocess
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -29,11 +30,19 @@ SCRIPT_NAMES = [p.name for p in SCRIPTS]
 
 # ---- helpers -------------------------------------------------------------------------------
 
+_TOKEN_DIR = Path(tempfile.mkdtemp(prefix="rlhf-launcher-tests-"))
+TOKEN_FILE = _TOKEN_DIR / "auth_token"
+TOKEN_FILE.write_text("launcher-test-token")
+"""The Ray auth token the scripts find by default in these tests (as a node that was given the
+head's token would); the token tests below take it away."""
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without anything the scripts read, plus `extra`."""
     read_by_scripts = re.compile(r"^(RAY_|SLURM_|DRY_RUN$|HOSTFILE$|NUM_GPUS$|NUM_NODES$|STRATEGY$|"
                                  r"CONFIG$|MASTER_|DS_LAUNCHER$|RLHF_|PYTHON$|STOP_GRACE$)")
     env = {k: v for k, v in os.environ.items() if not read_by_scripts.match(k)}
+    env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)
     env.update(extra)
     return env
 
@@ -603,3 +612,62 @@ def test_sbatch_forwards_sigterm_to_the_pipeline_then_stops_ray(fake_bin):
     first_stop = min(i for i, line in enumerate(log) if ": stop" in line)
     assert log.index("rlhf got TERM") < first_stop, "Ray was stopped before the pipeline could checkpoint"
     assert_ray_stopped_everywhere(res, log)
+
+
+# ---- Ray token authentication ----------------------------------------------------------------
+
+def no_token_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A machine with no Ray auth token: an empty HOME and no RAY_AUTH_TOKEN(_PATH)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = clean_env(HOME=str(home), **extra)
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    return env
+
+
+def recording_ray(tmp_path: Path) -> Path:
+    """A fake `ray` that records its arguments and the authentication mode it was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(f'#!/bin/bash\necho "mode=$RAY_AUTH_MODE $*" >> {tmp_path}/ran\n')
+    (bin_dir / "ray").chmod(0o755)
+    return bin_dir
+
+
+def test_head_makes_a_private_token_once_and_never_prints_it(tmp_path):
+    bin_dir = recording_ray(tmp_path)
+    env = no_token_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    first = run("ray_head.sh", env=env)
+    assert first.returncode == 0, first.stderr
+    token_file = tmp_path / "home" / ".ray" / "auth_token"
+    token = token_file.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token not in first.stdout + first.stderr and str(token_file) in first.stderr
+    assert (tmp_path / "ran").read_text().startswith("mode=token start --head")
+    again = run("ray_head.sh", env=env)  # a second start keeps the token the workers were given
+    assert again.returncode == 0 and token_file.read_text() == token
+
+
+@pytest.mark.parametrize("script, args", [("ray_worker.sh", ("10.0.0.1:6379",)), ("submit.sh", ("sft",))])
+def test_a_node_without_the_token_stops_before_running_anything_and_says_where_it_goes(tmp_path, script, args):
+    bin_dir = recording_ray(tmp_path)
+    res = run(script, *args, env=no_token_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert res.returncode != 0
+    assert "auth_token" in res.stderr and "RAY_AUTH_TOKEN_PATH" in res.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_worker_with_the_token_joins_in_token_mode(tmp_path):
+    bin_dir = recording_ray(tmp_path)
+    res = run("ray_worker.sh", "10.0.0.1:6379", env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "ran").read_text().startswith("mode=token start --address 10.0.0.1:6379")
+    assert TOKEN_FILE.read_text() not in res.stdout + res.stderr
+
+
+def test_auth_can_be_turned_off_with_a_warning_but_not_mistyped(tmp_path):
+    off = run("ray_worker.sh", "10.0.0.1:6379", env=no_token_env(tmp_path, DRY_RUN="1", RAY_AUTH_MODE="disabled"))
+    assert off.returncode == 0 and "warning" in off.stderr
+    typo = run("ray_head.sh", env=clean_env(DRY_RUN="1", RAY_AUTH_MODE="tokens"))
+    assert typo.returncode != 0 and "RAY_AUTH_MODE" in typo.stderr

@@ -53,9 +53,27 @@ def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None, code_d
     return env
 
 
+def join_auth_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """RAY_AUTH_MODE=token for a driver that joins a cluster with a token at hand and no mode
+    set: a head started by launchers/ray_head.sh (or any Ray 2.60 head) checks tokens, and a
+    driver in Ray's default mode ('disabled') is refused. Ray reads the mode when it is
+    imported, so this must run first. The token stays where it is
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token): Ray reads it, nothing here
+    copies or logs it."""
+    environ = os.environ if environ is None else environ
+    if "RAY_AUTH_MODE" in environ:
+        return {}
+    default_file = Path(environ.get("HOME", "~")).expanduser() / ".ray" / "auth_token"
+    if environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH") or default_file.is_file():
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
+
+
 @contextmanager
 def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = ()) -> Iterator[None]:
     """Ray initialised for the block (reused when the caller already started it)."""
+    if cfg.address:  # before Ray is imported: it reads its authentication mode at import
+        os.environ.update(join_auth_env())
     import ray
 
     if ray.is_initialized():

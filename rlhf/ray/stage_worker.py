@@ -32,6 +32,31 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
+def interface_with_address(address: str) -> str | None:
+    """The network interface that holds IPv4 `address` on this machine, or None."""
+    import socket
+
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(entry.family == socket.AF_INET and entry.address == address for entry in addresses):
+            return name
+    return None
+
+
+def gloo_interface_env(address: str, environ: dict | None = None) -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME for a worker whose node is reached at `address` (the address Ray
+    reports for the node): gloo otherwise advertises what the hostname resolves to, often
+    127.0.0.1 (/etc/hosts), and the other nodes' connections to it are refused. Left alone
+    when the user set it, for loopback addresses (one machine) and when no interface holds
+    the address (behind NAT: gloo's own guess is all there is)."""
+    environ = os.environ if environ is None else environ
+    if "GLOO_SOCKET_IFNAME" in environ or address.startswith("127.") or address == "localhost":
+        return {}
+    name = interface_with_address(address)
+    return {"GLOO_SOCKET_IFNAME": name} if name else {}
+
+
 class WorkerBase:
     """What every training process started by Ray needs: its place in the group, the driver's
     working directory, and the launcher variables of torch.distributed."""
@@ -71,6 +96,7 @@ class WorkerBase:
             "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
             "LOCAL_RANK": str(self.local_rank), "LOCAL_WORLD_SIZE": str(self.local_world_size),
             "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            **gloo_interface_env(node_ip()),
         })
 
 
