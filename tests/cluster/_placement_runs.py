@@ -66,7 +66,7 @@ def main(out_path: str) -> None:
         out = {
             "two_nodes": start([["actor", "reference"], ["critic", "reward"]],
                                ResourcesConfig(num_nodes=2, workers_per_node=2, cpus_per_worker=1.0)),
-            "one_node": start([["actor", "reference"]], ResourcesConfig(num_nodes=1, workers_per_node=4,
+            "one_node": start([["actor", "reference"]], ResourcesConfig(num_nodes=1, workers_per_node=2,
                                                                         cpus_per_worker=1.0)),
             "node_bundle": one_node_bundle(),
         }

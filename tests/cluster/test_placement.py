@@ -140,7 +140,7 @@ def test_gpu_shares_ray_cannot_place_on_distinct_devices_are_refused(gpus, group
 @pytest.mark.skipif(not loopback_namespace_available(), reason="needs unshare -n (a loopback-only network namespace)")
 def test_workers_land_on_the_gpus_the_table_says(tmp_path):
     done = run_isolated([sys.executable, str(Path(__file__).with_name("_placement_runs.py")), str(tmp_path / "out.json")],
-                        timeout=300, env={"PYTHONPATH": str(REPO)})
+                        timeout=600, env={"PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
 
@@ -158,7 +158,7 @@ def test_workers_land_on_the_gpus_the_table_says(tmp_path):
         for key, report in got.items():
             on_gpu[(report["node"], report["gpus"][0])].add(key)
         assert {frozenset(ranks) for ranks in on_gpu.values()} == devices(table)
-        # Within a colocation group, ranks the table puts on one node are on one Ray node.
+        # Within a colocation group, the table's nodes are distinct Ray nodes, each holding its ranks.
         for group in {placed.group for placed in table.values()}:
             by_node = defaultdict(set)
             for key, (g, node, _) in where(table).items():
@@ -169,9 +169,8 @@ def test_workers_land_on_the_gpus_the_table_says(tmp_path):
 
     # Two nodes x 2 workers, [[actor, reference], [critic, reward]]: all 8 fake GPUs, 2 workers each.
     check(out["two_nodes"], colocation_table(SPLIT, 2, 2, 1, 1.0))
-    assert len({(r["node"], r["gpus"][0]) for r in out["two_nodes"]}) == 8
-    # One node x 4 workers, [[actor, reference]]: STRICT_PACK on one node's 4 GPUs.
-    check(out["one_node"], colocation_table([["actor", "reference"]], 1, 4, 1, 1.0))
+    # One node x 2 workers, [[actor, reference]]: STRICT_PACK on one node.
+    check(out["one_node"], colocation_table([["actor", "reference"]], 1, 2, 1, 1.0))
     # What the slots prevent: two workers asking half a GPU in one bundle of a node's two GPUs
     # get the same one (Ray's best fit), the layout the code had before.
     assert out["node_bundle"][0] == out["node_bundle"][1]
