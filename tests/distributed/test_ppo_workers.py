@@ -175,3 +175,65 @@ def test_critic_free_estimators_with_two_workers_match_one_worker(tmp_path, sft_
                 a, b = single[step][key], double[step].get(key)
                 assert (a == b) if key in SAME else (b is not None and b == pytest.approx(a, rel=REL, abs=ABS)), \
                     f"step {step} {key}: one worker {a!r}, two workers {b!r}"
+
+
+def _compare(single: dict[int, dict], double: dict[int, dict], what: str) -> None:
+    """Every SAME metric equal and every CLOSE one within REL/ABS, at every step."""
+    assert sorted(double) == sorted(single)
+    diverged = []
+    for step in sorted(single):
+        for key in SAME + CLOSE:
+            if key in single[step]:
+                a, b = single[step][key], double[step].get(key)
+                ok = a == b if key in SAME else b is not None and b == pytest.approx(a, rel=REL, abs=ABS)
+                if not ok:
+                    diverged.append(f"step {step} {key}: {a!r} against {b!r}")
+    assert not diverged, f"{what} diverge:\n" + "\n".join(diverged)
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ZERO3 = ["strategy.name=deepspeed", "strategy.zero_stage=3"]
+HF = ["rollout.engine=hf", "rollout.batch_size=3", "rollout.max_new_tokens=16", "ppo.iterations=2",
+      "ppo.actor_lr=2e-3"]
+"""The HF engine on the actor, in batches of 3 prompts: each worker runs a full and a partial one."""
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
+def test_hf_engine_with_two_zero3_workers_matches_one_worker(tmp_path, sft_model, quickstart_data, advantage):
+    """rollout.engine=hf on an actor sharded by ZeRO-3 against one process. The HF engine
+    samples from the process RNG, whose stream depends on the layout, so sampling is greedy
+    here (rollout.top_k=1; PPO still scores the unfiltered distribution): the same answers on
+    any layout, and the metrics must agree as above. Under grpo the two answers of a group are
+    then equal (zero advantages): that case checks the sharded sampling of groups, the rewards
+    and the KL; reinforce_pp (whitened over the global batch) also the updates. (Greedy answers
+    of this model all run to the limit; answers that end at different steps on each worker are
+    the next test's.)"""
+    hf = [*HF, "rollout.top_k=1", f"ppo.advantage={advantage}"]
+    if advantage == "grpo":
+        hf += ["rollout.n_samples_per_prompt=2", f"ppo.rollout_batch_size={BATCH // 2}"]
+    runs = {}
+    for name, launch, engine in (("one", [], ["strategy.name=single"]), ("two", TORCHRUN, ZERO3)):
+        runs[name] = tmp_path / name
+        _run([*launch, *ppo_args(sft_model, quickstart_data, runs[name]), *hf, *engine],
+             f"{advantage} with the hf engine on {name} worker(s)", threads_one=not launch)
+    single, double = by_step(runs["one"]), by_step(runs["two"])
+    assert sorted(single) == [0, 1, 2]
+    _compare(single, double, "one worker and two ZeRO-3 workers (hf engine, greedy)")
+
+
+def test_hf_engine_sampling_under_zero3_matches_zero2(tmp_path, sft_model, quickstart_data):
+    """GRPO sampling with the HF engine (temperature 1) on 2 workers, ZeRO-3 against ZeRO-2:
+    the same layout, so each worker draws the same random stream for the same prompts, and
+    only ZeRO-3 shards the weights. Its answers end at different steps on each worker, so under
+    ZeRO-3 the worker that ends first must keep joining the other's forwards (synced_gpus);
+    then the two runs sample the same answers and agree on every metric."""
+    groups = [*HF, "ppo.advantage=grpo", "rollout.n_samples_per_prompt=2", f"ppo.rollout_batch_size={BATCH // 2}"]
+    runs = {}
+    for name, engine in (("zero2", ["strategy.name=deepspeed", "strategy.zero_stage=2"]), ("zero3", ZERO3)):
+        runs[name] = tmp_path / name
+        _run([*TORCHRUN, *ppo_args(sft_model, quickstart_data, runs[name]), *groups, *engine],
+             f"grpo with the hf engine under {name}", threads_one=False)
+    zero2, zero3 = by_step(runs["zero2"]), by_step(runs["zero3"])
+    rates = [zero2[s]["ppo/eos_rate"] for s in (1, 2)]
+    assert any(0 < rate < 1 for rate in rates), f"all answers end alike (EOS rates {rates}): nothing to keep in step"
+    _compare(zero2, zero3, "ZeRO-2 and ZeRO-3 (hf engine, sampled)")
