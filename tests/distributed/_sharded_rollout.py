@@ -12,6 +12,7 @@ call whose tensors were on another device than the strategy's.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,7 +30,18 @@ from rlhf.models.loading import load_causal_lm
 from rlhf.rollout.decode import DecodeEngine, SampleSeeds
 from rlhf.rollout.engine import HFGenerateEngine, SamplingParams
 
-STRATEGIES = {"zero3": StrategyConfig(name="deepspeed", zero_stage=3), "fsdp": StrategyConfig(name="fsdp")}
+STRATEGIES = ("fsdp", "zero3")
+GATHER_EVERY_WEIGHT = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+"""ZeRO-3 keeps parameters under 100k elements whole on every rank by default: all of the tiny
+model's, whose forwards would then gather nothing. Threshold 0 partitions them all."""
+
+
+def strategy_config(name: str, out_dir: Path) -> StrategyConfig:
+    if name == "fsdp":
+        return StrategyConfig(name="fsdp")
+    raw = out_dir / "zero3.json"
+    raw.write_text(json.dumps(GATHER_EVERY_WEIGHT))
+    return StrategyConfig(name="deepspeed", zero_stage=3, deepspeed_config=str(raw))
 SPEC = OptimizerSpec(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0,
                      scheduler="constant", warmup_steps=0, total_steps=1, min_lr_ratio=0.0)
 PROMPTS = ["List 3 fruits in uppercase.", "Name 2 birds, in lowercase.", "Write the word cat twice.",
@@ -86,7 +98,7 @@ class CollectiveDevices:
 
 
 def main(name: str, model_dir: str, out_dir: Path, eos: int) -> None:
-    strategy = build_strategy(STRATEGIES[name])
+    strategy = build_strategy(strategy_config(name, out_dir))
     recorder = CollectiveDevices(lambda: strategy.device)
     recorder.install()
     strategy.setup(seed=0)
