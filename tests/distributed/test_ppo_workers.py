@@ -242,7 +242,7 @@ def test_hf_engine_sampling_under_zero3_matches_zero2(tmp_path, sft_model, quick
         runs[name] = tmp_path / name
         _run([*TORCHRUN, *ppo_args(sft_model, quickstart_data, runs[name]), *groups, *engine],
              f"grpo with the hf engine under {name}", threads_one=False)
-    zero2, zero3 = by_step(runs["zero2"]), by_step(runs["zero3"])
-    rates = [zero2[s]["ppo/eos_rate"] for s in (1, 2)]
+    whole, sharded = by_step(runs["zero2"]), by_step(runs["zero3"])
+    rates = [whole[s]["ppo/eos_rate"] for s in (1, 2)]
     assert any(0 < rate < 1 for rate in rates), f"all answers end alike (EOS rates {rates}): nothing to keep in step"
-    _compare(zero2, zero3, "ZeRO-2 and ZeRO-3 (hf engine, sampled)")
+    _compare(whole, sharded, "ZeRO-2 and ZeRO-3 (hf engine, sampled)")
