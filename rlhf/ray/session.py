@@ -14,6 +14,7 @@ flags, W&B mode and directory, NCCL/GLOO interface choices), never its secrets.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -72,7 +73,9 @@ def join_auth_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 @contextmanager
 def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = ()) -> Iterator[None]:
     """Ray initialised for the block (reused when the caller already started it)."""
-    if cfg.address:  # before Ray is imported: it reads its authentication mode at import
+    # Ray reads its authentication mode once, when imported: set only before that (a process
+    # that imported Ray already, such as one running a local test cluster, keeps its mode).
+    if cfg.address and "ray" not in sys.modules:
         os.environ.update(join_auth_env())
     import ray
 
