@@ -36,25 +36,8 @@ common.add_project_to_path()
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
 
 MIB = 1 << 20
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor (bytes) any operation outputs while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
-        return out
 
 
 def profiled_peak(fn) -> tuple[int, float]:
@@ -120,6 +103,7 @@ def main() -> None:
     from rlhf.config import PPOConfig, load_config
     from rlhf.data.prompt_dataset import PromptBatch
     from rlhf.distributed.factory import build_strategy
+    from rlhf.logging.perf import LargestTensor
     from rlhf.models.loading import load_tokenizer
     from rlhf.roles.roles import ScoringBatches
     from rlhf.roles.team import LocalRoles

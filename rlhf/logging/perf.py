@@ -32,6 +32,8 @@ import time
 from typing import Sequence
 
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 from rlhf.models.engines import unwrap_engine
 
@@ -189,3 +191,20 @@ class PerfMeter:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """While active, the size in bytes of the largest tensor any operation outputs: an exact,
+    repeatable measure of how a phase's memory scales on the CPU, where the allocator's
+    resident set also moves with caching and fragmentation."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self.bytes = max(self.bytes, tensor.numel() * tensor.element_size())
+        return out

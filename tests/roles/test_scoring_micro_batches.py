@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from rlhf.config_sections import ModelConfig
+from rlhf.logging.perf import LargestTensor
 from rlhf.distributed.strategy import TrainedModel
 from rlhf.models.reward import load_scalar_model
 from rlhf.roles import forward, roles
@@ -159,21 +158,6 @@ def test_sharded_actor_workers_run_as_many_forwards_as_the_busiest(tiny_model_di
     assert len(calls.shapes) == pieces
     torch.testing.assert_close(logprobs * mask, whole, rtol=1e-5, atol=1e-5)
     assert module.training  # back in training mode after scoring
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor (in bytes) any operation outputs while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
-        return out
 
 
 def ppo_roles(tmp_path, quickstart_data, tiny_model_dir):
