@@ -39,7 +39,8 @@ head's token would); the token tests below take it away."""
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without anything the scripts read, plus `extra`."""
-    read_by_scripts = re.compile(r"^(RAY_|SLURM_|DRY_RUN$|HOSTFILE$|NUM_GPUS$|NUM_NODES$|STRATEGY$|"
+    read_by_scripts = re.compile(r"^(RAY_|SLURM_|DRY_RUN$|HOSTFILE$|NUM_GPUS$|NUM_NODES$|GPUS_PER_NODE$|"
+                                 r"WORKERS_PER_NODE$|FIT_ALLOCATION$|STRATEGY$|"
                                  r"CONFIG$|MASTER_|DS_LAUNCHER$|RLHF_|PYTHON$|STOP_GRACE$)")
     env = {k: v for k, v in os.environ.items() if not read_by_scripts.match(k)}
     env["RAY_AUTH_TOKEN_PATH"] = str(TOKEN_FILE)
@@ -169,7 +170,7 @@ def test_dry_run_shows_exactly_what_a_real_run_executes(tmp_path, script, args, 
     real = run(script, *args, env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", **env))
     assert real.returncode == 0, real.stderr
     ran = (tmp_path / "ran").read_text().splitlines()
-    assert [ran] == dry(script, *args, **env)
+    assert ran == [word for cmd in dry(script, *args, **env) for word in cmd]
 
 
 def test_readme_covers_every_script():
@@ -253,8 +254,11 @@ def test_worker_leaves_the_node_ip_to_ray_unless_given():
 # ---- submit.sh -----------------------------------------------------------------------------
 
 def submitted(*args: str, **env: str) -> tuple[list[str], list[str], dict]:
-    """(ray job submit options, entrypoint, runtime env) of submit.sh ARGS."""
-    [cmd] = dry("submit.sh", *args, **env)
+    """(ray job submit options, entrypoint, runtime env) of submit.sh ARGS. Before it, only the
+    query of the cluster's nodes may run (when the allocation is not given)."""
+    *before, cmd = dry("submit.sh", *args, **env)
+    assert before in ([], [["ray", "list", "nodes", "--detail", "--format", "json",
+                            "--address", env.get("RAY_JOB_ADDRESS", "http://127.0.0.1:8265")]])
     assert cmd[:3] == ["ray", "job", "submit"]
     split = cmd.index("--")
     options, entrypoint = cmd[:split], cmd[split + 1:]
@@ -465,10 +469,10 @@ def fake_bin(tmp_path) -> Path:
 
 def slurm_env(fake_bin: Path, **extra: str) -> dict[str, str]:
     tmp = fake_bin.parent
-    return clean_env(PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node[1-3]",
-                     SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="8", SLURM_GPUS_PER_NODE="4",
-                     FAKE_LOG=str(tmp / "log"), FAKE_DIR=str(tmp), PYTHON=str(fake_bin / "python"),
-                     RAY_WAIT_INTERVAL="0.1", STOP_GRACE="10", **extra)
+    return clean_env(**{"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-3]",
+                        "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "8", "SLURM_GPUS_PER_NODE": "4",
+                        "FAKE_LOG": str(tmp / "log"), "FAKE_DIR": str(tmp), "PYTHON": str(fake_bin / "python"),
+                        "RAY_WAIT_INTERVAL": "0.1", "STOP_GRACE": "10", **extra})
 
 
 def sbatch_dry(fake_bin: Path, *args: str, **extra: str) -> list[list[str]]:
@@ -479,6 +483,18 @@ def sbatch_dry(fake_bin: Path, *args: str, **extra: str) -> list[list[str]]:
 
 def srun_node(cmd: list[str]) -> str | None:
     return opt(cmd, "--nodelist") if "srun" in cmd else None
+
+
+def fit(nodes: int, workers: int | None, gpus: int | None, sections=("sft.", "rm.", "dpo.", "ppo.")) -> list[str]:
+    """The resources.* overrides that put each stage on NODES nodes x WORKERS workers of GPUS GPUs."""
+    out = []
+    for section in sections:
+        out.append(f"{section}resources.num_nodes={nodes}")
+        if workers is not None:
+            out.append(f"{section}resources.workers_per_node={workers}")
+        if gpus is not None:
+            out.append(f"{section}resources.gpus_per_worker={gpus}")
+    return out
 
 
 def test_sbatch_starts_one_head_then_workers_then_the_pipeline_then_stops_ray(fake_bin):
@@ -498,8 +514,8 @@ def test_sbatch_starts_one_head_then_workers_then_the_pipeline_then_stops_ray(fa
         assert opt(after(w, "ray", "start"), "--address") == "10.0.0.1:6379"
         assert "--block" in w and "--disable-usage-stats" in w
     [pipeline] = [c for c in cmds if has(c, "rlhf", "pipeline")]
-    assert after(pipeline, "rlhf", "pipeline") == ["--config", "configs/pipeline.yaml",
-                                                   "ray.address=auto", "--from", "rm"]
+    assert after(pipeline, "rlhf", "pipeline") == ["--config", "configs/pipeline.yaml", "ray.address=auto",
+                                                   *fit(3, 4, 1), "--from", "rm"]
     # outside the allocation (this test machine) the driver goes to the head node via srun
     assert srun_node(pipeline) == "node1"
     stops = [c for c in cmds if has(c, "ray", "stop")]
@@ -559,7 +575,7 @@ def test_sbatch_runs_the_pipeline_on_the_cluster_and_stops_ray(fake_bin):
         assert any(line.startswith(f"ray node={node}: start --address 10.9.8.7:6379") for line in log)
     [rlhf] = [line for line in log if line.startswith("rlhf")]
     assert rlhf == ("rlhf node=local RAY_ADDRESS=10.9.8.7:6379: pipeline --config configs/ppo.yaml "
-                    "ray.address=auto ppo.kl_coef=0.1")
+                    f"ray.address=auto {' '.join(fit(3, 4, 1))} ppo.kl_coef=0.1")
     assert log.index(rlhf) < min(i for i, line in enumerate(log) if ": stop" in line)
     assert_ray_stopped_everywhere(res, log)
 
@@ -671,3 +687,132 @@ def test_auth_can_be_turned_off_with_a_warning_but_not_mistyped(tmp_path):
     assert off.returncode == 0 and "warning" in off.stderr
     typo = run("ray_head.sh", env=clean_env(DRY_RUN="1", RAY_AUTH_MODE="tokens"))
     assert typo.returncode != 0 and "RAY_AUTH_MODE" in typo.stderr
+
+
+# ---- the allocation: resources.* from SLURM or the cluster ---------------------------------
+
+def _pipeline_args(cmds: list[list[str]]) -> list[str]:
+    [pipeline] = [c for c in cmds if has(c, "rlhf", "pipeline")]
+    return after(pipeline, "ray.address=auto")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({}, fit(3, 4, 1)),
+    ({"SLURM_GPUS_PER_NODE": "h100:8"}, fit(3, 8, 1)),
+    ({"SLURM_GPUS_PER_NODE": "8", "WORKERS_PER_NODE": "4"}, fit(3, 4, 2)),
+    ({"RAY_NUM_GPUS": "0", "SLURM_GPUS_PER_NODE": ""}, fit(3, None, 0)),
+    ({"RAY_NUM_GPUS": "0", "SLURM_GPUS_PER_NODE": "", "WORKERS_PER_NODE": "2"}, fit(3, 2, 0)),
+    ({"SLURM_GPUS_PER_NODE": ""}, fit(3, None, None)),   # GPUs unknown: Ray counts them
+    ({"FIT_ALLOCATION": "0"}, []),
+])
+def test_sbatch_sizes_every_stage_to_the_allocation_before_the_callers_arguments(fake_bin, extra, expected):
+    assert _pipeline_args(sbatch_dry(fake_bin, "ppo.resources.num_nodes=1", **extra)) == \
+        [*expected, "ppo.resources.num_nodes=1"]
+
+
+def test_sbatch_refuses_workers_that_do_not_split_the_gpus(fake_bin):
+    res = run("slurm_ray.sbatch", env=slurm_env(fake_bin, DRY_RUN="1", WORKERS_PER_NODE="3"))
+    assert res.returncode != 0 and not commands(res.stdout)
+    assert "WORKERS_PER_NODE=3" in res.stderr and "4 GPUs" in res.stderr
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"NUM_NODES": "2", "GPUS_PER_NODE": "8"}, fit(2, 8, 1, sections=("",))),
+    ({"SLURM_JOB_NUM_NODES": "4", "SLURM_GPUS_ON_NODE": "8"}, fit(4, 8, 1, sections=("",))),
+    ({"SLURM_JOB_NUM_NODES": "4", "SLURM_GPUS_PER_NODE": "a100:4", "NUM_NODES": "2", "GPUS_PER_NODE": "2"},
+     fit(2, 2, 1, sections=("",))),
+    ({"NUM_NODES": "2", "GPUS_PER_NODE": "8", "FIT_ALLOCATION": "0"}, []),
+])
+def test_submit_sizes_the_stage_to_the_allocation_before_the_callers_arguments(env, expected):
+    _, entrypoint, _ = submitted("ppo", "--config", "configs/ppo.yaml", **env)
+    assert entrypoint[:2 + len(expected)] == ["rlhf", "ppo", *expected]
+    assert entrypoint[2 + len(expected):4 + len(expected)] == ["--config", "configs/ppo.yaml"]
+
+
+def test_submit_pipeline_sizes_every_stage():
+    _, entrypoint, _ = submitted("pipeline", NUM_NODES="2", GPUS_PER_NODE="8")
+    assert entrypoint[2:-1] == fit(2, 8, 1)
+
+
+def _fake_ray_listing(tmp_path: Path, listing: str) -> dict[str, str]:
+    """An environment whose `ray list nodes` prints LISTING and whose `ray job submit` records its words."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        if [[ "$1 $2" == "list nodes" ]]; then cat <<'JSON'
+        {listing}
+        JSON
+        else printf '%s\\n' "$@" > {tmp_path}/submitted; fi
+        """))
+    (bin_dir / "ray").chmod(0o755)
+    import sys
+    return clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, PYTHONPATH=str(REPO))
+
+
+def test_submit_asks_the_cluster_for_its_nodes_and_gpus(tmp_path):
+    nodes = [{"state": "ALIVE", "is_head_node": True, "resources_total": {"CPU": 8.0}},
+             {"state": "ALIVE", "resources_total": {"CPU": 64.0, "GPU": 8.0}},
+             {"state": "ALIVE", "resources_total": {"CPU": 64.0, "GPU": 8.0}},
+             {"state": "DEAD", "resources_total": {"CPU": 64.0, "GPU": 8.0}}]
+    res = run("submit.sh", "sft", "train.lr=1e-5", env=_fake_ray_listing(tmp_path, json.dumps(nodes)))
+    assert res.returncode == 0, res.stderr
+    words = (tmp_path / "submitted").read_text().splitlines()
+    assert after(words, "--", "rlhf", "sft")[:4] == [*fit(2, 8, 1, sections=("",)), "train.lr=1e-5"]
+
+
+def test_submit_goes_on_with_the_configs_resources_when_the_cluster_cannot_tell(tmp_path):
+    res = run("submit.sh", "sft", "train.lr=1e-5", env=_fake_ray_listing(tmp_path, "not json"))
+    assert res.returncode == 0, res.stderr
+    assert "NUM_NODES" in res.stderr   # the warning says how to size it by hand
+    words = (tmp_path / "submitted").read_text().splitlines()
+    assert after(words, "--", "rlhf", "sft")[0] == "train.lr=1e-5"
+
+
+@pytest.mark.parametrize("nodes, expected", [
+    ([{"state": "ALIVE", "resources_total": {"CPU": 2.0}}] * 3, (3, 0)),
+    ([{"state": "ALIVE", "resources_total": {"GPU": 8.0}}, {"state": "ALIVE", "resources_total": {"GPU": 4.0}}], (2, 4)),
+    ([{"state": "ALIVE", "resources_total": {"CPU": 8.0}}, {"state": "ALIVE", "resources_total": {"GPU": 8.0}}], (1, 8)),
+    ([{"state": "DEAD", "resources_total": {"GPU": 8.0}}, {"state": "ALIVE", "resources_total": {"CPU": 4.0}}], (1, 0)),
+])
+def test_cluster_allocation_counts_alive_gpu_nodes_and_their_smallest_gpu_count(nodes, expected):
+    from rlhf.ray.allocation import cluster_allocation
+
+    assert cluster_allocation(nodes) == expected
+
+
+def test_cluster_allocation_without_alive_nodes_is_an_error():
+    from rlhf.ray.allocation import cluster_allocation
+
+    with pytest.raises(ValueError, match="no alive node"):
+        cluster_allocation([{"state": "DEAD", "resources_total": {"GPU": 8.0}}])
+
+
+def test_every_launcher_renders_a_two_node_allocation(tmp_path, fake_bin):
+    """A fake allocation of 2 nodes x 8 GPUs (10.0.0.1 and 10.0.0.2), as each launcher sees it:
+    the head, the worker that joins it, the SLURM job, a Ray job submitted to it, and DeepSpeed
+    over SSH. Every command names the same head address and GPU count, and the training
+    processes come to 2 x 8."""
+    [head] = [c for c in dry("ray_head.sh", RAY_HEAD_IP="10.0.0.1", RAY_NUM_GPUS="8") if has(c, "ray", "start")]
+    assert opt(head, "--node-ip-address") == "10.0.0.1" and opt(head, "--num-gpus") == "8"
+    [worker] = [c for c in dry("ray_worker.sh", "10.0.0.1:6379", RAY_NODE_IP="10.0.0.2", RAY_NUM_GPUS="8")
+                if has(c, "ray", "start")]
+    assert opt(worker, "--address") == "10.0.0.1:6379" and opt(worker, "--node-ip-address") == "10.0.0.2"
+    assert opt(worker, "--num-gpus") == "8"
+
+    (fake_bin / "scontrol").write_text("#!/bin/bash\nprintf '%s\\n' node1 node2\n")
+    job = sbatch_dry(fake_bin, RAY_HEAD_IP="10.0.0.1", SLURM_GPUS_PER_NODE="8", SLURM_JOB_NODELIST="node[1-2]")
+    starts = [c for c in job if has(c, "ray", "start")]
+    assert [srun_node(c) for c in starts] == ["node1", "node2"]
+    assert all(opt(after(c, "ray", "start"), "--num-gpus") == "8" for c in starts)
+    assert opt(after(starts[1], "ray", "start"), "--address") == "10.0.0.1:6379"
+    assert _pipeline_args(job) == fit(2, 8, 1)
+
+    _, entrypoint, _ = submitted("ppo", NUM_NODES="2", GPUS_PER_NODE="8")
+    assert entrypoint[2:5] == fit(2, 8, 1, sections=("",))
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("10.0.0.1 slots=8\n10.0.0.2 slots=8\n")
+    [ds] = dry("deepspeed_multinode.sh", "sft", HOSTFILE=str(hostfile), MASTER_ADDR="10.0.0.1", NUM_NODES="2")
+    assert opt(ds, "--hostfile") == str(hostfile) and opt(ds, "--master_addr") == "10.0.0.1"
+    assert opt(ds, "--num_nodes") == "2"
