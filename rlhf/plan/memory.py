@@ -252,7 +252,10 @@ def _rm_components(cfg, shapes: dict, workers: int, device_type: str, answers: i
 
 
 def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: int) -> list[Component]:
-    actor, reward = shapes["model"], shapes["reward_model"]
+    # Only the roles the run builds (rlhf/roles/team.py): no critic for the critic-free
+    # estimators, no reference when the KL coefficient is 0, no reward model with rewards only
+    # from code.
+    actor, reward = shapes["model"], shapes.get("reward_model")
     critic_cfg = cfg.reward_model if cfg.ppo.critic_init == "reward" else cfg.model
     critic = reward if cfg.ppo.critic_init == "reward" else actor
     actor_prec = precision(cfg.strategy, cfg.model, device_type)
@@ -261,15 +264,22 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
     rm_bytes = model_bytes(cfg.reward_model.dtype, device_type)
     prompt, new = cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
     seq = prompt + new
-    rollout = -(-cfg.ppo.rollout_batch_size // workers)  # this worker's share of each iteration
-    generate = min(cfg.rollout.batch_size, rollout)
+    prompts = -(-cfg.ppo.rollout_batch_size // workers)  # this worker's share of each iteration
+    answers = cfg.rollout.n_samples_per_prompt
+    rollout = prompts * answers
+    generate = min(cfg.rollout.batch_size, prompts) * answers  # rollout.batch_size counts prompts
     micro = cfg.ppo.micro_batch_size
     logit_tokens = new + 1  # only the response region's logits are computed (logits_to_keep)
 
     rows = _trained_model("actor ", "actor", actor, actor.params, cfg.model.lora, actor_prec, cfg.strategy, workers)
-    rows += _trained_model("critic ", "critic", critic, critic.scalar_params, None, critic_prec, cfg.strategy, workers)
-    rows.append(Component("reference parameters (frozen)", "frozen", actor.params * ref_bytes, 0, "reference"))
-    rows.append(Component("reward model parameters (frozen)", "frozen", reward.scalar_params * rm_bytes, 0, "reward"))
+    if cfg.uses_critic:
+        rows += _trained_model("critic ", "critic", critic, critic.scalar_params, None, critic_prec, cfg.strategy,
+                               workers)
+    if cfg.uses_reference:
+        rows.append(Component("reference parameters (frozen)", "frozen", actor.params * ref_bytes, 0, "reference"))
+    if cfg.uses_reward_model:
+        rows.append(Component("reward model parameters (frozen)", "frozen", reward.scalar_params * rm_bytes, 0,
+                              "reward"))
     kv = 2 * actor.num_layers * generate * seq * actor.kv_width * actor_prec.compute_bytes
     rows.append(Component(f"generate: KV cache, {generate} x {seq} tokens", "kv_cache", kv, 0, "actor", "generate"))
     actor_width, critic_width = actor_prec.compute_bytes, critic_prec.compute_bytes
@@ -277,13 +287,20 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
     if cfg.ppo.ptx_coef > 0:
         ptx, length = cfg.ppo.ptx_micro_batch_size, cfg.data.pretrain_max_length
         rows += _pass("actor ptx", "actor", actor, ptx, length, ptx * length, actor_width, cfg.model, True)
-    rows += _pass("critic train", "critic", critic, micro, seq, 0, critic_width, critic_cfg, True)
-    # The experience step runs each model once over this worker's whole rollout.
-    rollout_logits = rollout * logit_tokens
-    rows += _pass("actor log-probs", "actor", actor, rollout, seq, rollout_logits, actor_width, cfg.model, False)
-    rows += _pass("reference log-probs", "reference", actor, rollout, seq, rollout_logits, ref_bytes, cfg.model, False)
-    rows += _pass("critic values", "critic", critic, rollout, seq, 0, critic_width, critic_cfg, False)
-    rows += _pass("reward scores", "reward", reward, rollout, seq, 0, rm_bytes, cfg.reward_model, False)
+    if cfg.uses_critic:
+        rows += _pass("critic train", "critic", critic, micro, seq, 0, critic_width, critic_cfg, True)
+    # The experience step scores this worker's rollout in pieces of ppo.micro_batch_size rows
+    # (rlhf/roles/roles.py ScoringBatches), so its peak follows the piece, not the rollout.
+    piece = min(micro, rollout)
+    piece_logits = piece * logit_tokens
+    rows += _pass("actor log-probs", "actor", actor, piece, seq, piece_logits, actor_width, cfg.model, False)
+    if cfg.uses_reference:
+        rows += _pass("reference log-probs", "reference", actor, piece, seq, piece_logits, ref_bytes, cfg.model,
+                      False)
+    if cfg.uses_critic:
+        rows += _pass("critic values", "critic", critic, piece, seq, 0, critic_width, critic_cfg, False)
+    if cfg.uses_reward_model:
+        rows += _pass("reward scores", "reward", reward, piece, seq, 0, rm_bytes, cfg.reward_model, False)
     return rows
 
 
@@ -306,12 +323,14 @@ def estimate(stage_cfg: Any, stage: str, workers: int, device_memory: Optional[i
     if device_memory is None:
         device_memory, memory_source = detect_device_memory(device_type, local_workers(stage_cfg, workers))
     shapes = dict(shapes or {})
-    for key in ("model", "reward_model") if stage == "ppo" else ("model",):
+    reads_reward_model = stage == "ppo" and (stage_cfg.uses_reward_model or
+                                             (stage_cfg.uses_critic and stage_cfg.ppo.critic_init == "reward"))
+    for key in ("model", "reward_model") if reads_reward_model else ("model",):
         if key not in shapes:
             shapes[key] = count_parameters(getattr(stage_cfg, key), key)
     components = _BUILDERS[stage](stage_cfg, shapes, workers, device_type, answers_per_prompt)
     model = describe_model(stage_cfg.model, shapes["model"])
-    if stage == "ppo":
+    if stage == "ppo" and "reward_model" in shapes:
         model = f"policy {model}; reward model {describe_model(stage_cfg.reward_model, shapes['reward_model'])}"
     plan = Plan(stage, workers, device_type, int(device_memory), memory_source or "--device-memory-gb", components,
                 describe_strategy(stage_cfg.strategy),
