@@ -225,6 +225,32 @@ def test_ppo_frozen_models_and_kv_cache():
     assert ptx.phases["actor ptx"] == 2 * (256 * 8 * 64 * 34 + 5 * 4 * 256 * 256 * 8) * 2 + 8 * 256 * 512 * 4
 
 
+def test_ppo_plans_only_the_roles_the_run_builds():
+    full = ppo_plan([])
+    assert {c.role for c in full.components} == {"actor", "critic", "reference", "reward"}
+    # A critic-free estimator builds no critic; kl.coef 0 no reference; rewards only from code no RM.
+    grpo = ppo_plan(["ppo.advantage=grpo", "rollout.n_samples_per_prompt=2", "ppo.rollout_batch_size=32"])
+    assert {c.role for c in grpo.components} == {"actor", "reference", "reward"}
+    bare = ppo_plan(["ppo.advantage=grpo", "rollout.n_samples_per_prompt=2", "ppo.rollout_batch_size=32",
+                     "kl.coef=0", "reward_model.path=''", "reward.functions=[rlhf.rewards.builtin:exact_match]",
+                     "reward.normalize=none"])
+    assert {c.role for c in bare.components} == {"actor"}
+    assert bare.frozen == Bytes(0, 0) and bare.gradients.device == 4_000_000
+
+
+def test_ppo_generation_counts_answers_and_scoring_follows_the_micro_batch():
+    # 16 prompts per worker, generated 8 at a time, 4 answers each: 32 sequences in the KV cache.
+    plan = ppo_plan(["rollout.batch_size=8", "ppo.rollout_batch_size=64", "rollout.n_samples_per_prompt=4",
+                     "ppo.mini_batch_size=64", "ppo.micro_batch_size=8"], workers=4)
+    assert plan.kv_cache.device == 2 * 2 * 32 * 88 * 32 * 4
+    # Scoring runs in pieces of ppo.micro_batch_size rows whatever the rollout's size.
+    bigger = ppo_plan(["rollout.batch_size=8", "ppo.rollout_batch_size=256", "rollout.n_samples_per_prompt=4",
+                       "ppo.mini_batch_size=64", "ppo.micro_batch_size=8"], workers=4)
+    scoring = ("actor log-probs", "reference log-probs", "critic values", "reward scores")
+    assert all(plan.phases[p] == bigger.phases[p] > 0 for p in scoring)
+    assert "forward of 8 x 88 tokens" in " ".join(c.name for c in plan.components)
+
+
 def test_ppo_role_groups_plan_the_heaviest_group():
     groups = ["ray.enabled=true", "ppo.colocate=[[actor,reference],[critic,reward]]"]
     plan = ppo_plan(groups + ["model.lora.r=8"])
