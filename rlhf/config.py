@@ -664,6 +664,8 @@ class PPOConfig:
         if self.ppo.role_groups() is not None and not self.ray.enabled:
             raise ConfigError("ppo.colocate lists role groups, which run as separate Ray actor groups: "
                               "set ray.enabled=true (or ppo.colocate=all)")
+        for group in self.ppo.role_groups() or []:
+            self.resources.check_gpu_share(len(group))
         self.rollout.reuse_logprobs = resolve_reuse_logprobs(self)
         if self.ray.enabled:
             workers = self.resources.workers

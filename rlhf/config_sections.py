@@ -295,7 +295,10 @@ def _looks_secret(name: str) -> bool:
 @dataclass
 class ResourcesConfig:
     """What each stage asks of the cluster when it runs on Ray: `num_nodes x workers_per_node`
-    training processes (Ray actors) in one placement group, one bundle per node."""
+    training processes (Ray actors) in one placement group. With GPUs each worker slot is its
+    own bundle of whole GPUs, so two ranks of one group never share a device (PPO roles in one
+    ppo.colocate group share their slot's GPUs on purpose); on CPUs one bundle per node. See
+    rlhf/ray/placement.py."""
 
     num_nodes: int = 1
     workers_per_node: int = 1
@@ -317,3 +320,15 @@ class ResourcesConfig:
             raise ConfigError("resources.cpus_per_worker must be > 0")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ConfigError("resources.gpus_per_worker must be >= 0")
+        self.check_gpu_share(1)
+
+    def check_gpu_share(self, roles_sharing: int) -> None:
+        """Refuse GPU counts Ray cannot place on distinct devices, when the config is read rather
+        than when the placement group is reserved."""
+        from rlhf.errors import UserError
+        from rlhf.ray.placement import check_share  # pure arithmetic: Ray is not imported
+
+        try:
+            check_share(self.gpus_per_worker or 0, 1.0 / roles_sharing)
+        except UserError as exc:
+            raise ConfigError(str(exc)) from None

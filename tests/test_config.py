@@ -114,3 +114,18 @@ def test_kernels_section_is_in_every_stage_config_and_in_the_saved_yaml(tmp_path
     assert "kernels:" in text and "cpu_matmul: blas" in text
     with pytest.raises(ConfigError, match="kernels.cpu_matmul='fast' is not one of"):
         load_config(SFTConfig, [], [*BASE, "kernels.cpu_matmul=fast"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["resources.gpus_per_worker=0.5"], "a worker takes whole GPUs"),
+    (["ray.enabled=true", "resources.gpus_per_worker=2", "ppo.colocate=[[actor,reference,critic],[reward]]"],
+     "shared by 3 colocated roles"),
+])
+def test_gpu_shares_ray_cannot_place_on_distinct_devices_are_refused_when_the_config_is_read(overrides, message):
+    from rlhf.config import PPOConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(PPOConfig, [str(Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml")], overrides)
+    # Whole GPUs per role are fine: 2 GPUs for a group of 2 roles, 1 each.
+    load_config(PPOConfig, [str(Path(__file__).resolve().parents[1] / "configs" / "ppo.yaml")],
+                ["ray.enabled=true", "resources.gpus_per_worker=2", "ppo.colocate=[[actor,reference],[critic,reward]]"])
