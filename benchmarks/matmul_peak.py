@@ -3,7 +3,8 @@
     python benchmarks/matmul_peak.py [--sizes 1024,2048,4096] [--repeats 5]
 
 Square fp32 matmuls (and bf16 on a GPU) of several sizes, each timed `repeats` times after a
-warm-up; the peak is the best median over sizes and kernels. On the CPU two kernels are timed,
+warm-up (the timing is `rlhf.doctor.throughput.matmul_flops`, which `rlhf doctor` also
+reports); the peak is the best median over sizes and kernels. On the CPU two kernels are timed,
 with the threads torch uses by default (all cores), as training does:
 - `torch.mm`, PyTorch's default (MKL in the x86 wheels);
 - `onednn`, the oneDNN product that rlhf/kernels/onednn.py routes linear layers through. MKL
@@ -14,33 +15,14 @@ with the threads torch uses by default (all cores), as training does:
 from __future__ import annotations
 
 import argparse
-import time
 
 import common
 
-import torch
+common.add_project_to_path()
 
+import torch  # noqa: E402
 
-def matmul_flops(size: int, dtype: torch.dtype, device: torch.device, repeats: int, kernel: str) -> float:
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    out = torch.empty(size, size, dtype=dtype, device=device)
-    if kernel == "onednn":
-        product = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731
-    else:
-        product = lambda: torch.mm(a, b, out=out)  # noqa: E731
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    inner = max(1, int(2e11 // (2 * size**3))) if device.type == "cuda" else 1  # ~0.2 TFLOP per timing on GPU
-    product()
-    sync()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for _ in range(inner):
-            product()
-        sync()
-        seconds.append((time.perf_counter() - started) / inner)
-    return 2 * size**3 / common.median(seconds)
+from rlhf.doctor.throughput import matmul_flops  # noqa: E402
 
 
 def main() -> None:

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
+    from rlhf.doctor import add_doctor_parser
+
+    add_doctor_parser(sub)
+
     report = sub.add_parser("report", help="Plot runs' metrics (PNG) and write a Markdown summary.",
                             description="PNG plots and report.md from the metrics.jsonl of one or more runs: SFT "
                             "loss, RM accuracy, DPO loss / accuracy / margins, PPO and GRPO-style reward / KL / kl_coef "
@@ -234,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf.training.stop import Interrupted, stop_on_signals
 
     try:
-        if args.command not in ("data", "generate", "report", "plan"):
+        if args.command not in ("data", "generate", "report", "plan", "doctor"):
             with stop_on_signals():
                 _run_stage(args.command, args)
         elif args.command == "data":
@@ -247,6 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from rlhf.plan import run_plan
 
             return run_plan(args)  # 0: fits, 3: does not fit
+        elif args.command == "doctor":
+            from rlhf.doctor import run_doctor
+            from stages import STAGES
+
+            _prepare_process()
+            return run_doctor(args, STAGES)  # 0: nothing failed, 1: a check failed
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
