@@ -167,19 +167,20 @@ def _stage_checks(report: Report, strategy: str, processes: int, data: Mapping[s
     launched = launch_worker("stages", spec, processes, work / "launch" / strategy, STAGE_TIMEOUT_S)
     found = launched.result or {}
     failure = _launch_failure(strategy, launched, STAGE_TIMEOUT_S)
-    first_failed = None
+    # The stages run in order and a raising one ends the launch: the last one with a result is
+    # the one that stopped it.
+    stopped_by = next((label(s) for s in reversed(STAGE_STEPS) if s in found), None)
     for stage in STAGE_STEPS:
         row = found.get(stage)
         if row is None:
-            cause = f"{first_failed} failed before it" if first_failed else (failure.detail if failure else "no result")
-            report.add(Check(label(stage), "FAIL", f"not run: {cause}", log=str(launched.log)))
+            cause = f"{stopped_by} failed before it" if stopped_by else (failure.detail if failure else "no result")
+            report.add(Check(label(stage), "FAIL", f"not run: {cause}", log=str(launched.log),
+                             error=failure.error if failure else None))
             continue
         check = Check(label(stage), row["status"], row.get("detail", ""), row.get("figures", {}),
                       row.get("seconds"), row.get("traceback"), str(launched.log))
         if check.status == "FAIL" and failure is not None and row.get("traceback") is None:
             check.detail, check.error = f"{check.detail}: {failure.detail}", failure.error
-        if check.status == "FAIL" and first_failed is None:
-            first_failed = label(stage)
         report.add(check)
 
 

@@ -34,7 +34,8 @@ STRATEGIES: dict[str, list[str]] = {
 """The strategies a doctor run can try, by the name the table shows."""
 
 FAULT_VARIABLE = "RLHF_DOCTOR_FAULT"
-"""Tests only: a stage name whose model outputs are made NaN, to see the check fail."""
+"""Tests only: stages to break, "sft" (its embeddings give NaN) or "dpo:raise" (they raise),
+comma-separated; see `injected_faults`."""
 
 _TINY = ["model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=4",
          "model.tiny.intermediate_size=128", "model.tiny.vocab_size=384"]
@@ -90,17 +91,29 @@ def stage_runs(work: Path, data: Mapping[str, str], strategy: str, world_size: i
     ]
 
 
+def injected_faults(value: str) -> dict[str, str]:
+    """RLHF_DOCTOR_FAULT="sft,dpo:raise" -> {"sft": "nan", "dpo": "raise"}."""
+    faults = {}
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        stage, _, mode = item.partition(":")
+        faults[stage] = mode or "nan"
+    return faults
+
+
 @contextmanager
-def _injected_nan(active: bool) -> Iterator[None]:
-    """Every embedding lookup returns NaN while active (the tests' way to make a step fail)."""
-    if not active:
+def _injected_fault(mode: str | None) -> Iterator[None]:
+    """While active, every embedding lookup returns NaN ("nan") or raises ("raise"): the tests'
+    way to see a step fail, or a stage crash in the middle of a launch."""
+    if mode is None:
         yield
         return
 
     def poison(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
-        if isinstance(module, torch.nn.Embedding):
-            return output * float("nan")
-        return None
+        if not isinstance(module, torch.nn.Embedding):
+            return None
+        if mode == "raise":
+            raise RuntimeError("fault injected by RLHF_DOCTOR_FAULT")
+        return output * float("nan")
 
     handle = torch.nn.modules.module.register_module_forward_hook(poison)
     try:
@@ -166,7 +179,7 @@ def run_stage_steps(spec: Mapping[str, Any], stages: Mapping[str, Any], result_p
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     is_main = int(os.environ.get("RANK", "0") or 0) == 0
     work, strategy = Path(spec["work"]), spec["strategy"]
-    fault = os.environ.get(FAULT_VARIABLE, "")
+    faults = injected_faults(os.environ.get(FAULT_VARIABLE, ""))
     results: dict[str, dict] = {}
 
     def publish() -> None:
@@ -182,7 +195,7 @@ def run_stage_steps(spec: Mapping[str, Any], stages: Mapping[str, Any], result_p
         publish()
         try:
             cfg = load_config(stage.config, [], overrides)
-            with _injected_nan(fault == check):
+            with _injected_fault(faults.get(check)):
                 stage.main(cfg)
             if is_main:
                 start = Path(cfg.output_dir) / "init_model" if check == "sft" else work / strategy / "sft" / "model"
