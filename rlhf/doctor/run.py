@@ -69,9 +69,13 @@ def _guarded(report: Report, name: str, check: Callable[[], Check]) -> None:
     report.add(result)
 
 
+def _no_gpu_reason() -> str:
+    return "--gpus 0" if torch.cuda.is_available() else "no CUDA device"
+
+
 def _cuda_check(gpus: int) -> Check:
     if gpus == 0:
-        return Check("cuda", "SKIP", "no CUDA device: CUDA init, NCCL and GPU checks skipped")
+        return Check("cuda", "SKIP", f"{_no_gpu_reason()}: CUDA init, NCCL and GPU checks skipped")
     for index in range(gpus):
         x = torch.ones(1024, device=f"cuda:{index}")
         torch.cuda.synchronize(index)
@@ -81,11 +85,12 @@ def _cuda_check(gpus: int) -> Check:
     return Check("cuda", "PASS", f"{gpus} device(s) initialised: {names}; CUDA {torch.version.cuda}")
 
 
-def _collective_check(name: str, processes: int, quick: bool, gpus: int, work: Path) -> Check:
+def _collective_check(name: str, processes: int, quick: bool, gpus: int, work: Path,
+                      child_env: dict[str, str]) -> Check:
     gpu = gpus > 0
     spec = {"megabytes": (64 if quick else 256) if gpu else (8 if quick else 32),
             "iterations": (10 if quick else 20) if gpu else (3 if quick else 5)}
-    launched = launch_worker("collectives", spec, processes, work / "collectives", COLLECTIVE_TIMEOUT_S)
+    launched = launch_worker("collectives", spec, processes, work / "collectives", COLLECTIVE_TIMEOUT_S, child_env)
     failure = _launch_failure(name, launched, COLLECTIVE_TIMEOUT_S)
     if failure:
         return failure
@@ -159,12 +164,12 @@ def _tokens_check(device: torch.device, quick: bool) -> Check:
 
 
 def _stage_checks(report: Report, strategy: str, processes: int, data: Mapping[str, str], work: Path,
-                  quick: bool) -> None:
+                  child_env: dict[str, str]) -> None:
     label = lambda stage: f"{stage} step [{strategy}]"  # noqa: E731
     print(f"doctor: one step of {', '.join(STAGE_STEPS)} under {strategy} ({processes} process(es)) ...",
           file=sys.stderr, flush=True)
     spec = {"work": str(work / "stages"), "strategy": strategy, "data": dict(data), "stages": list(STAGE_STEPS)}
-    launched = launch_worker("stages", spec, processes, work / "launch" / strategy, STAGE_TIMEOUT_S)
+    launched = launch_worker("stages", spec, processes, work / "launch" / strategy, STAGE_TIMEOUT_S, child_env)
     found = launched.result or {}
     failure = _launch_failure(strategy, launched, STAGE_TIMEOUT_S)
     # The stages run in order and a raising one ends the launch: the last one with a result is
@@ -196,28 +201,34 @@ def run_doctor(args: argparse.Namespace) -> int:
     report.environment.update({"strategies": strategies, "gpus": gpus, "quick": bool(args.quick)})
     device = torch.device("cuda", 0) if gpus else torch.device("cpu")
     sharded_processes = gpus if gpus else 2
+    # --gpus 0 on a GPU machine: the workers must not find the GPUs either (they pick CUDA
+    # whenever they see one).
+    child_env = {"CUDA_VISIBLE_DEVICES": ""} if gpus == 0 and torch.cuda.is_available() else {}
 
     report.add(Check("environment", "PASS", facts.summary(report.environment)))
     _guarded(report, "cuda", lambda: _cuda_check(gpus))
     if gpus:
         _guarded(report, "collectives (nccl)",
-                 lambda: _collective_check("collectives (nccl)", gpus, args.quick, gpus, work))
+                 lambda: _collective_check("collectives (nccl)", gpus, args.quick, gpus, work, child_env))
     else:
-        report.add(Check("collectives (nccl)", "SKIP", "no CUDA device: NCCL checks skipped"))
+        report.add(Check("collectives (nccl)", "SKIP", f"{_no_gpu_reason()}: NCCL checks skipped"))
         _guarded(report, "collectives (gloo)",
-                 lambda: _collective_check("collectives (gloo)", 2, args.quick, 0, work))
+                 lambda: _collective_check("collectives (gloo)", 2, args.quick, 0, work, child_env))
     _guarded(report, f"bf16 parity ({device.type})", lambda: _parity_check(device, report.environment))
     for dtype in (torch.float32, torch.bfloat16):
         label = f"matmul {str(dtype).removeprefix('torch.')} ({device.type})"
         _guarded(report, label, lambda dtype=dtype: _matmul_check(device, dtype, report.environment, args.quick))
     _guarded(report, f"train tokens/s ({device.type})", lambda: _tokens_check(device, args.quick))
-    if not gpus:
-        report.add(Check("gpu throughput", "SKIP", "no CUDA device: GPU matmul and tokens/s skipped (CPU measured)"))
+    if gpus:
+        torch.cuda.empty_cache()  # the launches below get cuda:0 back
+    else:
+        report.add(Check("gpu throughput", "SKIP",
+                         f"{_no_gpu_reason()}: GPU matmul and tokens/s skipped (CPU measured)"))
 
     data = write_data(work / "data")
     for strategy in strategies:
         processes = 1 if strategy == "single" else sharded_processes
-        _stage_checks(report, strategy, processes, data, work, args.quick)
+        _stage_checks(report, strategy, processes, data, work, child_env)
 
     report.environment["seconds"] = round(time.perf_counter() - started, 1)
     report.write(out)
