@@ -20,7 +20,8 @@ import argparse
 
 def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
     doctor = sub.add_parser(
-        "doctor", help="Self-check of this machine: devices, collectives, one step per stage and strategy, bf16, speed.",
+        "doctor",
+        help="Self-check of this machine: devices, collectives, one step per stage and strategy, bf16, speed.",
         description="Checks CUDA/NCCL (or gloo on CPU), one optimizer step of SFT, RM, PPO, GRPO and DPO under each "
         "strategy, bf16 against fp32, matmul TFLOP/s and training tokens/s; prints a PASS/FAIL/SKIP table and "
         "writes a JSON report. Exit 0 only when nothing failed. Under 5 minutes on GPUs.")

@@ -34,8 +34,8 @@ def _loss_and_grad_norm(model: torch.nn.Module, ids: torch.Tensor, bf16: bool) -
     with torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    grads = [p.grad.float() for p in model.parameters() if p.grad is not None]
-    return float(loss.detach()), float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    norms = torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None])
+    return float(loss.detach()), float(torch.linalg.vector_norm(norms))
 
 
 def bf16_parity(device: torch.device, batch: int = 4, length: int = 64) -> dict[str, Any]:

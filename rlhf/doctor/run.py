@@ -108,8 +108,8 @@ def _collective_check(name: str, processes: int, quick: bool, gpus: int, work: P
 
 def _launch_failure(name: str, launched: Launched, timeout_s: float) -> Check | None:
     if launched.timed_out:
-        return Check(name, "FAIL", f"timed out after {timeout_s:.0f} s (log: {launched.log})", error=launched.log_tail(),
-                     log=str(launched.log))
+        return Check(name, "FAIL", f"timed out after {timeout_s:.0f} s (log: {launched.log})",
+                     error=launched.log_tail(), log=str(launched.log))
     if launched.returncode != 0 or launched.result is None:
         return Check(name, "FAIL", f"{launched.last_error_line()} (exit {launched.returncode}; log: {launched.log})",
                      error=launched.log_tail(), log=str(launched.log))

@@ -19,7 +19,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -53,18 +53,26 @@ def response_length_reward(prompt: str, response: str, **fields: Any) -> float:
 
 
 def write_data(directory: Path) -> dict[str, str]:
-    """A few dozen rows of each quickstart file: enough for one step of every stage."""
+    """A few dozen rows of each quickstart file (enough for one step of every stage), and the
+    DeepSpeed JSON of the ZeRO-3 runs: every weight partitioned (by default weights under a
+    size threshold stay whole on every rank, which for the tiny model is all of them, and the
+    gathering a real model needs would go unchecked)."""
     from rlhf.data.quickstart import synthesize
 
-    return synthesize(directory, seed=0, sft_rows=64, rank_rows=48, prompt_rows=40, pretrain_rows=16)
+    files = synthesize(directory, seed=0, sft_rows=64, rank_rows=48, prompt_rows=40, pretrain_rows=16)
+    zero3 = Path(directory) / "zero3_partition_all.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}), encoding="utf-8")
+    return {**files, "zero3_config": str(zero3)}
 
 
 def stage_runs(work: Path, data: Mapping[str, str], strategy: str, world_size: int) -> list[tuple[str, str, list[str]]]:
     """(check name, registry stage, overrides) for each stage step, in the order they must run."""
-    engine = STRATEGIES[strategy]
+    engine = list(STRATEGIES[strategy])
+    if strategy == "zero3":
+        engine.append(f"strategy.deepspeed_config={data['zero3_config']}")
     out = {name: work / strategy / name for name in STAGE_STEPS}
     sft_model, rm_model = out["sft"] / "model", out["rm"] / "model"
-    batch = [f"train.micro_batch_size=2", f"train.global_batch_size={2 * world_size}"]
+    batch = ["train.micro_batch_size=2", f"train.global_batch_size={2 * world_size}"]
     lengths = ["data.max_length=64", "data.max_prompt_length=32"]
     ppo_common = [f"model.path={sft_model}", f"data.prompts.path={data['prompts']}",
                   f"data.eval_prompts.path={data['prompts_eval']}", "data.max_prompt_length=32",
