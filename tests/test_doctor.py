@@ -117,4 +117,6 @@ def test_a_bad_option_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert main(["doctor", "--strategies", "zero4", "--out", str(out), "--work-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --strategies: 'zero4'") and err.count("\n") == 1
+    assert main(["doctor", "--work-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --work-dir {tmp_path / 'nope'}: no such directory\n"
     assert list(tmp_path.iterdir()) == []

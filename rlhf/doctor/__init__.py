@@ -24,7 +24,7 @@ def add_doctor_parser(sub: argparse._SubParsersAction) -> None:
         help="Self-check of this machine: devices, collectives, one step per stage and strategy, bf16, speed.",
         description="Checks CUDA/NCCL (or gloo on CPU), one optimizer step of SFT, RM, PPO, GRPO and DPO under each "
         "strategy, bf16 against fp32, matmul TFLOP/s and training tokens/s; prints a PASS/FAIL/SKIP table and "
-        "writes a JSON report. Exit 0 only when nothing failed. Under 5 minutes on GPUs.")
+        "writes a JSON report. Exit 0 only when nothing failed. Sized for under 5 minutes on GPUs.")
     doctor.add_argument("--quick", action="store_true",
                         help="smaller measurements, and only the strategies single and fsdp unless --strategies")
     doctor.add_argument("--out", default="rlhf-doctor.json", help="JSON report (default: %(default)s)")

@@ -81,6 +81,10 @@ def launch_worker(kind: str, spec: dict[str, Any], processes: int, directory: Pa
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)
             returncode = proc.wait()
+        except BaseException:  # Ctrl-C reaches only this process: its workers go with it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     result = None
     if result_path.is_file():
         try:

@@ -193,8 +193,10 @@ def run_doctor(args: argparse.Namespace) -> int:
     strategies = parse_strategies(args.strategies, args.quick)
     gpus = _gpu_count(args.gpus)
     out = Path(args.out)
-    if out.exists() and out.is_dir():
+    if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name, e.g. {out / 'doctor.json'}")
+    if args.work_dir and not Path(args.work_dir).is_dir():
+        raise UserError(f"--work-dir {args.work_dir}: no such directory")
     work = Path(tempfile.mkdtemp(prefix="rlhf-doctor-", dir=args.work_dir))
     started = time.perf_counter()
     report = Report(environment=facts.environment(work))
