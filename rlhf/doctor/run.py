@@ -187,6 +187,10 @@ def _stage_checks(report: Report, strategy: str, processes: int, data: Mapping[s
         if check.status == "FAIL" and failure is not None and row.get("traceback") is None:
             check.detail, check.error = f"{check.detail}: {failure.detail}", failure.error
         report.add(check)
+    if failure is not None and all(found.get(s, {}).get("status") == "PASS" for s in STAGE_STEPS):
+        # Every step passed, then the launch failed (a crash at exit): still a failure.
+        failure.name = f"{strategy} launch"
+        report.add(failure)
 
 
 def run_doctor(args: argparse.Namespace) -> int:
@@ -227,7 +231,11 @@ def run_doctor(args: argparse.Namespace) -> int:
         report.add(Check("gpu throughput", "SKIP",
                          f"{_no_gpu_reason()}: GPU matmul and tokens/s skipped (CPU measured)"))
 
-    data = write_data(work / "data")
+    try:
+        data = write_data(work / "data", sharded_processes)
+    except OSError as exc:  # a full or read-only disk: nothing to train on
+        report.add(Check("stage data", "FAIL", f"{type(exc).__name__}: {exc}", error=traceback.format_exc()))
+        strategies = []
     for strategy in strategies:
         processes = 1 if strategy == "single" else sharded_processes
         _stage_checks(report, strategy, processes, data, work, child_env)

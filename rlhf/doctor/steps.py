@@ -52,14 +52,17 @@ def response_length_reward(prompt: str, response: str, **fields: Any) -> float:
     return len(response) / 100.0
 
 
-def write_data(directory: Path) -> dict[str, str]:
-    """A few dozen rows of each quickstart file (enough for one step of every stage), and the
+def write_data(directory: Path, workers: int) -> dict[str, str]:
+    """Rows of each quickstart file for one step of every stage on `workers` processes (a
+    global batch grows with them; PPO takes 4 prompts per worker), and the
     DeepSpeed JSON of the ZeRO-3 runs: every weight partitioned (by default weights under a
     size threshold stay whole on every rank, which for the tiny model is all of them, and the
     gathering a real model needs would go unchecked)."""
     from rlhf.data.quickstart import synthesize
 
-    files = synthesize(directory, seed=0, sft_rows=64, rank_rows=48, prompt_rows=40, pretrain_rows=16)
+    scale = max(2, workers)
+    files = synthesize(directory, seed=0, sft_rows=32 * scale, rank_rows=24 * scale, prompt_rows=20 * scale,
+                       pretrain_rows=16)
     zero3 = Path(directory) / "zero3_partition_all.json"
     zero3.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}), encoding="utf-8")
     return {**files, "zero3_config": str(zero3)}
