@@ -120,3 +120,25 @@ def test_a_bad_option_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert main(["doctor", "--work-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"error: --work-dir {tmp_path / 'nope'}: no such directory\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_step_that_leaves_the_weights_as_they_were_fails(tmp_path):
+    from safetensors.torch import save_file
+
+    from rlhf.doctor.steps import check_stage
+
+    # std 0.02, as transformers initialises the tiny model
+    weights = {"model.embed_tokens.weight": 0.02 * torch.randn(64, 16, generator=torch.Generator().manual_seed(0))}
+    (tmp_path / "start").mkdir()
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    save_file(weights, tmp_path / "start" / "model.safetensors")
+    rounded = {k: v.bfloat16().float() for k, v in weights.items()}  # a bf16 round trip is no step
+    save_file(rounded, tmp_path / "run" / "model" / "model.safetensors")
+    row = {"step": 1, "sft/loss": 2.5, "sft/skipped_nonfinite": 0.0}
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    found = check_stage("sft", tmp_path / "run", tmp_path / "start")
+    assert found["status"] == "FAIL" and "unchanged" in found["detail"]
+    moved = {k: v - 1e-3 * torch.sign(v) for k, v in weights.items()}  # what AdamW's first step does at lr 1e-3
+    save_file(moved, tmp_path / "run" / "model" / "model.safetensors")
+    found = check_stage("sft", tmp_path / "run", tmp_path / "start")
+    assert found["status"] == "PASS" and found["figures"]["loss"] == 2.5
