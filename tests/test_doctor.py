@@ -142,3 +142,12 @@ def test_a_step_that_leaves_the_weights_as_they_were_fails(tmp_path):
     save_file(moved, tmp_path / "run" / "model" / "model.safetensors")
     found = check_stage("sft", tmp_path / "run", tmp_path / "start")
     assert found["status"] == "PASS" and found["figures"]["loss"] == 2.5
+
+
+def test_cpu_facts_name_the_flags_that_decide_bf16():
+    from rlhf.doctor.facts import cpu_has_fast_bf16, cpu_info
+
+    intel = cpu_info("model name\t: Intel Xeon\nflags\t\t: fpu avx2 fma avx512f amx_tile amx_bf16\n")
+    assert intel["model"] == "Intel Xeon" and intel["flags"] == ["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"]
+    assert cpu_has_fast_bf16(intel["flags"])
+    assert not cpu_has_fast_bf16(cpu_info("model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")["flags"])

