@@ -151,3 +151,15 @@ def test_cpu_facts_name_the_flags_that_decide_bf16():
     assert intel["model"] == "Intel Xeon" and intel["flags"] == ["avx2", "fma", "avx512f", "amx_tile", "amx_bf16"]
     assert cpu_has_fast_bf16(intel["flags"])
     assert not cpu_has_fast_bf16(cpu_info("model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma\n")["flags"])
+
+
+def test_a_failed_launch_is_named_by_the_workers_exception_not_torchruns_summary(tmp_path):
+    from rlhf.doctor.launch import Launched
+
+    log = tmp_path / "output.log"
+    log.write_text("Traceback (most recent call last):\n  File \"w.py\", line 1\n"
+                   "[rank1]: torch.distributed.DistBackendError: NCCL error: unhandled system error\n"
+                   "ERROR:torch.distributed.elastic:failed (exitcode: 1)\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n=====\n")
+    line = Launched(1, False, None, log).last_error_line()
+    assert line == "[rank1]: torch.distributed.DistBackendError: NCCL error: unhandled system error"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from typing import Any
 
 import rlhf
 
+_EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:? ")
+"""The last line of a Python traceback ("ValueError: ...", "[rank1]: RuntimeError: ...")."""
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "LOCAL_SIZE")
 
@@ -31,9 +34,14 @@ class Launched:
     log: Path
 
     def last_error_line(self) -> str:
-        """The last line of the log that reads like an error, for the table."""
+        """The line that says why, for the table: the last exception a worker's traceback ends
+        with (torchrun's own summary that follows it names no cause), else the last line that
+        mentions an error, else the last line."""
         lines = [line.strip() for line in self.log.read_text(encoding="utf-8", errors="replace").splitlines()
                  if line.strip()]
+        raised = [line for line in lines if _EXCEPTION_LINE.match(line) and "ChildFailedError" not in line]
+        if raised:
+            return raised[-1][:300]
         for line in reversed(lines):
             if "Error" in line or "error:" in line or "Exception" in line:
                 return line[:300]
