@@ -324,11 +324,28 @@ class ResourcesConfig:
 
     def check_gpu_share(self, roles_sharing: int) -> None:
         """Refuse GPU counts Ray cannot place on distinct devices, when the config is read rather
-        than when the placement group is reserved."""
-        from rlhf.errors import UserError
-        from rlhf.ray.placement import check_share  # pure arithmetic: Ray is not imported
+        than when the placement group is reserved (rlhf/ray/placement.py asks the same)."""
+        problem = gpu_share_problem(self.gpus_per_worker or 0, roles_sharing)
+        if problem:
+            raise ConfigError(problem)
 
-        try:
-            check_share(self.gpus_per_worker or 0, 1.0 / roles_sharing)
-        except UserError as exc:
-            raise ConfigError(str(exc)) from None
+
+def _whole(value: float) -> bool:
+    return abs(value - round(value)) < 1e-9
+
+
+def gpu_share_problem(gpus_per_worker: float, roles_sharing: int) -> Optional[str]:
+    """Why Ray could not give each of `roles_sharing` colocated roles of a worker slot of
+    `gpus_per_worker` GPUs its own whole devices (None: it can). A slot holds whole GPUs (Ray
+    packs fractions best-fit, which would put two ranks of one NCCL group on one GPU), and a
+    slot of several GPUs splits into whole GPUs per role."""
+    if gpus_per_worker and not _whole(gpus_per_worker):
+        return (f"resources.gpus_per_worker={gpus_per_worker:g}: a worker takes whole GPUs. Ray would put two "
+                "workers' fractions on one GPU, and NCCL refuses two ranks of one group on one device; to share "
+                "GPUs between PPO roles, list them in one ppo.colocate group")
+    per_role = gpus_per_worker / roles_sharing
+    if gpus_per_worker > 1 and not _whole(per_role):
+        return (f"resources.gpus_per_worker={gpus_per_worker:g} shared by {roles_sharing} colocated roles is "
+                f"{per_role:.3g} GPUs each, which Ray cannot place on whole devices: use 1 GPU per worker "
+                f"(all roles of a group on it) or a multiple of {roles_sharing}")
+    return None

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from rlhf.config_sections import gpu_share_problem
 from rlhf.errors import UserError
 
 NODE_ID_LABEL = "ray.io/node-id"
@@ -125,27 +126,14 @@ def _quantity(value: float) -> float:
     return round(steps * RESOURCE_STEP, 4)
 
 
-def _whole(value: float) -> bool:
-    return abs(value - round(value)) < 1e-9
-
-
 def check_share(gpus_per_worker: float, share: float) -> None:
     """Refuse GPU shares that Ray cannot place on distinct devices (a UserError, before anything
     is reserved): a slot holds whole GPUs, and a share of a slot of several GPUs is whole GPUs."""
     if not 0 < share <= 1:
         raise ValueError(f"share {share} must be in (0, 1]")
-    if gpus_per_worker and not _whole(gpus_per_worker):
-        raise UserError(
-            f"resources.gpus_per_worker={gpus_per_worker:g}: a worker takes whole GPUs. Ray would put two "
-            "workers' fractions on one GPU, and NCCL refuses two ranks of one group on one device; to share "
-            "GPUs between PPO roles, list them in one ppo.colocate group")
-    per_role = gpus_per_worker * share
-    if gpus_per_worker > 1 and not _whole(per_role):
-        roles = round(1 / share)
-        raise UserError(
-            f"resources.gpus_per_worker={gpus_per_worker:g} shared by {roles} colocated roles is "
-            f"{per_role:.3g} GPUs each, which Ray cannot place on whole devices: use 1 GPU per worker "
-            f"(all roles of a group on it) or a multiple of {roles}")
+    problem = gpu_share_problem(gpus_per_worker, round(1 / share))
+    if problem:
+        raise UserError(problem)
 
 
 def bundle_layout(num_nodes: int, workers_per_node: int, gpus_per_worker: float, cpus_per_worker: float,
