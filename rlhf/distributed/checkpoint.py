@@ -9,6 +9,17 @@ Resuming (`resolve("auto")`, `load`) skips a newest checkpoint whose files do no
 or that fails to load, for the next older complete one, saying so in one line; a full disk
 while saving is one `DiskFullError` line, with the partial save removed. Every decision is
 rank 0's, handed to the other workers through `World.all_reduce`.
+
+Elastic resume: a checkpoint saved by N workers resumes on M (`resume_problem` says which
+layouts load each other): the engines reshard their own state (reshard.py). The global batch
+and the micro-batch must be the ones saved (recorded in meta.json): the data order is global,
+step s trains on micro-batches [s*G/m, (s+1)*G/m) of one seeded epoch order whatever the
+number of workers, so only the accumulation steps per worker change with M. The client state
+(step, position, algorithm state) is the same on every worker but the EMA, which only rank 0
+holds: with another world size every worker reads rank 0's. RNG states are per worker: rank r
+< N restores rank r's, a rank beyond the saved ones a state seeded from rank 0's and r (the
+training loops draw nothing rank-dependent from them: data order and sampling seeds derive
+from the config's seed and the step).
 """
 
 from __future__ import annotations
@@ -30,6 +41,11 @@ from rlhf.models.export import DiskFullError, disk_full_reason, release_frames
 META = "meta.json"
 FILES = "files"
 """meta.json's manifest: relative path -> size in bytes of every other file of the checkpoint."""
+BATCH = "batch"
+"""meta.json: the batch fields of the run that saved it (field -> value), equal on resume."""
+ELASTIC_FAMILIES = (("single", "fsdp"), ("deepspeed",))
+"""Layouts that load each other's checkpoints at any number of workers: torch state dicts
+(DCP shards or one process's files), and DeepSpeed ZeRO (through its universal checkpoint)."""
 _NONE = -1.0
 _DAMAGED = -2.0
 _OTHERS = float("-inf")
@@ -57,6 +73,52 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_for_new_rank(saved: dict, rank: int) -> None:
+    """Seed every generator of a rank the checkpoint has no state for: distinct per rank,
+    reproducible from the checkpoint (rank 0's torch state)."""
+    generator = torch.Generator()
+    generator.set_state(saved["torch"])
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _family(layout: str) -> tuple[str, ...] | None:
+    return next((family for family in ELASTIC_FAMILIES if layout in family), None)
+
+
+def resume_problem(saved_layout: str, saved_workers: int, layout: str, workers: int) -> str | None:
+    """Why a checkpoint of `saved_layout` over `saved_workers` cannot resume under `layout` over
+    `workers`, or None. Layouts of one family (ELASTIC_FAMILIES) resume at any number of
+    workers; any other layout (Ray role groups) only as saved."""
+    if saved_layout == layout and saved_workers == workers:
+        return None
+    family = _family(saved_layout)
+    if family is not None and layout in family:
+        return None
+    now = f"this run uses {layout} with {workers}"
+    if family is None:
+        return (f"was written by {saved_layout} with {saved_workers} worker(s); {now}: this layout resumes only "
+                f"as saved. Resume with the same strategy and workers, or start fresh with train.resume=never")
+    choices = " or ".join(f"strategy.name={name}" for name in family)
+    return (f"was written by {saved_layout} with {saved_workers} worker(s); {now}: a {saved_layout} checkpoint "
+            f"resumes under {choices} (with any number of workers). Resume with that, or start fresh with "
+            f"train.resume=never")
+
+
+def batch_problem(saved: dict[str, int], batch: dict[str, int]) -> str | None:
+    """Why a run with the batch fields `batch` cannot continue one saved with `saved`, or None."""
+    changed = [key for key in sorted(saved) if key in batch and batch[key] != saved[key]]
+    if not changed:
+        return None
+    was = ", ".join(f"{key}={saved[key]}" for key in changed)
+    now = ", ".join(f"{key}={batch[key]}" for key in changed)
+    return (f"was trained with {was}; this run sets {now}. Keep them to resume (the number of workers may change: "
+            f"the accumulation steps are re-derived so that the global batch is the same), or start fresh with "
+            f"train.resume=never")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -155,10 +217,13 @@ class Checkpointable(Protocol):
 
 
 class CheckpointManager:
-    def __init__(self, root: str | os.PathLike, world: World, keep_last: int = 2, layout: str | None = None):
+    def __init__(self, root: str | os.PathLike, world: World, keep_last: int = 2, layout: str | None = None,
+                 batch: dict[str, int] | None = None):
         """`layout` names how the trained models are laid out over processes (default: the
-        world's strategy name); a checkpoint resumes only under the same layout and size."""
+        world's strategy name); a checkpoint resumes under a layout `resume_problem` allows.
+        `batch`: the batch fields a resumed run must keep (field -> value)."""
         self.root = Path(root)
+        self.batch = dict(batch or {})
         self.world = world
         self.keep_last = max(1, keep_last)
         self.layout = layout or world.name
@@ -296,7 +361,7 @@ class CheckpointManager:
             try:
                 where = tmp / META
                 meta = {"step": step, "strategy": self.layout, "world_size": self.world.world_size,
-                        "roles": sorted(models), FILES: manifest(tmp)}
+                        "roles": sorted(models), BATCH: self.batch, FILES: manifest(tmp)}
                 (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
@@ -406,12 +471,10 @@ class CheckpointManager:
             meta = json.loads((path / META).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise _PartFailed(META, exc) from exc
-        if meta["strategy"] != self.layout or meta["world_size"] != self.world.world_size:
-            raise UserError(
-                f"checkpoint {path} was written by strategy {meta['strategy']} with {meta['world_size']} "
-                f"worker(s); this run uses {self.layout} with {self.world.world_size}. Resume with "
-                f"the same strategy and world size, or start fresh with train.resume=never"
-            )
+        problem = resume_problem(meta["strategy"], meta["world_size"], self.layout, self.world.world_size) \
+            or batch_problem(meta.get(BATCH) or {}, self.batch)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} {problem}")
         if sorted(models) != meta["roles"]:
             raise UserError(f"checkpoint {path} holds {meta['roles']}, this run trains {sorted(models)}")
         for role, model in models.items():
@@ -421,13 +484,24 @@ class CheckpointManager:
                 raise
             except Exception as exc:  # noqa: BLE001 - a damaged file raises whatever its reader raises
                 raise _PartFailed(role, exc) from exc
-        client = f"client_state_rank{self.world.rank}.pt"
+        saved_workers, rank = meta["world_size"], self.world.rank
+        same = saved_workers == self.world.world_size
+        state = self._client_state(path, rank if same else 0)
+        rng = state.pop("rng")
+        if same or rank == 0:
+            _set_rng_state(rng)
+        elif rank < saved_workers:
+            _set_rng_state(self._client_state(path, rank)["rng"])
+        else:
+            _rng_for_new_rank(rng, rank)
+        return state
+
+    def _client_state(self, path: Path, rank: int) -> dict[str, Any]:
+        client = f"client_state_rank{rank}.pt"
         try:
-            state = torch.load(path / client, weights_only=True)
+            return torch.load(path / client, weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise _PartFailed(client, exc) from exc
-        _set_rng_state(state.pop("rng"))
-        return state
 
     def _diagnose(self, path: Path, error: _PartFailed | None) -> str:
         """Name the file that made `path` fail to load (rank 0, on the shared filesystem)."""

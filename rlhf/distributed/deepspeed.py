@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from rlhf.config_sections import StrategyConfig
+from rlhf.distributed import reshard
 from rlhf.distributed.env import prepare_deepspeed_import, resolve_precision
 from rlhf.distributed.group import DistributedStrategy
 from rlhf.distributed.optim import OptimizerSpec, build_scheduler, param_groups
@@ -179,8 +180,16 @@ class DeepSpeedStrategy(DistributedStrategy):
         model.module.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
     def load_state(self, model: TrainedModel, directory: Path) -> None:
-        path, _ = model.module.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        """Saved by this many workers: as saved; by another number (ZeRO 1-3 partitions the
+        optimizer by rank): through DeepSpeed's universal checkpoint, converted once (reshard.py)."""
+        engine = model.module
+        saved = reshard.zero_saved_world_size(directory / CHECKPOINT_TAG)
+        if saved is not None and saved != self.world_size:
+            universal = reshard.ensure_universal(self, directory, CHECKPOINT_TAG, saved)
+            reshard.load_universal(engine, universal, CHECKPOINT_TAG)
+            return
+        path, _ = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 

@@ -12,8 +12,9 @@ unit, the root module holds the rest (embeddings, final norm, tied head). Option
   each node's share of the state fits (`mesh_shape`): parameters are all-gathered within a
   node (NVLink) and only the gradients cross nodes (one all-reduce), instead of every layer's
   all-gather and reduce-scatter spanning the slower network. Otherwise one flat mesh.
-Checkpoints are sharded with torch.distributed.checkpoint (DCP), one file per rank; export
-gathers a full state dict on rank 0 (CPU).
+Checkpoints are sharded with torch.distributed.checkpoint (DCP), one file per rank, and load
+at any number of workers, also a single-process checkpoint (reshard.py); export gathers a
+full state dict on rank 0 (CPU).
 
 Loss contract (see strategy.py): the reduce-scatter averages over ranks, so `backward` runs
 on loss * world_size. Gradient accumulation without communication: the gradient sync is
@@ -25,21 +26,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from rlhf.distributed import env
+from rlhf.distributed import env, reshard
 from rlhf.distributed.env import resolve_precision
 from rlhf.distributed.group import DistributedStrategy
 from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_scheduler
+from rlhf.distributed.single import SINGLE_OPTIMIZER, SINGLE_WEIGHTS
 from rlhf.distributed.strategy import TrainedModel
 from rlhf.errors import UserError
 from rlhf.kernels.host_memory import release_fragments
@@ -159,18 +156,28 @@ class FSDPStrategy(DistributedStrategy):
 
     # -- state --------------------------------------------------------------------------
     def save_state(self, model: TrainedModel, directory: Path) -> None:
-        model_state, optim_state = get_state_dict(model.module, model.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / "dcp"))
+        reshard.save_dcp(model.module, model.optimizer, directory / "dcp")
         if self.is_main:
             torch.save(model.scheduler.state_dict(), directory / "scheduler.pt")
 
     def load_state(self, model: TrainedModel, directory: Path) -> None:
-        model_state, optim_state = get_state_dict(model.module, model.optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(directory / "dcp"))
-        set_state_dict(model.module, model.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
-        model.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        """A DCP checkpoint of any number of workers, or a single-process one (reshard.py)."""
+        if (directory / "dcp").is_dir() or not (directory / SINGLE_WEIGHTS).is_file():
+            reshard.load_dcp(model.module, model.optimizer, directory / "dcp")
+            model.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+            return
+        weights = optim = error = None
+        try:
+            # Memory-mapped: the other ranks read only the schedule from it.
+            saved = torch.load(directory / SINGLE_OPTIMIZER, weights_only=True, mmap=True)
+            if self.is_main:
+                weights = load_file(directory / SINGLE_WEIGHTS)
+                optim = reshard.full_optimizer_state(model.module, model.optimizer, saved["optimizer"])
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below, before any broadcast
+            error = exc
+        reshard.agree(self, error, f"reading {directory}")
+        reshard.load_full_into_sharded(model.module, model.optimizer, weights, optim)
+        model.scheduler.load_state_dict(saved["scheduler"])
 
     def full_state_dict(self, model: TrainedModel) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -8,11 +8,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from rlhf.distributed import reshard
 from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_scheduler
 from rlhf.distributed.strategy import Strategy, TrainedModel
 from rlhf.kernels.host_memory import release_fragments
 from rlhf.distributed.gather import export_gathered
 from rlhf.models.export import export_pretrained
+
+
+SINGLE_WEIGHTS = "model.safetensors"
+SINGLE_OPTIMIZER = "optimizer.pt"
+"""A single-process checkpoint: the weights, then the optimizer and schedule state dicts."""
 
 
 class SingleStrategy(Strategy):
@@ -44,18 +50,23 @@ class SingleStrategy(Strategy):
         directory.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in model.module.state_dict().items()}
         # Tied embeddings share storage; safetensors wants each tensor once.
-        save_file(_dedupe(weights), directory / "model.safetensors")
+        save_file(_dedupe(weights), directory / SINGLE_WEIGHTS)
         torch.save(
             {"optimizer": model.optimizer.state_dict(), "scheduler": model.scheduler.state_dict()},
-            directory / "optimizer.pt",
+            directory / SINGLE_OPTIMIZER,
         )
 
     def load_state(self, model: TrainedModel, directory: Path) -> None:
-        weights = load_file(directory / "model.safetensors", device=str(self.device))
+        """This strategy's checkpoint, or an FSDP2 one of any number of workers (reshard.py)."""
+        if not (directory / SINGLE_WEIGHTS).is_file() and (directory / "dcp").is_dir():
+            reshard.load_dcp(model.module, model.optimizer, directory / "dcp")
+            model.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+            return
+        weights = load_file(directory / SINGLE_WEIGHTS, device=str(self.device))
         missing, unexpected = model.module.load_state_dict(weights, strict=False)
         if unexpected or any(not _is_tied(model.module, name) for name in missing):
             raise RuntimeError(f"checkpoint {directory} does not match the model: {missing or unexpected}")
-        state = torch.load(directory / "optimizer.pt", weights_only=True, map_location=self.device)
+        state = torch.load(directory / SINGLE_OPTIMIZER, weights_only=True, map_location=self.device)
         model.optimizer.load_state_dict(state["optimizer"])
         model.scheduler.load_state_dict(state["scheduler"])
 

@@ -73,7 +73,8 @@ class Run:
     def __init__(self, stage: str, cfg: Any, world: World, layout: str | None = None):
         self.stage, self.cfg, self.world = stage, cfg, world
         self.dir = Path(cfg.output_dir)
-        self.checkpoints = CheckpointManager(self.dir / "checkpoints", world, cfg.train.keep_last, layout)
+        self.checkpoints = CheckpointManager(self.dir / "checkpoints", world, cfg.train.keep_last, layout,
+                                             batch=_batch_fields(cfg))
         self.guard = NonFiniteGuard(stage, cfg.train.max_consecutive_nonfinite)
         self.resources = ExitStack()
         self.metrics: MetricsWriter | None = None
@@ -240,6 +241,15 @@ class Run:
             self.metrics.finish()
         self.world.teardown()
         return StageResult(summary, self.dir / "model", model, nodes)
+
+
+def _batch_fields(cfg: Any) -> dict[str, int]:
+    """The batch sizes a resumed run keeps, whatever its number of workers (checkpoint.py)."""
+    fields = {f"train.{k}": getattr(cfg.train, k) for k in ("global_batch_size", "micro_batch_size")}
+    ppo = getattr(cfg, "ppo", None)
+    if ppo is not None:
+        fields.update({f"ppo.{k}": getattr(ppo, k) for k in ("rollout_batch_size", "mini_batch_size")})
+    return fields
 
 
 def _format(metrics: dict[str, float]) -> str:
