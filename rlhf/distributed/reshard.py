@@ -33,9 +33,9 @@ UNIVERSAL = "universal"
 
 
 # -- DCP (FSDP2 and the single process) -------------------------------------------------------
-def load_dcp(module: torch.nn.Module, optimizer: Any, dcp_dir: Path) -> None:
+def load_dcp(module: torch.nn.Module, optimizer: Any, dcp_dir: Path, alone: bool = False) -> None:
     """Model and optimizer from a DCP checkpoint of any sharding, into `module`'s own layout
-    (DTensor shards under FSDP2, whole tensors in a single process)."""
+    (DTensor shards under FSDP2, whole tensors in a single process: `alone`, no process group)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -43,7 +43,7 @@ def load_dcp(module: torch.nn.Module, optimizer: Any, dcp_dir: Path) -> None:
     # learning rate 0): the moments and step counts need tensors to be read into.
     model_state, optim_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(dcp_dir))
+    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=alone)
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

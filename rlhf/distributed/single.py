@@ -59,7 +59,7 @@ class SingleStrategy(Strategy):
     def load_state(self, model: TrainedModel, directory: Path) -> None:
         """This strategy's checkpoint, or an FSDP2 one of any number of workers (reshard.py)."""
         if not (directory / SINGLE_WEIGHTS).is_file() and (directory / "dcp").is_dir():
-            reshard.load_dcp(model.module, model.optimizer, directory / "dcp")
+            reshard.load_dcp(model.module, model.optimizer, directory / "dcp", alone=True)
             model.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
             return
         weights = load_file(directory / SINGLE_WEIGHTS, device=str(self.device))
