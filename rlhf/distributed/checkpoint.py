@@ -12,14 +12,15 @@ rank 0's, handed to the other workers through `World.all_reduce`.
 
 Elastic resume: a checkpoint saved by N workers resumes on M (`resume_problem` says which
 layouts load each other): the engines reshard their own state (reshard.py). The global batch
-and the micro-batch must be the ones saved (recorded in meta.json): the data order is global,
-step s trains on micro-batches [s*G/m, (s+1)*G/m) of one seeded epoch order whatever the
-number of workers, so only the accumulation steps per worker change with M. The client state
-(step, position, algorithm state) is the same on every worker but the EMA, which only rank 0
-holds: with another world size every worker reads rank 0's. RNG states are per worker: rank r
-< N restores rank r's, a rank beyond the saved ones a state seeded from rank 0's and r (the
-training loops draw nothing rank-dependent from them: data order and sampling seeds derive
-from the config's seed and the step).
+and the micro-batch must be the ones saved (recorded in meta.json): the data order is global
+(with global batch G and micro-batch m, step s trains on micro-batches [s*G/m, (s+1)*G/m) of
+one seeded epoch order, whatever the number of workers), so only the accumulation steps per
+worker change with M. The client state (step, algorithm state) is the same on every worker
+but the EMA, which only rank 0 holds: with another world size every worker reads rank 0's.
+RNG states are per worker: rank r < N restores rank r's, a rank beyond the saved ones gets a
+seed drawn from rank 0's state plus r. Data order and sampling seeds do not come from these
+generators (they derive from the config's seed and the step), so only what they still drive,
+such as dropout masks, differs from the N-worker run.
 """
 
 from __future__ import annotations

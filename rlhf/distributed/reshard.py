@@ -21,6 +21,7 @@ import argparse
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ def load_dcp(module: torch.nn.Module, optimizer: Any, dcp_dir: Path, alone: bool
     # learning rate 0): the moments and step counts need tensors to be read into.
     model_state, optim_state = get_state_dict(module, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=alone)
+    with warnings.catch_warnings():
+        # DCP warns on every load without a process group, which `alone` asks for.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(dcp_dir), no_dist=alone)
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
