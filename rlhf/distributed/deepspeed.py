@@ -38,6 +38,7 @@ from rlhf.distributed.optim import OptimizerSpec, build_scheduler, param_groups
 from rlhf.distributed.strategy import TrainedModel
 from rlhf.errors import ConfigError
 from rlhf.kernels.host_memory import release_fragments
+from rlhf.models.loading import WHOLE, Placement
 
 CHECKPOINT_TAG = "engine"
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -121,6 +122,31 @@ def build_deepspeed_config(
     return _merge(config, raw)
 
 
+def partitioned_config(cfg: StrategyConfig, world_size: int, device_type: str, raw: dict | None = None) -> dict:
+    """The ZeRO-3 config that builds models partitioned (zero.Init) and runs frozen ones: no
+    optimizer, one micro-batch per step (frozen engines never step); parameter offload,
+    precision and the raw JSON's ZeRO and precision keys as for the trained models."""
+    precision = resolve_precision(cfg.mixed_precision, torch.device(device_type))
+    zero: dict[str, Any] = {"stage": 3}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    raw = {key: value for key, value in (raw or {}).items() if key in ("zero_optimization", "bf16", "fp16")}
+    config = _merge(config, raw)
+    config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+    config["zero_optimization"]["stage"] = 3
+    return config
+
+
 class DeepSpeedStrategy(DistributedStrategy):
     name = "deepspeed"
 
@@ -149,6 +175,28 @@ class DeepSpeedStrategy(DistributedStrategy):
             dist_init_required=False,
         )
         return TrainedModel(engine, optimizer, scheduler, spec.max_grad_norm, accumulation, strategy=self)
+
+    def _partitioned_config(self) -> dict:
+        return partitioned_config(self.cfg, self.world_size, self.device.type,
+                                  load_raw_config(self.cfg.deepspeed_config))
+
+    def placement(self) -> Placement:
+        """ZeRO-3: built partitioned (zero.Init), so no rank holds a whole model; ZeRO 0-2
+        keep whole weights on every rank anyway."""
+        if self.cfg.zero_stage != 3:
+            return WHOLE
+        gathered = _deepspeed().zero.GatheredParameters
+        return Placement("zero3", self._partitioned_config(), lambda params: gathered(params, modifier_rank=0))
+
+    def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO-3: an engine without optimizer over the partitioned model, whose forwards gather
+        layer by layer (as DeepSpeed-Chat and OpenRLHF run their reference and reward models);
+        ZeRO 0-2: the whole model."""
+        if self.cfg.zero_stage != 3:
+            return super().freeze(model)
+        model.requires_grad_(False)
+        engine, *_ = _deepspeed().initialize(model=model, config=self._partitioned_config(), dist_init_required=False)
+        return engine
 
     def unwrap(self, model: TrainedModel) -> torch.nn.Module:
         return model.module.module

@@ -39,7 +39,9 @@ from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_schedul
 from rlhf.distributed.single import SINGLE_OPTIMIZER, SINGLE_WEIGHTS
 from rlhf.distributed.strategy import TrainedModel
 from rlhf.errors import UserError
+from rlhf.distributed.sharded_load import materialize
 from rlhf.kernels.host_memory import release_fragments
+from rlhf.models.loading import Placement
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -113,9 +115,13 @@ class FSDPStrategy(DistributedStrategy):
             self.meshes[shape] = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
         return self.meshes[shape]
 
-    def wrap(
-        self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
-    ) -> TrainedModel:
+    def placement(self) -> Placement:
+        """Built on the meta device, weights read into the shards after `fully_shard`."""
+        return Placement("meta")
+
+    def _shard(self, model: torch.nn.Module) -> MixedPrecisionPolicy:
+        """`fully_shard` each transformer block, then the root; a meta model (built with
+        `placement()`) then gets its storage and weights, this rank's shards only."""
         mesh = self.mesh_for(model)
         low = _LOW_PRECISION.get(self.precision) if self.device.type == "cuda" else None
         mp_policy = MixedPrecisionPolicy()
@@ -124,13 +130,29 @@ class FSDPStrategy(DistributedStrategy):
             mp_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         offload = self.cfg.offload_params or self.cfg.offload_optimizer
         policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
-        model.to(self.device)
+        pending = "pending_weights" in model.__dict__
+        if not pending:
+            model.to(self.device)
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=policy)
+        if pending:
+            materialize(model, self.device, self.rank)
+        return mp_policy
+
+    def wrap(
+        self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
+    ) -> TrainedModel:
+        self._shard(model)
         optimizer = build_optimizer(model, spec)
         return TrainedModel(model, optimizer, build_scheduler(optimizer, spec), spec.max_grad_norm, accumulation,
                             strategy=self)
+
+    def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Sharded like a trained model, without gradients or optimizer."""
+        model.requires_grad_(False)
+        self._shard(model)
+        return model
 
     def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
         last = self._count_backward(model)

@@ -49,7 +49,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
+        # A ZeRO-3 partition (built under zero.Init) is a flat piece; its shape is ds_shape.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        (decay if ndim >= 2 else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf.config_sections import StrategyConfig
 from rlhf.distributed.optim import OptimizerSpec
 from rlhf.errors import ConfigError
+from rlhf.models.loading import WHOLE, Placement
 
 
 @dataclass
@@ -95,6 +96,17 @@ class World:
 
     def teardown(self) -> None:
         """End of a stage: release what `setup` took."""
+
+    def placement(self) -> Placement:
+        """How models this world trains or scores are to be built (rlhf/models/loading.py):
+        whole here; sharded engines build them partitioned or on the meta device."""
+        return WHOLE
+
+    def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that is only scored (reference, reward model), built with `placement()`,
+        ready for forwards on this world's device: whole here, sharded by sharded engines
+        (then its forwards are collectives: every worker must run as many)."""
+        return model.to(self.device)
 
     @property
     def is_main(self) -> bool:

@@ -1,13 +1,25 @@
 """Loading tokenizers and causal LMs: a local HF directory, a hub id, a GGUF file, or a tiny
-model built from a config (see `rlhf/models/tiny.py`)."""
+model built from a config (see `rlhf/models/tiny.py`).
+
+Where the weights go is the strategy's call, given as a `Placement`: whole on this process's
+device; partitioned while they are built (`zero3`: DeepSpeed's zero.Init, which transformers
+enters when an `HfDeepSpeedConfig` is alive during `from_pretrained`); or not at all (`meta`:
+the model is built on the meta device and carries `PendingWeights`, which the strategy loads
+into the shards once it has sharded the model, rlhf/distributed/sharded_load.py). Either way no
+worker holds the whole fp32 model of a sharded run.
+"""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from rlhf.config_sections import ModelConfig
 from rlhf.data.template import ensure_chat_template
@@ -98,33 +110,114 @@ def detach_gguf_quantizer(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def load_causal_lm(
-    cfg: ModelConfig, device: torch.device, path: str | None = None, dtype: torch.dtype | None = None
-) -> PreTrainedModel:
-    """Load the causal LM at `path` (default `cfg.path`) on `device`, dropout off unless training
-    wants it is a caller decision; `trust_remote_code` only when the config says so."""
-    path = path or cfg.path
-    location, gguf_file = resolve_location(cfg, path)
-    kwargs = {}
+@dataclass(frozen=True)
+class Placement:
+    """How a strategy wants a model built (see the module docstring)."""
+
+    mode: str = "whole"
+    """whole, zero3 or meta."""
+    zero_config: dict | None = None
+    """zero3: the DeepSpeed config that zero.Init partitions by."""
+    modify: Callable[[list[torch.nn.Parameter]], ContextManager] = field(default=lambda params: nullcontext())
+    """A block in which rank 0 may change these parameters in place and every rank sees the
+    change (DeepSpeed's GatheredParameters for partitioned ones)."""
+
+
+WHOLE = Placement()
+
+
+@dataclass
+class PendingWeights:
+    """The weights of a model built on the meta device, loaded once the strategy has sharded it."""
+
+    location: str
+    """A local directory (its safetensors files are read slice by slice) or anything else
+    `load_whole` understands (a hub id, a GGUF file: rank 0 loads it whole and broadcasts)."""
+    gguf_file: str | None
+    load_whole: Callable[[], PreTrainedModel]
+    """The model loaded whole on the CPU, as `Placement()` would."""
+    fill_missing: Callable[[set[str]], dict[str, torch.Tensor]] = field(default=lambda missing: {})
+    """Full values of the parameters the checkpoint lacks (a new scalar head), the same on every
+    rank; a name it leaves out is an error."""
+
+
+def model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
+                              "dtype": dtype or resolve_dtype(cfg.dtype, device)}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
+
+
+def effective_placement(placement: Placement | None, cfg: ModelConfig, gguf_file: str | None) -> Placement:
+    """The placement that applies to this model: LoRA models load whole (their adapters'
+    names differ from the checkpoint's), and so do GGUF files under ZeRO-3 (transformers
+    builds a quantized model on the meta device instead of under zero.Init)."""
+    placement = placement or WHOLE
+    if placement.mode == "meta" and cfg.lora.r > 0:
+        return WHOLE
+    if placement.mode == "zero3" and gguf_file:
+        return WHOLE
+    return placement
+
+
+@contextmanager
+def zero3_construction(placement: Placement) -> Iterator[None]:
+    """transformers enters zero.Init in `from_pretrained` while an HfDeepSpeedConfig object is
+    alive (it keeps only a weak reference): one lives for the block, and is gone after it, so
+    nothing later mistakes itself for a ZeRO-3 run."""
+    if placement.mode != "zero3":
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(placement.zero_config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location,
-            gguf_file=gguf_file,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype or resolve_dtype(cfg.dtype, device),
-            **kwargs,
-        )
-    except OSError as exc:
-        raise UserError(f"cannot load a model from '{path}': {str(exc).splitlines()[0]}") from None
-    if gguf_file:
-        detach_gguf_quantizer(model)
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
+
+
+def build_empty(auto_class, location: str, gguf_file: str | None, kwargs: dict[str, Any],
+                **config_overrides: Any) -> PreTrainedModel:
+    """The model of `location`'s config on the meta device: no memory for its weights."""
+    config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code")}
+    config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, **config_kwargs, **config_overrides)
+    construct = {k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation", "trust_remote_code")}
+    with torch.device("meta"):
+        return auto_class.from_config(config, **construct)
+
+
+def load_causal_lm(
+    cfg: ModelConfig, device: torch.device, path: str | None = None, dtype: torch.dtype | None = None,
+    placement: Placement | None = None,
+) -> PreTrainedModel:
+    """Load the causal LM at `path` (default `cfg.path`) on `device`, placed as `placement`
+    says (default: whole); dropout off unless training wants it is a caller decision;
+    `trust_remote_code` only when the config says so."""
+    path = path or cfg.path
+    location, gguf_file = resolve_location(cfg, path)
+    placement = effective_placement(placement, cfg, gguf_file)
+    kwargs = model_kwargs(cfg, device, dtype)
+    if placement.mode == "meta":
+        model = build_empty(AutoModelForCausalLM, location, gguf_file, kwargs)
+        model.pending_weights = PendingWeights(
+            location, gguf_file, lambda: load_causal_lm(cfg, torch.device("cpu"), path, dtype))
+    else:
+        try:
+            with zero3_construction(placement):
+                model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf_file, **kwargs)
+        except OSError as exc:
+            raise UserError(f"cannot load a model from '{path}': {str(exc).splitlines()[0]}") from None
+        if gguf_file:
+            detach_gguf_quantizer(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model.to(device)
+    # Partitioned parameters are already on the device zero.Init chose; meta ones have no data yet.
+    return model.to(device) if placement.mode == "whole" else model
 
 
 _CONFIG_DROPOUT_SUFFIXES = ("dropout", "dropout_prob", "pdrop")

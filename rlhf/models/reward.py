@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
 from rlhf.models.engines import unwrap_engine
-from rlhf.models.loading import detach_gguf_quantizer, resolve_dtype, resolve_location
+from rlhf.models.loading import (PendingWeights, Placement, model_kwargs, build_empty, detach_gguf_quantizer,
+                                 effective_placement, resolve_location, zero3_construction)
 from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.shared_prefix import shared_prefix_attention_mask
 
@@ -57,35 +58,37 @@ def _is_scalar_head_checkpoint(location: str, cfg: ModelConfig) -> bool:
 
 
 def load_scalar_model(
-    cfg: ModelConfig, device: torch.device, path: str | None = None, seed: int = 0, dtype: torch.dtype | None = None
+    cfg: ModelConfig, device: torch.device, path: str | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+    placement: Placement | None = None,
 ) -> PreTrainedModel:
-    """Load a backbone with a scalar head. From a causal LM (the SFT model) the head is new
-    and initialised N(0, 1/(d+1)) (Stiennon et al. 2020 / InstructGPT's reward-head init, so
-    initial scores have unit-scale variance); from a reward-model export it is kept."""
+    """Load a backbone with a scalar head, placed as `placement` says (default: whole). From a
+    causal LM (the SFT model) the head is new and initialised N(0, 1/(d+1)) (Stiennon et al.
+    2020 / InstructGPT's reward-head init, so initial scores have unit-scale variance); from a
+    reward-model export it is kept."""
     path = path or cfg.path
     location, gguf_file = resolve_location(cfg, path)
+    placement = effective_placement(placement, cfg, gguf_file)
     has_head = gguf_file is None and _is_scalar_head_checkpoint(location, cfg)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            location,
-            gguf_file=gguf_file,
-            num_labels=1,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype or resolve_dtype(cfg.dtype, device),
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a reward/value model from '{path}': {str(exc).splitlines()[0]}") from None
-    if gguf_file:
-        detach_gguf_quantizer(model)
-    head = score_head(model)
-    if not has_head:
-        hidden = head.weight.shape[-1]
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
-        if head.bias is not None:
-            torch.nn.init.zeros_(head.bias)
+    kwargs = model_kwargs(cfg, device, dtype)
+    if placement.mode == "meta":
+        model = build_empty(AutoModelForSequenceClassification, location, gguf_file, kwargs, num_labels=1)
+        model.pending_weights = PendingWeights(
+            location, gguf_file, lambda: load_scalar_model(cfg, torch.device("cpu"), path, seed, dtype),
+            lambda missing: _new_head_values(model, seed, missing))
+    else:
+        try:
+            with zero3_construction(placement):
+                model = AutoModelForSequenceClassification.from_pretrained(location, gguf_file=gguf_file,
+                                                                           num_labels=1, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load a reward/value model from '{path}': {str(exc).splitlines()[0]}") from None
+        if gguf_file:
+            detach_gguf_quantizer(model)
+        if not has_head:
+            head = score_head(model)
+            params = [p for p in (head.weight, head.bias) if p is not None]
+            with placement.modify(params):  # a partitioned head is whole (on rank 0) in here
+                _init_head(head, seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     text_config = model.config.get_text_config()
@@ -94,7 +97,32 @@ def load_scalar_model(
         # batches without a pad id, and the root forward that FSDP2 needs runs it.
         eos = text_config.eos_token_id
         text_config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) or 0
-    return model.to(device)
+    # Partitioned parameters are already on the device zero.Init chose; meta ones have no data yet.
+    return model.to(device) if placement.mode == "whole" else model
+
+
+def _init_head(head: torch.nn.Linear, seed: int) -> None:
+    hidden = head.weight.shape[-1]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+
+
+def _new_head_values(model: PreTrainedModel, seed: int, missing: set[str]) -> dict[str, torch.Tensor]:
+    """The full values `_init_head` gives a new head, for a model whose weights are loaded into
+    shards (every rank computes the same ones)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    head = score_head(model)
+    wanted = {names[id(p)]: p for p in (head.weight, head.bias) if p is not None}
+    if not set(wanted) <= missing:
+        return {}
+    full = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                           dtype=head.weight.dtype, device="cpu")
+    _init_head(full, seed)
+    return {name: getattr(full, "weight" if param is head.weight else "bias").detach()
+            for name, param in wanted.items()}
 
 
 def transformers_model(model: torch.nn.Module) -> PreTrainedModel:

@@ -11,6 +11,7 @@ from rlhf.distributed.strategy import Strategy, World
 from rlhf.errors import ConfigError, UserError
 from rlhf.kernels import accelerate
 from rlhf.models.loading import load_causal_lm
+from rlhf.models.engines import unwrap_engine
 from rlhf.models.lora import apply_lora
 from rlhf.models.reward import RewardStats, load_scalar_model
 from rlhf.roles.roles import Actor, Critic, Reference, RewardModel
@@ -55,11 +56,12 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     """The policy, from the SFT model, wrapped for training by the strategy."""
     total_steps = cfg.ppo.iterations * steps_per_iteration(cfg)
     accumulation, _ = accumulation_steps(cfg, strategy.world_size)
-    model = load_causal_lm(cfg.model, strategy.device)
-    accelerate(model, cfg.kernels, lm_loss=cfg.ppo.ptx_coef > 0)
+    model = load_causal_lm(cfg.model, strategy.device, placement=strategy.placement())
     model = apply_lora(model, cfg.model.lora)
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr)
     trained = strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size)
+    # After wrapping: a model built on the meta device shows the kernels its device only then.
+    accelerate(strategy.unwrap(trained), cfg.kernels, lm_loss=cfg.ppo.ptx_coef > 0)
     generation_model = getattr(trained.module, "module", trained.module)  # engines wrap the HF model as .module
     # The strategy keeps sharded ranks in step during generation (its collectives run on its device).
     if cfg.rollout.engine == "decode":
@@ -78,23 +80,25 @@ def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:
     total_steps = cfg.ppo.iterations * steps_per_iteration(cfg)
     _, accumulation = accumulation_steps(cfg, strategy.world_size)
     source = cfg.reward_model if cfg.ppo.critic_init == "reward" else cfg.model
-    model = load_scalar_model(source, strategy.device, seed=cfg.seed)
-    accelerate(model, cfg.kernels)
+    model = load_scalar_model(source, strategy.device, seed=cfg.seed, placement=strategy.placement())
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.critic_lr)
-    return Critic(strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size), cfg.ppo.value_clip_eps,
-                  cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size)
+    trained = strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size)
+    accelerate(strategy.unwrap(trained), cfg.kernels)
+    return Critic(trained, cfg.ppo.value_clip_eps, cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size)
 
 
 def build_reference(cfg: PPOConfig, world: World) -> Reference:
-    model = load_causal_lm(cfg.model, world.device)
-    accelerate(model, cfg.kernels)
-    return Reference(model, cfg.rollout.temperature)
+    """The frozen SFT model, sharded like the actor where the strategy shards (then its
+    scoring forwards are collectives, kept in step over `world`)."""
+    model = world.freeze(load_causal_lm(cfg.model, world.device, placement=world.placement()))
+    accelerate(unwrap_engine(model), cfg.kernels)
+    return Reference(model, cfg.rollout.temperature, world=world)
 
 
 def build_reward_model(cfg: PPOConfig, world: World) -> RewardModel:
-    model = load_scalar_model(cfg.reward_model, world.device)
-    accelerate(model, cfg.kernels)
-    return RewardModel(model, reward_stats_for(cfg))
+    model = world.freeze(load_scalar_model(cfg.reward_model, world.device, placement=world.placement()))
+    accelerate(unwrap_engine(model), cfg.kernels)
+    return RewardModel(model, reward_stats_for(cfg), world=world)
 
 
 def build_pretrain_batches(cfg: PPOConfig, tokenizer) -> SFTBatches:

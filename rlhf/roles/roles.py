@@ -232,29 +232,37 @@ class Critic:
 
 
 class Reference:
-    def __init__(self, model: torch.nn.Module, temperature: float, scoring: ScoringBatches | None = None):
+    def __init__(self, model: torch.nn.Module, temperature: float, scoring: ScoringBatches | None = None,
+                 world=None):
+        """`world`: the workers that score together; where it shards `model` its forwards are
+        collectives, and the workers agree on their number (`in_pieces`)."""
         disable_dropout(model)
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
         self.scoring = scoring or ScoringBatches()
+        self.world = world
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
         """(batch, response) log-probs under softmax(logits / T), in pieces of `scoring`."""
         temperature = temperature or self.temperature
-        return in_pieces(lambda part: policy_logprobs(self.model, part, temperature)[0], rollout, self.scoring)
+        return in_pieces(lambda part: policy_logprobs(self.model, part, temperature)[0], rollout, self.scoring,
+                         self.world)
 
 
 class RewardModel:
-    def __init__(self, model: torch.nn.Module, stats: RewardStats | None, scoring: ScoringBatches | None = None):
+    def __init__(self, model: torch.nn.Module, stats: RewardStats | None, scoring: ScoringBatches | None = None,
+                 world=None):
+        """`world` as for `Reference`."""
         disable_dropout(model)
         self.model = model.eval().requires_grad_(False)
         self.stats = stats
         self.scoring = scoring or ScoringBatches()
+        self.world = world
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> torch.Tensor:
         """(batch,) raw scores, read at the last response token (EOS, or the last token of a
         truncated response), never at padding; in pieces of `scoring`."""
         return in_pieces(lambda part: sequence_scores(self.model, part.sequences, part.attention_mask), rollout,
-                         self.scoring)
+                         self.scoring, self.world)

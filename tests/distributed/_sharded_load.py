@@ -1,0 +1,98 @@
+"""Child of test_sharded_load.py, run by torchrun on 2 ranks: the four PPO models built the way
+the strategy places them (ZeRO-3: partitioned by zero.Init, frozen ones behind an engine without
+optimizer; FSDP2: on the meta device, weights read into the shards), then scored.
+
+    torchrun --standalone --nproc_per_node 2 _sharded_load.py {zero3,fsdp} MODEL_DIR OUT_DIR
+
+Writes OUT_DIR/rank{r}.pt: per model, this rank's parameter elements, the model's and its
+outputs on fixed inputs; and for FSDP2 whether the tied head is still the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf.config_sections import ModelConfig, StrategyConfig
+from rlhf.distributed.factory import build_strategy
+from rlhf.distributed.optim import OptimizerSpec
+from rlhf.models.engines import unwrap_engine
+from rlhf.models.loading import load_causal_lm
+from rlhf.models.reward import load_scalar_model, sequence_scores, token_values
+
+SPEC = OptimizerSpec(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0,
+                     scheduler="constant", warmup_steps=0, total_steps=1, min_lr_ratio=0.0)
+GATHER_EVERY_WEIGHT = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+"""ZeRO-3 keeps parameters under 100k elements whole on every rank once an engine holds them: all
+of the tiny model's. Threshold 0 keeps them all partitioned."""
+SEED = 3
+
+
+def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows, the second left-padded by 3, over the tiny model's vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (2, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def local_and_full(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements of the model), each parameter counted once."""
+    local = full = 0
+    for param in unwrap_engine(model).parameters():
+        if hasattr(param, "ds_tensor"):  # a ZeRO-3 partition
+            local, full = local + param.ds_tensor.numel(), full + param.ds_numel
+        elif hasattr(param, "to_local"):  # an FSDP2 shard
+            local, full = local + param.to_local().numel(), full + param.numel()
+        else:
+            local, full = local + param.numel(), full + param.numel()
+    return local, full
+
+
+def outputs(name: str, model: torch.nn.Module) -> torch.Tensor:
+    ids, mask = inputs()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        if name in ("actor", "reference"):
+            return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        if name == "critic":
+            return token_values(model, ids, mask)
+        return sequence_scores(model, ids, mask)
+
+
+def main(which: str, model_dir: str, out_dir: str) -> None:
+    out = Path(out_dir)
+    if which == "fsdp":
+        cfg = StrategyConfig(name="fsdp")
+    else:
+        raw = out / "zero3.json"
+        raw.write_text(json.dumps(GATHER_EVERY_WEIGHT))
+        cfg = StrategyConfig(name="deepspeed", zero_stage=3, deepspeed_config=str(raw))
+    strategy = build_strategy(cfg)
+    strategy.setup(0)
+    model_cfg = ModelConfig(path=model_dir)
+    placement = strategy.placement()
+    models = {
+        "actor": strategy.wrap(load_causal_lm(model_cfg, strategy.device, placement=placement), SPEC).module,
+        "critic": strategy.wrap(load_scalar_model(model_cfg, strategy.device, seed=SEED, placement=placement),
+                                SPEC).module,
+        "reference": strategy.freeze(load_causal_lm(model_cfg, strategy.device, placement=placement)),
+        "reward": strategy.freeze(load_scalar_model(model_cfg, strategy.device, seed=SEED, placement=placement)),
+    }
+    result = {"placement": placement.mode}
+    for name, model in models.items():
+        model.eval()
+        result[name] = {"elements": local_and_full(model), "outputs": outputs(name, model).cpu()}
+    if which == "fsdp":
+        inner = models["actor"]
+        result["tied"] = inner.lm_head.weight is inner.model.embed_tokens.weight
+    torch.save(result, out / f"rank{strategy.rank}.pt")
+    strategy.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
