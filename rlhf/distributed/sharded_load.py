@@ -81,22 +81,17 @@ def _aliases(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
 
 
 def _read_slices(model: torch.nn.Module, files: dict[str, Path]) -> set[str]:
-    """Fill every tensor the files hold from its rows; the names of the others."""
+    """Fill every tensor the files hold from its rows; the names of the others. A file is
+    opened (mapped) for one tensor at a time: the pages read stay in the resident set while
+    it is mapped, and a rank should not hold a whole model's worth of them."""
     missing: set[str] = set()
-    handles = {}
-    try:
-        for names, tensor in _aliases(model):
-            key = next((n for n in names if n in files), None)
-            if key is None:
-                missing.add(names[0])
-                continue
-            path = files[key]
-            if path not in handles:
-                handles[path] = safe_open(path, framework="pt")
-            handle = handles[path]
+    for names, tensor in _aliases(model):
+        key = next((n for n in names if n in files), None)
+        if key is None:
+            missing.add(names[0])
+            continue
+        with safe_open(files[key], framework="pt") as handle:
             _copy_shard(tensor, lambda rows, h=handle, k=key: h.get_tensor(k) if rows is None else h.get_slice(k)[rows])
-    finally:
-        handles.clear()  # closing them unmaps the files
     return missing
 
 

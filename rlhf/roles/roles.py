@@ -237,7 +237,8 @@ class Reference:
         """`world`: the workers that score together; where it shards `model` its forwards are
         collectives, and the workers agree on their number (`in_pieces`)."""
         disable_dropout(model)
-        self.model = model.eval().requires_grad_(False)
+        model.eval()  # not chained: a DeepSpeed engine's eval() returns None
+        self.model = model.requires_grad_(False)
         self.temperature = temperature
         self.scoring = scoring or ScoringBatches()
         self.world = world
@@ -255,7 +256,8 @@ class RewardModel:
                  world=None):
         """`world` as for `Reference`."""
         disable_dropout(model)
-        self.model = model.eval().requires_grad_(False)
+        model.eval()  # not chained: a DeepSpeed engine's eval() returns None
+        self.model = model.requires_grad_(False)
         self.stats = stats
         self.scoring = scoring or ScoringBatches()
         self.world = world
