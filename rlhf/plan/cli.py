@@ -37,6 +37,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"* peak of a phase; phases do not overlap, the total counts the largest ({peak})")
     if plan.device_type == "cpu":
         lines.append("on a CPU run the device and CPU columns share the same RAM: both count")
+    lines.append(f"at load: {size(plan.load_peak)} per worker (framework baseline and the weights as built, "
+                 "before the first step)")
     lines += [
         f"available: {size(plan.available)} per worker ({plan.memory_source}); usable after the "
         f"{plan.margin:.0%} safety margin: {size(plan.usable)}",
@@ -82,6 +84,7 @@ def plan_to_dict(plan: Plan, tips: list[Suggestion]) -> dict:
         "device_total_bytes": plan.device_total,
         "cpu_total_bytes": plan.cpu_total,
         "need_bytes": plan.need,
+        "load_peak_bytes": plan.load_peak,
         "available_bytes": plan.available,
         "usable_bytes": plan.usable,
         "memory_source": plan.memory_source,

@@ -14,8 +14,12 @@
 - Generation keeps a KV cache of 2 x layers x batch x tokens x (kv heads x head dim) elements.
 
 What this project's code does decides the details: the reward model stage never applies LoRA,
-PPO's critic is never LoRA, and PPO's reference and reward model are unsharded frozen copies
-in their model.dtype on every worker that holds them.
+PPO's critic is never LoRA, and PPO's reference and reward model are frozen copies in their
+model.dtype, sharded over the workers where the strategy shards parameters (ZeRO-3, FSDP2) and
+whole on every worker that holds them otherwise.
+
+Loading (`Plan.load_peak`) is counted apart: the framework's baseline and the weights as built,
+before any gradient or activation exists.
 
 Phases that do not overlap (a training micro-batch, generation, each forward pass of the
 experience step) are peaks: the total counts resident memory plus the largest phase. A safety
@@ -43,6 +47,12 @@ GATHERED_LAYERS = 2
 """Transformer layers whose full weights ZeRO-3 / FSDP hold at once (the current one and the
 prefetched next one), besides the embeddings."""
 STAGES = ("sft", "rm", "ppo")
+MiB = 1 << 20
+FRAMEWORK_BASELINE = {"single": 416 * MiB, "fsdp": 416 * MiB, "deepspeed": 440 * MiB}
+"""A worker's resident set before it builds any model: Python, torch, transformers (and
+DeepSpeed), the process group and the tokenizer. Measured on the CPU with the pinned versions
+(benchmarks/load_memory.py, BENCHMARKS.md 'Memory at load'); a GPU worker adds its CUDA
+context on the device, which the safety margin covers."""
 
 
 class Bytes(NamedTuple):
@@ -153,6 +163,18 @@ class Plan:
         return self.device_total + (self.cpu_total if self.device_type == "cpu" else 0)
 
     @property
+    def load_peak(self) -> int:
+        """Bytes a worker holds once its models are built, before the first step: the framework
+        baseline, every model's weights (this worker's shard where the strategy shards them:
+        no worker loads a whole copy first, rlhf/models/loading.py) and what the engine
+        allocates when it wraps a trained model: DeepSpeed its gradient partitions and
+        optimizer states at once; FSDP2 and single only at the first step."""
+        engine = self.cfg.strategy.name if self.cfg is not None else "single"
+        kinds = ("parameters", "frozen") + (("gradients", "optimizer") if engine == "deepspeed" else ())
+        held = sum(c.device + c.cpu for c in self.components if c.kind in kinds)
+        return FRAMEWORK_BASELINE.get(engine, FRAMEWORK_BASELINE["single"]) + held
+
+    @property
     def usable(self) -> int:
         return int(self.available * (1 - self.margin))
 
@@ -185,6 +207,23 @@ def _trained_model(prefix: str, role: str, shape: ModelShape, base_params: int, 
     if s.params or s.offload_params:
         gathered = min(shape.embedding_params + GATHERED_LAYERS * shape.layer_params, total) * prec.compute_bytes
         rows.append(Component(f"{prefix}weights gathered for compute (embeddings + {GATHERED_LAYERS} layers)",
+                              "gathered", gathered, 0, role))
+    return rows
+
+
+def _frozen_model(name: str, shape: ModelShape, nbytes: int, compute_bytes: int, strategy: StrategyConfig,
+                  workers: int, role: Optional[str] = None) -> list[Component]:
+    """A frozen model's weights: sharded like the trained models' where the strategy shards
+    parameters (ZeRO-3, FSDP2; rlhf/distributed `freeze`), in CPU memory under parameter
+    offload, else whole on every worker; a sharded one gathers a few layers for compute."""
+    role = role or name
+    s = sharding(strategy)
+    per_worker = _shard(nbytes, workers, s.params)
+    device, cpu = (0, per_worker) if s.offload_params else (per_worker, 0)
+    rows = [Component(f"{name} parameters (frozen)", "frozen", device, cpu, role)]
+    if s.params:
+        gathered = min(shape.embedding_params + GATHERED_LAYERS * shape.layer_params, shape.params) * compute_bytes
+        rows.append(Component(f"{name} weights gathered for compute (embeddings + {GATHERED_LAYERS} layers)",
                               "gathered", gathered, 0, role))
     return rows
 
@@ -276,10 +315,10 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
         rows += _trained_model("critic ", "critic", critic, critic.scalar_params, None, critic_prec, cfg.strategy,
                                workers)
     if cfg.uses_reference:
-        rows.append(Component("reference parameters (frozen)", "frozen", actor.params * ref_bytes, 0, "reference"))
+        rows += _frozen_model("reference", actor, actor.params * ref_bytes, ref_bytes, cfg.strategy, workers)
     if cfg.uses_reward_model:
-        rows.append(Component("reward model parameters (frozen)", "frozen", reward.scalar_params * rm_bytes, 0,
-                              "reward"))
+        rows += _frozen_model("reward model", reward, reward.scalar_params * rm_bytes, rm_bytes, cfg.strategy,
+                              workers, role="reward")
     kv = 2 * actor.num_layers * generate * seq * actor.kv_width * actor_prec.compute_bytes
     rows.append(Component(f"generate: KV cache, {generate} x {seq} tokens", "kv_cache", kv, 0, "actor", "generate"))
     actor_width, critic_width = actor_prec.compute_bytes, critic_prec.compute_bytes
