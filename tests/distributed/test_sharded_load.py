@@ -60,3 +60,56 @@ def test_each_rank_stores_half_of_every_model_and_the_outputs_are_the_whole_mode
             torch.testing.assert_close(rank[role]["outputs"], whole_outputs[role], rtol=0, atol=0, msg=role)
     if strategy == "fsdp":
         assert all(rank["tied"] for rank in ranks)
+
+
+def _wide_model(tiny_model_dir: Path, out: Path, hidden: int, layers: int) -> Path:
+    """A Llama of this width and depth with the tiny model's tokenizer, vocabulary 8192 wide
+    (the tokenizer uses its first ids only), saved as safetensors."""
+    from transformers import AutoTokenizer
+
+    from rlhf.config_sections import TinyModelConfig
+    from rlhf.models.tiny import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=8, intermediate_size=hidden * 2,
+                          vocab_size=8192, max_position_embeddings=256)
+    build_tiny_model(cfg, 8192, tokenizer.pad_token_id, tokenizer.eos_token_id, seed=0).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.claim  # two 2-rank launches side by side, ~60 s on 2 cores
+def test_plan_matches_the_measured_memory_of_two_ranks_loading_ppo(tiny_model_dir, tmp_path):
+    """`rlhf plan`'s load_peak against the resident-set peak of 2 FSDP2 ranks building PPO's four
+    models (benchmarks/load_memory.py). What every rank holds whatever the model (libraries,
+    the process group, the model classes imported on first use) is measured by the same launch
+    with a small model and subtracted, on both sides: what remains is each rank's share of a
+    ~30 M-parameter model's four copies, ~240 MB; a rank that loaded any of them whole first
+    (~120 MB each) lands far above the band."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import load_memory
+
+    from rlhf.config import PPOConfig, load_config
+    from rlhf.plan import GiB, estimate
+    from rlhf.plan.memory import FRAMEWORK_BASELINE
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a b c"}\n' * 8)
+    sizes = {"small": (64, 2), "large": (512, 8)}
+
+    def run(name: str) -> tuple[float, int]:
+        model = _wide_model(tiny_model_dir, tmp_path / name, *sizes[name])
+        overrides = load_memory.ppo_overrides(model, model, prompts, tmp_path / f"run-{name}", "fsdp")
+        ranks = load_memory.measure("fsdp", 2, overrides, tmp_path / f"out-{name}")
+        growth = max(r["peak_mib"] - r["baseline_mib"] for r in ranks) * load_memory.MIB
+        plan = estimate(load_config(PPOConfig, overrides=overrides), "ppo", 2, 64 * GiB, device_type="cpu")
+        return growth, plan.load_peak - FRAMEWORK_BASELINE["fsdp"]
+
+    with ThreadPoolExecutor(2) as pool:
+        (small_growth, small_plan), (large_growth, large_plan) = pool.map(run, ("small", "large"))
+    ratio = (large_plan - small_plan) / (large_growth - small_growth)
+    report = (f"plan {large_plan / 1e6:.1f} MB vs growth {large_growth / 1e6:.1f} MB (large), "
+              f"{small_plan / 1e6:.1f} MB vs {small_growth / 1e6:.1f} MB (small)")
+    assert 0.85 <= ratio <= 1.15, f"plan / measured = {ratio:.3f}: {report}"
