@@ -60,6 +60,11 @@ SAME = ("ppo/response_length", "ppo/eos_rate", "eval/response_length", "eval/eos
 CLOSE = ("ppo/kl_coef", "ppo/reward_raw", "ppo/reward_normalized", "ppo/kl", "ppo/policy_loss", "ppo/value_loss",
          "ppo/actor_grad_norm", "ppo/critic_grad_norm", "eval/kl", "eval/reward")
 REL, ABS = 1e-4, 1e-6
+# The batch mean of the normalised reward is 0 up to rounding, which normalising divides by the
+# scores' small std: under ZeRO-3 the reference and reward model are sharded too, and their
+# linears take F.linear where the whole models of one process take the few-rows kernel
+# (rlhf/kernels/cpu_linear.py), so that noise reached 2.8e-6 (against 4e-7) on the greedy runs below.
+SHARDED_NOISE_ABS = {"ppo/reward_normalized": 1e-5}
 
 
 def _run(args: list[str], what: str, threads_one: bool = True) -> None:
@@ -185,7 +190,8 @@ def _compare(single: dict[int, dict], double: dict[int, dict], what: str) -> Non
         for key in SAME + CLOSE:
             if key in single[step]:
                 a, b = single[step][key], double[step].get(key)
-                ok = a == b if key in SAME else b is not None and b == pytest.approx(a, rel=REL, abs=ABS)
+                tolerance = SHARDED_NOISE_ABS.get(key, ABS)
+                ok = a == b if key in SAME else b is not None and b == pytest.approx(a, rel=REL, abs=tolerance)
                 if not ok:
                     diverged.append(f"step {step} {key}: {a!r} against {b!r}")
     assert not diverged, f"{what} diverge:\n" + "\n".join(diverged)
