@@ -85,15 +85,16 @@ def high_water() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def resident() -> int:
-    """VmRSS now (ru_maxrss is the high-water mark)."""
+def resident(field: str = "VmRSS") -> int:
+    """VmRSS now (ru_maxrss is the high-water mark), or another field of /proc/self/status."""
     with open("/proc/self/status", encoding="utf-8") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 @contextmanager
 def record_builds(steps: list, strategy):
-    """After each role's build: (role, high-water MiB, resident MiB), in the order LocalRoles builds them."""
+    """After each role's build: (role, high-water MiB, resident MiB, of which file-backed), in the
+    order LocalRoles builds them."""
     from rlhf.roles import team
 
     originals = {name: getattr(team, name) for name in ("build_reference", "build_reward_model", "build_critic",
@@ -102,7 +103,8 @@ def record_builds(steps: list, strategy):
     def recorded(name, build):
         def run(*args, **kwargs):
             out = build(*args, **kwargs)
-            steps.append((name.removeprefix("build_"), high_water() / MIB, resident() / MIB))
+            steps.append((name.removeprefix("build_"), high_water() / MIB, resident() / MIB,
+                          resident("RssFile") / MIB))
             return out
         return run
 

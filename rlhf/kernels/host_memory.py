@@ -130,3 +130,12 @@ def advise_huge_pages(tensor: torch.Tensor) -> bool:
     start = -(-storage.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     end = (storage.data_ptr() + storage.nbytes()) // HUGE_PAGE * HUGE_PAGE
     return end > start and _glibc().madvise(start, end - start, _MADV_HUGEPAGE) == 0
+
+
+def return_free_heap() -> bool:
+    """Hand every free heap page back to the kernel now (glibc's malloc_trim(0)); True when
+    some were. For one-off phases that free much more than a step reuses: loading a model
+    frees each layer's or tensor's temporary copy, blocks under MMAP_THRESHOLD that would
+    otherwise stay in the resident set (up to TRIM_THRESHOLD of them once tuned)."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

@@ -10,6 +10,7 @@ from rlhf.distributed.optim import OptimizerSpec
 from rlhf.distributed.strategy import Strategy, World
 from rlhf.errors import ConfigError, UserError
 from rlhf.kernels import accelerate
+from rlhf.kernels.host_memory import return_free_heap
 from rlhf.models.loading import load_causal_lm
 from rlhf.models.engines import unwrap_engine
 from rlhf.models.lora import apply_lora
@@ -62,6 +63,7 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     trained = strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size)
     # After wrapping: a model built on the meta device shows the kernels its device only then.
     accelerate(strategy.unwrap(trained), cfg.kernels, lm_loss=cfg.ppo.ptx_coef > 0)
+    return_free_heap()  # what loading freed (see `build_reference`)
     generation_model = getattr(trained.module, "module", trained.module)  # engines wrap the HF model as .module
     # The strategy keeps sharded ranks in step during generation (its collectives run on its device).
     if cfg.rollout.engine == "decode":
@@ -84,20 +86,28 @@ def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.critic_lr)
     trained = strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size)
     accelerate(strategy.unwrap(trained), cfg.kernels)
+    return_free_heap()  # what loading freed (see `build_reference`)
     return Critic(trained, cfg.ppo.value_clip_eps, cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size)
 
 
 def build_reference(cfg: PPOConfig, world: World) -> Reference:
     """The frozen SFT model, sharded like the actor where the strategy shards (then its
-    scoring forwards are collectives, kept in step over `world`)."""
+    scoring forwards are collectives, kept in step over `world`).
+
+    Each builder hands the heap pages that loading freed back to the kernel: zero.Init builds
+    each layer whole before partitioning it, and transformers reads each tensor whole, in
+    blocks small enough to stay in malloc's heap; kept, they were 300-1000 MB more resident
+    memory per ZeRO-3 rank with SmolLM2 (BENCHMARKS.md, 'Memory at load')."""
     model = world.freeze(load_causal_lm(cfg.model, world.device, placement=world.placement()))
     accelerate(unwrap_engine(model), cfg.kernels)
+    return_free_heap()
     return Reference(model, cfg.rollout.temperature, world=world)
 
 
 def build_reward_model(cfg: PPOConfig, world: World) -> RewardModel:
     model = world.freeze(load_scalar_model(cfg.reward_model, world.device, placement=world.placement()))
     accelerate(unwrap_engine(model), cfg.kernels)
+    return_free_heap()  # what loading freed (see `build_reference`)
     return RewardModel(model, reward_stats_for(cfg), world=world)
 
 
