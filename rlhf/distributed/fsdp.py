@@ -119,14 +119,17 @@ class FSDPStrategy(DistributedStrategy):
         """Built on the meta device, weights read into the shards after `fully_shard`."""
         return Placement("meta")
 
-    def _shard(self, model: torch.nn.Module) -> MixedPrecisionPolicy:
+    def _shard(self, model: torch.nn.Module, trained: bool = True) -> None:
         """`fully_shard` each transformer block, then the root; a meta model (built with
-        `placement()`) then gets its storage and weights, this rank's shards only."""
+        `placement()`) then gets its storage and weights, this rank's shards only. Only a
+        trained model is upcast to fp32 shards (its master weights); a frozen one keeps its
+        dtype."""
         mesh = self.mesh_for(model)
         low = _LOW_PRECISION.get(self.precision) if self.device.type == "cuda" else None
         mp_policy = MixedPrecisionPolicy()
         if low is not None:
-            model.to(torch.float32)
+            if trained:
+                model.to(torch.float32)
             mp_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
         offload = self.cfg.offload_params or self.cfg.offload_optimizer
         policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
@@ -138,7 +141,6 @@ class FSDPStrategy(DistributedStrategy):
         fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=policy)
         if pending:
             materialize(model, self.device, self.rank)
-        return mp_policy
 
     def wrap(
         self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
@@ -151,7 +153,7 @@ class FSDPStrategy(DistributedStrategy):
     def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
         """Sharded like a trained model, without gradients or optimizer."""
         model.requires_grad_(False)
-        self._shard(model)
+        self._shard(model, trained=False)
         return model
 
     def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
