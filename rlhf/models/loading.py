@@ -142,6 +142,7 @@ class PendingWeights:
 
 
 def model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    """`from_pretrained` keywords of `cfg` (dtype: `dtype`, else `cfg.dtype` resolved for `device`)."""
     kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code,
                               "dtype": dtype or resolve_dtype(cfg.dtype, device)}
     if cfg.attn_implementation:
@@ -180,11 +181,14 @@ def zero3_construction(placement: Placement) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
-def build_empty(auto_class, location: str, gguf_file: str | None, kwargs: dict[str, Any],
+def build_empty(auto_class: type, location: str, gguf_file: str | None, kwargs: dict[str, Any],
                 **config_overrides: Any) -> PreTrainedModel:
     """The model of `location`'s config on the meta device: no memory for its weights."""
     config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code")}
-    config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, **config_kwargs, **config_overrides)
+    try:
+        config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, **config_kwargs, **config_overrides)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a model from '{location}': {str(exc).splitlines()[0]}") from None
     construct = {k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation", "trust_remote_code")}
     with torch.device("meta"):
         return auto_class.from_config(config, **construct)
