@@ -462,3 +462,21 @@ def test_importing_the_planner_loads_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_fsdp_on_several_nodes_plans_the_hsdp_shards_the_strategy_builds():
+    """FSDP2 over 2 nodes x 4 workers shards within a node (HSDP) where a node's share of the
+    state fits in half a device (rlhf/distributed/fsdp.py mesh_shape): each worker holds 1/4
+    of the weights, not 1/8; on a device too small for that, the flat mesh over all 8."""
+    ray = ["ray.enabled=true", "strategy.name=fsdp", "train.global_batch_size=64", "train.micro_batch_size=8"]
+    one_node = sft_plan([*ray, "resources.num_nodes=1", "resources.workers_per_node=8"], workers=8)
+    two_nodes = sft_plan([*ray, "resources.num_nodes=2", "resources.workers_per_node=4"], workers=8)
+    assert one_node.parameters.device == 4_000_000 // 8
+    assert two_nodes.parameters.device == 4_000_000 // 4 and two_nodes.optimizer.device == 8_000_000 // 4
+    # 16 MB of state over 4 workers is 4 MB each: over half of a 6 MB device, so no HSDP.
+    small = sft_plan([*ray, "resources.num_nodes=2", "resources.workers_per_node=4"], workers=8, memory=6_000_000)
+    assert small.parameters.device == 4_000_000 // 8
+    # DeepSpeed has no HSDP: ZeRO-3 shards over every worker.
+    zero3 = sft_plan([*ray, "strategy.name=deepspeed", "strategy.zero_stage=3", "resources.num_nodes=2",
+                      "resources.workers_per_node=4"], workers=8)
+    assert zero3.optimizer.device == 12_000_000 // 8  # bf16 on a GPU: fp32 master weights and two moments

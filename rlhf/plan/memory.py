@@ -187,6 +187,33 @@ def _shard(nbytes: int, workers: int, sharded: bool) -> int:
     return -(-nbytes // workers) if sharded else nbytes
 
 
+TRAINED_STATE_BYTES, FROZEN_STATE_BYTES = 16, 4
+"""Bytes per parameter of the state FSDP2 shards, as its HSDP decision counts it
+(rlhf/distributed/fsdp.py `sharded_state_bytes`): fp32 weight, gradient and two AdamW moments
+for a trained parameter, the weight alone for a frozen one."""
+
+
+def _trained_state(shape: ModelShape, base_params: int, lora: Optional[LoraConfig]) -> int:
+    adapters = lora_params(shape, lora) if lora is not None and lora.r > 0 else 0
+    if adapters:
+        return base_params * FROZEN_STATE_BYTES + adapters * TRAINED_STATE_BYTES
+    return base_params * TRAINED_STATE_BYTES
+
+
+def shard_workers(cfg: Any, workers: int, state_bytes: int, device_type: str, device_memory: int) -> int:
+    """Workers a model's sharded state is split over. FSDP2 on several nodes shards within a
+    node and replicates across nodes (HSDP) where a node's share fits (rlhf/distributed/fsdp.py
+    `mesh_shape`, the same decision the strategy takes); otherwise, and for DeepSpeed, over all
+    workers."""
+    if cfg.strategy.name != "fsdp":
+        return workers
+    from rlhf.distributed.fsdp import mesh_shape  # torch is already loaded by the shape count
+
+    offload = cfg.strategy.offload_params or cfg.strategy.offload_optimizer
+    device_bytes = device_memory if device_type == "cuda" and not offload else None
+    return mesh_shape(workers, local_workers(cfg, workers), state_bytes, device_bytes)[-1]
+
+
 def _trained_model(prefix: str, role: str, shape: ModelShape, base_params: int, lora: Optional[LoraConfig],
                    prec: Precision, strategy: StrategyConfig, workers: int) -> list[Component]:
     """Weights, gradients and optimizer states of a model the strategy trains."""
@@ -271,26 +298,31 @@ def _pass(phase: str, role: str, shape: ModelShape, batch: int, seq: int, logit_
     return rows
 
 
-def _sft_components(cfg, shapes: dict, workers: int, device_type: str, answers: int) -> list[Component]:
+def _sft_components(cfg, shapes: dict, workers: int, device_type: str, answers: int,
+                    device_memory: int) -> list[Component]:
     shape = shapes["model"]
     prec = precision(cfg.strategy, cfg.model, device_type)
     seq, batch = cfg.data.max_length, cfg.train.micro_batch_size
-    rows = _trained_model("", "model", shape, shape.params, cfg.model.lora, prec, cfg.strategy, workers)
+    over = shard_workers(cfg, workers, _trained_state(shape, shape.params, cfg.model.lora), device_type, device_memory)
+    rows = _trained_model("", "model", shape, shape.params, cfg.model.lora, prec, cfg.strategy, over)
     return rows + _pass("train", "model", shape, batch, seq, batch * seq, prec.compute_bytes, cfg.model, True, "")
 
 
-def _rm_components(cfg, shapes: dict, workers: int, device_type: str, answers: int) -> list[Component]:
+def _rm_components(cfg, shapes: dict, workers: int, device_type: str, answers: int,
+                   device_memory: int) -> list[Component]:
     # A batch element is a prompt with its K answers; a scalar head, so no vocabulary logits.
     # The RM stage trains all weights (it does not apply model.lora).
     shape = shapes["model"]
     prec = precision(cfg.strategy, cfg.model, device_type)
     seq, prompts = cfg.data.max_length, cfg.train.micro_batch_size
-    rows = _trained_model("", "model", shape, shape.scalar_params, None, prec, cfg.strategy, workers)
+    over = shard_workers(cfg, workers, _trained_state(shape, shape.scalar_params, None), device_type, device_memory)
+    rows = _trained_model("", "model", shape, shape.scalar_params, None, prec, cfg.strategy, over)
     return rows + _pass("train", "model", shape, prompts * answers, seq, 0, prec.compute_bytes, cfg.model, True, "",
                         f"{prompts} prompts x {answers} answers")
 
 
-def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: int) -> list[Component]:
+def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: int,
+                    device_memory: int) -> list[Component]:
     # Only the roles the run builds (rlhf/roles/team.py): no critic for the critic-free
     # estimators, no reference when the KL coefficient is 0, no reward model with rewards only
     # from code.
@@ -310,15 +342,20 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
     micro = cfg.ppo.micro_batch_size
     logit_tokens = new + 1  # only the response region's logits are computed (logits_to_keep)
 
-    rows = _trained_model("actor ", "actor", actor, actor.params, cfg.model.lora, actor_prec, cfg.strategy, workers)
+    def over(state_bytes: int) -> int:
+        return shard_workers(cfg, workers, state_bytes, device_type, device_memory)
+
+    rows = _trained_model("actor ", "actor", actor, actor.params, cfg.model.lora, actor_prec, cfg.strategy,
+                          over(_trained_state(actor, actor.params, cfg.model.lora)))
     if cfg.uses_critic:
         rows += _trained_model("critic ", "critic", critic, critic.scalar_params, None, critic_prec, cfg.strategy,
-                               workers)
+                               over(_trained_state(critic, critic.scalar_params, None)))
     if cfg.uses_reference:
-        rows += _frozen_model("reference", actor, actor.params * ref_bytes, ref_bytes, cfg.strategy, workers)
+        rows += _frozen_model("reference", actor, actor.params * ref_bytes, ref_bytes, cfg.strategy,
+                              over(actor.params * FROZEN_STATE_BYTES))
     if cfg.uses_reward_model:
         rows += _frozen_model("reward model", reward, reward.scalar_params * rm_bytes, rm_bytes, cfg.strategy,
-                              workers, role="reward")
+                              over(reward.scalar_params * FROZEN_STATE_BYTES), role="reward")
     kv = 2 * actor.num_layers * generate * seq * actor.kv_width * actor_prec.compute_bytes
     rows.append(Component(f"generate: KV cache, {generate} x {seq} tokens", "kv_cache", kv, 0, "actor", "generate"))
     actor_width, critic_width = actor_prec.compute_bytes, critic_prec.compute_bytes
@@ -367,7 +404,7 @@ def estimate(stage_cfg: Any, stage: str, workers: int, device_memory: Optional[i
     for key in ("model", "reward_model") if reads_reward_model else ("model",):
         if key not in shapes:
             shapes[key] = count_parameters(getattr(stage_cfg, key), key)
-    components = _BUILDERS[stage](stage_cfg, shapes, workers, device_type, answers_per_prompt)
+    components = _BUILDERS[stage](stage_cfg, shapes, workers, device_type, answers_per_prompt, int(device_memory))
     model = describe_model(stage_cfg.model, shapes["model"])
     if stage == "ppo" and "reward_model" in shapes:
         model = f"policy {model}; reward model {describe_model(stage_cfg.reward_model, shapes['reward_model'])}"
