@@ -155,16 +155,34 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, seq, hidden) final hidden states (after the last norm). Usually the backbone's
-    own forward, which skips the scalar head's pooling. Under FSDP2 the call goes through the
-    root module instead: FSDP2 gathers the parameters outside the transformer blocks
-    (embedding, final norm, head) in the root's forward, and leaves them gathered after it for
-    the head and the backward (an FSDP2 root is not resharded after its forward)."""
+    """(batch, seq, hidden) final hidden states (after the last norm).
+
+    A bare model runs its backbone alone, which skips the scalar head's pooling. A model
+    inside a training engine (a DeepSpeed engine, an FSDP2 root) runs the root forward, and the
+    backbone's output is taken on its way to the head: both engines keep per-forward state in
+    the root's forward that a direct backbone call would skip. DeepSpeed's engine.forward
+    opens each micro-step (its ZeRO optimizer counts micro-steps there, and ZeRO-3 then copies
+    a micro-batch's gradient over the step's earlier ones instead of adding it, so gradient
+    accumulation lost all but the last micro-batch); FSDP2's root gathers the parameters
+    outside the transformer blocks (embedding, final norm, head) and keeps them gathered for
+    the head and the backward. The root forward's own head output and pooling are unused."""
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     inner = unwrap_engine(model)
-    if _is_fsdp(inner) or _is_fsdp(transformers_model(model)):
-        return model(**inputs, output_hidden_states=True).hidden_states[-1]
-    return backbone(model)(**inputs).last_hidden_state
+    if inner is model and not (_is_fsdp(model) or _is_fsdp(transformers_model(model))):
+        return backbone(model)(**inputs).last_hidden_state
+    captured: list[torch.Tensor] = []
+
+    def keep_hidden(_module: torch.nn.Module, _args: tuple, output) -> None:
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    # A forward hook for the length of one call (nothing rebound): only the backbone's output
+    # is kept, where output_hidden_states would hold every layer's until the head has run.
+    handle = backbone(model).register_forward_hook(keep_hidden)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def _is_fsdp(model: torch.nn.Module) -> bool:
