@@ -328,6 +328,16 @@ class RolloutConfig:
     refused (ConfigError) rather than warned about: false costs one actor forward per rollout,
     while a biased ratio silently changes every update, and a warning scrolls by in a long run.
     Validation replaces auto with the value the run uses (config.yaml records it)."""
+    gather_weights: Union[bool, str] = "auto"
+    """auto, true or false. Under ZeRO-3 or FSDP2, gather the actor's whole weights once per
+    rollout and hold them until it ends (as DeepSpeed-Chat's hybrid engine and OpenRLHF do),
+    instead of every decode step's forward gathering each layer again: one all-gather per
+    weight per rollout rather than one per weight per generated token, and ranks decode
+    without agreeing on every step. The cost is memory: the whole actor in its compute dtype
+    (2 bytes per parameter in bf16, 4 in fp32) on every worker while it generates, beside its
+    shard and the KV cache (`rlhf plan` counts it in the generate phase). false gathers one
+    layer at a time, for an actor whose whole weights do not fit beside the rest. auto: on.
+    Strategies that keep whole weights (single, ZeRO 0-2) gather nothing either way."""
     n_samples_per_prompt: int = 1
     """Answers sampled per prompt (a group, each answer from its own random stream); the group
     estimators (ppo.advantage = grpo, dr_grpo, rloo) compare the answers of a group and need 2
@@ -347,6 +357,13 @@ class RolloutConfig:
         if self.max_new_tokens < 1:
             raise ConfigError("rollout.max_new_tokens must be >= 1")
         _check_reuse_logprobs(self.reuse_logprobs)
+        if not isinstance(self.gather_weights, bool) and self.gather_weights != "auto":
+            raise ConfigError(f"rollout.gather_weights={self.gather_weights!r} is not one of: auto, true, false")
+
+    @property
+    def gathers_weights(self) -> bool:
+        """rollout.gather_weights as the run uses it (auto: on)."""
+        return self.gather_weights is not False
 
 
 def _check_reuse_logprobs(value: Union[bool, str]) -> None:

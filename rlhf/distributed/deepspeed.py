@@ -25,8 +25,9 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -41,6 +42,9 @@ from rlhf.kernels.host_memory import release_fragments
 from rlhf.models.loading import WHOLE, Placement
 
 CHECKPOINT_TAG = "engine"
+_GENERATION_CLAIM = -1
+"""The id under which `gathered_for_generation` claims the weights (DeepSpeed numbers modules
+from 0)."""
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -200,6 +204,25 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def unwrap(self, model: TrainedModel) -> torch.nn.Module:
         return model.module.module
+
+    @contextmanager
+    def gathered_for_generation(self, model: torch.nn.Module) -> Iterator[bool]:
+        """ZeRO-3: every partitioned weight of `model` gathered once, held for the block. The
+        per-module hooks would otherwise release a weight after each submodule's forward (and
+        gather it again in the next one): a parameter is released only while no submodule
+        claims it, so the block claims every one under an id no module has."""
+        params = [param for param in model.parameters() if hasattr(param, "ds_id")]
+        if not params:  # ZeRO 0-2: the weights are whole already
+            yield False
+            return
+        with _deepspeed().zero.GatheredParameters(params, modifier_rank=None):
+            for param in params:
+                param.ds_active_sub_modules.add(_GENERATION_CLAIM)
+            try:
+                yield True
+            finally:  # before GatheredParameters re-partitions them, which refuses claimed weights
+                for param in params:
+                    param.ds_active_sub_modules.discard(_GENERATION_CLAIM)
 
     def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
         engine = model.module

@@ -23,7 +23,9 @@ switched off for every micro-batch but the last of a step.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -155,6 +157,28 @@ class FSDPStrategy(DistributedStrategy):
         model.requires_grad_(False)
         self._shard(model, trained=False)
         return model
+
+    @contextmanager
+    def gathered_for_generation(self, model: torch.nn.Module) -> Iterator[bool]:
+        """Every FSDP2 unit of `model` unsharded once (an all-gather per unit) and left so by
+        the forwards of the block; then resharded, each with the reshard-after-forward setting
+        `_shard` gave it: the blocks free their weights after their forward, the root (FSDP2's
+        default for it) keeps its own (embeddings, final norm, head) for the head and the
+        backward."""
+        units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+        if not units:
+            yield False
+            return
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            for unit in units:
+                unit.unshard()
+            yield True
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(unit is not model, recurse=False)
 
     def backward(self, model: TrainedModel, loss: torch.Tensor) -> None:
         last = self._count_backward(model)

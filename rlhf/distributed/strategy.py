@@ -126,6 +126,16 @@ class World:
         return [tensor]
 
     @contextmanager
+    def gathered_for_generation(self, model: torch.nn.Module) -> Iterator[bool]:
+        """Hold `model`'s whole weights on every rank for the block (a rollout), so that its
+        forwards gather nothing and are no collectives; yields whether it gathered anything.
+        Engines that shard weights (ZeRO-3, FSDP2) gather each weight once here, instead of in
+        every forward (every decode step); the cost is the whole model's weights, in the compute
+        dtype, on each rank for the block's duration. Every rank enters it together (the gather
+        is a collective). Here, and for engines that keep whole weights: nothing to do."""
+        yield False
+
+    @contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (e.g. writes a file), the others after it."""
         if not self.is_main:

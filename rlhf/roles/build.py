@@ -65,13 +65,14 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     accelerate(strategy.unwrap(trained), cfg.kernels, lm_loss=cfg.ppo.ptx_coef > 0)
     return_free_heap()  # what loading freed (see `build_reference`)
     generation_model = getattr(trained.module, "module", trained.module)  # engines wrap the HF model as .module
-    # The strategy keeps sharded ranks in step during generation (its collectives run on its device).
+    # The strategy gathers sharded weights for a rollout, or keeps the ranks in step (on its device).
+    gather = cfg.rollout.gathers_weights
     if cfg.rollout.engine == "decode":
         engine = DecodeEngine(generation_model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.batch_size,
-                              llama_step=cfg.kernels.llama_decode_step, world=strategy)
+                              llama_step=cfg.kernels.llama_decode_step, world=strategy, gather_weights=gather)
     else:
         engine = HFGenerateEngine(generation_model, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                  cfg.rollout.batch_size, world=strategy)
+                                  cfg.rollout.batch_size, world=strategy, gather_weights=gather)
     return Actor(trained, engine, cfg.rollout.temperature, policy_loss_settings(cfg), cfg.ppo.mini_batch_size,
                  cfg.ppo.micro_batch_size, aggregation_constant=float(cfg.rollout.max_new_tokens),
                  ptx_coef=cfg.ppo.ptx_coef, ptx_batch=ptx_batch_fn(cfg, tokenizer))

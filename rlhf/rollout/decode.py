@@ -14,11 +14,13 @@ What it does that `model.generate` does not (benchmarks/rollout.py measures each
 - it returns the log-probability of every sampled token under softmax(logits / T), the
   distribution PPO scores, so PPO can skip a second forward of the actor (rollout.reuse_logprobs).
 
-Sharded models (ZeRO-3, FSDP2) gather their weights inside every forward, so all ranks must
-run the same number of forwards: in that case a rank whose rows are all finished keeps
-running one-token forwards until every rank is done (as `generate(synced_gpus=True)` does),
-and a rank with fewer batches than another runs idle ones. Ranks agree through the engine's
-`world` (the strategy), which reduces on the process group's device.
+Sharded models (ZeRO-3, FSDP2): by default the strategy gathers the whole weights once per
+`generate` call (`gather_weights`), so no decode step gathers anything and each rank decodes
+on its own. Without that, they gather their weights inside every forward, so all ranks must
+run the same number of forwards: a rank whose rows are all finished keeps running one-token
+forwards until every rank is done (as `generate(synced_gpus=True)` does), and a rank with
+fewer batches than another runs idle ones. Ranks agree through the engine's `world` (the
+strategy), which gathers and reduces on the process group's device.
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None
 
 class DecodeEngine(RolloutEngine):
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32,
-                 llama_step: bool = True, world: Collective | None = None):
-        super().__init__(model, eos_token_id, pad_token_id, batch_size, world)
+                 llama_step: bool = True, world: Collective | None = None, gather_weights: bool = True):
+        super().__init__(model, eos_token_id, pad_token_id, batch_size, world, gather_weights)
         self.llama_step = llama_step
         """Run plain Llama models through `LlamaDecodeStep` (`kernels.llama_decode_step`)."""
 
@@ -121,24 +123,25 @@ class DecodeEngine(RolloutEngine):
         seed and its id `seeds.ids[i]` (otherwise on torch's global generator)."""
         was_training = self.model.training
         self.model.eval()
-        synced = self._synced()
         # Longest first: batches of similar lengths, and the widest batch runs (and fails on
         # memory, if it must) first.
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-        # Our own decode step for plain Llama models; anything else steps through its forward.
-        fast_step = (LlamaDecodeStep(self.model) if self.llama_step and not synced and LlamaDecodeStep.supports(self.model)
-                     else None)
         device = next(self.model.parameters()).device
         uniforms = seeds.table(params.max_new_tokens, device) if seeds is not None else None
         parts = []
-        for index in range(self._batch_count(len(order), synced)):
-            batch = order[index * self.batch_size : (index + 1) * self.batch_size]
-            if not batch:  # only under sharding: another rank has more batches
-                self._idle_forwards(params.max_new_tokens, device)  # its prompt pass, then its steps
-                continue
-            # Each row's uniform numbers, one per step: (steps, rows).
-            rows = uniforms[:, seeds.ids[batch].to(uniforms.device)] if seeds is not None else None
-            parts.append(self._generate([prompts[i] for i in batch], params, synced, fast_step, rows))
+        with self._whole_weights() as whole:
+            synced = not whole and self._synced()
+            # Our own decode step for plain Llama models; anything else steps through its forward.
+            fast_step = (LlamaDecodeStep(self.model)
+                         if self.llama_step and not synced and LlamaDecodeStep.supports(self.model) else None)
+            for index in range(self._batch_count(len(order), synced)):
+                batch = order[index * self.batch_size : (index + 1) * self.batch_size]
+                if not batch:  # only when kept in step: another rank has more batches
+                    self._idle_forwards(params.max_new_tokens, device)  # its prompt pass, then its steps
+                    continue
+                # Each row's uniform numbers, one per step: (steps, rows).
+                rows = uniforms[:, seeds.ids[batch].to(uniforms.device)] if seeds is not None else None
+                parts.append(self._generate([prompts[i] for i in batch], params, synced, fast_step, rows))
         self.model.train(was_training)
         if not parts:
             return empty_rollout(with_logprobs=True)

@@ -3,20 +3,22 @@
 `HFGenerateEngine` uses transformers' `generate` (KV cache, left padding). A vLLM engine for
 GPU deployments would implement the same `generate` and return the same `Rollout`.
 
-Sharded models (ZeRO-3, FSDP2) gather their weights inside every forward, so every rank must
-run the same number of forwards, whatever its prompt count and however early its rows end.
-The engines agree on that through the run's `World` (the strategy), never through
-`torch.distributed` directly: the strategy reduces on its own device, which NCCL requires to
-be the rank's GPU.
+Sharded models (ZeRO-3, FSDP2): by default (`gather_weights`, rollout.gather_weights) the
+strategy gathers the whole weights once for a `generate` call, whose forwards are then local
+to each rank. Otherwise they gather their weights inside every forward (every decode step), so
+every rank must run the same number of forwards, whatever its prompt count and however early
+its rows end. Either way the engines go through the run's `World` (the strategy), never
+through `torch.distributed` directly: the strategy gathers and reduces on its own device,
+which NCCL requires to be the rank's GPU.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import ContextManager, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,10 +30,13 @@ from rlhf.rollout.types import Rollout
 
 class Collective(Protocol):
     """What an engine needs from the run's `World` (rlhf/distributed/strategy.py): a reduction
-    of scalar flags over the ranks, done on the device of the strategy's process group.
-    Structural, so that rollout/ does not import distributed/."""
+    of scalar flags over the ranks, done on the device of the strategy's process group, and
+    the model's weights gathered whole for a rollout. Structural, so that rollout/ does not
+    import distributed/."""
 
     def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]: ...
+
+    def gathered_for_generation(self, model: torch.nn.Module) -> ContextManager[bool]: ...
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -96,20 +101,30 @@ def empty_rollout(with_logprobs: bool) -> Rollout:
 
 class RolloutEngine(ABC):
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32,
-                 world: Collective | None = None):
+                 world: Collective | None = None, gather_weights: bool = True):
         self.model = model
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size  # prompts generated together
         self.world = world
-        """The run's world (the strategy): keeps ranks in step when the model is sharded. None
-        for an engine used by one process alone."""
+        """The run's world (the strategy): gathers a sharded model's weights for a rollout, or
+        keeps ranks in step. None for an engine used by one process alone."""
+        self.gather_weights = gather_weights
+        """Sharded weights gathered whole once per `generate` call (rollout.gather_weights);
+        otherwise every forward gathers them again, and ranks run forwards in step."""
 
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         """Sample one response per prompt (token ids, no padding) and return the rollout."""
 
-    # -- keeping sharded ranks in step ----------------------------------------------------
+    # -- sharded weights: gathered for the call, or ranks kept in step ----------------------
+    def _whole_weights(self) -> ContextManager[bool]:
+        """The weights held whole for one `generate` call where the engine gathers them (yields
+        whether that happened: then forwards are local, and ranks need not stay in step)."""
+        if not self.gather_weights or self.world is None:
+            return nullcontext(False)
+        return self.world.gathered_for_generation(self.model)
+
     def _synced(self) -> bool:
         """Whether this rank's forwards are collective (sharded weights), so that it must run
         as many as every other rank. A sharded model needs the world to agree on that count."""
@@ -152,19 +167,21 @@ class HFGenerateEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
-        """Sample one response per prompt. Under sharding (ZeRO-3, FSDP2) `generate` runs with
-        `synced_gpus=True`, so a rank whose rows have all ended keeps running forwards until
-        every rank's have; a rank with fewer batches than another runs a throw-away one-prompt
-        `generate` for each missing batch, which joins the others' forwards the same way."""
+        """Sample one response per prompt. Under sharding (ZeRO-3, FSDP2) without gathered
+        weights `generate` runs with `synced_gpus=True`, so a rank whose rows have all ended
+        keeps running forwards until every rank's have; a rank with fewer batches than another
+        runs a throw-away one-prompt `generate` for each missing batch, which joins the others'
+        forwards the same way."""
         device = next(self.model.parameters()).device
-        synced = self._synced()
         parts = []
-        for index in range(self._batch_count(len(prompts), synced)):
-            batch = prompts[index * self.batch_size : (index + 1) * self.batch_size]
-            if batch:
-                parts.append(self._generate(batch, params, device, synced))
-            else:  # only under sharding: the other ranks still have prompts
-                self._generate([[self.eos_token_id]], params, device, synced)
+        with self._whole_weights() as whole:
+            synced = not whole and self._synced()
+            for index in range(self._batch_count(len(prompts), synced)):
+                batch = prompts[index * self.batch_size : (index + 1) * self.batch_size]
+                if batch:
+                    parts.append(self._generate(batch, params, device, synced))
+                else:  # only when kept in step: the other ranks still have prompts
+                    self._generate([[self.eos_token_id]], params, device, synced)
         if not parts:
             return empty_rollout(with_logprobs=False)
         return concat_rollouts(parts, self.pad_token_id)

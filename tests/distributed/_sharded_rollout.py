@@ -6,8 +6,12 @@ device (on a GPU run a CPU tensor there fails under NCCL).
 
     torchrun --standalone --nproc_per_node 2 _sharded_rollout.py {zero3,fsdp} MODEL_DIR OUT_DIR EOS
 
-Writes OUT_DIR/rank{r}.pt: the rollouts, and the collectives seen (name -> count) with every
-call whose tensors were on another device than the strategy's.
+Each engine runs once with rollout.gather_weights=false (every forward gathers the weights,
+the ranks keep in step) and once with the default (the strategy gathers them once per call).
+
+Writes OUT_DIR/rank{r}.pt: the rollouts; the elements all-gathered and the forwards run during
+some of them; the collectives seen (name -> count) with every call whose tensors were on
+another device than the strategy's.
 """
 
 from __future__ import annotations
@@ -77,6 +81,9 @@ class CollectiveDevices:
         self.expected = expected
         self.calls: Counter[str] = Counter()
         self.wrong: list[str] = []
+        self.gathered = 0
+        """Elements all-gathered so far (the outputs' sizes): how much weight was gathered."""
+        self.depth = 0  # a collective that calls another (torch's all_gather_into_tensor) counts once
 
     def install(self) -> None:
         for module in (torch.distributed, c10d):
@@ -92,7 +99,14 @@ class CollectiveDevices:
             devices = {t.device for t in tensors_in(list(args) + list(kwargs.values()))}
             if any(device != expected for device in devices):
                 self.wrong.append(f"{name}: {sorted(map(str, devices))}, strategy device {expected}")
-            return original(*args, **kwargs)
+            if "all_gather" in name and self.depth == 0:  # the output comes first: a tensor, or the ranks' parts
+                output = args[0] if args else kwargs.get("output_tensor", kwargs.get("tensor_list"))
+                self.gathered += sum(t.numel() for t in tensors_in(output))
+            self.depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.depth -= 1
 
         return collective
 
@@ -109,18 +123,42 @@ def main(name: str, model_dir: str, out_dir: Path, eos: int) -> None:
     ids = [tokenizer(text)["input_ids"] for text in PROMPTS]
     rank = strategy.rank
 
-    decode = DecodeEngine(model, eos, pad, BATCH_SIZE, llama_step=False, world=strategy)
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    gathers: dict[str, tuple[int, int]] = {}
+
+    def measured(name: str, call: Callable[[], Any]) -> Any:
+        """`call()`, noting the elements all-gathered and the model forwards it ran."""
+        elements, runs = recorder.gathered, forwards[0]
+        out = call()
+        gathers[name] = (recorder.gathered - elements, forwards[0] - runs)
+        return out
+
+    # rollout.gather_weights=false: every forward gathers, the ranks keep in step.
+    decode = DecodeEngine(model, eos, pad, BATCH_SIZE, llama_step=False, world=strategy, gather_weights=False)
     mine = SHARES[rank]
-    split = decode.generate([ids[i] for i in mine], PARAMS, seeds=SampleSeeds(SEED, mine, len(PROMPTS)))
+    split = measured("decode", lambda: decode.generate([ids[i] for i in mine], PARAMS,
+                                                       seeds=SampleSeeds(SEED, mine, len(PROMPTS))))
     lopsided = ALL_ON_ZERO[rank]
     alone = decode.generate([ids[i] for i in lopsided], PARAMS, seeds=SampleSeeds(SEED, lopsided, len(PROMPTS)))
-
-    hf = HFGenerateEngine(model, eos, pad, BATCH_SIZE, world=strategy)
+    hf = HFGenerateEngine(model, eos, pad, BATCH_SIZE, world=strategy, gather_weights=False)
     torch.manual_seed(HF_SEED + rank)
     sampled = hf.generate([ids[i] for i in mine], PARAMS)
 
-    torch.save({"decode": split, "decode_lopsided": alone, "hf": sampled, "calls": dict(recorder.calls),
-                "wrong": recorder.wrong, "device": str(strategy.device)}, out_dir / f"rank{rank}.pt")
+    # The default: the strategy gathers the weights once for each generate call.
+    gathered = DecodeEngine(model, eos, pad, BATCH_SIZE, llama_step=False, world=strategy)
+    split_gathered = measured("decode_gathered", lambda: gathered.generate(
+        [ids[i] for i in mine], PARAMS, seeds=SampleSeeds(SEED, mine, len(PROMPTS))))
+    torch.manual_seed(HF_SEED + rank)
+    sampled_gathered = measured("hf_gathered", lambda: HFGenerateEngine(model, eos, pad, BATCH_SIZE, world=strategy)
+                                .generate([ids[i] for i in mine], PARAMS))
+    weights = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # whole sizes (DTensor: global)
+    blocks = sum(getattr(p, "ds_numel", p.numel()) for p in model.model.layers.parameters())
+
+    torch.save({"decode": split, "decode_lopsided": alone, "hf": sampled, "decode_gathered": split_gathered,
+                "hf_gathered": sampled_gathered, "gathers": gathers, "weights": weights, "block_weights": blocks,
+                "calls": dict(recorder.calls), "wrong": recorder.wrong, "device": str(strategy.device)},
+               out_dir / f"rank{rank}.pt")
     strategy.teardown()
 
 

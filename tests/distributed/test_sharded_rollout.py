@@ -7,7 +7,13 @@ same model in one process.
 The decode engine's samples depend on (seed, sample id) alone, so each rank's rows must equal
 the rows of one unsharded run over all prompts; the HF engine's depend on the process RNG, so
 each rank's must equal an unsharded run over its own prompts from the same seed (the idle
-forwards that keep ranks in step draw nothing). ~25 s per strategy on 2 cores.
+forwards that keep ranks in step draw nothing).
+
+Both engines run with rollout.gather_weights off (every forward gathers the weights, which is
+what keeps ranks in step) and on (the default: the strategy gathers each weight once for the
+whole `generate` call, and ranks decode on their own): the samples are the same, and the
+elements all-gathered during a rollout of T forwards are at most the model's size with it on,
+at least T times the transformer blocks' size with it off. ~35 s per strategy on 2 cores.
 """
 
 from __future__ import annotations
@@ -138,3 +144,19 @@ def test_sharded_rollout_keeps_ranks_in_step_on_the_strategys_device(tmp_path, s
             assert result["decode_lopsided"].sequences.shape[0] == 0
         # The HF engine: the unsharded engine over this rank's prompts, same seed.
         assert_same_rows(result["hf"], hf_wanted[rank])
+
+        # rollout.gather_weights (the default): the same samples, each weight gathered once
+        # for the call (padding of the shards aside), where every forward gathered the
+        # transformer blocks' weights again without it.
+        assert_same_rows(result["decode_gathered"], reference.select(torch.tensor(SHARES[rank], dtype=torch.long)))
+        assert_same_rows(result["hf_gathered"], hf_wanted[rank])
+        weights, blocks, gathers = result["weights"], result["block_weights"], result["gathers"]
+        for call in ("decode_gathered", "hf_gathered"):  # (generate's decode steps bypass the model's hooks)
+            assert blocks <= gathers[call][0] <= 1.01 * weights, (call, gathers, weights)
+        assert gathers["decode_gathered"][1] >= PARAMS.max_new_tokens, gathers
+        elements, forwards = gathers["decode"]
+        assert forwards >= PARAMS.max_new_tokens and elements >= forwards * blocks, (gathers, blocks)
+    # Kept in step, both ranks run the forwards of the longer one; with whole weights each runs
+    # only its own (the rows end at different steps on each rank: fewer on one of them).
+    in_step, alone = ([results[rank]["gathers"][call][1] for rank in (0, 1)] for call in ("decode", "decode_gathered"))
+    assert in_step[0] == in_step[1] >= max(alone) and min(alone) < in_step[0], (in_step, alone)

@@ -9,7 +9,8 @@ on a CPU-only machine. tests/distributed/test_sharded_rollout.py runs the real t
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ class PartnerWorld:
         assert op == "max", op
         self.asked.append((dict(values), op))
         return {key: max(float(value), self.partner) for key, value in values.items()}
+
+    @contextmanager
+    def gathered_for_generation(self, model: torch.nn.Module) -> Iterator[bool]:
+        yield False  # rollout.gather_weights=false: the weights stay sharded, the ranks keep in step
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
