@@ -105,6 +105,8 @@ def test_a_remote_cluster_without_gpus_per_worker_turns_auto_off():
 def test_other_values_are_refused():
     with pytest.raises(ConfigError, match="rollout.reuse_logprobs='sometimes' is not one of: auto, true, false"):
         ppo("rollout.reuse_logprobs=sometimes")
+    with pytest.raises(ConfigError, match="rollout.gather_weights='sometimes' is not one of: auto, true, false"):
+        ppo("rollout.gather_weights=sometimes")
 
 
 def test_the_pipeline_hands_ppo_a_resolved_value():

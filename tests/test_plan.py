@@ -251,6 +251,24 @@ def test_ppo_generation_counts_answers_and_scoring_follows_the_micro_batch():
     assert "forward of 8 x 88 tokens" in " ".join(c.name for c in plan.components)
 
 
+def test_ppo_counts_the_actor_gathered_whole_for_the_rollout():
+    four_layers = ModelShape(params=1_000_000, hidden_size=64, num_layers=4, vocab_size=512, num_heads=4,
+                             intermediate_size=256)
+
+    def generate_phase(overrides: list[str]) -> int:
+        cfg = load_config(PPOConfig, [PPO], FP32 + ["reward_model.dtype=float32"] + overrides)
+        shapes = {"model": four_layers, "reward_model": MILLION}
+        return estimate(cfg, "ppo", 4, 80 * GiB, device_type="cuda", shapes=shapes).phases["generate"]
+
+    # Sharded weights gathered whole: beyond the resident working set (the embeddings, 32,768,
+    # and 2 of the 4 layers of 241,808), the other 2 layers, 483,616 parameters in fp32.
+    for sharded in (["strategy.name=deepspeed", "strategy.zero_stage=3"], ["strategy.name=fsdp"]):
+        off = generate_phase(sharded + ["rollout.gather_weights=false"])
+        assert generate_phase(sharded) == generate_phase(sharded + ["rollout.gather_weights=true"]) == off + 483_616 * 4
+    zero2 = ["strategy.name=deepspeed", "strategy.zero_stage=2"]  # whole weights on every worker already
+    assert generate_phase(zero2) == generate_phase(zero2 + ["rollout.gather_weights=false"])
+
+
 def test_ppo_role_groups_plan_the_heaviest_group():
     groups = ["ray.enabled=true", "ppo.colocate=[[actor,reference],[critic,reward]]"]
     plan = ppo_plan(groups + ["model.lora.r=8"])

@@ -11,7 +11,8 @@
   the 5*a*s/h term is dropped for it. With gradient checkpointing each layer keeps only its
   input (2*s*b*h bytes at 16-bit) and one layer's full activations are live during its
   recomputation. The loss adds fp32 logits: tokens x vocab x 4 bytes.
-- Generation keeps a KV cache of 2 x layers x batch x tokens x (kv heads x head dim) elements.
+- Generation keeps a KV cache of 2 x layers x batch x tokens x (kv heads x head dim) elements;
+  with rollout.gather_weights a sharded actor also holds its whole weights while it generates.
 
 What this project's code does decides the details: the reward model stage never applies LoRA,
 PPO's critic is never LoRA, and PPO's reference and reward model are frozen copies in their
@@ -358,6 +359,7 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
                               over(reward.scalar_params * FROZEN_STATE_BYTES), role="reward")
     kv = 2 * actor.num_layers * generate * seq * actor.kv_width * actor_prec.compute_bytes
     rows.append(Component(f"generate: KV cache, {generate} x {seq} tokens", "kv_cache", kv, 0, "actor", "generate"))
+    rows += _gathered_for_generation(cfg, actor, actor_prec)
     actor_width, critic_width = actor_prec.compute_bytes, critic_prec.compute_bytes
     rows += _pass("actor train", "actor", actor, micro, seq, micro * logit_tokens, actor_width, cfg.model, True)
     if cfg.ppo.ptx_coef > 0:
@@ -378,6 +380,21 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
     if cfg.uses_reward_model:
         rows += _pass("reward scores", "reward", reward, piece, seq, 0, rm_bytes, cfg.reward_model, False)
     return rows
+
+
+def _gathered_for_generation(cfg, actor: ModelShape, prec: Precision) -> list[Component]:
+    """rollout.gather_weights on a sharded actor: its whole weights in the compute dtype on
+    every worker while it generates, beyond the few layers gathered for compute (counted
+    already, resident)."""
+    s = sharding(cfg.strategy)
+    if not (s.params or s.offload_params) or not cfg.rollout.gathers_weights:
+        return []
+    adapters = lora_params(actor, cfg.model.lora) if cfg.model.lora.r > 0 else 0
+    whole = actor.params + adapters
+    working_set = min(actor.embedding_params + GATHERED_LAYERS * actor.layer_params, whole)
+    return [Component("generate: the rest of the actor's weights, gathered whole for the rollout "
+                      "(rollout.gather_weights)", "gathered", (whole - working_set) * prec.compute_bytes, 0, "actor",
+                      "generate")]
 
 
 _BUILDERS = {"sft": _sft_components, "rm": _rm_components, "ppo": _ppo_components}
