@@ -8,6 +8,12 @@ Before that, each worker updated β from its local KL and kept its own reward mo
 8-sample batches here a worker's 4-sample KL and moments differ from the global ones by ~10%,
 three orders of magnitude above the tolerances below.
 
+Which run covers which cell of {GAE PPO, GRPO} x {ZeRO-3, FSDP2} x {decode, hf engine}, each
+against one worker: GAE PPO with the decode engine in test_two_workers_match_one_worker[zero3]
+and [fsdp]; GRPO with the decode engine in test_critic_free_estimators_...[grpo-zero3-fsdp]
+(both strategies); both advantages with the hf engine, greedy, in
+test_hf_engine_with_two_sharded_workers_matches_one_worker[gae] and [grpo] (both strategies).
+
 Setup (~40 s on 2 cores): the tiny model after 60 SFT steps (so that it emits EOS and responses
 have different lengths, which makes the workers' token counts differ), as actor, reference,
 reward model and critic; 4 iterations of 8 prompts, mini-batches of 4, 2 epochs, the decode
@@ -125,12 +131,15 @@ def test_the_one_worker_run_exercises_what_the_comparison_needs(one_worker):
     assert max(steps[s]["ppo/kl"] for s in (2, 3, 4)) > 0.1
 
 
-@pytest.mark.parametrize("engine", ["zero2", "fsdp"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
 def test_two_workers_match_one_worker(tmp_path, one_worker, sft_model, quickstart_data, engine):
+    """GAE PPO (actor and critic trained) with the decode engine. zero3 and fsdp shard both
+    models: the rollout gathers the actor's weights once (rollout.gather_weights), and the
+    critic's value forwards and updates accumulate 2 micro-batches per step on each worker."""
     two = tmp_path / engine
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          *ppo_args(sft_model, quickstart_data, two), *ENGINES[engine]], f"ppo with two workers ({engine})",
-         threads_one=False)
+          *ppo_args(sft_model, quickstart_data, two), *strategy_args(engine, tmp_path)],
+         f"ppo with two workers ({engine})", threads_one=False)
     single, double = by_step(one_worker), by_step(two)
     assert sorted(double) == sorted(single)
 
@@ -158,28 +167,34 @@ def test_two_workers_match_one_worker(tmp_path, one_worker, sft_model, quickstar
     assert worst < 1e-4 < 1e-2 < moved, f"max weight difference {worst:.2e} (moved {moved:.2e})"
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
-def test_critic_free_estimators_with_two_workers_match_one_worker(tmp_path, sft_model, quickstart_data, advantage):
+@pytest.mark.parametrize(("advantage", "engines"), [("grpo", ("zero3", "fsdp")), ("reinforce_pp", ("zero2",))],
+                         ids=["grpo-zero3-fsdp", "reinforce_pp-zero2"])
+def test_critic_free_estimators_with_two_workers_match_one_worker(tmp_path, sft_model, quickstart_data, advantage,
+                                                                  engines):
     """Groups of 2 answers per prompt, split over workers by prompt: the group statistics
-    (grpo) and REINFORCE++'s whitening over the global batch see every worker's samples."""
+    (grpo) and REINFORCE++'s whitening over the global batch see every worker's samples. GRPO
+    runs on 2 workers under ZeRO-3 and under FSDP2 (the actor sharded, its rollout gathered
+    once), REINFORCE++ under ZeRO-2; each against one worker, with the decode engine."""
     groups = [f"ppo.advantage={advantage}", "rollout.n_samples_per_prompt=2", f"ppo.rollout_batch_size={BATCH // 2}",
               "ppo.actor_lr=2e-3"]  # lower than PPO's: whitening over 8 samples amplifies rounding at 1e-2
     runs = {}
     for name, launch, engine in (("one", [], ["strategy.name=single"]),
-                                 ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                                  ENGINES["zero2"])):
+                                 *((name, TORCHRUN, strategy_args(name, tmp_path)) for name in engines)):
         runs[name] = tmp_path / name
         args = [*launch, *ppo_args(sft_model, quickstart_data, runs[name]), *groups, *engine]
         _run(args, f"{advantage} with {name} worker(s)", threads_one=not launch)
-    single, double = by_step(runs["one"]), by_step(runs["two"])
-    assert sorted(double) == sorted(single) == [0, 1, 2, 3, 4]
+    single = by_step(runs["one"])
+    assert sorted(single) == [0, 1, 2, 3, 4]
     assert "ppo/value_loss" not in single[4] and "ppo/advantage_std" in single[4]
-    for step in sorted(single):
-        for key in SAME + CLOSE + ("ppo/advantage_std", "ppo/group_reward_std_mean"):
-            if key in single[step]:
-                a, b = single[step][key], double[step].get(key)
-                assert (a == b) if key in SAME else (b is not None and b == pytest.approx(a, rel=REL, abs=ABS)), \
-                    f"step {step} {key}: one worker {a!r}, two workers {b!r}"
+    for name in engines:
+        double = by_step(runs[name])
+        assert sorted(double) == sorted(single)
+        for step in sorted(single):
+            for key in SAME + CLOSE + ("ppo/advantage_std", "ppo/group_reward_std_mean"):
+                if key in single[step]:
+                    a, b = single[step][key], double[step].get(key)
+                    assert (a == b) if key in SAME else (b is not None and b == pytest.approx(a, rel=REL, abs=ABS)), \
+                        f"{name}, step {step} {key}: one worker {a!r}, two workers {b!r}"
 
 
 def _compare(single: dict[int, dict], double: dict[int, dict], what: str) -> None:
@@ -208,47 +223,60 @@ def zero3(directory: Path) -> list[str]:
     return ["strategy.name=deepspeed", "strategy.zero_stage=3", f"strategy.deepspeed_config={raw}"]
 
 
+def strategy_args(name: str, directory: Path) -> list[str]:
+    """The overrides of a 2-worker strategy: zero2, zero3 (every weight partitioned) or fsdp."""
+    return zero3(directory) if name == "zero3" else ENGINES[name]
+
+
 HF = ["rollout.engine=hf", "rollout.batch_size=3", "rollout.max_new_tokens=16", "ppo.iterations=2",
       "ppo.actor_lr=2e-3"]
 """The HF engine on the actor, in batches of 3 prompts: each worker runs a full and a partial one."""
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
-def test_hf_engine_with_two_zero3_workers_matches_one_worker(tmp_path, sft_model, quickstart_data, advantage):
-    """rollout.engine=hf on an actor sharded by ZeRO-3 against one process. The HF engine
-    samples from the process RNG, whose stream depends on the layout, so sampling is greedy
-    here (rollout.top_k=1; PPO still scores the unfiltered distribution): the same answers on
-    any layout, and the metrics must agree as above. Under grpo the two answers of a group are
-    then equal (zero advantages): that case checks the sharded sampling of groups, the rewards
-    and the KL; reinforce_pp (whitened over the global batch) also the updates. (Greedy answers
-    of this model all run to the limit; answers that end at different steps on each worker are
-    the next test's.)"""
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_hf_engine_with_two_sharded_workers_matches_one_worker(tmp_path, sft_model, quickstart_data, advantage):
+    """rollout.engine=hf on 2 workers under ZeRO-3 and under FSDP2, each against one process:
+    GAE PPO (actor and critic sharded and trained) and GRPO. The HF engine samples from the
+    process RNG, whose stream depends on the layout, so sampling is greedy here
+    (rollout.top_k=1; PPO still scores the unfiltered distribution): the same answers on any
+    layout, and the metrics must agree as above. Under grpo the two answers of a group are then
+    equal (zero advantages): that case checks the sharded sampling of groups, the rewards and
+    the KL; gae also the updates of both models. (Greedy answers of this model all run to the
+    limit; answers that end at different steps on each worker are the next test's.)"""
     hf = [*HF, "rollout.top_k=1", f"ppo.advantage={advantage}"]
     if advantage == "grpo":
         hf += ["rollout.n_samples_per_prompt=2", f"ppo.rollout_batch_size={BATCH // 2}"]
     runs = {}
-    for name, launch, engine in (("one", [], ["strategy.name=single"]), ("two", TORCHRUN, zero3(tmp_path))):
+    for name, launch, engine in (("one", [], ["strategy.name=single"]),
+                                 ("zero3", TORCHRUN, zero3(tmp_path)), ("fsdp", TORCHRUN, ENGINES["fsdp"])):
         runs[name] = tmp_path / name
         _run([*launch, *ppo_args(sft_model, quickstart_data, runs[name]), *hf, *engine],
-             f"{advantage} with the hf engine on {name} worker(s)", threads_one=not launch)
-    single, double = by_step(runs["one"]), by_step(runs["two"])
+             f"{advantage} with the hf engine on {name}", threads_one=not launch)
+    single = by_step(runs["one"])
     assert sorted(single) == [0, 1, 2]
-    _compare(single, double, "one worker and two ZeRO-3 workers (hf engine, greedy)")
+    assert ("ppo/value_loss" in single[2]) == (advantage == "gae")
+    for name in ("zero3", "fsdp"):
+        _compare(single, by_step(runs[name]), f"one worker and two {name} workers (hf engine, greedy)")
 
 
 def test_hf_engine_sampling_under_zero3_matches_zero2(tmp_path, sft_model, quickstart_data):
     """GRPO sampling with the HF engine (temperature 1) on 2 workers, ZeRO-3 against ZeRO-2:
     the same layout, so each worker draws the same random stream for the same prompts, and
     only ZeRO-3 shards the weights. Its answers end at different steps on each worker, so under
-    ZeRO-3 the worker that ends first must keep joining the other's forwards (synced_gpus);
-    then the two runs sample the same answers and agree on every metric."""
+    ZeRO-3 with rollout.gather_weights=false the worker that ends first must keep joining the
+    other's forwards (synced_gpus); with the default the weights are gathered once per rollout
+    and each worker generates on its own. Either way the runs sample the same answers and agree
+    on every metric."""
     groups = [*HF, "ppo.advantage=grpo", "rollout.n_samples_per_prompt=2", f"ppo.rollout_batch_size={BATCH // 2}"]
     runs = {}
-    for name, engine in (("zero2", ["strategy.name=deepspeed", "strategy.zero_stage=2"]), ("zero3", zero3(tmp_path))):
+    for name, engine in (("zero2", ["strategy.name=deepspeed", "strategy.zero_stage=2"]),
+                         ("zero3_in_step", [*zero3(tmp_path), "rollout.gather_weights=false"]),
+                         ("zero3_gathered", zero3(tmp_path))):
         runs[name] = tmp_path / name
         _run([*TORCHRUN, *ppo_args(sft_model, quickstart_data, runs[name]), *groups, *engine],
              f"grpo with the hf engine under {name}", threads_one=False)
-    whole, sharded = by_step(runs["zero2"]), by_step(runs["zero3"])
+    whole = by_step(runs["zero2"])
     rates = [whole[s]["ppo/eos_rate"] for s in (1, 2)]
     assert any(0 < rate < 1 for rate in rates), f"all answers end alike (EOS rates {rates}): nothing to keep in step"
-    _compare(whole, sharded, "ZeRO-2 and ZeRO-3 (hf engine, sampled)")
+    for name in ("zero3_in_step", "zero3_gathered"):
+        _compare(whole, by_step(runs[name]), f"ZeRO-2 and {name} (hf engine, sampled)")
