@@ -269,6 +269,27 @@ def test_ppo_counts_the_actor_gathered_whole_for_the_rollout():
     assert generate_phase(zero2) == generate_phase(zero2 + ["rollout.gather_weights=false"])
 
 
+def test_a_rollout_that_fits_only_layer_by_layer_is_told_so():
+    medium = ModelShape(params=100_000_000, hidden_size=1024, num_layers=24, vocab_size=8000, num_heads=16,
+                        intermediate_size=4096)
+    shapes = {"model": medium, "reward_model": medium}
+    flash = ["model.attn_implementation=flash_attention_2", "reward_model.attn_implementation=flash_attention_2"]
+    overrides = FP32 + ["reward_model.dtype=float32", "strategy.name=fsdp", "rollout.max_new_tokens=1024",
+                        "rollout.batch_size=64", "ppo.rollout_batch_size=64", "ppo.micro_batch_size=1"] + flash
+
+    def need(extra: list[str], memory: int = 80 * GiB):
+        return estimate(load_config(PPOConfig, [PPO], overrides + extra), "ppo", 4, memory, device_type="cuda",
+                        shapes=shapes)
+
+    whole, layered = need([]).need, need(["rollout.gather_weights=false"]).need
+    assert whole > layered
+    memory = int((whole + layered) / 2 / 0.9)  # fits only without the whole gathered actor
+    plan = need([], memory)
+    assert not plan.fits and plan.peak_phase == "generate"
+    found = [s for s in plan_suggestions(plan) if s.overrides == {"rollout.gather_weights": False}]
+    assert len(found) == 1 and found[0].plan.fits
+
+
 def test_ppo_role_groups_plan_the_heaviest_group():
     groups = ["ray.enabled=true", "ppo.colocate=[[actor,reference],[critic,reward]]"]
     plan = ppo_plan(groups + ["model.lora.r=8"])

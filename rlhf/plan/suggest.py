@@ -112,6 +112,15 @@ def _checkpointing(plan: Plan) -> Optional[Suggestion]:
                     changes) if changes else None
 
 
+def _rollout_layer_by_layer(plan: Plan) -> Optional[Suggestion]:
+    """A sharded actor generating on its whole gathered weights (rollout.gather_weights): gather
+    one layer at a time in every decode step instead."""
+    if plan.stage != "ppo" or not any("rollout.gather_weights" in c.name for c in plan.components):
+        return None
+    return _fitting(plan, "gather the actor's weights layer by layer in each decode step, not whole for the "
+                    "rollout (slower generation)", {"rollout.gather_weights": False})
+
+
 def _zero_stage(plan: Plan) -> Optional[Suggestion]:
     strategy = plan.cfg.strategy
     if strategy.name == "fsdp":
@@ -191,7 +200,7 @@ def _more_workers(plan: Plan) -> Optional[Suggestion]:
     return None
 
 
-SUGGESTERS = (_lower_batches, _checkpointing, _zero_stage, _offload_optimizer, _offload_params, _lora, _more_workers)
+SUGGESTERS = (_lower_batches, _checkpointing, _rollout_layer_by_layer, _zero_stage, _offload_optimizer, _offload_params, _lora, _more_workers)
 """Least disruptive first."""
 
 
