@@ -52,10 +52,12 @@ class PartnerWorld:
     rank answers `partner` (0: it has no batches and nothing running; 3: it has 3 batches and
     its rows keep running). Records what it was asked."""
 
-    def __init__(self, device: torch.device, partner: float):
-        self.device, self.partner = device, partner
+    def __init__(self, device: torch.device, partner: float, gathers: bool = False):
+        self.device, self.partner, self.gathers = device, partner, gathers
         self.rank, self.world_size = 0, 2
         self.asked: list[tuple[dict[str, float], str]] = []
+        self.gathered = 0
+        """Times `gathered_for_generation` was entered."""
 
     def all_reduce(self, values: dict[str, float], op: str = "mean") -> dict[str, float]:
         assert op == "max", op
@@ -64,7 +66,10 @@ class PartnerWorld:
 
     @contextmanager
     def gathered_for_generation(self, model: torch.nn.Module) -> Iterator[bool]:
-        yield False  # rollout.gather_weights=false: the weights stay sharded, the ranks keep in step
+        """With `gathers`, what ZeRO-3 / FSDP2 report after gathering the weights; else what
+        an engine that leaves them sharded reports, so that the ranks keep in step."""
+        self.gathered += 1
+        yield self.gathers
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
@@ -182,3 +187,21 @@ def test_an_unsharded_model_generates_without_synced_gpus_or_collectives(two_ran
     decode(tiny_llama(), world)
     assert [c.get("synced_gpus") for c in calls] == [False, False]
     assert world.asked == [] and two_ranks == []
+
+
+def test_with_weights_gathered_for_the_call_a_rank_generates_on_its_own(two_ranks):
+    """rollout.gather_weights: the world gathers once per generate call; the forwards are then
+    local, so the engines ask no flags, run only their own forwards (no idle batches for the
+    other rank's 3), and the HF engine needs no synced_gpus; the samples stay the same."""
+    world = PartnerWorld(torch.device("cpu"), partner=3.0, gathers=True)
+    model = looking_sharded(tiny_llama())
+    forwards = count_forwards(model)
+    rollout = decode(model, world)
+    assert torch.equal(rollout.sequences, decode(tiny_llama()).sequences)
+    assert forwards[0] == 10 + 8  # batch (2, 0) runs all 10 steps, batch (3, 1) ends after 8
+    calls: list[dict] = []
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: calls.append(kwargs) or generate(*args, **kwargs)
+    HFGenerateEngine(model, EOS, PAD, batch_size=2, world=world).generate(PROMPTS, PARAMS)
+    assert [c.get("synced_gpus") for c in calls] == [False, False]
+    assert world.gathered == 2 and world.asked == [] and two_ranks == []
