@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launch_variables_stay_in_their_test():
+    """A stage run in-process exports the single-process launch variables (rlhf/distributed/
+    env.py); they must not reach later tests, where LOCAL_WORLD_SIZE=1 would make `rlhf plan`
+    see one worker per node (and HSDP) in a plan of several workers."""
+    saved = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow-budget-minutes", type=float, default=0.0,
                      help="start no slow test outside the always-run set (marker `core`) once this many minutes "

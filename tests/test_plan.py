@@ -519,3 +519,11 @@ def test_fsdp_on_several_nodes_plans_the_hsdp_shards_the_strategy_builds():
     zero3 = sft_plan([*ray, "strategy.name=deepspeed", "strategy.zero_stage=3", "resources.num_nodes=2",
                       "resources.workers_per_node=4"], workers=8)
     assert zero3.optimizer.device == 12_000_000 // 8  # bf16 on a GPU: fp32 master weights and two moments
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher(monkeypatch):
+    """The plans here give their worker count; a launcher's variables in the environment (one
+    worker per node, say) would change how FSDP2 shards (HSDP) and the default worker count."""
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)

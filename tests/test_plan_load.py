@@ -48,3 +48,11 @@ def test_load_peak_is_the_baseline_and_each_workers_share_of_the_weights():
     # ZeRO-3: DeepSpeed also allocates fp32 gradient partitions (4 bytes) and AdamW's moments
     # (8 bytes) of the trained models when it wraps them.
     assert plan("zero3", 2).load_peak == FRAMEWORK_BASELINE["deepspeed"] + (4 * trained + frozen) // 2
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher(monkeypatch):
+    """The plans here give their worker count; a launcher's variables in the environment (one
+    worker per node, say) would change how FSDP2 shards (HSDP) and the default worker count."""
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
