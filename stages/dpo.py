@@ -43,9 +43,8 @@ def main(cfg: DPOConfig) -> StageResult:
         # 2. Models: the policy from the SFT model (dropout off, as in every RLHF role) and the
         # frozen reference, loaded when first needed (never, on a resume with precomputed numbers).
         tokenizer = load_tokenizer(cfg.model)
-        model = load_causal_lm(cfg.model, strategy.device)
+        model = load_causal_lm(cfg.model, strategy.device, placement=strategy.placement())
         disable_dropout(model)
-        accelerate(model, cfg.kernels)
         model = apply_lora(model, cfg.model.lora)
 
         # 3. Tokenise: each prompt once, each of its K answers after it.
@@ -63,6 +62,7 @@ def main(cfg: DPOConfig) -> StageResult:
         plan = StepPlan(len(train_batches), accumulation, strategy.world_size)
         total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         policy = strategy.wrap(model, OptimizerSpec.from_train(cfg.train, total), accumulation, micro)
+        accelerate(strategy.unwrap(policy), cfg.kernels)  # once the weights are on their device
         gold = sampled_gold(cfg, load_gold_reward(cfg.eval.gold_reward), tokenizer, data.eval)
         evaluation = DPOEvaluation(policy, eval_batches, reference, cfg.loss, strategy.device, gold)
         schedule = Schedule(total, cfg.train.eval_every, cfg.train.log_every, cfg.train.save_every)

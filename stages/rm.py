@@ -38,9 +38,8 @@ def main(cfg: RMConfig) -> StageResult:
 
         # 2. Model: the SFT backbone with a new scalar head (or a reward model to keep training).
         tokenizer = load_tokenizer(cfg.model)
-        model = load_scalar_model(cfg.model, strategy.device, seed=cfg.seed)
+        model = load_scalar_model(cfg.model, strategy.device, seed=cfg.seed, placement=strategy.placement())
         model.config.pad_token_id = tokenizer.pad_token_id
-        accelerate(model, cfg.kernels)
         model = apply_lora(model, cfg.model.lora, scalar_head=True)
 
         # 3. Tokenise: each prompt once, each of its K answers after it.
@@ -55,6 +54,7 @@ def main(cfg: RMConfig) -> StageResult:
         plan = StepPlan(len(train_batches), accumulation, strategy.world_size)
         total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         reward_model = strategy.wrap(model, OptimizerSpec.from_train(cfg.train, total), accumulation, micro)
+        accelerate(strategy.unwrap(reward_model), cfg.kernels)  # once the weights are on their device
         best = BestRewardModel(run, reward_model, eval_batches, cfg.loss, tokenizer, data.eval)
         schedule = Schedule(total, cfg.train.eval_every, cfg.train.log_every, cfg.train.save_every)
         start = run.begin(schedule, {"reward_model": reward_model}, [reward_model.module], best, state=best)

@@ -38,10 +38,10 @@ def main(cfg: SFTConfig) -> StageResult:
             texts = [m.content for r in data.train for m in r.messages]
             model_path = resolve_model_path(cfg.model, run.dir, texts, cfg.seed)
         tokenizer = load_tokenizer(cfg.model, model_path if cfg.model.tiny else None)
-        model = load_causal_lm(cfg.model, strategy.device, model_path)
+        # Placed as the strategy shards (ZeRO-3: partitioned as built; FSDP2: meta, read per shard).
+        model = load_causal_lm(cfg.model, strategy.device, model_path, placement=strategy.placement())
         if cfg.data.padding_free:
             use_segment_attention(model)  # attention once per example of a padding-free row
-        accelerate(model, cfg.kernels, lm_loss=True)
         model = apply_lora(model, cfg.model.lora)
 
         # 3. Tokenise with the chat template; prompt tokens get label -100.
@@ -62,6 +62,7 @@ def main(cfg: SFTConfig) -> StageResult:
         total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         spec = OptimizerSpec.from_train(cfg.train, total)
         policy = strategy.wrap(model, spec, accumulation, cfg.train.micro_batch_size)
+        accelerate(strategy.unwrap(policy), cfg.kernels, lm_loss=True)  # once the weights are on their device
         schedule = Schedule(total, cfg.train.eval_every, cfg.train.log_every, cfg.train.save_every)
         start = run.begin(schedule, {"policy": policy}, [policy.module], LMEvaluation(policy.module, eval_batches, strategy))
         policy.module.train()
