@@ -53,7 +53,7 @@ def main(cfg: DPOConfig) -> StageResult:
         micro = cfg.train.micro_batch_size
         train_batches = PreferenceBatches(ranked.train, micro, tokenizer.pad_token_id, cfg.seed, **ranked.layout)
         eval_batches = PreferenceBatches(ranked.eval, micro, tokenizer.pad_token_id, cfg.seed, shuffle=False, **ranked.layout)
-        reference = ReferenceLogps(reference_loader(cfg, strategy.device), cfg.reference.precompute,
+        reference = ReferenceLogps(reference_loader(cfg, strategy), cfg.reference.precompute,
                                    {"train": train_batches, "eval": eval_batches}, strategy)
 
         # 4. Step plan, optimizer and schedule on the chosen engine; resume if a checkpoint exists

@@ -20,3 +20,12 @@ def is_whole(tensor: torch.Tensor) -> bool:
     """Not a ZeRO-3 partition or a DTensor shard (FSDP2): the whole tensor, used as it is,
     without an engine's gathering or per-use gradient reduction."""
     return not hasattr(tensor, "ds_id") and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+
+
+def reshard_frozen(model: torch.nn.Module) -> None:
+    """FSDP2 leaves the root's parameters (embeddings, final norm, heads) gathered after a
+    forward, for the backward that reshards them; a frozen model has no backward, so without
+    this every worker would keep them whole between scoring calls."""
+    reshard = getattr(model, "reshard", None)
+    if callable(reshard) and hasattr(model, "unshard"):  # an FSDPModule
+        reshard()

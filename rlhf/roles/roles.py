@@ -20,6 +20,7 @@ import torch
 
 from rlhf.algorithms.losses import loss_denominator
 from rlhf.distributed.strategy import TrainedModel
+from rlhf.models.engines import reshard_frozen
 from rlhf.models.loading import disable_dropout
 from rlhf.models.reward import RewardStats, sequence_scores
 from rlhf.roles.forward import policy_logprobs, response_values
@@ -108,15 +109,6 @@ def in_pieces(forward: Callable[[Rollout], torch.Tensor], rollout: Rollout, batc
             out[piece] = part
     assert out is not None
     return out
-
-
-def reshard_frozen(model: torch.nn.Module) -> None:
-    """FSDP2 leaves the root's parameters (embeddings, final norm, heads) gathered after a
-    forward, for the backward that reshards them; a frozen model has no backward, so without
-    this every worker would keep them whole between scoring calls."""
-    reshard = getattr(model, "reshard", None)
-    if callable(reshard) and hasattr(model, "unshard"):  # an FSDPModule
-        reshard()
 
 
 class Actor:

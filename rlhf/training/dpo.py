@@ -32,6 +32,7 @@ from rlhf.data.rank_dataset import RankBatch, RankExample, collate_rank, collate
 from rlhf.data.records import PromptRecord, RankRecord
 from rlhf.errors import UserError
 from rlhf.kernels import accelerate
+from rlhf.models.engines import reshard_frozen, unwrap_engine
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.reward import transformers_model
@@ -164,15 +165,21 @@ def answer_logps(module: torch.nn.Module, batch: PreferenceBatch) -> torch.Tenso
     return token_logps.new_zeros(batch.answer_tokens.shape[0]).index_add(0, batch.token_answer, token_logps)
 
 
-def reference_loader(cfg: DPOConfig, device: torch.device) -> Callable[[], torch.nn.Module]:
+def reference_loader(cfg: DPOConfig, world) -> Callable[[], torch.nn.Module]:
     """Loads the frozen reference (`reference.path`, default the SFT model `model.path`) with
-    the policy's model settings, no LoRA, no gradient checkpointing, dropout off."""
+    the policy's model settings, no LoRA, no gradient checkpointing, dropout off; placed and
+    frozen as the strategy (`world`) places scored models: sharded under ZeRO-3 and FSDP2,
+    where its forwards are collectives that every worker runs as many of."""
 
     def load() -> torch.nn.Module:
         settings = dataclasses.replace(cfg.model, gradient_checkpointing=False)
-        model = load_causal_lm(settings, device, cfg.reference.path or cfg.model.path)
+        model = load_causal_lm(settings, world.device, cfg.reference.path or cfg.model.path,
+                               placement=world.placement())
         disable_dropout(model)
-        accelerate(model, cfg.kernels)
+        model = world.freeze(model)
+        model.eval()  # a DeepSpeed engine's eval() returns None: not chained
+        model.requires_grad_(False)
+        accelerate(unwrap_engine(model), cfg.kernels)  # once the weights are on their device
         return model
 
     return load
@@ -197,7 +204,10 @@ class ReferenceLogps:
     def __call__(self, split: str, batch: PreferenceBatch) -> torch.Tensor:
         """(answers,) reference log-probs of the micro-batch's answers."""
         if not self.precompute:
-            return answer_logps(self._model(), batch)
+            model = self._model()
+            logps = answer_logps(model, batch)
+            reshard_frozen(model)
+            return logps
         if not self.tables:
             self.tables = {name: self._table(batches) for name, batches in self.splits.items()}
             self.model = None  # no reference in memory during training
@@ -206,17 +216,24 @@ class ReferenceLogps:
 
     def _model(self) -> torch.nn.Module:
         if self.model is None:
-            self.model = self.load().eval().requires_grad_(False)
+            self.model = self.load()
         return self.model
 
     def _table(self, batches: PreferenceBatches) -> torch.Tensor:
-        """Every answer's log-prob, (answers,) float32 on the CPU, the same on every worker."""
+        """Every answer's log-prob, (answers,) float32 on the CPU, the same on every worker.
+        Every worker runs as many forwards (a sharded reference's forward is a collective): one
+        whose share is a micro-batch short scores a batch again and keeps nothing of it."""
         model, world = self._model(), self.world
         table = torch.zeros(batches.num_answers, dtype=torch.float32)
         ordered = batches.in_order()
-        for index in range(world.rank, len(ordered), world.world_size):
-            batch = ordered.batch(0, index).to(world.device)
-            table[batch.answer_ids.cpu()] = answer_logps(model, batch).cpu()
+        count = len(ordered)
+        for turn in range(-(-count // world.world_size)):
+            index = world.rank + turn * world.world_size
+            batch = ordered.batch(0, min(index, count - 1)).to(world.device)
+            logps = answer_logps(model, batch)
+            reshard_frozen(model)
+            if index < count:
+                table[batch.answer_ids.cpu()] = logps.cpu()
         # Each answer was scored by exactly one worker, the others hold 0 there: the sum is exact.
         return torch.stack(world.all_gather(table)).sum(0) if world.world_size > 1 else table
 

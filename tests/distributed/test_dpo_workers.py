@@ -27,6 +27,9 @@ ENGINES = {
     "fsdp": ["strategy.name=fsdp"],
     "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2", "reference.precompute=true"],
     "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
+    # The reference sharded like the policy, its log-probs precomputed: each worker scores a
+    # share of the micro-batches, and every worker must run as many forwards (collectives).
+    "fsdp_precompute": ["strategy.name=fsdp", "reference.precompute=true"],
 }
 COMPARED = ("dpo/loss", "dpo/accuracy", "dpo/margin", "dpo/chosen_logps", "dpo/rejected_logps", "dpo/grad_norm",
             "eval/loss", "eval/accuracy", "eval/margin", "eval/chosen_logps", "eval/gold_reward")
@@ -35,10 +38,11 @@ CONFIG = str(REPO / "configs" / "dpo.yaml")
 
 
 def overrides(data: dict, model: Path, rank_file: Path, out: Path) -> list[str]:
+    # 6 held-out prompts in micro-batches of 2: 3 batches, which 2 workers share unevenly.
     return [f"model.path={model}", f"data.train.path={rank_file}",
             f"output_dir={out}", "logging.progress=false", "train.max_steps=4", "train.eval_every=2",
             "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0",
-            "data.eval_fraction=0.1", f"eval.prompts.path={data['prompts_eval']}", "eval.max_prompts=4",
+            "data.eval_fraction=0.075", f"eval.prompts.path={data['prompts_eval']}", "eval.max_prompts=4",
             "eval.samples_per_prompt=2", "eval.max_new_tokens=8"]
 
 
