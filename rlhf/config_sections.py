@@ -191,6 +191,11 @@ class StrategyConfig:
     mixed_precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16."""
 
+    @property
+    def shards_weights(self) -> bool:
+        """Each worker holds only a shard of every model's weights (ZeRO-3, FSDP2)."""
+        return self.name == "fsdp" or (self.name == "deepspeed" and self.zero_stage == 3)
+
     def validate(self) -> None:
         _choice("strategy.name", self.name, ("single", "deepspeed", "fsdp"))
         if self.mixed_precision == "False":  # YAML 1.1 reads an unquoted `no` as false

@@ -34,6 +34,14 @@ def _launch_variables_stay_in_their_test():
             os.environ[name] = value
 
 
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """No launcher's WORLD_SIZE/LOCAL_WORLD_SIZE in the environment: for tests that give their
+    worker count (a launcher's one worker per node would change how FSDP2 shards, HSDP)."""
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow-budget-minutes", type=float, default=0.0,
                      help="start no slow test outside the always-run set (marker `core`) once this many minutes "

@@ -6,6 +6,7 @@ Llama-3.2-1B (the hub is unreachable from the tests, and the planner reads only 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -72,11 +73,9 @@ def test_an_example_asks_for_what_its_name_says_and_plan_says_it_fits_on_80_gb(p
                  "--json", *overrides])
     out = capsys.readouterr()
     assert code == 0, out.err
-    import json
-
     plan = json.loads(out.out)
     assert plan["fits"] and plan["workers"] == int(m["nodes"]) * int(m["gpus"])
     assert plan["precision"].startswith("bf16")
     low, high = PARAMS[m["model"]]
-    assert re.search(r"(\d+\.\d+) B parameters", plan["model"]) and low <= float(
-        re.search(r"(\d+\.\d+) B parameters", plan["model"])[1]) * 1e9 <= high
+    billions = re.search(r"(\d+\.\d+) B parameters", plan["model"])
+    assert billions and low <= float(billions[1]) * 1e9 <= high

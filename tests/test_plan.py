@@ -40,6 +40,8 @@ SMOLLM2 = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num
 # + MLP 3*576*1536 + 2 norms*576 = 3,540,096, x30 = 106,202,880; final norm 576.
 SMOLLM2_PARAMS = 28_311_552 + 106_202_880 + 576  # = 134,515,008
 
+pytestmark = pytest.mark.usefixtures("no_launcher")
+
 
 def sft_plan(overrides, workers=1, memory=80 * GiB, device_type="cuda", shape=MILLION):
     cfg = load_config(SFTConfig, [SFT], overrides)
@@ -519,11 +521,3 @@ def test_fsdp_on_several_nodes_plans_the_hsdp_shards_the_strategy_builds():
     zero3 = sft_plan([*ray, "strategy.name=deepspeed", "strategy.zero_stage=3", "resources.num_nodes=2",
                       "resources.workers_per_node=4"], workers=8)
     assert zero3.optimizer.device == 12_000_000 // 8  # bf16 on a GPU: fp32 master weights and two moments
-
-
-@pytest.fixture(autouse=True)
-def _no_launcher(monkeypatch):
-    """The plans here give their worker count; a launcher's variables in the environment (one
-    worker per node, say) would change how FSDP2 shards (HSDP) and the default worker count."""
-    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)

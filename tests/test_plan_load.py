@@ -21,6 +21,8 @@ MILLION = ModelShape(params=1_000_000, hidden_size=64, num_layers=2, vocab_size=
 ENGINES = {"fsdp": ["strategy.name=fsdp"], "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
            "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"]}
 
+pytestmark = pytest.mark.usefixtures("no_launcher")
+
 
 def plan(engine: str, workers: int):
     cfg = load_config(PPOConfig, [PPO], FP32 + ENGINES[engine] + ["ppo.advantage=gae", "kl.coef=0.1"])
@@ -48,11 +50,3 @@ def test_load_peak_is_the_baseline_and_each_workers_share_of_the_weights():
     # ZeRO-3: DeepSpeed also allocates fp32 gradient partitions (4 bytes) and AdamW's moments
     # (8 bytes) of the trained models when it wraps them.
     assert plan("zero3", 2).load_peak == FRAMEWORK_BASELINE["deepspeed"] + (4 * trained + frozen) // 2
-
-
-@pytest.fixture(autouse=True)
-def _no_launcher(monkeypatch):
-    """The plans here give their worker count; a launcher's variables in the environment (one
-    worker per node, say) would change how FSDP2 shards (HSDP) and the default worker count."""
-    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)

@@ -81,7 +81,8 @@ def sharding(strategy: StrategyConfig) -> Sharding:
         return Sharding(True, True, True, offload, offload, offload)
     if strategy.name == "deepspeed":
         stage = strategy.zero_stage
-        return Sharding(stage >= 3, stage >= 2, stage >= 1, strategy.offload_params, False, strategy.offload_optimizer)
+        return Sharding(strategy.shards_weights, stage >= 2, stage >= 1, strategy.offload_params, False,
+                        strategy.offload_optimizer)
     return Sharding(False, False, False, False, False, False)
 
 

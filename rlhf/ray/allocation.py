@@ -27,7 +27,7 @@ def cluster_allocation(nodes: Iterable[dict[str, Any]]) -> tuple[int, int]:
     return len(alive), 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     text = sys.stdin.read()
     try:
         nodes = json.loads(text)

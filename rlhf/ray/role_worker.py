@@ -38,8 +38,7 @@ class RoleWorker(WorkerBase):
         # A frozen role's workers form their own process group where the strategy shards
         # weights (ZeRO-3, FSDP2), so that the reference or reward model is sharded over them
         # rather than whole on each; elsewhere each worker scores with its own whole copy.
-        sharded = cfg.strategy.name == "fsdp" or (cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3)
-        joins = trained or (sharded and self.world_size > 1)
+        joins = trained or (cfg.strategy.shards_weights and self.world_size > 1)
         if joins:
             self.export_launch_env(master_addr, master_port)
         self.world = build_strategy(cfg.strategy) if joins else World()
