@@ -4,6 +4,7 @@ non-zero exit, and the first finishes with the same result as when it runs alone
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,9 +50,15 @@ def test_a_second_run_into_the_same_directory_is_refused_and_the_first_is_unharm
     deadline = time.time() + 120
     while not (shared / "metrics.jsonl").is_file() and time.time() < deadline:  # the first is training
         time.sleep(0.01)
-    go.touch()
-    _, second_stderr = second.communicate(timeout=300)
-    assert first.poll() is None, "the first run ended before the second was refused"
+    # Paused mid-training, the first cannot finish before the second reaches the lock on a fast
+    # machine (which left the second looking at a finished run instead).
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run ended before it could be paused"
+        go.touch()
+        _, second_stderr = second.communicate(timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _, first_stderr = first.communicate(timeout=300)
 
     assert second.returncode == 2
