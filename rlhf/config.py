@@ -322,9 +322,9 @@ class RolloutConfig:
     rounding (~1e-6), so the PPO ratio starts at 1. In bf16/fp16 a cached decode and the full
     training forward round differently (~1e-2 per token): the ratio would be off 1 at the first
     step and the clip would act on rounding noise. auto: on exactly when the actor's forwards
-    are fp32 on every worker (the CPU defaults; on GPUs model.dtype=float32 with
-    strategy.mixed_precision=no), off where they are bf16/fp16 or cannot be told from here (a
-    remote Ray cluster with resources.gpus_per_worker unset). true where they are not fp32 is
+    are fp32 on every worker (CPUs where strategy.mixed_precision=auto stays fp32; elsewhere
+    model.dtype=float32 with strategy.mixed_precision=no), off where they are bf16/fp16 or
+    cannot be told from here (a remote Ray cluster with resources.gpus_per_worker unset). true where they are not fp32 is
     refused (ConfigError) rather than warned about: false costs one actor forward per rollout,
     while a biased ratio silently changes every update, and a warning scrolls by in a long run.
     Validation replaces auto with the value the run uses (config.yaml records it)."""
@@ -372,22 +372,32 @@ def _check_reuse_logprobs(value: Union[bool, str]) -> None:
 
 
 def worker_devices(resources: ResourcesConfig, ray: RayConfig) -> list[tuple[str, bool]]:
-    """The (device type, GPU has bf16) pairs a stage's workers may run on, as far as the
-    process that validates the config can tell. Without Ray (a plain process, or a torchrun /
-    deepspeed-launcher worker, each of which loads the config itself) and on a local Ray that
-    is this machine. On a remote Ray cluster (`ray.address` set) only resources.gpus_per_worker
-    says: 0 is CPU, > 0 a GPU of unknown kind, unset either."""
+    """The (device type, strategy.mixed_precision=auto gives bf16 there) pairs a stage's workers
+    may run on, as far as the process that validates the config can tell. Without Ray (a plain
+    process, or a torchrun / deepspeed-launcher worker, each of which loads the config itself)
+    and on a local Ray that is this machine: its GPU, or its CPU as the probe decides (timed
+    once per process, rlhf/distributed/precision.py). On a remote Ray cluster (`ray.address`
+    set) only resources.gpus_per_worker says: 0 is CPU, > 0 a GPU of unknown kind, unset either;
+    a remote CPU may resolve either way."""
     remote = ray.enabled and bool(ray.address)
     gpus = resources.gpus_per_worker if ray.enabled else None
     if gpus == 0 or (ray.enabled and not remote and ray.num_gpus == 0):
-        return [("cpu", False)]
+        return _cpu_devices(remote)
     if remote:
-        return [("cuda", True), ("cuda", False)] + ([] if gpus else [("cpu", False)])
+        return [("cuda", True), ("cuda", False)] + ([] if gpus else _cpu_devices(remote))
     import torch  # here only: loading a config needs no torch otherwise
 
     if torch.cuda.is_available():
         return [("cuda", torch.cuda.is_bf16_supported())]
-    return [("cpu", False)]
+    return _cpu_devices(remote)
+
+
+def _cpu_devices(remote: bool) -> list[tuple[str, bool]]:
+    if remote:
+        return [("cpu", False), ("cpu", True)]
+    from rlhf.distributed.precision import cpu_bf16_probe
+
+    return [("cpu", cpu_bf16_probe().bf16)]
 
 
 def resolve_reuse_logprobs(cfg: "PPOConfig", devices: Optional[Sequence[tuple[str, bool]]] = None) -> bool:

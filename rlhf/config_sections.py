@@ -189,7 +189,11 @@ class StrategyConfig:
     deepspeed_config: Optional[str] = None
     """A raw DeepSpeed JSON whose keys override the ones built from this config."""
     mixed_precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU), no, bf16, fp16."""
+    """auto, no, bf16, fp16: compute in bf16/fp16 with fp32 master weights and AdamW states
+    (single: autocast; DeepSpeed: its bf16/fp16 mode; FSDP2: MixedPrecisionPolicy), on GPUs and
+    CPUs. auto: bf16 on GPUs that have it, and on CPUs with avx512_bf16 or amx_bf16 where a
+    start-up probe times bf16 products faster than fp32 (rlhf/distributed/precision.py; the run
+    logs the probe; RLHF_CPU_BF16=0 or 1 overrides it); fp32 elsewhere."""
 
     @property
     def shards_weights(self) -> bool:
@@ -214,24 +218,25 @@ class StrategyConfig:
 _PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def forward_precision(strategy: StrategyConfig, model: ModelConfig, device_type: str, gpu_has_bf16: bool) -> str:
+def forward_precision(strategy: StrategyConfig, model: ModelConfig, device_type: str, auto_bf16: bool) -> str:
     """fp32, bf16 or fp16: what a trained model's forwards compute in on a worker of this
     device type ("cpu" or "cuda"), as loading and the engines set it up. The same for the
     rollout and the training forward of one engine, but two low-precision forwards of another
     shape (a cached decode, a full sequence) round differently, so only fp32 makes them agree.
+    `auto_bf16`: strategy.mixed_precision=auto resolves to bf16 on that device (a GPU with
+    bf16; a CPU whose bf16 products the start-up probe found faster,
+    rlhf/distributed/precision.py).
 
     - model.dtype auto: bf16 on a GPU with bf16, else fp32 (rlhf/models/loading.py);
-    - strategy.mixed_precision auto: the same rule (rlhf/distributed/env.py resolve_precision);
-    - single ignores strategy.mixed_precision: the weights' dtype is the compute dtype;
-    - DeepSpeed with bf16/fp16 enabled casts the module to it, on any device;
-    - FSDP2 computes in the mixed-precision dtype on GPUs only (on CPU it trains the weights'
-      dtype, rlhf/distributed/fsdp.py)."""
-    auto = "bf16" if device_type == "cuda" and gpu_has_bf16 else "fp32"
-    weights = _PRECISION_OF_DTYPE.get(model.dtype, auto)
-    mixed = {"auto": auto, "no": "fp32", "False": "fp32"}.get(strategy.mixed_precision, strategy.mixed_precision)
-    if mixed != "fp32" and (strategy.name == "deepspeed" or (strategy.name == "fsdp" and device_type == "cuda")):
-        return mixed
-    return weights
+    - strategy.mixed_precision auto: bf16 where `auto_bf16`, else fp32;
+    - every engine computes in the mixed-precision dtype when there is one, on any device:
+      the single strategy under autocast, DeepSpeed on a module cast to it, FSDP2 on
+      low-precision gathered weights;
+    - without mixed precision the weights' dtype is the compute dtype."""
+    weights = _PRECISION_OF_DTYPE.get(model.dtype, "bf16" if device_type == "cuda" and auto_bf16 else "fp32")
+    mixed = {"auto": "bf16" if auto_bf16 else "fp32", "no": "fp32", "False": "fp32"}.get(
+        strategy.mixed_precision, strategy.mixed_precision)
+    return mixed if mixed != "fp32" else weights
 
 
 @dataclass

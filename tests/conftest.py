@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# strategy.mixed_precision=auto stays fp32 on every CPU (rlhf/distributed/precision.py): the
+# suite's exact comparisons (1 worker against 2, resume, engines against each other) must not
+# depend on whether this machine's probe finds bf16 faster. The bf16 tests ask for bf16.
+os.environ.setdefault("RLHF_CPU_BF16", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"

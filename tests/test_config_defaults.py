@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PPO = [str(REPO / "configs" / "ppo.yaml")]
 PATHS = ["model.path=m", "reward_model.path=r", "data.prompts.path=p.jsonl"]
 CPU, GPU, OLD_GPU = ("cpu", False), ("cuda", True), ("cuda", False)
+BF16_CPU = ("cpu", True)  # a CPU whose bf16 probe picked bf16 for auto
 
 
 def ppo(*overrides: str) -> PPOConfig:
@@ -27,11 +28,14 @@ def ppo(*overrides: str) -> PPOConfig:
     ("single", "auto", "auto", GPU, "bf16"), ("deepspeed", "auto", "auto", GPU, "bf16"),
     ("fsdp", "auto", "auto", GPU, "bf16"),
     ("deepspeed", "auto", "auto", OLD_GPU, "fp32"),
-    # fp32 weights under mixed precision: DeepSpeed casts the module on any device, FSDP2
-    # computes in param_dtype on GPUs only, the single strategy ignores the setting.
+    # A CPU with fast bf16 products: auto computes in bf16 on fp32 weights, for every engine.
+    ("single", "auto", "auto", BF16_CPU, "bf16"), ("deepspeed", "auto", "auto", BF16_CPU, "bf16"),
+    ("fsdp", "auto", "auto", BF16_CPU, "bf16"), ("single", "no", "auto", BF16_CPU, "fp32"),
+    # fp32 weights under mixed precision compute in its dtype on any device: DeepSpeed casts
+    # the module, FSDP2 gathers param_dtype, the single strategy runs autocast.
     ("deepspeed", "bf16", "float32", CPU, "bf16"), ("deepspeed", "fp16", "float32", GPU, "fp16"),
-    ("fsdp", "bf16", "float32", CPU, "fp32"), ("fsdp", "bf16", "float32", GPU, "bf16"),
-    ("single", "bf16", "float32", GPU, "fp32"),
+    ("fsdp", "bf16", "float32", CPU, "bf16"), ("fsdp", "bf16", "float32", GPU, "bf16"),
+    ("single", "bf16", "float32", GPU, "bf16"), ("single", "bf16", "float32", CPU, "bf16"),
     # Low-precision weights without mixed precision compute in their own dtype.
     ("single", "no", "bfloat16", CPU, "bf16"), ("deepspeed", "no", "float16", GPU, "fp16"),
     ("fsdp", "no", "bfloat16", CPU, "bf16"),
@@ -44,10 +48,21 @@ def test_forward_precision_follows_loading_and_the_engines(strategy, mixed, dtyp
 
 
 def test_cpu_defaults_keep_reusing_the_samplers_logprobs():
-    # This machine has no GPU: the shipped PPO config resolves auto to on, as before auto existed.
+    # This machine has no GPU and the suite pins auto to fp32 on the CPU (RLHF_CPU_BF16=0,
+    # tests/conftest.py): the shipped PPO config resolves auto to on.
     for strategy in ("single", "deepspeed", "fsdp"):
         cfg = ppo(f"strategy.name={strategy}")
         assert cfg.rollout.reuse_logprobs is True  # a bool: roles read it as one
+
+
+def test_auto_follows_a_cpu_where_auto_computes_in_bf16(monkeypatch):
+    from rlhf.distributed.precision import cpu_bf16_flags
+
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")  # bf16 wherever the instructions exist, untimed
+    for strategy in ("single", "deepspeed", "fsdp"):
+        # Off where this CPU has bf16 instructions (its forwards are then bf16), on where not.
+        assert ppo(f"strategy.name={strategy}").rollout.reuse_logprobs is not bool(cpu_bf16_flags())
+        assert ppo(f"strategy.name={strategy}", "strategy.mixed_precision=no").rollout.reuse_logprobs is True
 
 
 @pytest.mark.parametrize("overrides", [
@@ -87,9 +102,10 @@ def test_workers_whose_device_is_unknown_get_auto_off():
 
 def test_worker_devices_as_far_as_the_config_can_tell():
     remote = RayConfig(enabled=True, address="10.0.0.1:6379")
-    assert worker_devices(ResourcesConfig(gpus_per_worker=None), remote) == [GPU, OLD_GPU, CPU]
+    # A remote CPU's bf16 probe may go either way.
+    assert worker_devices(ResourcesConfig(gpus_per_worker=None), remote) == [GPU, OLD_GPU, CPU, BF16_CPU]
     assert worker_devices(ResourcesConfig(gpus_per_worker=1), remote) == [GPU, OLD_GPU]
-    assert worker_devices(ResourcesConfig(gpus_per_worker=0), remote) == [CPU]
+    assert worker_devices(ResourcesConfig(gpus_per_worker=0), remote) == [CPU, BF16_CPU]
     assert worker_devices(ResourcesConfig(), RayConfig(enabled=True, num_gpus=0)) == [CPU]
     # No Ray, or a local one: this machine (no GPU here).
     assert worker_devices(ResourcesConfig(), RayConfig()) == [CPU]
@@ -98,8 +114,11 @@ def test_worker_devices_as_far_as_the_config_can_tell():
 
 def test_a_remote_cluster_without_gpus_per_worker_turns_auto_off():
     assert ppo("ray.enabled=true", "ray.address=10.0.0.1:6379").rollout.reuse_logprobs is False
+    # CPU workers of a remote cluster: auto may compute in bf16 there, unless pinned to fp32.
     assert ppo("ray.enabled=true", "ray.address=10.0.0.1:6379",
-               "resources.gpus_per_worker=0").rollout.reuse_logprobs is True
+               "resources.gpus_per_worker=0").rollout.reuse_logprobs is False
+    assert ppo("ray.enabled=true", "ray.address=10.0.0.1:6379", "resources.gpus_per_worker=0",
+               "strategy.mixed_precision=no").rollout.reuse_logprobs is True
 
 
 def test_other_values_are_refused():

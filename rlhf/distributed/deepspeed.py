@@ -33,7 +33,8 @@ import torch
 
 from rlhf.config_sections import StrategyConfig
 from rlhf.distributed import reshard
-from rlhf.distributed.env import prepare_deepspeed_import, resolve_precision
+from rlhf.distributed.env import prepare_deepspeed_import
+from rlhf.distributed.precision import resolve_precision
 from rlhf.distributed.group import DistributedStrategy
 from rlhf.distributed.optim import OptimizerSpec, build_scheduler, param_groups
 from rlhf.distributed.strategy import TrainedModel

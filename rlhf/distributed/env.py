@@ -128,13 +128,3 @@ def strip_launcher_args(argv: Sequence[str]) -> list[str]:
             continue
         out.append(arg)
     return out
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`strategy.mixed_precision` -> no / bf16 / fp16. auto: bf16 on GPUs that have it, fp32
-    elsewhere (bf16 matmuls ran far slower than fp32 on the CPUs tried)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"

@@ -5,9 +5,10 @@ unit, the root module holds the rest (embeddings, final norm, tied head). Option
 - CPU offload (`strategy.offload_params` or `offload_optimizer`): FSDP2's CPUOffloadPolicy
   keeps sharded parameters, gradients and the optimizer step on CPU; it offloads all three
   together, so either flag turns it on.
-- Mixed precision on GPU only: bf16/fp16 compute and all-gathers, fp32 sharded parameters
-  and fp32 gradient reduction (a low-precision model is upcast before sharding so that the
-  optimizer steps fp32 weights). On CPU training stays fp32.
+- Mixed precision (MixedPrecisionPolicy), on GPUs and CPUs alike: bf16/fp16 compute and
+  all-gathers, fp32 sharded parameters and fp32 gradient reduction (a low-precision model is
+  upcast before sharding so that the optimizer steps fp32 weights). gloo all-gathers bf16 on
+  the CPU; `auto` decides as for the other engines (rlhf/distributed/precision.py).
 - Several nodes: HSDP, a (replicate, shard) device mesh of nodes x workers per node, where
   each node's share of the state fits (`mesh_shape`): parameters are all-gathered within a
   node (NVLink) and only the gradients cross nodes (one all-reduce), instead of every layer's
@@ -35,7 +36,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from rlhf.distributed import env, reshard
-from rlhf.distributed.env import resolve_precision
+from rlhf.distributed.precision import LOW_PRECISION
 from rlhf.distributed.group import DistributedStrategy
 from rlhf.distributed.optim import OptimizerSpec, build_optimizer, build_scheduler
 from rlhf.distributed.single import SINGLE_OPTIMIZER, SINGLE_WEIGHTS
@@ -44,8 +45,6 @@ from rlhf.errors import UserError
 from rlhf.distributed.sharded_load import materialize
 from rlhf.kernels.host_memory import release_fragments
 from rlhf.models.loading import Placement
-
-_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -101,7 +100,6 @@ class FSDPStrategy(DistributedStrategy):
         super().setup(seed)
         self.local_world_size = env.detect_launch().local_world_size
         self.meshes: dict[tuple[int, ...], DeviceMesh] = {}
-        self.precision = resolve_precision(self.cfg.mixed_precision, self.device)
 
     def mesh_for(self, model: torch.nn.Module) -> DeviceMesh:
         """HSDP or the flat mesh for `model` (`mesh_shape`); every rank takes the same decision
@@ -127,7 +125,7 @@ class FSDPStrategy(DistributedStrategy):
         trained model is upcast to fp32 shards (its master weights); a frozen one keeps its
         dtype."""
         mesh = self.mesh_for(model)
-        low = _LOW_PRECISION.get(self.precision) if self.device.type == "cuda" else None
+        low = LOW_PRECISION.get(self.precision)
         mp_policy = MixedPrecisionPolicy()
         if low is not None:
             if trained:

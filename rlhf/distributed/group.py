@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.distributed import env
+from rlhf.distributed.precision import cpu_bf16_probe, resolve_precision
 from rlhf.distributed.strategy import REDUCE_OPS, Strategy, TrainedModel, seed_everything
 from rlhf.errors import UserError
 
@@ -40,6 +41,20 @@ class DistributedStrategy(Strategy):
                                                  world_size=self.world_size, **kwargs)
             atexit.register(_destroy_process_group)
         seed_everything(seed)
+        self.precision = self._agreed_precision()
+
+    def _agreed_precision(self) -> str:
+        """strategy.mixed_precision as this worker resolves it (auto: a timing on the CPU,
+        rlhf/distributed/precision.py), the same on every worker, else a UserError: workers
+        computing in different precisions would not give one model."""
+        precision = resolve_precision(self.cfg.mixed_precision, self.device)
+        votes = self.all_reduce({name: float(precision == name) for name in ("no", "bf16", "fp16")}, op="sum")
+        if votes[precision] < self.world_size:
+            raise UserError(
+                f"strategy.mixed_precision={self.cfg.mixed_precision} resolves differently on the workers "
+                f"({', '.join(f'{int(n)} {name}' for name, n in votes.items() if n)}; this one: "
+                f"{cpu_bf16_probe().reason}); set strategy.mixed_precision=bf16 or no")
+        return precision
 
     def teardown(self) -> None:
         """Wait for every worker; the process group itself is destroyed at exit."""

@@ -3,7 +3,7 @@
 `CPULinear` keeps `nn.Linear`'s parameters, state dict and results (to float rounding); its
 forward picks the kernel: oneDNN where `kernels.cpu_matmul` routes products there
 (rlhf/kernels/onednn.py), else the transposed product for a few rows against a large weight
-(rlhf/kernels/skinny.py), else `F.linear`. Weights an engine partitions or shards (ZeRO-3,
+(rlhf/kernels/skinny.py), else `F.linear`, which is also what runs under CPU autocast. Weights an engine partitions or shards (ZeRO-3,
 FSDP2) always take `F.linear`, which the engine may have wrapped.
 """
 
@@ -18,7 +18,11 @@ from rlhf.models.engines import is_whole
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` through the fastest kernel that applies (see the module doc)."""
+    """`F.linear(x, weight, bias)` through the fastest kernel that applies (see the module doc).
+    Under CPU autocast (bf16 mixed precision) `F.linear` itself: autocast casts its operands,
+    and the bf16 product is oneDNN's already; the fp32 kernels here would bypass the cast."""
+    if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
+        return F.linear(x, weight, bias)
     if onednn.onednn_enabled():
         return onednn.linear(x, weight, bias)
     if x.device.type == "cpu" and is_whole(weight):

@@ -24,7 +24,8 @@ from rlhf.config_sections import RayConfig
 FORWARDED_PREFIXES = ("HF_", "NCCL_", "GLOO_", "TORCH_")
 FORWARDED_NAMES = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "TRANSFORMERS_OFFLINE",
                    "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
-                   "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL")  # kernel overrides (config.yaml records them)
+                   "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL",  # kernel overrides (config.yaml records them)
+                   "RLHF_CPU_BF16")  # the bf16 probe's override (rlhf/distributed/precision.py)
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 EXCLUDES = [".git", ".venv", "runs", "wandb", "*.safetensors", "*.pt", "__pycache__"]
 
@@ -43,6 +44,12 @@ def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None, code_d
     stage registry's, which the caller knows)."""
     environ = os.environ if environ is None else environ
     env = {"env_vars": forwarded_env(environ, cfg.env_vars)}
+    if not cfg.address and "RLHF_CPU_BF16" not in env["env_vars"]:
+        # A local Ray's workers share this CPU: they take the driver's bf16 decision, which its
+        # config validation used (rollout.reuse_logprobs), instead of timing their own.
+        from rlhf.distributed.precision import cpu_bf16_probe
+
+        env["env_vars"]["RLHF_CPU_BF16"] = "1" if cpu_bf16_probe(environ).bf16 else "0"
     if cfg.working_dir:
         env["working_dir"] = str(Path(cfg.working_dir).resolve())
         env["excludes"] = list(EXCLUDES)
