@@ -51,10 +51,14 @@ def _chunk_gradients(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def _add_weight_gradient(grad_weight: torch.Tensor, probs: torch.Tensor, hidden: torch.Tensor, first: bool) -> None:
-    """grad_weight (+)= probsᵀ · hidden."""
-    if onednn.onednn_enabled() and hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+    """grad_weight (+)= probsᵀ · hidden. Products in a lower dtype than the gradient (bf16
+    autocast over fp32 weights) are added into it slice by slice, so the sum over chunks is
+    kept in the gradient's precision."""
+    sliced = hidden.dtype != grad_weight.dtype
+    if sliced or (onednn.onednn_enabled() and hidden.device.type == "cpu" and hidden.dtype == torch.float32):
         for start in range(0, grad_weight.shape[0], VOCAB_SLICE):
-            part = onednn.linear(probs[:, start : start + VOCAB_SLICE].t(), hidden.t())
+            probs_t = probs[:, start : start + VOCAB_SLICE].t()
+            part = torch.mm(probs_t, hidden) if sliced else onednn.linear(probs_t, hidden.t())
             if first:
                 grad_weight[start : start + VOCAB_SLICE] = part
             else:
@@ -65,10 +69,22 @@ def _add_weight_gradient(grad_weight: torch.Tensor, probs: torch.Tensor, hidden:
         grad_weight.addmm_(probs.t(), hidden)
 
 
+def _logits(chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of a chunk; products in the weight's dtype (`_compute` made them agree)."""
+    return onednn.linear(chunk, weight, bias).float()
+
+
+def _compute(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None):
+    """The operands in the dtype the products run in: `dtype` (autocast's), else as given."""
+    if dtype is None:
+        return hidden, weight, bias
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, weight_gradient_sink: list | None) -> torch.Tensor:
+                targets: torch.Tensor, weight_gradient_sink: list | None, dtype: torch.dtype | None) -> torch.Tensor:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -81,15 +97,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = _chunk_rows(weight.shape[0], hidden.device)
+        # The gradients stay in the inputs' dtypes; the products run in `dtype` when given.
+        low_hidden, low_weight, low_bias = _compute(hidden, weight, bias, dtype)
         for start in range(0, hidden.shape[0], rows):
-            chunk = hidden[start : start + rows]
-            logits = onednn.linear(chunk, weight, bias).float()
+            chunk = low_hidden[start : start + rows]
+            logits = _logits(chunk, low_weight, low_bias)
             total += _chunk_gradients(logits, targets[start : start + rows])
             if want_bias:
                 grad_bias += logits.sum(0)
-            probs = logits.to(weight.dtype)
+            probs = logits.to(low_weight.dtype)
             if want_hidden:
-                grad_hidden[start : start + rows] = onednn.linear(probs, weight.t())
+                grad_hidden[start : start + rows] = onednn.linear(probs, low_weight.t())
             if want_weight:
                 _add_weight_gradient(grad_weight, probs, chunk, first=start == 0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -109,7 +127,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden.mul_(scale) if grad_hidden is not None else None,
                 grad_weight.mul_(scale) if grad_weight is not None else None,
                 grad_bias.mul_(scale).to(ctx.bias_dtype) if grad_bias is not None else None,
-                None, None)
+                None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -124,14 +142,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     place, so whatever is added to it after that (a tied input embedding's rows, see
     rlhf/kernels/fused_head.py) reaches the weight without a second vocabulary-sized block. The
     holder must drop the tensor before autograd hands it to the weight, which copies a gradient
-    that is referenced elsewhere."""
+    that is referenced elsewhere.
+
+    Under autocast (bf16 mixed precision, rlhf/models/autocast.py) the products run in its
+    dtype, as the plain head's would, while the gradients come back in the fp32 weight's and
+    hidden states' own dtypes; the weight gradient is summed over chunks in fp32."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad
-                                           or (bias is not None and bias.requires_grad)):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        rows = _chunk_rows(weight.shape[0], hidden.device)
-        for start in range(0, hidden.shape[0], rows):
-            logits = onednn.linear(hidden[start : start + rows], weight, bias).float()
-            total += torch.nn.functional.cross_entropy(logits, targets[start : start + rows], reduction="sum")
-        return total
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, weight_gradient_sink)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    dtype = dtype if dtype is not None and weight.dtype != dtype else None
+    with torch.autocast(device, enabled=False):  # the products' dtype is `dtype`, chosen here
+        if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad
+                                               or (bias is not None and bias.requires_grad)):
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            rows = _chunk_rows(weight.shape[0], hidden.device)
+            low_hidden, low_weight, low_bias = _compute(hidden, weight, bias, dtype)
+            for start in range(0, hidden.shape[0], rows):
+                logits = _logits(low_hidden[start : start + rows], low_weight, low_bias)
+                total += torch.nn.functional.cross_entropy(logits, targets[start : start + rows], reduction="sum")
+            return total
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, weight_gradient_sink, dtype)

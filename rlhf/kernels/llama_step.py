@@ -23,6 +23,11 @@ model such as the tiny benchmark model, whose prompt pass is light on arithmetic
 mask over each row's real tokens, at transformers' positions (the running count of real
 tokens), with the model's own rotary module and projection layers.
 
+Mixed precision (a model whose fp32 weights compute under autocast, rlhf/models/autocast.py):
+with `dtype` the step casts its weights to it once per call, as it concatenates them, and
+runs prompt and steps in it (the KV cache too); the prompt pass's projection layers run under
+autocast in that dtype.
+
 Only a plain `LlamaForCausalLM` with unsharded, unwrapped `nn.Linear` layers takes this
 path (`supports`); anything else (LoRA, quantised or sharded layers, other architectures)
 keeps the model's forward. tests/rollout/test_llama_step.py checks the logits against it.
@@ -41,6 +46,7 @@ from transformers import LlamaForCausalLM
 from rlhf.kernels.cpu_linear import CPULinear
 from rlhf.kernels.fused_head import LossHead
 from rlhf.kernels.skinny import few_row_linear, few_row_linear_add
+from rlhf.models.autocast import only_autocast_hooks
 from rlhf.models.engines import is_whole
 
 PLAIN_LINEARS = (torch.nn.Linear, CPULinear, LossHead)
@@ -112,24 +118,28 @@ class LlamaDecodeStep:
         if getattr(model.model.rotary_emb, "rope_type", "default") == "dynamic":
             return False  # its frequencies change with the longest position seen, step by step
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return all(type(m) in PLAIN_LINEARS and not m._forward_hooks and not m._forward_pre_hooks for m in linears)
+        return all(type(m) in PLAIN_LINEARS and only_autocast_hooks(m) for m in linears)
 
     @torch.no_grad()
-    def __init__(self, model: LlamaForCausalLM):
+    def __init__(self, model: LlamaForCausalLM, dtype: torch.dtype | None = None):
         """Concatenate the weights once per `generate` call (the policy changes between calls,
-        not within one); `prefill` then starts each batch."""
+        not within one); `prefill` then starts each batch. `dtype`: compute in it (the weights
+        cast once here), as autocast computes the model's forward."""
         config = model.config
+        self.dtype = dtype if dtype is not None and dtype != model.dtype else None
+        cast = (lambda t: t if t is None else t.to(self.dtype)) if self.dtype is not None else (lambda t: t)  # noqa: E731
+        self._cast = cast
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.group = self.heads // self.kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        if model.dtype == torch.float32:
+        if (self.dtype or model.dtype) == torch.float32:
             self.norm = functools.partial(F.rms_norm, normalized_shape=(config.hidden_size,), eps=config.rms_norm_eps)
         else:
             self.norm = functools.partial(_rms_norm, eps=config.rms_norm_eps)
-        self.embed = model.model.embed_tokens.weight
-        self.final_norm = model.model.norm.weight
-        self.head = few_row_linear(model.lm_head.weight, model.lm_head.bias)
+        self.embed = cast(model.model.embed_tokens.weight)
+        self.final_norm = cast(model.model.norm.weight)
+        self.head = few_row_linear(cast(model.lm_head.weight), cast(model.lm_head.bias))
         self.rotary = model.model.rotary_emb
         self.blocks = list(model.model.layers)  # their own projections run the prompt
         first = self.blocks[0]
@@ -139,15 +149,16 @@ class LlamaDecodeStep:
         self.layers = [self._layer(block) for block in self.blocks]
 
     def _layer(self, block: torch.nn.Module) -> _Layer:
-        attention, mlp = block.self_attn, block.mlp
+        attention, mlp, cast = block.self_attn, block.mlp, self._cast
+        qkv_weight, qkv_bias = _grouped_qkv(attention, self.kv_heads, self.group, self.head_dim)
         return _Layer(
-            input_norm=block.input_layernorm.weight,
-            qkv=few_row_linear(*_grouped_qkv(attention, self.kv_heads, self.group, self.head_dim)),
-            out=few_row_linear_add(attention.o_proj.weight, attention.o_proj.bias),
-            post_norm=block.post_attention_layernorm.weight,
-            gate_up=few_row_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                                   _cat_bias(mlp.gate_proj, mlp.up_proj)),
-            down=few_row_linear_add(mlp.down_proj.weight, mlp.down_proj.bias),
+            input_norm=cast(block.input_layernorm.weight),
+            qkv=few_row_linear(cast(qkv_weight), cast(qkv_bias)),
+            out=few_row_linear_add(cast(attention.o_proj.weight), cast(attention.o_proj.bias)),
+            post_norm=cast(block.post_attention_layernorm.weight),
+            gate_up=few_row_linear(cast(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                                   cast(_cat_bias(mlp.gate_proj, mlp.up_proj))),
+            down=few_row_linear_add(cast(mlp.down_proj.weight), cast(mlp.down_proj.bias)),
         )
 
     def _rotary_tables(self, positions: int, device: torch.device) -> None:
@@ -167,6 +178,11 @@ class LlamaDecodeStep:
         """Run left-padded prompts (`prompt_mask` marks the real tokens), keep their keys and
         values with room for `max_new_tokens`, and return the logits (rows, vocab) after each
         prompt's last token."""
+        # The block's own projection layers hold the model's weights: autocast casts them.
+        with torch.autocast(prompt_ids.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            return self._prefill(prompt_ids, prompt_mask, max_new_tokens)
+
+    def _prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         rows, width = prompt_ids.shape
         device, group, kv_heads, head_dim = prompt_ids.device, self.group, self.kv_heads, self.head_dim
         self._rotary_tables(width + max_new_tokens, device)

@@ -43,7 +43,15 @@ def _hooks(device_type: str, dtype: torch.dtype):
     def leave(_module, _args, _output) -> None:
         regions.pop().__exit__(None, None, None)
 
+    enter.autocast = leave.autocast = True
     return enter, leave
+
+
+def only_autocast_hooks(module: torch.nn.Module) -> bool:
+    """`module` has no forward hooks but `use_autocast`'s (which change no result but its
+    precision), e.g. for code that computes from its weights directly."""
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return all(getattr(hook, "autocast", False) for hook in hooks)
 
 
 def use_autocast(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -32,6 +32,7 @@ from transformers import DynamicCache
 
 from rlhf.algorithms.losses import token_logprobs
 from rlhf.kernels.llama_step import LlamaDecodeStep
+from rlhf.models.autocast import autocast_dtype
 from rlhf.rollout.engine import (Collective, RolloutEngine, SamplingParams, concat_rollouts, empty_rollout,
                                  finish_rollout, left_pad)
 from rlhf.rollout.types import Rollout
@@ -129,10 +130,11 @@ class DecodeEngine(RolloutEngine):
         device = next(self.model.parameters()).device
         uniforms = seeds.table(params.max_new_tokens, device) if seeds is not None else None
         parts = []
-        with self._whole_weights() as whole:
+        dtype = autocast_dtype(self.model)  # mixed precision by autocast: sample as training computes
+        with self._whole_weights() as whole, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             synced = not whole and self._synced()
             # Our own decode step for plain Llama models; anything else steps through its forward.
-            fast_step = (LlamaDecodeStep(self.model)
+            fast_step = (LlamaDecodeStep(self.model, dtype)
                          if self.llama_step and not synced and LlamaDecodeStep.supports(self.model) else None)
             for index in range(self._batch_count(len(order), synced)):
                 batch = order[index * self.batch_size : (index + 1) * self.batch_size]

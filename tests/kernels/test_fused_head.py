@@ -171,3 +171,47 @@ def test_models_it_cannot_serve_keep_their_logits():
     batch = _batch(padding_free=False)
     nll, n = lm_forward_nll(lora_head, batch)
     assert torch.isfinite(nll) and n == batch.num_target_tokens
+
+
+class _HeadProductDtypes(TorchDispatchMode):
+    """Dtypes of the products that give vocabulary-wide (97) outputs: the head's logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.linear) \
+                and out.shape[-1] == 97:
+            self.dtypes.add(out.dtype)
+        return out
+
+
+def test_under_autocast_the_head_computes_in_bf16_and_the_fp32_weights_get_their_gradients():
+    # Mixed precision as the single strategy runs it (rlhf/models/autocast.py): fp32 weights,
+    # products in bf16. The fused loss gives the plain head's loss and gradients to bf16
+    # rounding, in fp32, and the tied embedding's rows still reach the head's gradient.
+    from rlhf.models.autocast import use_autocast
+
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(CONFIGS["llama-tied"]).eval()
+    fused = copy.deepcopy(plain)
+    fp32 = copy.deepcopy(plain)
+    assert use_fused_head_loss(fused) and type(fused.get_input_embeddings()) is TiedEmbedding
+    for model in (plain, fused):
+        use_autocast(model, torch.bfloat16)
+    batch = _batch(padding_free=False)
+    expected, _, expected_grads = _loss_and_grads(plain, batch)
+    exact, _, _ = _loss_and_grads(fp32, batch)
+    products = _HeadProductDtypes()
+    with products:
+        got, _, grads = _loss_and_grads(fused, batch)
+    assert products.dtypes == {torch.bfloat16}
+    assert got.dtype == torch.float32 and got != exact  # bf16 rounding shows
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    assert grads.keys() == expected_grads.keys()
+    for key in grads:
+        assert grads[key].dtype == torch.float32
+        scale = expected_grads[key].abs().max()
+        torch.testing.assert_close(grads[key], expected_grads[key], rtol=0, atol=float(2e-2 * scale), msg=key)

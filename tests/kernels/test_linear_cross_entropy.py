@@ -85,6 +85,30 @@ def test_half_precision_weights_give_the_full_logits_loss(monkeypatch):
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_under_autocast_products_are_bf16_and_gradients_fp32(monkeypatch):
+    # Mixed precision: fp32 weights under bf16 autocast. Several chunks and vocabulary slices, so
+    # the weight gradient is summed over bf16 products into fp32.
+    monkeypatch.setattr(lce, "CPU_CHUNK_BYTES", 4 * 200 * 8)
+    monkeypatch.setattr(lce, "VOCAB_SLICE", 64)
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = (torch.randn(200, 16) * 0.3).requires_grad_()
+    bias = (torch.randn(200) * 0.1).requires_grad_()
+    targets = torch.randint(0, 200, (30,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = lm_nll(F.linear(hidden, weight, bias), targets)
+    expected_grads = torch.autograd.grad(expected, [hidden, weight, bias])
+    exact, _ = lm_nll(F.linear(hidden, weight, bias), targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(hidden, weight, bias, targets)
+    got_grads = torch.autograd.grad(got, [hidden, weight, bias])
+    assert got.dtype == torch.float32 and got != exact  # computed in bf16, not fp32
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-2)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
+
+
 def test_the_weight_gradient_sink_holds_the_gradient_autograd_delivers():
     torch.manual_seed(0)
     hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)

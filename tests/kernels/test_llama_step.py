@@ -9,6 +9,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from rlhf.rollout.decode import DecodeEngine
 from rlhf.rollout.engine import SamplingParams, left_pad
 from rlhf.kernels.llama_step import LlamaDecodeStep
+from rlhf.models.autocast import use_autocast
 
 
 def tiny_llama(**overrides) -> LlamaForCausalLM:
@@ -19,24 +20,33 @@ def tiny_llama(**overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("bias,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16)])
+@pytest.mark.parametrize("bias,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16),
+                                        (True, "autocast")])
 def test_step_logits_equal_the_models_forward_as_rows_leave(bias, dtype):
+    """"autocast": fp32 weights computing in bf16 (mixed precision, rlhf/models/autocast.py);
+    the step casts its weights once and runs in bf16, the model's forward under autocast."""
     model = tiny_llama(attention_bias=bias, mlp_bias=bias)
     if bias:  # biases start at zero: give them values so a dropped bias shows
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 torch.nn.init.normal_(param, std=0.5)
-    model = model.to(dtype)
+    compute = torch.bfloat16 if dtype == "autocast" else None
+    if compute is not None:
+        use_autocast(model, compute)
+    else:
+        model = model.to(dtype)
     assert LlamaDecodeStep.supports(model)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
     ids, mask = left_pad(prompts, pad_token_id=0)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     theirs = DynamicCache(config=model.config)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: a few units in the last place
+    # bf16: a few units in the last place; under autocast the model's residual stream stays
+    # fp32 while the step's is bf16.
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}.get(dtype, 4e-2)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=theirs,
                          use_cache=True).logits[:, -1]
-    step = LlamaDecodeStep(model)
+    step = LlamaDecodeStep(model, compute)
     torch.testing.assert_close(step.prefill(ids, mask, max_new_tokens=6), expected, rtol=tolerance, atol=tolerance)
     attention, next_position = mask, positions[:, -1] + 1
     generator = torch.Generator().manual_seed(0)
@@ -53,7 +63,8 @@ def test_step_logits_equal_the_models_forward_as_rows_leave(bias, dtype):
                              position_ids=next_position.unsqueeze(-1), past_key_values=theirs,
                              use_cache=True).logits[:, -1]
         got = step(tokens, next_position)
-        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+        assert got.dtype == (compute or dtype)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
         next_position = next_position + 1
 
 
