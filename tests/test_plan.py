@@ -134,8 +134,12 @@ def test_fp32_weights_gradients_optimizer(strategy, workers, parameters, gradien
          2_000_000, 500_000, 3_000_000),
         # FSDP2 with bf16 compute keeps fp32 shards: (4 + 4 + 8) / 4.
         (["strategy.name=fsdp", "strategy.mixed_precision=bf16"], 4, 1_000_000, 1_000_000, 2_000_000),
-        # The single strategy trains in model.dtype: bf16 weights, gradients and moments.
-        (["strategy.name=single", "model.dtype=bfloat16"], 1, 2_000_000, 2_000_000, 4_000_000),
+        # Without mixed precision the single strategy trains in model.dtype: bf16 weights,
+        # gradients and moments.
+        (["strategy.name=single", "model.dtype=bfloat16", "strategy.mixed_precision='no'"], 1,
+         2_000_000, 2_000_000, 4_000_000),
+        # With it (auto on CUDA), fp32 master weights, gradients and moments under autocast.
+        (["strategy.name=single", "model.dtype=bfloat16"], 1, 4_000_000, 4_000_000, 8_000_000),
         # auto on CUDA: bf16 mixed precision for DeepSpeed.
         (["strategy.name=deepspeed", "strategy.zero_stage=1"], 2, 2_000_000, 2_000_000, 6_000_000),
     ],
@@ -143,6 +147,18 @@ def test_fp32_weights_gradients_optimizer(strategy, workers, parameters, gradien
 def test_mixed_precision_bytes(overrides, workers, parameters, gradients, optimizer):
     plan = sft_plan(overrides, workers)
     assert (plan.parameters.device, plan.gradients.device, plan.optimizer.device) == (parameters, gradients, optimizer)
+
+
+def test_single_under_autocast_counts_the_weights_cast_for_compute():
+    # bf16 mixed precision on the CPU: fp32 weights 4 MB, their bf16 casts 2 MB, activations at
+    # 16-bit (half the fp32 ones), logits fp32.
+    base = ["data.max_length=128", "train.micro_batch_size=16", "train.global_batch_size=32"]
+    bf16 = sft_plan(base + ["strategy.mixed_precision=bf16"], device_type="cpu")
+    fp32 = sft_plan(base + FP32, device_type="cpu")
+    assert bf16.parameters == fp32.parameters == Bytes(4_000_000, 0)
+    assert (bf16.gathered, fp32.gathered) == (Bytes(2_000_000, 0), Bytes(0, 0))
+    assert bf16.activations.device == 38_797_312 // 2 + 4_194_304
+    assert bf16.precision.startswith("bf16 compute (autocast)")
 
 
 def test_zero3_adds_the_gathered_weights_working_set():

@@ -151,3 +151,17 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def describe(name: str, resolved: str, device: torch.device) -> str:
+    """One line for the run's log: what the forwards compute in, and why when `name` is auto
+    (on the CPU with the probe's numbers)."""
+    what = "fp32" if resolved == "no" else f"{resolved} compute, fp32 master weights and AdamW states"
+    if name != "auto":
+        return f"{what} (strategy.mixed_precision={name})"
+    if device.type == "cuda":
+        return f"{what} (strategy.mixed_precision=auto on a GPU)"
+    probe = cpu_bf16_probe()
+    timed = (f"; {probe.bf16_gflops} against {probe.fp32_gflops} GFLOP/s, a {PROBE_ROWS}x{probe.width} by "
+             f"{probe.width}x{4 * probe.width} product on one core" if probe.fp32_gflops else "")
+    return f"{what} (strategy.mixed_precision=auto: {probe.reason}{timed})"

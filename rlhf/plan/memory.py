@@ -3,7 +3,8 @@
 
 - Weights, gradients and optimizer states of each trained model: bytes per element from
   `strategy.precision`, sharded over the workers or offloaded as `strategy.sharding` says.
-  ZeRO-3 and FSDP also hold the full weights of a few layers at once for compute.
+  ZeRO-3 and FSDP also hold the full weights of a few layers at once for compute; the single
+  strategy under mixed precision holds all of them cast to the compute dtype (autocast).
 - Activations of one decoder layer for a micro-batch of b sequences of s tokens, hidden size
   h and a attention heads, without recomputation: s*b*h*(34 + 5*a*s/h) bytes at 16-bit
   (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
@@ -236,6 +237,9 @@ def _trained_model(prefix: str, role: str, shape: ModelShape, base_params: int, 
         gathered = min(shape.embedding_params + GATHERED_LAYERS * shape.layer_params, total) * prec.compute_bytes
         rows.append(Component(f"{prefix}weights gathered for compute (embeddings + {GATHERED_LAYERS} layers)",
                               "gathered", gathered, 0, role))
+    if prec.compute_copies:
+        rows.append(Component(f"{prefix}weights cast for compute (autocast, through a forward and its backward)",
+                              "gathered", total * prec.compute_bytes, 0, role))
     return rows
 
 

@@ -7,8 +7,11 @@ gradients; fp32 master weights, momentum and variance). ZeRO stage 1 shards the 
 states over the workers, 2 also the gradients, 3 also the weights; FSDP2 shards all three.
 Offload moves the optimizer (and, for parameters, the weights) to CPU memory.
 
-What this project's code does decides the details: the `single` strategy trains in
-model.dtype (strategy.mixed_precision is DeepSpeed's and FSDP's).
+What this project's code does decides the details: without mixed precision every strategy
+trains in model.dtype; with it (strategy.mixed_precision bf16/fp16, or auto where it resolves
+to one: on CUDA, and on a CPU whose bf16 probe says so, rlhf/distributed/precision.py) the
+single strategy keeps fp32 weights and AdamW states and computes under autocast, whose casts of
+the weights (2 bytes per parameter) live through a forward and its backward.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Precision:
     """Optimizer state per trainable parameter: AdamW's two moments, plus any master copy."""
     compute_bytes: int
     """Activations, gathered weights and the KV cache."""
+    compute_copies: bool = False
+    """The weights are also held cast to the compute dtype (autocast's casts)."""
 
 
 def model_bytes(dtype: str, device_type: str) -> int:
@@ -43,10 +48,15 @@ def model_bytes(dtype: str, device_type: str) -> int:
 
 
 def resolve_mixed_precision(name: str, device_type: str) -> str:
-    """strategy.mixed_precision -> no / bf16 / fp16 (auto: bf16 on CUDA, no on CPU)."""
+    """strategy.mixed_precision -> no / bf16 / fp16 (auto: bf16 on CUDA; on the CPU as this
+    machine's bf16 probe decides)."""
     if name != "auto":
-        return name
-    return "bf16" if device_type == "cuda" else "no"
+        return "no" if name == "False" else name
+    if device_type == "cuda":
+        return "bf16"
+    from rlhf.distributed.precision import cpu_bf16_probe  # here only: the plan needs no torch otherwise
+
+    return "bf16" if cpu_bf16_probe().bf16 else "no"
 
 
 def precision(strategy: StrategyConfig, model_cfg: ModelConfig, device_type: str) -> Precision:
@@ -54,14 +64,17 @@ def precision(strategy: StrategyConfig, model_cfg: ModelConfig, device_type: str
     if strategy.name == "deepspeed" and mixed in ("bf16", "fp16"):
         # ZeRO paper: 16-bit weights and gradients, K = 12 bytes of fp32 master, m and v.
         return Precision(f"{mixed} mixed precision, fp32 master weights and AdamW states", 2, 2, 12, 2)
-    if strategy.name == "fsdp" and mixed in ("bf16", "fp16") and device_type == "cuda":
+    if strategy.name == "fsdp" and mixed in ("bf16", "fp16"):
         # FSDP2 upcasts the model before sharding: the fp32 shards are the master weights.
         return Precision(f"{mixed} compute, fp32 sharded weights, gradients and AdamW states", 4, 4, 8, 2)
+    if strategy.name == "single" and mixed in ("bf16", "fp16"):
+        # Upcast to fp32 master weights; autocast holds a cast copy of each for compute.
+        return Precision(f"{mixed} compute (autocast), fp32 weights, gradients and AdamW states", 4, 4, 8, 2,
+                         compute_copies=True)
     width = model_bytes(model_cfg.dtype, device_type)
     name = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(model_cfg.dtype,
                                                                           "bf16" if width == 2 else "fp32")
-    name += (" (model.dtype; the single strategy does not use strategy.mixed_precision)" if strategy.name == "single"
-             else " (model.dtype, no mixed precision)")
+    name += " (model.dtype, no mixed precision)"
     # Without mixed precision AdamW keeps its moments in the weights' dtype.
     return Precision(name, width, width, 2 * width, width)
 

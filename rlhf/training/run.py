@@ -27,6 +27,7 @@ from rlhf.distributed.checkpoint import Checkpointable, CheckpointManager
 from rlhf.distributed.factory import build_strategy
 from rlhf.distributed.strategy import Strategy, World
 from rlhf.errors import UserError
+from rlhf.distributed.precision import describe as describe_precision
 from rlhf.kernels import configure_process
 from rlhf.logging.metrics import MetricsWriter, Progress
 from rlhf.training.guards import NonFiniteGuard
@@ -102,7 +103,17 @@ class Run:
         if world.all_reduce({"refused": float(refusal is not None)}, op="max")["refused"]:
             run.resources.close()
             raise UserError(refusal or f"{stage}: rank 0 refused output_dir {cfg.output_dir}")
+        run._record_precision()
         return run
+
+    def _record_precision(self) -> None:
+        """What the strategy computes in, said once; config.yaml records it in place of auto
+        (as it records the effective kernels)."""
+        precision = getattr(self.world, "precision", None)
+        if precision is None:  # a world that trains nothing itself (the Ray PPO driver)
+            return
+        self.say("precision: " + describe_precision(self.cfg.strategy.mixed_precision, precision, self.world.device))
+        self.cfg.strategy.mixed_precision = precision
 
     def _claim(self) -> str | None:
         """Lock the directory and check it holds no finished run; why not, or None."""
