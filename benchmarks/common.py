@@ -284,7 +284,8 @@ def add_project_to_path() -> None:
 
 def run_stage(stage: str, overrides: Sequence[str], warmup: int) -> list[dict]:
     """Run one of our stages in this process with `overrides` on a fresh output dir and return
-    its per-step metric rows after the first `warmup` steps (evaluation rows left out)."""
+    its per-step metric rows after the first `warmup` steps (evaluation rows left out); each row
+    also gets `precision`, the strategy.mixed_precision the run resolved (its config.yaml)."""
     import tempfile
 
     add_project_to_path()
@@ -297,13 +298,23 @@ def run_stage(stage: str, overrides: Sequence[str], warmup: int) -> list[dict]:
                                           "train.log_every=1" if stage != "ppo" else "ppo.sample_every=0"])
         module.main(cfg)
         rows = [json.loads(line) for line in Path(out, "run", "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r.get("perf/step_seconds") or r.get("perf/train_seconds")]
+        import yaml
+
+        precision = yaml.safe_load(Path(out, "run", "config.yaml").read_text())["strategy"]["mixed_precision"]
+    rows = [{**r, "precision": "no" if precision is False else precision} for r in rows
+            if r.get("perf/step_seconds") or r.get("perf/train_seconds")]
     return rows[warmup:]
 
 
-def peak_flops(kernel: str | None = None) -> float:
-    """The fp32 (CPU) or bf16 (GPU) peak measured by matmul_peak.py, over all its kernels or of
-    one (`torch.mm`, `onednn`); measured now if missing."""
+PRECISION_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""strategy.mixed_precision as a run resolved it -> the dtype its products run in."""
+
+
+def peak_flops(dtype: str, kernel: str | None = None) -> float:
+    """The peak in `dtype` ("float32", "bfloat16": the precision the run computed in) measured
+    by matmul_peak.py, over all its kernels or of one (`torch.mm`, `onednn`); measured now if
+    missing. A dtype it could not time (bf16 on a CPU without bf16 instructions) is an error:
+    no run computes in it there."""
     path = HERE / "results" / "matmul_peak.json"
     if not path.is_file():
         subprocess.run([sys.executable, str(HERE / "matmul_peak.py")], check=True, capture_output=True)
@@ -311,7 +322,10 @@ def peak_flops(kernel: str | None = None) -> float:
     peaks = result["peak_flops"] if kernel is None else {
         key.split(" ", 1)[0]: value for key, value in result["peak_flops_by_kernel"].items()
         if key.split(" ", 1)[1] == kernel}
-    return peaks.get("bfloat16", peaks["float32"])
+    if dtype not in peaks:
+        raise SystemExit(f"{path} has no {dtype} peak ({result.get('bf16', 'measure it again')}): "
+                         "run benchmarks/matmul_peak.py on this machine")
+    return peaks[dtype]
 
 
 def rl_step_rates(runs: list[list[dict]], samples_per_step: int) -> tuple[list[float], dict]:

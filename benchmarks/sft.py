@@ -8,8 +8,10 @@ one row, no padding), TRL's padded rows (its `padding_free` is off by default); 
 gradient checkpointing off. `--label padded --overrides data.padding_free=false` measures ours
 with padded rows, `--label packed --overrides data.packing=true` with examples packed into rows.
 Tokens are the examples' own tokens, padding excluded; MFU = 6·N·tokens/s over the matmul
-peak that matmul_peak.py measured, the faster of its kernels (N: parameters in matrix products,
-head included); `mfu_torch_mm` takes it against `torch.mm`'s peak alone.
+peak that matmul_peak.py measured in the dtype each side computed in (ours: the resolved
+strategy.mixed_precision, bf16 where `auto` picks it; TRL: fp32), the faster of its kernels (N:
+parameters in matrix products, head included); `mfu_torch_mm` takes it against `torch.mm`'s
+peak alone.
 Per-step rates are medians over the timed steps after the warm-up steps; with a peer, the two
 sides run `--rounds` times in ABBA order and the ratio is the median of the rounds' ratios.
 """
@@ -35,7 +37,6 @@ def main() -> None:
     steps = args.steps or scale.steps
     directory = common.model_dir(args.model)
     params = matmul_parameters(AutoModelForCausalLM.from_pretrained(directory))
-    peak, mm_peak = common.peak_flops(), common.peak_flops("torch.mm")
     records = common.make_records("sft", scale.sft_batch * (scale.warmup + steps) * 2 + 16, scale)
 
     with tempfile.TemporaryDirectory(prefix="bench-sft-data-") as tmp:
@@ -59,7 +60,10 @@ def main() -> None:
         ours_rates = [common.median([r["sft/tokens"] / r["perf/step_seconds"] for r in run]) for run in ours_runs]
         ours_rate = common.median(ours_rates)
         first = ours_runs[0]
-        ours_row = {"side": args.label, "model": args.model, "tokens_per_s": ours_rate,
+        dtype = common.PRECISION_DTYPES[first[0]["precision"]]
+        peak, mm_peak = common.peak_flops(dtype), common.peak_flops(dtype, "torch.mm")
+        peer_peak, peer_mm_peak = common.peak_flops("float32"), common.peak_flops("float32", "torch.mm")
+        ours_row = {"side": args.label, "model": args.model, "precision": dtype, "tokens_per_s": ours_rate,
                     "mfu": 6 * params * ours_rate / peak, "mfu_torch_mm": 6 * params * ours_rate / mm_peak,
                     "step_s": common.median([r["perf/step_seconds"] for run in ours_runs for r in run]),
                     "tokens_per_step": common.median([r["sft/tokens"] for r in first]),
@@ -69,14 +73,15 @@ def main() -> None:
             tokens_per_step = peer_runs[0]["samples_per_step"] * peer_runs[0]["tokens_per_sample"]
             peer_rates = [common.median([tokens_per_step / s for s in p["step_seconds"]]) for p in peer_runs]
             peer_rate = common.median(peer_rates)
-            rows.append({"side": peer_runs[0]["peer"], "model": args.model, "tokens_per_s": peer_rate,
-                         "mfu": 6 * params * peer_rate / peak, "mfu_torch_mm": 6 * params * peer_rate / mm_peak,
+            rows.append({"side": peer_runs[0]["peer"], "model": args.model, "precision": "float32",
+                         "tokens_per_s": peer_rate, "mfu": 6 * params * peer_rate / peer_peak,
+                         "mfu_torch_mm": 6 * params * peer_rate / peer_mm_peak,
                          "step_s": common.median([s for p in peer_runs for s in p["step_seconds"]]),
                          "tokens_per_step": tokens_per_step})
             ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
             ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
     common.emit(f"sft_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows,
-                ["side", "model", "tokens_per_s", "mfu", "mfu_torch_mm", "step_s", "tokens_per_step", "ratio", "round_ratios"],
+                ["side", "model", "precision", "tokens_per_s", "mfu", "mfu_torch_mm", "step_s", "tokens_per_step", "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "batch": scale.sft_batch, "max_length": scale.max_length,
                  "matmul_params": params, "peak_flops": peak, "torch_mm_peak_flops": mm_peak, "overrides": args.overrides, "rounds": args.rounds})
 

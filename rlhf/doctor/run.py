@@ -152,15 +152,23 @@ def _matmul_check(device: torch.device, dtype: torch.dtype, env: Mapping[str, An
                   **{f"tflops_{k}": v for k, v in by_kernel.items()}})
 
 
-def _tokens_check(device: torch.device, quick: bool) -> Check:
+def _tokens_check(device: torch.device, quick: bool, peaks: Mapping[str, Check]) -> Check:
+    """Training tokens/s in the precision strategy.mixed_precision=auto picks here, and its
+    MFU against the measured matmul peak of that precision (`peaks`: the matmul checks)."""
+    from rlhf.distributed.precision import resolve_precision
     from rlhf.doctor.throughput import training_tokens_per_s
 
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = resolve_precision("auto", device) == "bf16"
     shape = dict(batch=32, length=512) if device.type == "cuda" else dict(batch=8, length=128)
     found = training_tokens_per_s(device, bf16, steps=3 if quick else 10, **shape)
+    peak = peaks.get("bfloat16" if bf16 else "float32")
+    mfu = ""
+    if peak is not None and peak.status == "PASS":
+        found["mfu"] = 6 * found["matmul_params"] * found["tokens_per_s"] / (peak.figures["tflops"] * 1e12)
+        mfu = f"; MFU {found['mfu']:.3f} of the {peak.name.split()[1]} peak"
     return Check(f"train tokens/s ({device.type})", "PASS",
                  f"{found['tokens_per_s']:,.0f} tokens/s ({found['dtype']}, tiny model h={found['hidden']}, "
-                 f"{found['batch']}x{found['length']})", found)
+                 f"{found['batch']}x{found['length']}){mfu}", found)
 
 
 def _stage_checks(report: Report, strategy: str, processes: int, data: Mapping[str, str], work: Path,
@@ -221,10 +229,12 @@ def run_doctor(args: argparse.Namespace) -> int:
         _guarded(report, "collectives (gloo)",
                  lambda: _collective_check("collectives (gloo)", 2, args.quick, 0, work, child_env))
     _guarded(report, f"bf16 parity ({device.type})", lambda: _parity_check(device, report.environment))
+    peaks = {}
     for dtype in (torch.float32, torch.bfloat16):
         label = f"matmul {str(dtype).removeprefix('torch.')} ({device.type})"
         _guarded(report, label, lambda dtype=dtype: _matmul_check(device, dtype, report.environment, args.quick))
-    _guarded(report, f"train tokens/s ({device.type})", lambda: _tokens_check(device, args.quick))
+        peaks[str(dtype).removeprefix("torch.")] = report.checks[-1]
+    _guarded(report, f"train tokens/s ({device.type})", lambda: _tokens_check(device, args.quick, peaks))
     if gpus:
         torch.cuda.empty_cache()  # the launches below get cuda:0 back
     else:

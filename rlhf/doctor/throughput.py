@@ -40,8 +40,10 @@ def matmul_flops(size: int, dtype: torch.dtype, device: torch.device, repeats: i
 def training_tokens_per_s(device: torch.device, bf16: bool, batch: int, length: int, steps: int,
                           hidden: int = 64) -> dict[str, Any]:
     """Tokens per second of full training steps (forward, backward, AdamW) of the tiny model,
-    after one untimed step."""
+    after one untimed step, fp32 or under bf16 autocast (fp32 weights, as the single strategy
+    trains in bf16); `matmul_params` is N of MFU's 6·N·tokens/s."""
     from rlhf.doctor.parity import tiny_model
+    from rlhf.logging.perf import matmul_parameters
 
     model = tiny_model(device, hidden=hidden)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -63,4 +65,4 @@ def training_tokens_per_s(device: torch.device, bf16: bool, batch: int, length: 
     sync()
     seconds = (time.perf_counter() - started) / steps
     return {"tokens_per_s": batch * length / seconds, "step_seconds": seconds, "batch": batch, "length": length,
-            "hidden": hidden, "dtype": "bf16 autocast" if bf16 else "fp32"}
+            "hidden": hidden, "dtype": "bf16 autocast" if bf16 else "fp32", "matmul_params": matmul_parameters(model)}

@@ -28,6 +28,7 @@ class MetricsWriter:
         stage: str = "",
         config: Any = None,
         models: Sequence[torch.nn.Module] = (),
+        compute_dtype: torch.dtype | None = None,
     ):
         """Writes a run's metrics and tables to metrics.jsonl / samples.jsonl and to the trackers
         `logging.backends` names (see trackers.py); on rank 0 only (`enabled`).
@@ -35,7 +36,8 @@ class MetricsWriter:
         A fresh run (resume_step 0) starts new files; a resumed one keeps the rows up to its
         checkpoint's step, since later steps are about to be run again. `stage` is the W&B
         job type and `config` the resolved stage config (logged without secrets). Given
-        `models`, every row also gets perf/mfu and perf/peak_memory_gb (see perf.py)."""
+        `models`, every row also gets perf/mfu and perf/peak_memory_gb (see perf.py), MFU against
+        the peak of `compute_dtype` (the run's, None: fp32)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.trackers: list[Tracker] = []
@@ -44,7 +46,7 @@ class MetricsWriter:
             return
         self.trackers = build_trackers(run_dir, logging, stage, config, resume_step)
         if models:
-            self.perf = PerfMeter(models, logging.peak_flops if logging is not None else None)
+            self.perf = PerfMeter(models, logging.peak_flops if logging is not None else None, compute_dtype)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

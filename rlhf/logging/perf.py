@@ -17,9 +17,11 @@ count. (A ready 4-D mask, as the reward model's shared-prompt rows use, carries 
 padding flag, so those rows count whole; their padding is at most the micro-batch's spread of
 row lengths.)
 
-The CPU's peak is measured once per process (`cpu_peak_flops`): square fp32 products through
-the kernels the linear layers use (rlhf/kernels), with the threads this process trains with.
-A fixed number cannot serve: the processors this runs on differ by 3x in fp32 throughput, and
+The CPU's peak is measured once per process (`cpu_peak_flops`): square products through the
+kernels the linear layers use (rlhf/kernels), with the threads this process trains with, in
+the dtype the run computes in (bf16 under mixed precision, where a CPU with bf16 instructions
+multiplies 2-7x faster than in fp32: MFU against the fp32 peak would flatter a bf16 run). A
+fixed number cannot serve: the processors this runs on differ by 3x in fp32 throughput, and
 against a slower machine's peak a fast one reports MFU above 1.
 """
 
@@ -53,14 +55,15 @@ GPU_PEAK_FLOPS = (  # dense bf16 tensor-core FLOP/s from the vendor data sheets;
 
 
 @functools.cache
-def cpu_peak_flops(threads: int) -> float:
-    """The best of three timings of a PEAK_SIZE³ fp32 product, after a warm-up, through the
-    kernel CPU linear layers use (oneDNN or the BLAS, see rlhf/kernels/cpu_linear.py)."""
+def cpu_peak_flops(threads: int, dtype: torch.dtype = torch.float32) -> float:
+    """The best of three timings of a PEAK_SIZE³ product in `dtype`, after a warm-up, through
+    the kernel CPU linear layers use (oneDNN or the BLAS in fp32, oneDNN in bf16, see
+    rlhf/kernels/cpu_linear.py)."""
     from rlhf.kernels.cpu_linear import cpu_linear
 
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(PEAK_SIZE, PEAK_SIZE, generator=generator)
-    b = torch.randn(PEAK_SIZE, PEAK_SIZE, generator=generator)
+    a = torch.randn(PEAK_SIZE, PEAK_SIZE, generator=generator).to(dtype)
+    b = torch.randn(PEAK_SIZE, PEAK_SIZE, generator=generator).to(dtype)
     with torch.no_grad():
         cpu_linear(a, b)
         best = float("inf")
@@ -71,13 +74,15 @@ def cpu_peak_flops(threads: int) -> float:
     return 2 * PEAK_SIZE**3 / best
 
 
-def device_peak_flops(device: torch.device, configured: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: the configured value, else a known GPU by name, else the CPU's
-    measured peak; None for a GPU this table does not know."""
+def device_peak_flops(device: torch.device, configured: float | None = None,
+                      dtype: torch.dtype = torch.float32) -> float | None:
+    """Peak FLOP/s of one device: the configured value, else a known GPU by name (dense bf16),
+    else the CPU's measured peak in `dtype` (the run's compute dtype); None for a GPU this
+    table does not know."""
     if configured:
         return float(configured)
     if device.type != "cuda":
-        return cpu_peak_flops(torch.get_num_threads())
+        return cpu_peak_flops(torch.get_num_threads(), dtype)
     name = torch.cuda.get_device_name(device).upper()
     for key, flops in GPU_PEAK_FLOPS:
         if key in name:
@@ -151,8 +156,12 @@ class PerfMeter:
     """Counts model FLOPs of the given models' forward passes; `take()` returns perf/mfu over
     the time since the previous call (or since construction) and perf/peak_memory_gb."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], peak_flops: float | None = None):
+    def __init__(self, models: Sequence[torch.nn.Module], peak_flops: float | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        """`compute_dtype`: what the forwards compute in (bf16 under mixed precision), whose
+        peak MFU is taken against; None: fp32."""
         self.flops = 0.0
+        self.dtype = compute_dtype or torch.float32
         self._handles = []
         self.device = torch.device("cpu")
         for model in models:
@@ -162,7 +171,7 @@ class PerfMeter:
             n = matmul_parameters(model)
             trainable = any(p.requires_grad for p in params)
             self._handles.append(_backbone(model).register_forward_pre_hook(self._hook(n, trainable), with_kwargs=True))
-        self.peak = device_peak_flops(self.device, peak_flops)
+        self.peak = device_peak_flops(self.device, peak_flops, self.dtype)
         self.measured = self.device.type != "cuda" and not peak_flops
         """The peak is this process's own timing (a CPU without a configured peak)."""
         self._since = time.perf_counter()
@@ -182,7 +191,7 @@ class PerfMeter:
             if achieved > self.peak and self.measured:
                 # The peak was timed while something else held the cores: time it again.
                 cpu_peak_flops.cache_clear()
-                self.peak = max(self.peak, cpu_peak_flops(torch.get_num_threads()))
+                self.peak = max(self.peak, cpu_peak_flops(torch.get_num_threads(), self.dtype))
             row["perf/mfu"] = achieved / self.peak
         self.flops, self._since = 0.0, now
         return row

@@ -27,7 +27,7 @@ from rlhf.distributed.checkpoint import Checkpointable, CheckpointManager
 from rlhf.distributed.factory import build_strategy
 from rlhf.distributed.strategy import Strategy, World
 from rlhf.errors import UserError
-from rlhf.distributed.precision import describe as describe_precision
+from rlhf.distributed.precision import LOW_PRECISION, describe as describe_precision
 from rlhf.kernels import configure_process
 from rlhf.logging.metrics import MetricsWriter, Progress
 from rlhf.training.guards import NonFiniteGuard
@@ -182,7 +182,8 @@ class Run:
                 state.load_state_dict(saved["state"])
             self.say(f"resumed from {self.checkpoints.loaded} at step {start}")
         self.metrics = MetricsWriter(self.dir, enabled=self.world.is_main, resume_step=start, logging=self.cfg.logging,
-                                     stage=self.stage, config=self.cfg, models=models)
+                                     stage=self.stage, config=self.cfg, models=models,
+                                     compute_dtype=LOW_PRECISION.get(getattr(self.world, "precision", "no")))
         if start == 0 and evaluate is not None:
             self.initial_eval = evaluate(0)
             self.metrics.log(0, self.initial_eval)

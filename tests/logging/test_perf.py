@@ -71,6 +71,27 @@ def test_cpu_peak_is_measured_once_with_the_kernels_in_use():
     assert 2 * perf.PEAK_SIZE**3 / (time.perf_counter() - started) < 1.5 * peak
 
 
+def test_a_bf16_run_takes_mfu_against_the_bf16_peak(monkeypatch):
+    timed = []
+    monkeypatch.setattr(perf, "cpu_peak_flops", lambda threads, dtype=torch.float32: timed.append(dtype) or
+                        (4e11 if dtype == torch.bfloat16 else 2e11))
+    model = tiny_llama(True)
+    assert perf.PerfMeter([model], compute_dtype=torch.bfloat16).peak == 4e11
+    assert perf.PerfMeter([model]).peak == 2e11
+    assert timed == [torch.bfloat16, torch.float32]
+
+
+def test_the_cpu_peak_times_products_in_the_runs_dtype(monkeypatch):
+    from rlhf.kernels import cpu_linear
+
+    seen = []
+    monkeypatch.setattr(cpu_linear, "cpu_linear", lambda a, b: seen.append((a.dtype, b.dtype)) or a)
+    for dtype in (torch.float32, torch.bfloat16):
+        seen.clear()
+        assert perf.cpu_peak_flops.__wrapped__(1, dtype) > 0  # uncached: the product above, untimed
+        assert seen and set(seen) == {(dtype, dtype)}
+
+
 def test_padding_of_a_2d_mask_is_not_counted_a_4d_mask_counts_every_position():
     model = tiny_llama(True).requires_grad_(False)
     n = perf.matmul_parameters(model)
