@@ -64,6 +64,59 @@ def test_ten_times_the_kl_coefficient_ends_with_lower_kl(tmp_path, baseline, qui
     assert strong.metrics["eval/kl"] < result.metrics["eval/kl"]
 
 
+def _curve(run_dir: Path, key: str) -> dict[int, float]:
+    return {row["step"]: row[key] for row in read_metrics(run_dir) if key in row}
+
+
+@pytest.mark.slow
+def test_bf16_sft_rm_and_ppo_track_fp32_and_meet_the_quickstart_targets(tmp_path, quickstart_data, quickstart_models,
+                                                                        baseline):
+    """bf16 mixed precision (autocast over fp32 master weights) against the session's fp32
+    quickstart runs: the same shipped configs, seeds and data, each stage from the same fp32
+    parent as its fp32 twin. SFT and RM see the same batches in the same order, so their
+    held-out curves are compared point by point; bf16 rounds every product to 8 mantissa bits
+    (~0.4%), which over a run moves the held-out loss by a few percent at most. PPO samples its
+    own answers, which part from fp32's once rounding moves a draw: the start (the same SFT
+    model) and the outcome are compared. A bf16 kernel computing wrongly would break these,
+    and one that ignored autocast would match fp32 exactly (checked not to)."""
+    from rlhf.config import RMConfig, SFTConfig
+    from rlhf.distributed.precision import cpu_bf16_flags
+    from stages import rm, sft
+
+    if not cpu_bf16_flags():
+        pytest.skip("this CPU has no avx512_bf16/amx_bf16: bf16 runs emulated (~1 GFLOP/s), auto never picks it here")
+    bf16 = "strategy.mixed_precision=bf16"
+    sft_cfg = load_config(SFTConfig, [str(REPO / "configs" / "sft.yaml")], [
+        f"data.train.path={quickstart_data['sft']}", f"data.pretrain.path={quickstart_data['pretrain']}",
+        f"output_dir={tmp_path / 'sft'}", "logging.progress=false", bf16])
+    result = sft.main(sft_cfg)
+    assert "mixed_precision: bf16" in (tmp_path / "sft" / "config.yaml").read_text()
+    ours, theirs = _curve(tmp_path / "sft", "eval/loss"), _curve(quickstart_models["sft"].parent, "eval/loss")
+    assert ours.keys() == theirs.keys() and len(ours) > 5
+    drift = max(abs(ours[s] - theirs[s]) / theirs[s] for s in ours)
+    assert 0 < drift <= 0.03, (drift, ours, theirs)
+    assert result.metrics["eval/loss"] <= 0.7 * result.metrics["eval/initial_loss"]  # the quickstart's target
+
+    rm_cfg = load_config(RMConfig, [str(REPO / "configs" / "rm.yaml")], [
+        f"data.train.path={quickstart_data['rank']}", f"model.path={quickstart_models['sft']}",
+        f"output_dir={tmp_path / 'rm'}", "logging.progress=false", bf16])
+    rm_result = rm.main(rm_cfg)
+    assert rm_result.metrics["eval/accuracy"] >= 0.9  # the quickstart's target
+    ours, theirs = _curve(tmp_path / "rm", "eval/loss"), _curve(quickstart_models["rm"].parent, "eval/loss")
+    assert ours.keys() == theirs.keys() and len(ours) > 2
+    assert 0 < max(abs(ours[s] - theirs[s]) for s in ours) <= 0.05, (ours, theirs)  # pairwise log-loss, nats
+    assert abs(rm_result.metrics["eval/accuracy"] - quickstart_models["rm_metrics"]["eval/accuracy"]) <= 0.03
+
+    fp32_cfg, fp32 = baseline
+    cfg = ppo_config(tmp_path / "ppo", quickstart_data, quickstart_models, bf16)
+    assert cfg.rollout.reuse_logprobs is False  # bf16 forwards: the sampler's log-probs are not reused
+    ppo_result = ppo.main(cfg)
+    before, after = ppo_result.metrics["initial_eval/gold_reward"], ppo_result.metrics["eval/gold_reward"]
+    assert after >= 1.3 * before and ppo_result.metrics["eval/kl"] < cfg.kl.target  # the quickstart's target
+    assert before == pytest.approx(fp32.metrics["initial_eval/gold_reward"], abs=0.03)  # the same SFT model
+    assert after == pytest.approx(fp32.metrics["eval/gold_reward"], rel=0.15), (after, fp32.metrics)
+
+
 def pretrain_loss(model: torch.nn.Module, cfg: PPOConfig) -> float:
     from rlhf.models.loading import load_tokenizer
     from rlhf.training.lm import evaluate_lm
