@@ -5,7 +5,6 @@ import torch
 from rlhf.distributed.env import (
     LaunchInfo,
     detect_launch,
-    resolve_precision,
     strip_launcher_args,
     threads_per_process,
 )
@@ -39,6 +38,9 @@ def test_deepspeed_launcher_local_rank_argument_is_dropped():
     assert strip_launcher_args(["sft", "train.lr=1e-5"]) == ["sft", "train.lr=1e-5"]
 
 
-def test_auto_precision_is_fp32_on_cpu():
+def test_auto_precision_is_fp32_on_a_cpu_pinned_to_it(monkeypatch):
+    from rlhf.distributed.precision import resolve_precision
+
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")  # what the suite pins (tests/conftest.py)
     assert resolve_precision("auto", torch.device("cpu")) == "no"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
