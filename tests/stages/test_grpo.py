@@ -62,7 +62,9 @@ def test_bf16_grpo_tracks_fp32_and_meets_the_target(tmp_path, arithmetic_sft, fp
     first iteration samples from the same SFT model with the same uniform numbers, so its
     answers and rewards agree but for the tokens whose probabilities bf16 rounding moves across
     a draw; later iterations follow their own samples, so only the outcome is compared: held-out
-    accuracy (measured on 256 answers, +-0.03) ends within 0.1 of fp32's, and the target is met."""
+    accuracy (measured on 256 answers, +-0.03) ends within 0.1 of fp32's, and the target is met.
+    Seen on the Zen 5 machine (avx512_bf16): first-iteration reward 0.391 against 0.395;
+    held-out accuracy 0.307 -> 0.471 against 0.307 -> 0.455."""
     from rlhf.distributed.precision import cpu_bf16_flags
 
     if not cpu_bf16_flags():

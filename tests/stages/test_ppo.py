@@ -78,7 +78,12 @@ def test_bf16_sft_rm_and_ppo_track_fp32_and_meet_the_quickstart_targets(tmp_path
     (~0.4%), which over a run moves the held-out loss by a few percent at most. PPO samples its
     own answers, which part from fp32's once rounding moves a draw: the start (the same SFT
     model) and the outcome are compared. A bf16 kernel computing wrongly would break these,
-    and one that ignored autocast would match fp32 exactly (checked not to)."""
+    and one that ignored autocast would match fp32 exactly (checked not to).
+
+    Seen on the Zen 5 machine (avx512_bf16): SFT held-out loss within 1.7% of fp32's at all 16
+    evaluations (1.015 against 1.018 at the end; tolerance 3%), RM held-out loss within 3e-4
+    nats (tolerance 0.01) and accuracy 0.930 against 0.930 (tolerance 0.02); PPO met its target
+    with the start within 0.03 and the end within 15% of fp32's gold reward (0.447 -> 0.641)."""
     from rlhf.config import RMConfig, SFTConfig
     from rlhf.distributed.precision import cpu_bf16_flags
     from stages import rm, sft
@@ -104,8 +109,8 @@ def test_bf16_sft_rm_and_ppo_track_fp32_and_meet_the_quickstart_targets(tmp_path
     assert rm_result.metrics["eval/accuracy"] >= 0.9  # the quickstart's target
     ours, theirs = _curve(tmp_path / "rm", "eval/loss"), _curve(quickstart_models["rm"].parent, "eval/loss")
     assert ours.keys() == theirs.keys() and len(ours) > 2
-    assert 0 < max(abs(ours[s] - theirs[s]) for s in ours) <= 0.05, (ours, theirs)  # pairwise log-loss, nats
-    assert abs(rm_result.metrics["eval/accuracy"] - quickstart_models["rm_metrics"]["eval/accuracy"]) <= 0.03
+    assert 0 < max(abs(ours[s] - theirs[s]) for s in ours) <= 0.01, (ours, theirs)  # pairwise log-loss, nats
+    assert abs(rm_result.metrics["eval/accuracy"] - quickstart_models["rm_metrics"]["eval/accuracy"]) <= 0.02
 
     fp32_cfg, fp32 = baseline
     cfg = ppo_config(tmp_path / "ppo", quickstart_data, quickstart_models, bf16)
