@@ -4,14 +4,19 @@ Mixed precision (`strategy.mixed_precision` bf16 or fp16, or auto where it resol
 rlhf/distributed/precision.py): the weights stay fp32 and are what AdamW steps (fp32 master
 weights and optimizer states; a model loaded in a low dtype is upcast first), and forwards run
 under autocast (rlhf/models/autocast.py); frozen models (reference, reward model) compute the
-same way. Autocast was chosen over bf16 compute copies of the weights (a bf16 module with an
-fp32 master copy, as DeepSpeed's bf16 mode keeps), measured on a SmolLM2-width Llama (hidden
-576, 4 layers, vocabulary 49,152, tied head) forward + backward at 4 x 256 tokens, 2 threads,
-AMD EPYC Zen 5 with avx512_bf16, one run on a machine shared with other jobs (ratios only):
-fp32 1.56 s, autocast bf16 0.72 s, bf16 copies 1.61 s plus 0.12 s to copy gradients and
-weights between the two. Under autocast the residual stream, norms and losses stay fp32.
-On the quickstart's tiny model (hidden 64, 2 layers, 8 x 128 tokens) autocast measured
-slower than fp32 (74 against 58 ms): the casts outweigh products that small.
+same way. Autocast and bf16 compute copies of the weights (a bf16 module with an fp32 master
+copy, as DeepSpeed's bf16 mode keeps) were both timed on a SmolLM2-width Llama (hidden 576,
+vocabulary 49,152, tied head) forward + backward, AMD EPYC Zen 5 with avx512_bf16, on a machine
+shared with other jobs (load 10-20), so only ratios within one run mean anything:
+- 4 layers, 4 x 256 tokens, 2 threads, one pass each: fp32 1.56 s, autocast 0.72 s, bf16
+  module 1.61 s (+0.12 s copying gradients and weights between the two);
+- 2 layers, 2 x 256, best of 3 interleaved: 2 threads fp32 4.27, autocast 2.51, bf16 module
+  1.79 s; 1 thread 3.40 / 1.40 / 1.22 s and 2.84 / 1.25 / 1.27 s.
+Both beat fp32 by 2-2.7x; between the two the runs disagree, within the noise. Autocast is
+used: it keeps no second copy of the state (checkpoints, export, LoRA and EMA read the fp32
+module as before) and leaves the residual stream, norms and losses in fp32. On the
+quickstart's tiny model (hidden 64, 2 layers, 8 x 128 tokens) autocast measured slower than
+fp32 (74 against 58 ms): the casts outweigh products that small.
 """
 
 from __future__ import annotations
