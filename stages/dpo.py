@@ -45,7 +45,7 @@ def main(cfg: DPOConfig) -> StageResult:
         tokenizer = load_tokenizer(cfg.model)
         model = load_causal_lm(cfg.model, strategy.device, placement=strategy.placement())
         disable_dropout(model)
-        model = apply_lora(model, cfg.model.lora)
+        model = apply_lora(model, cfg.model.lora, seed=cfg.seed)
 
         # 3. Tokenise: each prompt once, each of its K answers after it.
         ranked = encode_ranked(tokenizer, data.train, data.eval, cfg.data, model.config)

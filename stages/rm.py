@@ -40,7 +40,7 @@ def main(cfg: RMConfig) -> StageResult:
         tokenizer = load_tokenizer(cfg.model)
         model = load_scalar_model(cfg.model, strategy.device, seed=cfg.seed, placement=strategy.placement())
         model.config.pad_token_id = tokenizer.pad_token_id
-        model = apply_lora(model, cfg.model.lora, scalar_head=True)
+        model = apply_lora(model, cfg.model.lora, scalar_head=True, seed=cfg.seed)
 
         # 3. Tokenise: each prompt once, each of its K answers after it.
         ranked = encode_ranked(tokenizer, data.train, data.eval, cfg.data, model.config)

@@ -42,7 +42,7 @@ def main(cfg: SFTConfig) -> StageResult:
         model = load_causal_lm(cfg.model, strategy.device, model_path, placement=strategy.placement())
         if cfg.data.padding_free:
             use_segment_attention(model)  # attention once per example of a padding-free row
-        model = apply_lora(model, cfg.model.lora)
+        model = apply_lora(model, cfg.model.lora, seed=cfg.seed)
 
         # 3. Tokenise with the chat template; prompt tokens get label -100.
         lengths = (cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.all_assistant_turns)

@@ -191,7 +191,8 @@ class DeepSpeedStrategy(DistributedStrategy):
         if self.cfg.zero_stage != 3:
             return WHOLE
         gathered = _deepspeed().zero.GatheredParameters
-        return Placement("zero3", self._partitioned_config(), lambda params: gathered(params, modifier_rank=0))
+        return Placement("zero3", self._partitioned_config(), lambda params: gathered(params, modifier_rank=0),
+                         self.rank, self.from_main)
 
     def freeze(self, model: torch.nn.Module) -> torch.nn.Module:
         """ZeRO-3: an engine without optimizer over the partitioned model, whose forwards gather

@@ -87,6 +87,16 @@ class DistributedStrategy(Strategy):
         torch.distributed.all_gather(parts, local.contiguous())
         return [part.to(tensor.device) for part in parts]
 
+    def from_main(self, values: list[int]) -> list[int]:
+        """Rank 0's list of integers on every rank (the others' `values` are ignored): its length,
+        then its elements, broadcast on the process group's device."""
+        length = torch.tensor([len(values)], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(length, src=0)
+        data = torch.tensor(values if self.rank == 0 else [0] * int(length), dtype=torch.int64, device=self.device)
+        if data.numel():
+            torch.distributed.broadcast(data, src=0)
+        return data.tolist()
+
     # -- loss contract ------------------------------------------------------------------
     def _count_backward(self, model: TrainedModel) -> bool:
         """Count a backward pass; True when it is the last one before `step`."""

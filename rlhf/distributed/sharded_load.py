@@ -7,6 +7,10 @@ Anything else (a hub id that is not on disk, a GGUF file, names that need a conv
 is loaded whole by rank 0 alone and broadcast shard by shard (torch's
 `set_model_state_dict(..., broadcast_from_rank0=True)`).
 
+A LoRA model (rlhf/models/lora.py) reads its base weights under the checkpoint's names
+(`PendingWeights.checkpoint_name`); its adapters, like a new scalar head, come from
+`PendingWeights.fill_missing`.
+
 Non-persistent buffers (rotary `inv_freq`) are in no checkpoint: they are recomputed by the
 model's own initialiser, as transformers does after building on the meta device. Tied
 weights are one parameter under two names; whichever name the file holds fills it.
@@ -33,14 +37,16 @@ def materialize(model: torch.nn.Module, device: torch.device, rank: int) -> None
     model.to_empty(device=device)
     _init_non_persistent_buffers(model)
     files = _safetensors_files(pending)
+    groups = _aliases(model, pending.checkpoint_name)
     with torch.no_grad():
-        missing = _read_slices(model, files) if files is not None else _broadcast_from_rank0(model, pending, rank)
+        missing = _read_slices(groups, files) if files is not None else _broadcast_from_rank0(model, pending, rank)
         extra = pending.fill_missing(missing)
         if set(missing) - set(extra):
             raise RuntimeError(f"{pending.location}: no weights for {sorted(set(missing) - set(extra))[:5]}")
-        params = dict(model.named_parameters())
-        for name, full in extra.items():
-            _copy_shard(params[name], lambda rows, full=full: full if rows is None else full[rows])
+        for names, tensor in groups:
+            full = extra.get(names[0])
+            if full is not None:
+                _copy_shard(tensor, lambda rows, full=full: full if rows is None else full[rows])
 
 
 def _init_non_persistent_buffers(model: torch.nn.Module) -> None:
@@ -68,24 +74,25 @@ def _safetensors_files(pending: PendingWeights) -> dict[str, Path] | None:
         return {name: single for name in f.keys()}
 
 
-def _aliases(model: torch.nn.Module) -> list[tuple[list[str], torch.Tensor]]:
-    """Every parameter and persistent buffer once, with all the names it goes by (tied weights)."""
+def _aliases(model: torch.nn.Module, checkpoint_name) -> list[tuple[list[str], torch.Tensor]]:
+    """Every parameter and persistent buffer once, with all the checkpoint names it goes by (tied
+    weights). Two tensors may share a name: PEFT's trained copy of a scalar head and the head."""
     groups: dict[int, tuple[list[str], torch.Tensor]] = {}
     for name, tensor in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(tensor), ([], tensor))[0].append(name)
+        groups.setdefault(id(tensor), ([], tensor))[0].append(checkpoint_name(name))
     state_names = set(model.state_dict().keys())
     for name, tensor in model.named_buffers(remove_duplicate=False):
         if name in state_names:
-            groups.setdefault(id(tensor), ([], tensor))[0].append(name)
+            groups.setdefault(id(tensor), ([], tensor))[0].append(checkpoint_name(name))
     return list(groups.values())
 
 
-def _read_slices(model: torch.nn.Module, files: dict[str, Path]) -> set[str]:
+def _read_slices(groups: list[tuple[list[str], torch.Tensor]], files: dict[str, Path]) -> set[str]:
     """Fill every tensor the files hold from its rows; the names of the others. A file is
     opened (mapped) for one tensor at a time: the pages read stay in the resident set while
     it is mapped, and a rank should not hold a whole model's worth of them."""
     missing: set[str] = set()
-    for names, tensor in _aliases(model):
+    for names, tensor in groups:
         key = next((n for n in names if n in files), None)
         if key is None:
             missing.add(names[0])

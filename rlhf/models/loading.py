@@ -121,6 +121,10 @@ class Placement:
     modify: Callable[[list[torch.nn.Parameter]], ContextManager] = field(default=lambda params: nullcontext())
     """A block in which rank 0 may change these parameters in place and every rank sees the
     change (DeepSpeed's GatheredParameters for partitioned ones)."""
+    rank: int = 0
+    from_main: Callable[[list[int]], list[int]] = field(default=lambda values: values)
+    """Rank 0's list of integers, on every rank: a collective, on the strategy's device (the
+    other ranks' arguments are ignored)."""
 
 
 WHOLE = Placement()
@@ -137,8 +141,11 @@ class PendingWeights:
     load_whole: Callable[[], PreTrainedModel]
     """The model loaded whole on the CPU, as `Placement()` would."""
     fill_missing: Callable[[set[str]], dict[str, torch.Tensor]] = field(default=lambda missing: {})
-    """Full values of the parameters the checkpoint lacks (a new scalar head), the same on every
-    rank; a name it leaves out is an error."""
+    """Full values of the parameters the checkpoint lacks (a new scalar head, LoRA adapters),
+    by their `checkpoint_name`, the same on every rank; a name it leaves out is an error."""
+    checkpoint_name: Callable[[str], str] = field(default=lambda name: name)
+    """The checkpoint's name of a parameter of the model (PEFT's tree renames the base weights,
+    rlhf/models/lora.py)."""
 
 
 def model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -150,15 +157,20 @@ def model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | No
     return kwargs
 
 
-def effective_placement(placement: Placement | None, cfg: ModelConfig, gguf_file: str | None) -> Placement:
-    """The placement that applies to this model: LoRA models load whole (their adapters'
-    names differ from the checkpoint's), and so do GGUF files under ZeRO-3 (transformers
-    builds a quantized model on the meta device instead of under zero.Init)."""
+def effective_placement(placement: Placement | None, cfg: ModelConfig, location: str,
+                        gguf_file: str | None) -> Placement:
+    """The placement that applies to this model: the strategy's, else whole. It holds for LoRA
+    models (rlhf/models/lora.py renames their pending weights) and GGUF files: under FSDP2 rank 0
+    loads the file whole and broadcasts the shards (rlhf/distributed/sharded_load.py), under
+    ZeRO-3 they are read into the partitions tensor by tensor (rlhf/models/gguf_partitioned.py).
+    Only GGUF architectures that transformers reads through its newer loader (not its GGUF
+    name map) still load whole under ZeRO-3."""
     placement = placement or WHOLE
-    if placement.mode == "meta" and cfg.lora.r > 0:
-        return WHOLE
     if placement.mode == "zero3" and gguf_file:
-        return WHOLE
+        from rlhf.models.gguf_partitioned import supports
+
+        if not supports(gguf_path(location, gguf_file, cfg.revision)):
+            return WHOLE
     return placement
 
 
@@ -184,14 +196,44 @@ def zero3_construction(placement: Placement) -> Iterator[None]:
 def build_empty(auto_class: type, location: str, gguf_file: str | None, kwargs: dict[str, Any],
                 **config_overrides: Any) -> PreTrainedModel:
     """The model of `location`'s config on the meta device: no memory for its weights."""
+    return _from_config(auto_class, location, gguf_file, kwargs, torch.device("meta"), **config_overrides)
+
+
+def _from_config(auto_class: type, location: str, gguf_file: str | None, kwargs: dict[str, Any],
+                 construction: ContextManager, **config_overrides: Any) -> PreTrainedModel:
+    """The model of `location`'s config, its weights initialised, built inside `construction`."""
     config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code")}
     try:
         config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, **config_kwargs, **config_overrides)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a model from '{location}': {str(exc).splitlines()[0]}") from None
     construct = {k: v for k, v in kwargs.items() if k in ("dtype", "attn_implementation", "trust_remote_code")}
-    with torch.device("meta"):
+    with construction:
         return auto_class.from_config(config, **construct)
+
+
+def build_partitioned_from_gguf(auto_class: type, location: str, gguf_file: str, kwargs: dict[str, Any],
+                                placement: Placement, **config_overrides: Any) -> tuple[PreTrainedModel, set[str]]:
+    """A GGUF model under ZeRO-3: built partitioned (zero.Init), then its tensors dequantised on
+    rank 0 one at a time and scattered into the partitions (rlhf/models/gguf_partitioned.py), and the
+    names of the parameters the file lacks. transformers would build a GGUF model on the meta
+    device and load it whole on every rank instead."""
+    from rlhf.models.gguf_partitioned import load_gguf_partitioned
+
+    # transformers enters zero.Init in `from_config` too while the HfDeepSpeedConfig lives.
+    model = _from_config(auto_class, location, gguf_file, kwargs, zero3_construction(placement), **config_overrides)
+    missing = load_gguf_partitioned(model, gguf_path(location, gguf_file, kwargs["revision"]), placement)
+    return model, missing
+
+
+def gguf_path(location: str, gguf_file: str, revision: str | None) -> str:
+    """The GGUF file on this disk (a hub one from the cache, fetched if need be)."""
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(location, gguf_file, revision=revision)
+    except OSError as exc:
+        raise UserError(f"model.gguf_file: {gguf_file}: {str(exc).splitlines()[0]}") from None
 
 
 def load_causal_lm(
@@ -203,12 +245,16 @@ def load_causal_lm(
     `trust_remote_code` only when the config says so."""
     path = path or cfg.path
     location, gguf_file = resolve_location(cfg, path)
-    placement = effective_placement(placement, cfg, gguf_file)
+    placement = effective_placement(placement, cfg, location, gguf_file)
     kwargs = model_kwargs(cfg, device, dtype)
     if placement.mode == "meta":
         model = build_empty(AutoModelForCausalLM, location, gguf_file, kwargs)
         model.pending_weights = PendingWeights(
             location, gguf_file, lambda: load_causal_lm(cfg, torch.device("cpu"), path, dtype))
+    elif placement.mode == "zero3" and gguf_file:
+        model, missing = build_partitioned_from_gguf(AutoModelForCausalLM, location, gguf_file, kwargs, placement)
+        if missing:
+            raise UserError(f"model.gguf_file: {gguf_file} holds no weights for {sorted(missing)[:5]}")
     else:
         try:
             with zero3_construction(placement):

@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
@@ -24,8 +25,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
 from rlhf.models.engines import unwrap_engine
-from rlhf.models.loading import (PendingWeights, Placement, model_kwargs, build_empty, detach_gguf_quantizer,
-                                 effective_placement, resolve_location, zero3_construction)
+from rlhf.models.loading import (PendingWeights, Placement, model_kwargs, build_empty, build_partitioned_from_gguf,
+                                 detach_gguf_quantizer, effective_placement, resolve_location, zero3_construction)
 from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.shared_prefix import shared_prefix_attention_mask
 
@@ -67,23 +68,29 @@ def load_scalar_model(
     reward-model export it is kept."""
     path = path or cfg.path
     location, gguf_file = resolve_location(cfg, path)
-    placement = effective_placement(placement, cfg, gguf_file)
+    placement = effective_placement(placement, cfg, location, gguf_file)
     has_head = gguf_file is None and _is_scalar_head_checkpoint(location, cfg)
     kwargs = model_kwargs(cfg, device, dtype)
     if placement.mode == "meta":
         model = build_empty(AutoModelForSequenceClassification, location, gguf_file, kwargs, num_labels=1)
         model.pending_weights = PendingWeights(
             location, gguf_file, lambda: load_scalar_model(cfg, torch.device("cpu"), path, seed, dtype),
-            lambda missing: _new_head_values(model, seed, missing))
+            new_head_values(model, seed))
     else:
-        try:
-            with zero3_construction(placement):
-                model = AutoModelForSequenceClassification.from_pretrained(location, gguf_file=gguf_file,
-                                                                           num_labels=1, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load a reward/value model from '{path}': {str(exc).splitlines()[0]}") from None
-        if gguf_file:
-            detach_gguf_quantizer(model)
+        if placement.mode == "zero3" and gguf_file:
+            model, missing = build_partitioned_from_gguf(AutoModelForSequenceClassification, location, gguf_file,
+                                                         kwargs, placement, num_labels=1)
+            if missing - _head_names(model):
+                raise UserError(f"model.gguf_file: {gguf_file} holds no weights for {sorted(missing)[:5]}")
+        else:
+            try:
+                with zero3_construction(placement):
+                    model = AutoModelForSequenceClassification.from_pretrained(location, gguf_file=gguf_file,
+                                                                               num_labels=1, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"cannot load a reward/value model from '{path}': {str(exc).splitlines()[0]}") from None
+            if gguf_file:
+                detach_gguf_quantizer(model)
         if not has_head:
             head = score_head(model)
             params = [p for p in (head.weight, head.bias) if p is not None]
@@ -110,19 +117,35 @@ def _init_head(head: torch.nn.Linear, seed: int) -> None:
         torch.nn.init.zeros_(head.bias)
 
 
-def _new_head_values(model: PreTrainedModel, seed: int, missing: set[str]) -> dict[str, torch.Tensor]:
-    """The full values `_init_head` gives a new head, for a model whose weights are loaded into
-    shards (every rank computes the same ones)."""
+def _head_names(model: PreTrainedModel) -> set[str]:
+    """The checkpoint names of the scalar head's parameters."""
     names = {id(p): n for n, p in model.named_parameters()}
     head = score_head(model)
-    wanted = {names[id(p)]: p for p in (head.weight, head.bias) if p is not None}
-    if not set(wanted) <= missing:
-        return {}
-    full = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
-                           dtype=head.weight.dtype, device="cpu")
-    _init_head(full, seed)
-    return {name: getattr(full, "weight" if param is head.weight else "bias").detach()
-            for name, param in wanted.items()}
+    return {names[id(p)] for p in (head.weight, head.bias) if p is not None}
+
+
+def new_head_values(model: PreTrainedModel, seed: int) -> Callable[[set[str]], dict[str, torch.Tensor]]:
+    """For a model whose weights are loaded into shards: given the names the checkpoint lacks,
+    the full values `_init_head` gives a new head (every rank computes the same ones), by the
+    checkpoint's names. The head's shape is taken now, before a PEFT wrapper hides it."""
+    head = score_head(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    weight_name = names[id(head.weight)]
+    bias_name = names[id(head.bias)] if head.bias is not None else None
+    shape = (head.in_features, head.out_features, head.weight.dtype)
+
+    def values(missing: set[str]) -> dict[str, torch.Tensor]:
+        if weight_name not in missing:
+            return {}
+        in_features, out_features, dtype = shape
+        full = torch.nn.Linear(in_features, out_features, bias=bias_name is not None, dtype=dtype, device="cpu")
+        _init_head(full, seed)
+        out = {weight_name: full.weight.detach()}
+        if bias_name is not None:
+            out[bias_name] = full.bias.detach()
+        return out
+
+    return values
 
 
 def transformers_model(model: torch.nn.Module) -> PreTrainedModel:

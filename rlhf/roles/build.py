@@ -58,7 +58,7 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     total_steps = cfg.ppo.iterations * steps_per_iteration(cfg)
     accumulation, _ = accumulation_steps(cfg, strategy.world_size)
     model = load_causal_lm(cfg.model, strategy.device, placement=strategy.placement())
-    model = apply_lora(model, cfg.model.lora)
+    model = apply_lora(model, cfg.model.lora, seed=cfg.seed)
     spec = OptimizerSpec.from_train(cfg.train, total_steps, lr=cfg.ppo.actor_lr)
     trained = strategy.wrap(model, spec, accumulation, cfg.ppo.micro_batch_size)
     # After wrapping: a model built on the meta device shows the kernels its device only then.

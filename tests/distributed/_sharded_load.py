@@ -3,9 +3,12 @@ the strategy places them (ZeRO-3: partitioned by zero.Init, frozen ones behind a
 optimizer; FSDP2: on the meta device, weights read into the shards), then scored.
 
     torchrun --standalone --nproc_per_node 2 _sharded_load.py {zero3,fsdp} MODEL_DIR OUT_DIR
+    torchrun --standalone --nproc_per_node 2 _sharded_load.py zero3 GGUF_FILE OUT_DIR
 
 Writes OUT_DIR/rank{r}.pt: per model, this rank's parameter elements, the model's and its
-outputs on fixed inputs; and for FSDP2 whether the tied head is still the embedding.
+outputs on fixed inputs; for FSDP2 whether the tied head is still the embedding. A fifth model,
+the actor with LoRA adapters (`LORA`), also leaves its gathered full state (rank 0) and an
+export (OUT_DIR/lora-export). From a GGUF file: the actor and the reward model only.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config_sections import ModelConfig, StrategyConfig
+from rlhf.config_sections import LoraConfig, ModelConfig, StrategyConfig
 from rlhf.distributed.factory import build_strategy
 from rlhf.distributed.optim import OptimizerSpec
 from rlhf.models.engines import unwrap_engine
-from rlhf.models.loading import load_causal_lm
+from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.models.lora import apply_lora
 from rlhf.models.reward import load_scalar_model, sequence_scores, token_values
 
 SPEC = OptimizerSpec(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0,
@@ -29,6 +33,7 @@ GATHER_EVERY_WEIGHT = {"zero_optimization": {"stage3_param_persistence_threshold
 """ZeRO-3 keeps parameters under 100k elements whole on every rank once an engine holds them: all
 of the tiny model's. Threshold 0 keeps them all partitioned."""
 SEED = 3
+LORA = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +58,19 @@ def local_and_full(model: torch.nn.Module) -> tuple[int, int]:
     return local, full
 
 
+def not_whole(model: torch.nn.Module) -> bool:
+    """Whether no weight of a model just built holds its whole value on this rank: each is a
+    ZeRO-3 partition, or on the meta device (FSDP2 reads it in once sharded). LoRA adapters
+    built beside a ZeRO-3 model are whole until DeepSpeed partitions them at wrap (rank x width
+    each)."""
+    return all(hasattr(p, "ds_tensor") or p.is_meta for n, p in model.named_parameters() if ".lora_" not in n)
+
+
 def outputs(name: str, model: torch.nn.Module) -> torch.Tensor:
     ids, mask = inputs()
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        if name in ("actor", "reference"):
+        if name in ("actor", "reference", "actor_lora"):
             return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
         if name == "critic":
             return token_values(model, ids, mask)
@@ -74,19 +87,37 @@ def main(which: str, model_dir: str, out_dir: str) -> None:
         cfg = StrategyConfig(name="deepspeed", zero_stage=3, deepspeed_config=str(raw))
     strategy = build_strategy(cfg)
     strategy.setup(0)
-    model_cfg = ModelConfig(path=model_dir)
+    path = Path(model_dir)
+    gguf = path.suffix == ".gguf"
+    model_cfg = ModelConfig(path=str(path.parent), gguf_file=path.name) if gguf else ModelConfig(path=model_dir)
     placement = strategy.placement()
-    models = {
-        "actor": strategy.wrap(load_causal_lm(model_cfg, strategy.device, placement=placement), SPEC).module,
-        "critic": strategy.wrap(load_scalar_model(model_cfg, strategy.device, seed=SEED, placement=placement),
-                                SPEC).module,
-        "reference": strategy.freeze(load_causal_lm(model_cfg, strategy.device, placement=placement)),
-        "reward": strategy.freeze(load_scalar_model(model_cfg, strategy.device, seed=SEED, placement=placement)),
-    }
+    built: dict[str, bool] = {}
+
+    def load(name: str, model: torch.nn.Module) -> torch.nn.Module:
+        built[name] = not_whole(model)
+        return model
+
+    def lm() -> torch.nn.Module:
+        return load_causal_lm(model_cfg, strategy.device, placement=placement)
+
+    def scalar() -> torch.nn.Module:
+        return load_scalar_model(model_cfg, strategy.device, seed=SEED, placement=placement)
+
+    models = {"actor": strategy.wrap(load("actor", lm()), SPEC).module}
+    if not gguf:
+        lora = strategy.wrap(load("actor_lora", apply_lora(lm(), LORA, seed=SEED)), SPEC)
+        models.update(critic=strategy.wrap(load("critic", scalar()), SPEC).module,
+                      reference=strategy.freeze(load("reference", lm())), actor_lora=lora.module)
+    models["reward"] = strategy.freeze(load("reward", scalar()))
     result = {"placement": placement.mode}
     for name, model in models.items():
         model.eval()
-        result[name] = {"elements": local_and_full(model), "outputs": outputs(name, model).cpu()}
+        result[name] = {"elements": local_and_full(model), "outputs": outputs(name, model).cpu(),
+                        "built_sharded": built[name]}
+    if not gguf:
+        state = strategy.full_state_dict(lora)
+        result["lora_state"] = {k: v.clone() for k, v in state.items()}
+        strategy.export(lora, load_tokenizer(model_cfg), out / "lora-export")
     if which == "fsdp":
         inner = models["actor"]
         result["tied"] = inner.lm_head.weight is inner.model.embed_tokens.weight

@@ -1,8 +1,11 @@
 """No full model copy per rank at load (issue 24): under ZeRO-3 and FSDP2 each of the four PPO
-models (actor, critic, and the frozen reference and reward model) is built sharded, so each of 2
-ranks stores about half of its parameters, and the sharded models give the outputs of the same
-models loaded whole in one process: the rotary buffers (in no checkpoint), the tied head and
-the new scalar head (seeded) included. ~30 s per strategy on 2 cores."""
+models (actor, critic, and the frozen reference and reward model) and an actor with LoRA
+adapters is built sharded (no rank holds a whole weight once it is built), so each of 2 ranks
+stores about half of its parameters, and the sharded models give the outputs of the same models
+loaded whole in one process: the rotary buffers (in no checkpoint), the tied head, the new
+scalar head (seeded) and the LoRA adapters (seeded) included; the LoRA model's gathered state
+equals the whole one's, and its merged export runs. A GGUF file under ZeRO-3 likewise (a tiny
+one written here; SmolLM2's in BENCHMARKS.md). ~30 s per strategy on 2 cores, ~15 s for GGUF."""
 
 from __future__ import annotations
 
@@ -19,47 +22,91 @@ from rlhf.config_sections import ModelConfig
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from _sharded_load import SEED, outputs  # noqa: E402
+from _sharded_load import LORA, SEED, outputs  # noqa: E402
+from _tiny_gguf import write_tiny_gguf  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 LAUNCH_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "OMP_NUM_THREADS"}
-ROLES = ("actor", "critic", "reference", "reward")
+ROLES = ("actor", "critic", "reference", "reward", "actor_lora")
+
+
+def whole_models(cfg: ModelConfig, roles: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """Each role's model loaded whole in this process."""
+    from rlhf.models.loading import load_causal_lm
+    from rlhf.models.lora import apply_lora
+    from rlhf.models.reward import load_scalar_model
+
+    cpu = torch.device("cpu")
+    lm, scalar = load_causal_lm(cfg, cpu).eval(), load_scalar_model(cfg, cpu, seed=SEED).eval()
+    models = {"actor": lm, "reference": lm, "critic": scalar, "reward": scalar}
+    if "actor_lora" in roles:
+        models["actor_lora"] = apply_lora(load_causal_lm(cfg, cpu), LORA, seed=SEED).eval()
+    return {role: models[role] for role in roles}
 
 
 @pytest.fixture(scope="module")
-def whole_outputs(tiny_model_dir) -> dict[str, torch.Tensor]:
-    """Each role's outputs with its model loaded whole in this process."""
-    from rlhf.models.loading import load_causal_lm
-    from rlhf.models.reward import load_scalar_model
+def whole(tiny_model_dir) -> dict[str, torch.nn.Module]:
+    return whole_models(ModelConfig(path=str(tiny_model_dir)), ROLES)
 
-    cfg, cpu = ModelConfig(path=str(tiny_model_dir)), torch.device("cpu")
-    lm, scalar = load_causal_lm(cfg, cpu).eval(), load_scalar_model(cfg, cpu, seed=SEED).eval()
-    return {"actor": outputs("actor", lm), "reference": outputs("reference", lm),
-            "critic": outputs("critic", scalar), "reward": outputs("reward", scalar)}
+
+def run_ranks(strategy: str, model: Path, out: Path) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HERE / "_sharded_load.py"), strategy, str(model), str(out)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{strategy} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def assert_sharded_and_equal(ranks: list[dict], whole: dict[str, torch.nn.Module]) -> None:
+    for role, model in whole.items():
+        full = ranks[0][role]["elements"][1]
+        stored = [rank[role]["elements"][0] for rank in ranks]
+        # No rank held a whole weight once the model was built (not only after wrapping).
+        assert all(rank[role]["built_sharded"] for rank in ranks), role
+        # Each rank's share of every model: half, up to the padding of odd-sized tensors.
+        assert all(0.45 * full <= part <= 0.55 * full for part in stored), (role, stored, full)
+        expected = outputs(role, model)
+        for rank in ranks:
+            torch.testing.assert_close(rank[role]["outputs"], expected, rtol=0, atol=0, msg=role)
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
 def test_each_rank_stores_half_of_every_model_and_the_outputs_are_the_whole_models(
-        strategy, tiny_model_dir, whole_outputs, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HERE / "_sharded_load.py"), strategy, str(tiny_model_dir), str(tmp_path)]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{strategy} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        strategy, tiny_model_dir, whole, tmp_path):
+    ranks = run_ranks(strategy, tiny_model_dir, tmp_path)
     assert ranks[0]["placement"] == {"zero3": "zero3", "fsdp": "meta"}[strategy]
-    for role in ROLES:
-        full = ranks[0][role]["elements"][1]
-        stored = [rank[role]["elements"][0] for rank in ranks]
-        # Each rank's share of every model: half, up to the padding of odd-sized tensors.
-        assert all(0.45 * full <= part <= 0.55 * full for part in stored), (role, stored, full)
-        for rank in ranks:
-            torch.testing.assert_close(rank[role]["outputs"], whole_outputs[role], rtol=0, atol=0, msg=role)
+    assert_sharded_and_equal(ranks, whole)
     if strategy == "fsdp":
         assert all(rank["tied"] for rank in ranks)
+    # LoRA: lora_B starts at zero, so the outputs cannot tell the adapters apart; the gathered
+    # state can (lora_A drawn from the seed, base weights under PEFT's names).
+    expected = whole["actor_lora"].state_dict()
+    gathered = ranks[0]["lora_state"]
+    assert sorted(gathered) == sorted(expected)
+    assert any(".lora_A." in name for name in expected)
+    for name, value in expected.items():
+        assert torch.equal(gathered[name], value), name
+    # The export merges the adapters into plain transformers weights (lora_B zero: the base's).
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "lora-export").state_dict()
+    base = whole["actor"].state_dict()
+    assert sorted(exported) == sorted(base)
+    assert all(torch.equal(exported[name], base[name]) for name in base)
+
+
+def test_a_gguf_file_under_zero3_is_read_into_the_partitions(tmp_path):
+    """The GGUF file is dequantised tensor by tensor into the ZeRO-3 partitions (no rank builds
+    the whole model), and the actor and a reward model on it (new seeded head) score as
+    `from_pretrained(gguf_file=...)` loaded whole does."""
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    ranks = run_ranks("zero3", gguf, tmp_path)
+    whole = whole_models(ModelConfig(path=str(tmp_path), gguf_file=gguf.name), ("actor", "reward"))
+    assert_sharded_and_equal(ranks, whole)
 
 
 def _wide_model(tiny_model_dir: Path, out: Path, hidden: int, layers: int) -> Path:
