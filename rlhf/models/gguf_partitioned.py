@@ -92,7 +92,14 @@ def _dequantised(model: torch.nn.Module, gguf_path: str) -> Iterator[tuple[str, 
     for tensor in reader.tensors:
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
-        if result.name in names:
-            yield names[result.name], torch.from_numpy(np.copy(result.weights)).to(dtype)
+        if result.name not in names:
+            continue
+        array = result.weights
+        if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the mapped file
+            array = np.copy(array)
+        name, value = names[result.name], torch.from_numpy(array).to(dtype)
+        del result, array  # only `value` stays alive while it is scattered, then not even that
+        yield name, value
+        del value
     for name, value in parsed.pop("tensors").items():
         yield name, torch.as_tensor(value).to(dtype)
