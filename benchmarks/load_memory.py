@@ -156,6 +156,15 @@ def rank_main(overrides: list[str], out: Path) -> None:
         roles = LocalRoles(cfg, strategy, tokenizer)
     strategy.barrier()
     peak = high_water()
+    # Counted before any forward: FSDP2 keeps a trained root's weights unsharded after a forward
+    # without gradients until its next backward, and they would count whole.
+    stored = 0
+    for model in roles.models():
+        for param in unwrap_engine(model).parameters():
+            data = getattr(param, "ds_tensor", None)
+            data = param.to_local() if data is None and hasattr(param, "to_local") else (
+                param if data is None else data)
+            stored += data.numel() * data.element_size()
     # One scoring pass of 2 rows per rank through all four models: every weight is read once,
     # so weights a load left as untouched file mappings (whole safetensors, mmap) count now.
     from scoring_memory import synthetic_rollout
@@ -168,13 +177,6 @@ def rank_main(overrides: list[str], out: Path) -> None:
     strategy.barrier()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # the pass's freed temporaries: what stays is what the rank holds
     scored = resident()
-    stored = 0
-    for model in roles.models():
-        for param in unwrap_engine(model).parameters():
-            data = getattr(param, "ds_tensor", None)
-            data = param.to_local() if data is None and hasattr(param, "to_local") else (
-                param if data is None else data)
-            stored += data.numel() * data.element_size()
     result = {"rank": strategy.rank, "baseline_mib": baseline / MIB, "peak_mib": peak / MIB,
               "after_scoring_mib": scored / MIB,
               "parameter_mib": stored / MIB, "resident_mib": resident() / MIB, "steps": steps}

@@ -3,10 +3,13 @@ model built from a config (see `rlhf/models/tiny.py`).
 
 Where the weights go is the strategy's call, given as a `Placement`: whole on this process's
 device; partitioned while they are built (`zero3`: DeepSpeed's zero.Init, which transformers
-enters when an `HfDeepSpeedConfig` is alive during `from_pretrained`); or not at all (`meta`:
+enters when an `HfDeepSpeedConfig` is alive during `from_pretrained`; a GGUF file is then read
+into the partitions tensor by tensor, rlhf/models/gguf_partitioned.py); or not at all (`meta`:
 the model is built on the meta device and carries `PendingWeights`, which the strategy loads
-into the shards once it has sharded the model, rlhf/distributed/sharded_load.py). Either way no
-worker holds the whole fp32 model of a sharded run.
+into the shards once it has sharded the model, rlhf/distributed/sharded_load.py). LoRA models
+are placed the same way (rlhf/models/lora.py). Either way no worker holds the whole model of a
+sharded run, except FSDP2's rank 0 for a moment where the weights are no local safetensors
+directory (a hub id, a GGUF file: it loads them whole and broadcasts the shards).
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ class Placement:
     """A block in which rank 0 may change these parameters in place and every rank sees the
     change (DeepSpeed's GatheredParameters for partitioned ones)."""
     rank: int = 0
+    """This process's rank: rank 0 reads what the others receive."""
     from_main: Callable[[list[int]], list[int]] = field(default=lambda values: values)
     """Rank 0's list of integers, on every rank: a collective, on the strategy's device (the
     other ranks' arguments are ignored)."""
@@ -225,7 +229,7 @@ def build_empty(auto_class: type, location: str, gguf_file: str | None, kwargs: 
 
 def _from_config(auto_class: type, location: str, gguf_file: str | None, kwargs: dict[str, Any],
                  construction: ContextManager, **config_overrides: Any) -> PreTrainedModel:
-    """The model of `location`'s config, its weights initialised, built inside `construction`."""
+    """The model of `location`'s config, built inside `construction` (the meta device, zero.Init)."""
     config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code")}
     try:
         config = AutoConfig.from_pretrained(location, gguf_file=gguf_file, **config_kwargs, **config_overrides)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -97,15 +98,16 @@ def main(which: str, model_dir: str, out_dir: str) -> None:
         built[name] = not_whole(model)
         return model
 
-    def lm() -> torch.nn.Module:
-        return load_causal_lm(model_cfg, strategy.device, placement=placement)
+    def lm(cfg: ModelConfig = model_cfg) -> torch.nn.Module:
+        return load_causal_lm(cfg, strategy.device, placement=placement)
 
     def scalar() -> torch.nn.Module:
         return load_scalar_model(model_cfg, strategy.device, seed=SEED, placement=placement)
 
     models = {"actor": strategy.wrap(load("actor", lm()), SPEC).module}
     if not gguf:
-        lora = strategy.wrap(load("actor_lora", apply_lora(lm(), LORA, seed=SEED)), SPEC)
+        lora_cfg = replace(model_cfg, lora=LORA)  # as the stages load it: the config says LoRA
+        lora = strategy.wrap(load("actor_lora", apply_lora(lm(lora_cfg), lora_cfg.lora, seed=SEED)), SPEC)
         models.update(critic=strategy.wrap(load("critic", scalar()), SPEC).module,
                       reference=strategy.freeze(load("reference", lm())), actor_lora=lora.module)
     models["reward"] = strategy.freeze(load("reward", scalar()))
