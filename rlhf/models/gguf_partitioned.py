@@ -5,8 +5,8 @@ its partition plus one full tensor (two on rank 0: the dequantised value and the
 parameter), where transformers' own GGUF loading builds the model on the meta device and
 dequantises the whole file on every rank.
 
-The file is read as transformers reads it for the architectures of its GGUF name map
-(`modeling_gguf_pytorch_utils`: the gguf package's reader and dequantiser, transformers'
+The tensors are converted as transformers converts them for the architectures of its GGUF name
+map (`modeling_gguf_pytorch_utils`: the gguf package's dequantiser, transformers'
 per-architecture tensor processor and name map), so the weights are those of
 `from_pretrained(gguf_file=...)`. Only rank 0 opens the tensor data; it tells the other ranks
 which parameter comes next (`Placement.from_main`), since the file's order is not the model's.
@@ -70,32 +70,46 @@ def load_gguf_partitioned(model: torch.nn.Module, gguf_path: str, placement: Pla
     return {name for key, name in first.items() if key not in filled}
 
 
+_TYPED = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+          "I32": np.int32, "I64": np.int64}
+"""ggml types stored as plain numbers (the others are blocks of bytes), as the gguf reader maps them."""
+
+
 def _dequantised(model: torch.nn.Module, gguf_path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(model parameter name, value in the model's dtype) of each tensor of the file, one at a
-    time, as transformers' GGUF loading converts them."""
-    from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map, load_gguf_checkpoint,
-                                                          read_field)
+    time, as transformers' GGUF loading converts them (`load_gguf_checkpoint`: the gguf
+    package's dequantiser, the architecture's tensor processor, the GGUF name map). The table of
+    tensors is read without the metadata's vocabulary, and each tensor's bytes are mapped only
+    while it is converted: its pages leave the resident set with it."""
+    from gguf import GGMLQuantizationType, dequantize
+    from gguf.quants import quant_shape_to_byte_shape
+    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     try:
-        parsed = load_gguf_checkpoint(gguf_path, return_tensors=False)
-        reader = GGUFReader(gguf_path)
+        metadata, _ = read_gguf_metadata(gguf_path)
+        header = GgufHeader.from_file(gguf_path)
     except (OSError, ValueError) as exc:
         raise UserError(f"model.gguf_file: {gguf_path}: {str(exc).splitlines()[0]}") from None
-    architecture = read_field(reader, "general.architecture")[0]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    # The processors read the model's config under transformers' names, as parsed from this file.
+    processor = TENSOR_PROCESSORS.get(metadata["general.architecture"], TensorProcessor)(config=model.config.to_dict())
     names = get_gguf_hf_weights_map(model, processor)
     dtype = next(model.parameters()).dtype
     # Processors that merge several tensors into one (MoE experts) collect them here.
-    parsed["tensors"] = {}
-    for tensor in reader.tensors:
-        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
-                                   tensor_key_mapping=names, parsed_parameters=parsed)
+    parsed: dict = {"config": model.config.to_dict(), "tensors": {}}
+    for info in header.tensors:
+        qtype = GGMLQuantizationType(info.ggml_type)
+        raw = np.memmap(gguf_path, dtype=np.uint8, mode="r", offset=header.data_start + info.offset,
+                        shape=(info.nbytes,))
+        typed = _TYPED.get(qtype.name)
+        data = raw.view(typed).reshape(info.shape) if typed else raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
+        result = processor.process(weights=dequantize(data, qtype), name=info.name, tensor_key_mapping=names,
+                                   parsed_parameters=parsed)
+        del data, raw
         if result.name not in names:
             continue
         array = result.weights
-        if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the mapped file
+        if not (array.flags.writeable and array.flags.c_contiguous):  # still a view of the mapped file
             array = np.copy(array)
         name, value = names[result.name], torch.from_numpy(array).to(dtype)
         del result, array  # only `value` stays alive while it is scattered, then not even that
