@@ -70,6 +70,10 @@ def load_gguf_partitioned(model: torch.nn.Module, gguf_path: str, placement: Pla
     return {name for key, name in first.items() if key not in filled}
 
 
+DEQUANTIZE_ROWS_BYTES = 16 << 20
+"""fp32 bytes dequantised at a time: the gguf package's numpy dequantiser holds a few
+temporaries the size of its output, which for a whole embedding were several hundred MB."""
+
 _TYPED = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
           "I32": np.int32, "I64": np.int64}
 """ggml types stored as plain numbers (the others are blocks of bytes), as the gguf reader maps them."""
@@ -81,7 +85,7 @@ def _dequantised(model: torch.nn.Module, gguf_path: str) -> Iterator[tuple[str, 
     package's dequantiser, the architecture's tensor processor, the GGUF name map). The table of
     tensors is read without the metadata's vocabulary, and each tensor's bytes are mapped only
     while it is converted: its pages leave the resident set with it."""
-    from gguf import GGMLQuantizationType, dequantize
+    from gguf import GGMLQuantizationType
     from gguf.quants import quant_shape_to_byte_shape
     from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
@@ -103,8 +107,8 @@ def _dequantised(model: torch.nn.Module, gguf_path: str) -> Iterator[tuple[str, 
                         shape=(info.nbytes,))
         typed = _TYPED.get(qtype.name)
         data = raw.view(typed).reshape(info.shape) if typed else raw.reshape(quant_shape_to_byte_shape(info.shape, qtype))
-        result = processor.process(weights=dequantize(data, qtype), name=info.name, tensor_key_mapping=names,
-                                   parsed_parameters=parsed)
+        result = processor.process(weights=_dequantize_by_rows(data, qtype, info.shape), name=info.name,
+                                   tensor_key_mapping=names, parsed_parameters=parsed)
         del data, raw
         if result.name not in names:
             continue
@@ -117,3 +121,17 @@ def _dequantised(model: torch.nn.Module, gguf_path: str) -> Iterator[tuple[str, 
         del value
     for name, value in parsed.pop("tensors").items():
         yield name, torch.as_tensor(value).to(dtype)
+
+
+def _dequantize_by_rows(data: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
+    """`gguf.dequantize(data, qtype)` (fp32, `shape`), computed a slice of rows at a time into
+    its output (ggml blocks never span two rows, so the values are the same)."""
+    from gguf import dequantize
+
+    if data.ndim < 2 or data.dtype != np.uint8:
+        return dequantize(data, qtype)
+    out = np.empty(shape, dtype=np.float32)
+    rows = max(1, DEQUANTIZE_ROWS_BYTES // max(1, 4 * int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = dequantize(data[start:start + rows], qtype)
+    return out
