@@ -1,7 +1,7 @@
 """A GGUF file into a model partitioned by ZeRO-3 (built under zero.Init), one tensor at a time:
 rank 0 dequantises a tensor, every rank gathers that one parameter, rank 0 writes it, and it is
-partitioned again (`Placement.modify`: DeepSpeed's GatheredParameters). No rank holds more than
-its partition plus one full tensor (two on rank 0: the dequantised value and the gathered
+partitioned again (`Placement.modify`: DeepSpeed's GatheredParameters). Besides its partition a
+rank holds one full tensor at a time (two on rank 0: the dequantised value and the gathered
 parameter), where transformers' own GGUF loading builds the model on the meta device and
 dequantises the whole file on every rank.
 
@@ -22,7 +22,7 @@ import torch
 from rlhf.errors import UserError
 from rlhf.models.loading import Placement
 
-_END = -1
+_END, _FAILED = -1, -2
 
 
 def supports(gguf_path: str) -> bool:
@@ -31,7 +31,10 @@ def supports(gguf_path: str) -> bool:
     from transformers.integrations.gguf.reader import read_gguf_metadata
     from transformers.integrations.gguf.utils import is_gguf_arch_supported
 
-    metadata, _ = read_gguf_metadata(gguf_path)
+    try:
+        metadata, _ = read_gguf_metadata(gguf_path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"model.gguf_file: {gguf_path}: {str(exc).splitlines()[0]}") from None
     return not is_gguf_arch_supported(metadata["general.architecture"])
 
 
@@ -47,13 +50,20 @@ def load_gguf_partitioned(model: torch.nn.Module, gguf_path: str, placement: Pla
     filled: set[int] = set()
     value = None
     tensors = _dequantised(model, gguf_path) if placement.rank == 0 else iter(())
+    error: Exception | None = None
     while True:
+        message: list[int] = []
         if placement.rank == 0:
-            name, value = next(tensors, (None, None))
-            message = [_END] if name is None else [index[name]] if name in index else []
-        else:
-            message = []
+            try:
+                name, value = next(tensors, (None, None))
+                message = [_END] if name is None else [index[name]] if name in index else []
+            except Exception as exc:  # noqa: BLE001 - the other ranks are told before it is raised
+                error, message = exc, [_FAILED]
         message = placement.from_main(message)
+        if message == [_FAILED]:
+            if error is not None:
+                raise error
+            raise UserError(f"model.gguf_file: {gguf_path}: reading it failed on rank 0 (its message says why)")
         if message == [_END]:
             break
         if not message:  # a tensor of the file that the model does not have
