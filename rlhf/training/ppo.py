@@ -33,6 +33,7 @@ from rlhf.algorithms.advantages import (
     uniform_groups,
 )
 from rlhf.algorithms.rewards import RunningMoments, normalize_scores, shape_rewards
+from rlhf.algorithms.tis import logprob_gap
 from rlhf.rollout.types import Experience, Scored
 from rlhf.training.ema import EMA
 
@@ -111,6 +112,8 @@ def make_experience(scored: Scored, normalizer: RewardNormalizer, kl_coef: float
         "ppo/advantage_std": float(advantages[mask > 0].std()) if mask.sum() > 1 else 0.0,
         **{f"reward/{name}": float(values.float().mean()) for name, values in sorted(scored.sources.items())},
     }
+    if rollout.logprobs is not None:  # the sampler's own numbers beside the actor's (0 where they are reused)
+        metrics["rollout/logprob_gap"] = float(logprob_gap(scored.logprobs, rollout.logprobs, mask))
     if advantage == "gae":
         metrics.update({"ppo/return_mean": float(masked_mean(returns, mask)),
                         "ppo/value_mean": float(masked_mean(scored.values, mask)),
