@@ -417,6 +417,9 @@ class RolloutConfig:
     def validate(self) -> None:
         _choice("rollout.engine", self.engine, ("decode", "hf", "vllm"))
         self.vllm.validate()
+        if self.engine == "vllm" and self.temperature > 2:
+            raise ConfigError(f"rollout.temperature={self.temperature} with rollout.engine=vllm: vLLM samples at "
+                              "temperatures up to 2")
         if self.engine == "vllm" and self.vllm.logprobs == "engine" and (self.top_k > 0 or self.top_p < 1):
             raise ConfigError(f"rollout.vllm.logprobs=engine with rollout.top_k={self.top_k}, rollout.top_p={self.top_p}: "
                               "vLLM's log-probs are then those of the filtered distribution, not the softmax(logits / T) "
@@ -771,6 +774,9 @@ class PPOConfig:
                               "set ray.enabled=true (or ppo.colocate=all)")
         for group in self.ppo.role_groups() or []:
             self.resources.check_gpu_share(len(group))
+        if self.rollout.engine == "vllm" and (self.eval.temperature or 0) > 2:
+            raise ConfigError(f"eval.temperature={self.eval.temperature} with rollout.engine=vllm: vLLM samples at "
+                              "temperatures up to 2")
         self.rollout.reuse_logprobs = resolve_reuse_logprobs(self)
         if self.ray.enabled:
             workers = self.resources.workers

@@ -125,7 +125,7 @@ class Actor:
         self.ptx_coef, self.ptx_batch = ptx_coef, ptx_batch
         self.scoring = ScoringBatches()
         """How `logprobs` splits a rollout (whole, unless the builder of the PPO roles sets it)."""
-        self.engine_current = not engine.needs_sync
+        self.engine_current = not getattr(engine, "needs_sync", False)
         """The engine samples from the trained weights as they are now. An engine with its own
         copy (vLLM) starts without: the first rollout loads them, whatever the trainer's
         checkpoint, resume or LoRA did to them since the engine was built."""
@@ -200,7 +200,7 @@ class Actor:
                 strategy.backward(self.trained, ptx_loss(nll, tokens_all, self.ptx_coef))
                 means.add(weight=float(tokens), **{"ppo/ptx_loss": float(nll.detach()) / max(tokens, 1)})
             means.add(**{"ppo/actor_grad_norm": strategy.step(self.trained)})
-            self.engine_current = not self.engine.needs_sync
+            self.engine_current = not getattr(self.engine, "needs_sync", False)
         return means.result(strategy)
 
 

@@ -54,6 +54,15 @@ class WeightLoader:
         the model shows would miss what the kernels read); the other layers keep theirs. The
         caller sends whole layers per call."""
         self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        head = getattr(model, "lm_head", None)
+        tied = head is not None and any(head.weight is module.weight for module in model.modules()
+                                        if module is not head and hasattr(module, "weight"))
+        if tied and any(name.endswith("embed_tokens.weight") for name, _ in named):
+            # A head tied to the embeddings gets no weights of its own (they are skipped by
+            # name), so the reload leaves its kernel's prepacked copy (the CPU backend's
+            # `cpu_linear`) as it was: process it again from the new shared weight.
+            head.quant_method.process_weights_after_loading(head)
         return len(named)
 
     def rlhf_kv_cache_storages(self) -> list[torch.UntypedStorage]:
@@ -131,6 +140,13 @@ class VLLMSampler:
             kwargs["max_model_len"] = settings.max_model_len
         if settings.distributed_executor_backend:
             kwargs["distributed_executor_backend"] = settings.distributed_executor_backend
+        if _platform_is_cpu():
+            # A prompt prefilled in pieces has its sampled token thrown away, and vLLM 0.32 then
+            # winds the request's seeded generator back, which a CPU generator cannot do
+            # ("CPU Generator does not use offset"): whole prompts only, one step holding the
+            # longest (vLLM requires the step's budget to cover max_model_len then).
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(settings.max_model_len or 32768, 8192)
         self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=settings.dtype, seed=settings.seed,
                        gpu_memory_utilization=settings.gpu_memory_utilization,
                        tensor_parallel_size=settings.tensor_parallel_size,
