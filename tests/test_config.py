@@ -98,6 +98,33 @@ def test_ppo_settings_that_do_not_do_what_they_say_are_refused(overrides, messag
         load_config(PPOConfig, PPO, ["model.path=m", "reward_model.path=r", "data.prompts.path=p.jsonl", *overrides])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.vllm.logprobs=engine", "rollout.top_k=20"], "rollout.vllm.logprobs=engine with rollout.top_k=20"),
+    (["rollout.reuse_logprobs=true"], "rollout.reuse_logprobs=true with rollout.engine=vllm"),
+    (["rollout.vllm.tensor_parallel_size=2"], "tensor_parallel_size=2 with placement=colocate"),
+    (["rollout.temperature=2.5"], "rollout.temperature=2.5 with rollout.engine=vllm"),
+    (["rollout.vllm.gpu_memory_utilization=1.5"], "gpu_memory_utilization=1.5 must be in"),
+    (["rollout.vllm.placement=remote"], "rollout.vllm.placement='remote' is not one of"),
+    (["rollout.vllm.tis_cap=0.5"], "tis_cap=0.5 must be >= 1"),
+])
+def test_vllm_settings_it_cannot_honour_are_refused(overrides, message):
+    from rlhf.config import PPOConfig
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(PPOConfig, PPO, ["model.path=m", "reward_model.path=r", "data.prompts.path=p.jsonl",
+                                     "rollout.engine=vllm", *overrides])
+
+
+def test_vllm_engine_recomputes_old_logprobs_by_default():
+    from rlhf.config import PPOConfig
+    from rlhf.roles.build import tis_cap
+
+    paths = ["model.path=m", "reward_model.path=r", "data.prompts.path=p.jsonl", "rollout.engine=vllm"]
+    cfg = load_config(PPOConfig, PPO, paths)
+    assert cfg.rollout.reuse_logprobs is False and tis_cap(cfg) is None  # fp32 on CPU would reuse with decode
+    assert tis_cap(load_config(PPOConfig, PPO, [*paths, "rollout.vllm.logprobs=engine", "rollout.vllm.tis_cap=3"])) == 3
+
+
 def test_k2_and_k3_in_the_loss_and_the_aggregations_load():
     from rlhf.config import PPOConfig
 

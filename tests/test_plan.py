@@ -243,6 +243,27 @@ def test_ppo_frozen_models_and_kv_cache():
     assert ptx.phases["actor ptx"] == 2 * (256 * 8 * 64 * 34 + 5 * 4 * 256 * 256 * 8) * 2 + 8 * 256 * 512 * 4
 
 
+def test_ppo_with_a_colocated_vllm_engine_counts_its_weights_and_kv_budget():
+    vllm = ["rollout.engine=vllm", "rollout.batch_size=64", "ppo.rollout_batch_size=64"]
+    # kv_cache_gib: that budget, held only while generating (sleep), beside the engine's fp32
+    # copy of the 1M actor, which a GPU engine in sleep mode keeps in host memory while training.
+    plan = ppo_plan([*vllm, "rollout.vllm.kv_cache_gib=0.5"], memory=80 * GiB)
+    kv = [c for c in plan.components if c.kind == "kv_cache"]
+    assert [(c.device, c.phase) for c in kv] == [(GiB // 2, "generate")]
+    assert plan.engine == Bytes(4_000_000, 4_000_000)
+    assert plan.phases["generate"] == GiB // 2 + 4_000_000
+    assert not [c for c in plan.components if c.name.startswith("generate: KV cache")]  # not the decode engine's
+    # gpu_memory_utilization: that share of the device for weights and KV cache together; without
+    # sleep both are held through training too.
+    awake = ppo_plan([*vllm, "rollout.vllm.gpu_memory_utilization=0.25", "rollout.vllm.sleep=false"])
+    assert "generate" not in awake.phases
+    held = sum(c.device for c in awake.components if c.kind in ("kv_cache", "engine") and c.phase is None)
+    assert held == 20 * GiB
+    assert awake.device_total > plan.device_total
+    # bf16 engine weights: half the bytes.
+    assert ppo_plan([*vllm, "rollout.vllm.dtype=bfloat16"]).engine.device == 2_000_000
+
+
 def test_ppo_plans_only_the_roles_the_run_builds():
     full = ppo_plan([])
     assert {c.role for c in full.components} == {"actor", "critic", "reference", "reward"}

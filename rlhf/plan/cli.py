@@ -51,7 +51,8 @@ def refusal(plan: Plan, tips: list[Suggestion]) -> str:
     """The block printed on stderr when the plan does not fit."""
     parts = {"weights": plan.parameters.device + plan.gathered.device + plan.frozen.device,
              "gradients": plan.gradients.device, "optimizer states": plan.optimizer.device,
-             "activations and logits": plan.activations.device, "generation KV cache": plan.kv_cache.device}
+             "activations and logits": plan.activations.device, "generation KV cache": plan.kv_cache.device,
+             "vLLM engine weights": plan.engine.device}
     largest = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:3]
     lines = [
         f"does not fit: {plan.stage} needs {size(plan.need)} per worker, {size(plan.usable)} usable "
@@ -69,7 +70,8 @@ def refusal(plan: Plan, tips: list[Suggestion]) -> str:
 
 def plan_to_dict(plan: Plan, tips: list[Suggestion]) -> dict:
     totals = {kind: getattr(plan, kind)._asdict()
-              for kind in ("parameters", "gathered", "gradients", "optimizer", "activations", "frozen", "kv_cache")}
+              for kind in ("parameters", "gathered", "gradients", "optimizer", "activations", "frozen", "kv_cache",
+                           "engine")}
     return {
         "stage": plan.stage,
         "workers": plan.workers,

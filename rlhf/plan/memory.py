@@ -14,6 +14,9 @@
   recomputation. The loss adds fp32 logits: tokens x vocab x 4 bytes.
 - Generation keeps a KV cache of 2 x layers x batch x tokens x (kv heads x head dim) elements;
   with rollout.gather_weights a sharded actor also holds its whole weights while it generates.
+  A colocated vLLM engine (rollout.engine=vllm) holds its own copy of the weights and the KV
+  budget its config gives it (rollout.vllm.kv_cache_gib or gpu_memory_utilization), released
+  between rollouts with rollout.vllm.sleep.
 
 What this project's code does decides the details: the reward model stage never applies LoRA,
 PPO's critic is never LoRA, and PPO's reference and reward model are frozen copies in their
@@ -69,7 +72,7 @@ class Component:
 
     name: str
     kind: str
-    """parameters, gathered, gradients, optimizer, activations, frozen or kv_cache."""
+    """parameters, gathered, gradients, optimizer, activations, frozen, kv_cache or engine."""
     device: int = 0
     cpu: int = 0
     role: str = "model"
@@ -125,6 +128,12 @@ class Plan:
     def frozen(self) -> Bytes:
         """PPO's frozen reference and reward model parameters."""
         return self._resident("frozen")
+
+    @property
+    def engine(self) -> Bytes:
+        """A vLLM rollout engine's own weights (rollout.engine=vllm, colocated)."""
+        return Bytes(max((c.device for c in self.components if c.kind == "engine"), default=0),
+                     sum(c.cpu for c in self.components if c.kind == "engine"))
 
     @property
     def kv_cache(self) -> Bytes:
@@ -366,9 +375,12 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
     if cfg.uses_reward_model:
         rows += _frozen_model("reward model", reward, reward.scalar_params * rm_bytes, rm_bytes, cfg.strategy,
                               over(reward.scalar_params * FROZEN_STATE_BYTES), role="reward")
-    kv = 2 * actor.num_layers * generate * seq * actor.kv_width * actor_prec.compute_bytes
-    rows.append(Component(f"generate: KV cache, {generate} x {seq} tokens", "kv_cache", kv, 0, "actor", "generate"))
-    rows += _gathered_for_generation(cfg, actor, actor_prec)
+    if cfg.rollout.engine == "vllm":
+        rows += _vllm_engine(cfg, actor, actor_prec, device_type, device_memory)
+    else:
+        kv = 2 * actor.num_layers * generate * seq * actor.kv_width * actor_prec.compute_bytes
+        rows.append(Component(f"generate: KV cache, {generate} x {seq} tokens", "kv_cache", kv, 0, "actor", "generate"))
+        rows += _gathered_for_generation(cfg, actor, actor_prec)
     actor_width, critic_width = actor_prec.compute_bytes, critic_prec.compute_bytes
     rows += _pass("actor train", "actor", actor, micro, seq, micro * logit_tokens, actor_width, cfg.model, True)
     if cfg.ppo.ptx_coef > 0:
@@ -460,6 +472,36 @@ def _gguf_partitioned(model_cfg: ModelConfig) -> bool:
         return supports(gguf_path(location, gguf_file, model_cfg.revision))
     except UserError:
         return True
+
+
+def _vllm_engine(cfg, actor: ModelShape, prec: Precision, device_type: str, device_memory: int) -> list[Component]:
+    """rollout.engine=vllm, colocated: the engine's own copy of the policy (merged, in
+    rollout.vllm.dtype) and the memory vLLM takes beside it: rollout.vllm.kv_cache_gib of KV
+    cache, or else gpu_memory_utilization of the device for weights and KV cache together.
+    With rollout.vllm.sleep the KV cache is held only while generating, and on a GPU the
+    weights too (vLLM's sleep mode keeps them in host memory meanwhile); the CPU backend frees
+    only the KV cache. Engine actors (placement=actors) take nothing on the trainer's workers."""
+    vllm = cfg.rollout.vllm
+    if vllm.placement != "colocate":
+        return []
+    width = prec.param_bytes if vllm.dtype == "auto" else model_bytes(vllm.dtype, device_type)
+    weights = actor.params * width
+    if vllm.kv_cache_gib is not None:
+        kv = int(vllm.kv_cache_gib * (1 << 30))
+        kv_name = f"vLLM KV cache (rollout.vllm.kv_cache_gib={vllm.kv_cache_gib:g})"
+    else:
+        kv = max(int(vllm.gpu_memory_utilization * device_memory) - weights, 0)
+        kv_name = f"vLLM KV cache (rollout.vllm.gpu_memory_utilization={vllm.gpu_memory_utilization:g} less its weights)"
+    asleep = vllm.sleep
+    phase = "generate" if asleep else None
+    if asleep and device_type == "cuda":
+        rows = [Component("vLLM engine weights, on the device while generating", "engine", weights, 0, "actor",
+                          "generate"),
+                Component("vLLM engine weights in host memory while training (sleep mode)", "engine", 0, weights,
+                          "actor")]
+    else:
+        rows = [Component("vLLM engine weights", "engine", weights, 0, "actor")]
+    return rows + [Component(kv_name, "kv_cache", kv, 0, "actor", phase)]
 
 
 _BUILDERS = {"sft": _sft_components, "rm": _rm_components, "ppo": _ppo_components}
