@@ -162,7 +162,9 @@ class VLLMSampler:
         from vllm import SamplingParams
 
         return SamplingParams(n=1, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, logprobs=0, stop_token_ids=[self.eos_token_id], ignore_eos=False,
+                              # ignore_eos: vLLM would also stop at the model config's EOS ids,
+                              # which need not be the tokenizer's; ours is the only stop.
+                              seed=seed, logprobs=0, stop_token_ids=[self.eos_token_id], ignore_eos=True,
                               detokenize=False, skip_special_tokens=False)
 
     def generate(self, prompts: Sequence[Sequence[int]], params, seeds: Sequence[int] | None = None
@@ -201,7 +203,9 @@ class VLLMSampler:
                 count += self._load(batch)
                 batch = []
             current = layer
-            batch.append((name, tensor.detach()))
+            # A copy: the tensor may be gathered storage that its source releases (ZeRO-3
+            # partitions it again) once the next one is asked for; a layer's worth is held.
+            batch.append((name, tensor.detach().clone()))
         if batch:
             count += self._load(batch)
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
