@@ -24,6 +24,7 @@ cache is reset).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,8 @@ class VLLMSampler:
         generation_config.json is ignored, so none of its penalties or stop ids apply)."""
         from vllm import LLM
 
+        # vLLM logs every in-place reload (one line per layer per sync): its warnings stay.
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
         self.eos_token_id = eos_token_id
         self.settings = settings
         kwargs = {}
