@@ -158,6 +158,8 @@ class VLLMSampler:
                        logprobs_mode="processed_logprobs",
                        worker_extension_cls=f"{WeightLoader.__module__}.{WeightLoader.__qualname__}", **kwargs)
         self.asleep = False
+        self.weights_awake = False
+        """Asleep on a GPU with the weights woken for a sync, the KV cache not yet."""
         self.on_cpu = _platform_is_cpu()
 
     def sampling_params(self, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -199,6 +201,10 @@ class VLLMSampler:
         They go over one layer at a time (the names' `layers.<i>.` part; what is outside the
         decoder layers, together), in the order given, each layer handed over before the next
         is asked for, so a caller that gathers sharded weights one at a time holds one layer."""
+        if self.asleep and not self.on_cpu and self.settings.enable_sleep_mode and not self.weights_awake:
+            # The weights back on the device first, the KV cache only for the rollout (`wake_up`).
+            self.llm.wake_up(tags=["weights"])
+            self.weights_awake = True
         count, batch, current = 0, [], None
         for name, tensor in named:
             layer = layer_of(name)
@@ -228,7 +234,7 @@ class VLLMSampler:
             self.llm.collective_rpc("rlhf_free_kv_cache")
         elif self.settings.enable_sleep_mode:
             self.llm.sleep(level=1)
-        self.asleep = True
+        self.asleep, self.weights_awake = True, False
 
     def wake_up(self) -> None:
         if not self.asleep:
@@ -236,9 +242,9 @@ class VLLMSampler:
         if self.on_cpu:
             self.llm.collective_rpc("rlhf_restore_kv_cache")
         elif self.settings.enable_sleep_mode:
-            self.llm.wake_up()
+            self.llm.wake_up(tags=["kv_cache"] if self.weights_awake else None)
         self.llm.reset_prefix_cache()  # the freed cache's contents are gone
-        self.asleep = False
+        self.asleep = self.weights_awake = False
 
     def kv_cache_bytes(self) -> int:
         """Bytes the KV cache holds now (0 while asleep on the CPU)."""
