@@ -132,8 +132,9 @@ class VLLMSampler:
         generation_config.json is ignored, so none of its penalties or stop ids apply)."""
         from vllm import LLM
 
-        # vLLM logs every in-place reload (one line per layer per sync): its warnings stay.
-        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.WARNING)
+        # vLLM logs every in-place reload, and warns that the weights outside it were "not
+        # loaded": one layer per reload is what `load_weights` sends (a line per layer per sync).
+        logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.ERROR)
         self.eos_token_id = eos_token_id
         self.settings = settings
         kwargs = {}
