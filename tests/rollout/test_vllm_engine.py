@@ -24,6 +24,8 @@ from rlhf.rollout.types import Experience  # noqa: E402
 from rlhf.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from rlhf.rollout.vllm_sampler import SamplerSettings  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.core]  # vLLM's import and start cost ~20 s; the sync check always runs
+
 PAD, VOCAB, TEMPERATURE = 0, 96, 0.8
 PROMPTS = [[5, 9, 17, 3], [40, 41], [7, 7, 7, 7, 8], [60, 2, 33], [12, 13], [11], [12, 13], [12, 13]]
 PARAMS = SamplingParams(max_new_tokens=10, temperature=TEMPERATURE)
