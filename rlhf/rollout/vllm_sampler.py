@@ -125,6 +125,10 @@ class SamplerSettings:
 
 
 class VLLMSampler:
+    worker_extension: type = WeightLoader
+    """Mixed into vLLM's workers; the engine actors' sampler adds the broadcast's receiving side
+    (rlhf/rollout/weight_broadcast.py)."""
+
     def __init__(self, model_dir: str | Path, settings: SamplerSettings, eos_token_id: int):
         """A vLLM engine over the HF model directory `model_dir` (its config.json; its weights
         unless `settings.load_format` is dummy). The tokenizer is not loaded: prompts and
@@ -157,7 +161,7 @@ class VLLMSampler:
                        enable_sleep_mode=settings.enable_sleep_mode, enforce_eager=settings.enforce_eager,
                        load_format=settings.load_format, generation_config="vllm",
                        logprobs_mode="processed_logprobs",
-                       worker_extension_cls=f"{WeightLoader.__module__}.{WeightLoader.__qualname__}", **kwargs)
+                       worker_extension_cls=f"{self.worker_extension.__module__}.{self.worker_extension.__qualname__}", **kwargs)
         self.asleep = False
         self.weights_awake = False
         """Asleep on a GPU with the weights woken for a sync, the KV cache not yet."""

