@@ -344,6 +344,11 @@ class VLLMConfig:
     rollout.top_p=1 (vLLM's log-probs are those of the filtered distribution otherwise)."""
     tis_cap: float = 2.0
     """C of the truncated importance weight min(π_old / π_vLLM, C) (logprobs=engine)."""
+    engines: int = 1
+    """placement=actors: how many engine actors (each tensor_parallel_size GPUs, or
+    cpus_per_engine CPUs, of its own); each rollout's prompts are split over them."""
+    cpus_per_engine: float = 1.0
+    """placement=actors on CPUs: the CPUs each engine actor reserves (and its threads)."""
 
     def validate(self) -> None:
         _choice("rollout.vllm.placement", self.placement, ("colocate", "actors"))
@@ -361,6 +366,9 @@ class VLLMConfig:
             raise ConfigError(f"rollout.vllm.tensor_parallel_size={self.tensor_parallel_size} with placement=colocate: "
                               "a colocated engine samples for its own trainer process on that process's device; use "
                               "placement=actors for tensor-parallel engines")
+        if self.engines < 1 or self.cpus_per_engine <= 0:
+            raise ConfigError(f"rollout.vllm.engines={self.engines} must be >= 1 and rollout.vllm.cpus_per_engine="
+                              f"{self.cpus_per_engine} > 0")
         if self.tis_cap < 1:
             raise ConfigError(f"rollout.vllm.tis_cap={self.tis_cap} must be >= 1 (a cap below 1 shrinks every token)")
 
@@ -772,6 +780,10 @@ class PPOConfig:
         if self.ppo.role_groups() is not None and not self.ray.enabled:
             raise ConfigError("ppo.colocate lists role groups, which run as separate Ray actor groups: "
                               "set ray.enabled=true (or ppo.colocate=all)")
+        if self.rollout.engine == "vllm" and self.rollout.vllm.placement == "actors" and self.ppo.role_groups() is None:
+            raise ConfigError("rollout.vllm.placement=actors starts the engines as Ray actors beside the PPO role groups: "
+                              "set ray.enabled=true and ppo.colocate to a list of role groups (e.g. "
+                              "[[actor,reference],[critic,reward]]), or rollout.vllm.placement=colocate")
         for group in self.ppo.role_groups() or []:
             self.resources.check_gpu_share(len(group))
         if self.rollout.engine == "vllm" and (self.eval.temperature or 0) > 2:

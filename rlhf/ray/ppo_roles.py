@@ -137,6 +137,9 @@ class RayRoles:
     def __init__(self, cfg: PPOConfig, tokenizer):
         self.cfg = cfg
         pad_token_id = self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.engines = None
+        """The vLLM engine actors (rollout.vllm.placement=actors), or None."""
         self.placements: list[Placement] = []
         self.groups: dict[str, WorkerGroup] = {}
         try:
@@ -167,6 +170,26 @@ class RayRoles:
                      for role, group in self.groups.items()}
         for role, group in self.groups.items():
             gather(group.call_async("setup", *addresses[role]), group.name)
+        if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.placement == "actors":
+            self._start_engines(cfg)
+
+    def _start_engines(self, cfg: PPOConfig) -> None:
+        """rollout.vllm.placement=actors: the vLLM engine actors, each on devices of its own,
+        shaped and typed after the actor's policy (which rank 0 of the actor reports), then
+        attached to every actor worker's engine (rank 0 forms the weight-sync group)."""
+        from rlhf.ray.vllm_engines import start_engine_actors
+        from rlhf.rollout.vllm_sampler import SamplerSettings
+
+        vllm, actor = cfg.rollout.vllm, self.groups["actor"]
+        model_config, dtype = gather([actor.workers[0].vllm_engine_spec.remote()], actor.name)[0]
+        settings = SamplerSettings(
+            dtype=dtype, seed=cfg.seed, gpu_memory_utilization=vllm.gpu_memory_utilization,
+            max_model_len=vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+            kv_cache_gib=vllm.kv_cache_gib, tensor_parallel_size=vllm.tensor_parallel_size, enable_sleep_mode=False,
+            enforce_eager=vllm.enforce_eager, load_format="dummy")
+        self.engines = start_engine_actors(vllm.engines, settings, model_config, self.eos_token_id,
+                                           cpus_per_engine=vllm.cpus_per_engine)
+        gather(actor.call_async("attach_engines", self.engines.handles, self.engines.workers_per_engine), actor.name)
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int) -> Rollout:
         """The global batch rolled out over the actor's workers."""
@@ -203,6 +226,9 @@ class RayRoles:
         the placement groups."""
         if getattr(self, "rewards", None) is not None:
             self.rewards.shutdown()
+        if getattr(self, "engines", None) is not None:
+            self.engines.kill()
+            self.engines = None
         for group in self.groups.values():
             group.kill()
         for placement in self.placements:

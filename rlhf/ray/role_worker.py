@@ -17,7 +17,7 @@ from rlhf.distributed.factory import build_strategy
 from rlhf.distributed.strategy import World
 from rlhf.kernels import configure_process
 from rlhf.models.loading import load_tokenizer
-from rlhf.ray.stage_worker import WorkerBase
+from rlhf.ray.stage_worker import WorkerBase, node_ip
 from rlhf.roles.build import build_actor, build_critic, build_reference, build_reward_model
 from rlhf.roles.team import scoring_batches
 from rlhf.rollout.engine import SamplingParams
@@ -69,6 +69,20 @@ class RoleWorker(WorkerBase):
 
     def scores(self, rollout: Rollout) -> torch.Tensor:
         return self.model.scores(rollout.to(self.world.device)).cpu()
+
+    # -- vLLM engine actors (rollout.vllm.placement=actors) ------------------------------
+    def vllm_engine_spec(self) -> tuple[str, str]:
+        """The policy's config.json text and the dtype its weights are sent in, for the driver
+        to build engine actors of that shape and dtype."""
+        from rlhf.rollout.vllm_actors import policy_config_json
+
+        engine = self.model.engine
+        return policy_config_json(engine.model), str(engine.dtype).removeprefix("torch.")
+
+    def attach_engines(self, engines: list, workers_per_engine: int) -> None:
+        """Sample with the engine actors; rank 0 forms the weight-sync group with them, its
+        store on this node's address as Ray reports it."""
+        self.model.engine.attach(engines, workers_per_engine, node_ip())
 
     # -- training ------------------------------------------------------------------------
     def update(self, experience: Experience, orders: Sequence[torch.Tensor], kl_coef: float,

@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 
 from rlhf.config_sections import RayConfig
 
-FORWARDED_PREFIXES = ("HF_", "NCCL_", "GLOO_", "TORCH_")
+FORWARDED_PREFIXES = ("HF_", "NCCL_", "GLOO_", "TORCH_", "VLLM_")
 FORWARDED_NAMES = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "TRANSFORMERS_OFFLINE",
                    "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
                    "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL",  # kernel overrides (config.yaml records them)

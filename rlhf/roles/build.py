@@ -3,7 +3,10 @@ four in one process; a Ray role worker (rlhf/ray/role_worker.py) builds one."""
 
 from __future__ import annotations
 
+import torch
+
 from rlhf.config import PPOConfig
+from rlhf.config_sections import forward_precision
 from rlhf.data.builders import load_records
 from rlhf.data.sft_dataset import SFTBatches, encode_text
 from rlhf.distributed.optim import OptimizerSpec
@@ -89,11 +92,15 @@ def build_actor(cfg: PPOConfig, strategy: Strategy, tokenizer) -> Actor:
 
 def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
     """rollout.engine=vllm: the colocated engine, one per trainer process on its device
-    (rollout.vllm.placement=actors is built by rlhf/rollout/vllm_actors.py)."""
+    (rollout.vllm.placement=actors: the client of the engine actors, rlhf/rollout/vllm_actors.py)."""
     vllm = cfg.rollout.vllm
-    if vllm.placement != "colocate":
-        raise ConfigError(f"rollout.vllm.placement={vllm.placement}: engine actors are not available in this build; "
-                          "use rollout.vllm.placement=colocate")
+    if vllm.placement == "actors":
+        from rlhf.rollout.vllm_actors import EngineActorsEngine
+
+        # The Ray layer starts the engine actors and attaches them (rlhf/ray/vllm_engines.py);
+        # vLLM itself runs there, not in the trainer's process.
+        return EngineActorsEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, world=strategy,
+                                  dtype=compute_dtype(cfg, strategy))
     try:
         from rlhf.rollout.vllm_engine import VLLMEngine
         from rlhf.rollout.vllm_sampler import SamplerSettings
@@ -115,6 +122,16 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
         load_format="dummy", distributed_executor_backend="external_launcher" if on_gpus else None)
     return VLLMEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, settings, world=strategy,
                       sleep=vllm.sleep)
+
+
+def compute_dtype(cfg: PPOConfig, strategy: Strategy) -> torch.dtype:
+    """The dtype the actor's forwards compute in on this worker: what weights are broadcast in
+    to engine actors, and (rollout.vllm.dtype=auto) what those engines run in."""
+    if cfg.rollout.vllm.dtype != "auto":
+        return getattr(torch, cfg.rollout.vllm.dtype)
+    cuda = strategy.device.type == "cuda"
+    precision = forward_precision(cfg.strategy, cfg.model, strategy.device.type, cuda and torch.cuda.is_bf16_supported())
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:

@@ -51,6 +51,7 @@ class EngineActor:
             (Path(directory) / "config.json").write_text(model_config)
             self.sampler = ActorSampler(directory, settings, eos_token_id)
         self.workers = settings.tensor_parallel_size
+        self.syncs = 0
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[tuple[list[int], list[float]]]:
@@ -64,6 +65,8 @@ class EngineActor:
         """Receive one broadcast of the trainer's weights into every worker; tensors loaded."""
         counts = self.sampler.llm.collective_rpc("rlhf_receive_weights")
         self.sampler.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        self.syncs += 1
+        print(f"[vllm-engine] weights received: {counts[0]} tensors (sync {self.syncs})", flush=True)
         return int(counts[0])
 
     def sleep(self) -> None:

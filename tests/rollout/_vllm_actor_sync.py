@@ -22,10 +22,10 @@ def tiny_policy() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).float().eval()
     with torch.no_grad():  # logits of a useful spread: the stale engine's gap is then clear
-        model.lm_head.weight.mul_(8.0)
+        model.model.embed_tokens.weight.mul_(8.0)
     return model
 
 
