@@ -26,7 +26,7 @@ from rlhf.ray.group import Placement, WorkerGroup, gather
 from rlhf.ray.role_worker import RoleWorker
 from rlhf.roles.rewards import RewardSources
 from rlhf.roles.team import LocalRoles, score
-from rlhf.rollout.engine import SamplingParams, concat_rollouts
+from rlhf.rollout.engine import SamplingParams, concat_rollouts, row_slices
 from rlhf.rollout.types import Experience, Rollout, Scored
 
 
@@ -51,17 +51,6 @@ def build_ppo_roles(cfg: PPOConfig, world: World, tokenizer) -> "LocalRoles | Ra
         return RayRoles(cfg, tokenizer)
     assert isinstance(world, Strategy)
     return LocalRoles(cfg, world, tokenizer)
-
-
-def row_slices(rows: int, parts: int) -> list[slice]:
-    """`parts` contiguous, near-equal slices of `rows` rows (the first ones one longer)."""
-    base, extra = divmod(rows, parts)
-    slices, start = [], 0
-    for part in range(parts):
-        stop = start + base + (1 if part < extra else 0)
-        slices.append(slice(start, stop))
-        start = stop
-    return slices
 
 
 def place_role_groups(role_groups: Sequence[Sequence[str]], resources: ResourcesConfig, worker_cls: type,

@@ -242,6 +242,17 @@ class HFGenerateEngine(RolloutEngine):
                     del module.generation_config
 
 
+def row_slices(rows: int, parts: int) -> list[slice]:
+    """`parts` contiguous, near-equal slices of `rows` rows (the first ones one longer)."""
+    base, extra = divmod(rows, parts)
+    slices, start = [], 0
+    for part in range(parts):
+        stop = start + base + (1 if part < extra else 0)
+        slices.append(slice(start, stop))
+        start = stop
+    return slices
+
+
 def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
     """Join rollouts of different prompt/response widths (left-pad prompts, right-pad responses)."""
     if len(parts) == 1:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf.rollout.engine import Collective, SamplingParams
+from rlhf.rollout.engine import Collective, SamplingParams, row_slices
 from rlhf.rollout.vllm_engine import VLLMEngine
 from rlhf.rollout.vllm_sampler import SamplerSettings, VLLMSampler
 from rlhf.rollout.weight_broadcast import WeightGroup, WeightReceiver, open_store
@@ -74,17 +74,6 @@ class EngineActor:
 
     def wake_up(self) -> None:
         self.sampler.wake_up()
-
-
-def row_slices(rows: int, parts: int) -> list[slice]:
-    """`parts` contiguous, near-equal slices of `rows` rows (the first ones one longer)."""
-    base, extra = divmod(rows, parts)
-    slices, start = [], 0
-    for part in range(parts):
-        stop = start + base + (1 if part < extra else 0)
-        slices.append(slice(start, stop))
-        start = stop
-    return slices
 
 
 class RemoteSamplers:

@@ -3,12 +3,11 @@ prompts from a tiny Llama built from scratch (head size 32, which the CPU engine
 a private local Ray, with the actor a Ray role group and one vLLM engine actor of its own
 (rollout.vllm.placement=actors). The reward is the answer's share of digits, which differs
 between the answers of a group from the first iteration on, so every iteration moves the
-policy. Writes the run's metrics and stdout-free facts to argv[2] as JSON."""
+policy. Writes the run's metrics, and how far the policy moved, to argv[2] as JSON."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -47,7 +46,23 @@ def main(root: str, out_path: str) -> None:
     run_stage_on_ray(STAGES["ppo"], cfg)
     rows = read_metrics(root_dir / "grpo")
     with open(out_path, "w") as handle:
-        json.dump({"rows": rows, "driver_pid": os.getpid()}, handle)
+        json.dump({"rows": rows, "policy_moved": policy_change(model_dir, root_dir / "grpo" / "model")}, handle)
+
+
+def policy_change(before: Path, after: Path) -> float:
+    """Mean |log-prob change| of a fixed token sequence from the initial to the trained policy:
+    how far the updates moved it (each rollout's engine had to follow)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(3, 40).unsqueeze(0)
+    logprobs = []
+    for directory in (before, after):
+        model = AutoModelForCausalLM.from_pretrained(directory).float().eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        logprobs.append(logits.gather(-1, ids[0, 1:, None]).squeeze(-1))
+    return float((logprobs[0] - logprobs[1]).abs().mean())
 
 
 if __name__ == "__main__":

