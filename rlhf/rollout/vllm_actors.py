@@ -135,7 +135,7 @@ class EngineActorsEngine(VLLMEngine):
         joined = [engine.join_weight_group.remote(host, store.port, 1 + index * workers_per_engine, world_size)
                   for index, engine in enumerate(engines)]
         device = getattr(self.world, "device", None) or torch.device("cpu")
-        self.group = WeightGroup(store, 0, world_size, device)  # returns once every engine worker has joined
+        self.group = WeightGroup(store, 0, world_size, device, address=host)  # once every engine worker has joined
         ray.get(joined)
 
     def sync_weights(self, model: torch.nn.Module | None = None, world: Collective | None = None) -> int:

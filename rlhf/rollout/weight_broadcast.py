@@ -18,6 +18,7 @@ tensor into its model (`load_weights`, which takes HF names and slices its own s
 from __future__ import annotations
 
 import json
+import socket
 from datetime import timedelta
 from typing import Iterable, Iterator
 
@@ -38,19 +39,39 @@ DTYPES = {str(dtype): dtype for dtype in (torch.float32, torch.bfloat16, torch.f
 
 def open_store(host: str, rank: int, world_size: int, port: int = 0,
                timeout: timedelta = timedelta(minutes=10)) -> dist.TCPStore:
-    """Rank 0 hosts the store on `host` (port 0: one the system picks, read back from
-    `store.port`, so no port is guessed free and then taken by another process); the others
-    connect to it. Rank 0 does not wait for them here: it hands the port out first."""
-    if rank == 0:
-        return dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
-    return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    """Rank 0 hosts the store on `host` alone; the others connect to it. A TCPStore given only
+    a host name listens on every interface of the machine, so rank 0 binds the socket itself
+    (port 0: one the system picks, read back from `store.port`, never guessed free and then
+    taken by another process) and hands it over. Rank 0 does not wait for the others here: it
+    hands the port out first."""
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.bind(address)
+        listener.listen()
+        bound = listener.getsockname()[1]
+        descriptor = listener.detach()
+    except BaseException:
+        listener.close()
+        raise
+    try:
+        return dist.TCPStore(host, bound, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
+                             master_listen_fd=descriptor)
+    except BaseException:
+        socket.close(descriptor)
+        raise
 
 
 class WeightGroup:
     """One side's member of the weight-sync group; rank 0 (trainer rank 0) is the sender."""
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, device: torch.device,
-                 timeout: timedelta = timedelta(minutes=10)):
+                 timeout: timedelta = timedelta(minutes=10), address: str | None = None):
+        """`address`: this process's node address (gloo listens there and tells the others
+        to connect to it; by default gloo takes what the host name resolves to, often a
+        loopback address that other nodes cannot reach)."""
         self.rank, self.world_size, self.device = rank, world_size, device
         store = dist.PrefixStore(GROUP_PREFIX, store)
         # Constructing the backend is the rendezvous: it returns once every rank has joined.
@@ -58,6 +79,11 @@ class WeightGroup:
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             self.backend = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        elif address:
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=address)]
+            self.backend = dist.ProcessGroupGloo(store, rank, world_size, options)
         else:
             self.backend = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         self._store = store  # the store must outlive the group
@@ -117,7 +143,7 @@ class WeightReceiver(WeightLoader):
         rank = first_rank + int(getattr(self, "rank", 0))
         timeout = timedelta(seconds=timeout_s)
         store = open_store(host, rank, world_size, port, timeout)
-        self.rlhf_weight_group = WeightGroup(store, rank, world_size, self.device, timeout)
+        self.rlhf_weight_group = WeightGroup(store, rank, world_size, self.device, timeout, node_address())
         return rank
 
     def rlhf_receive_weights(self) -> int:
@@ -133,3 +159,12 @@ class WeightReceiver(WeightLoader):
         if batch:
             count += self.rlhf_load_weights(batch)
         return count
+
+
+def node_address() -> str | None:
+    """This process's node address as Ray reports it (None outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None

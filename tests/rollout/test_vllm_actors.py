@@ -29,9 +29,18 @@ def _receiver(port: int, queue) -> None:
 
 def test_the_weight_group_sends_names_shapes_and_dtypes_before_each_tensor():
     """Two gloo ranks, neither with a default process group: rank 1 allocates from the header
-    alone and receives every tensor in the sender's dtype, in order, until the end marker."""
+    alone and receives every tensor in the sender's dtype, in order, until the end marker; rank
+    0's store listens on its given address only."""
+    import os
+
+    import psutil
+
     context = multiprocessing.get_context("spawn")
     store = open_store("127.0.0.1", 0, 2)
+    # The store listens on the address it was given, not on every interface.
+    listening = {c.laddr.ip for c in psutil.Process(os.getpid()).net_connections() if c.laddr.port == store.port
+                 and c.status == psutil.CONN_LISTEN}
+    assert listening == {"127.0.0.1"}
     queue = context.Queue()
     receiver = context.Process(target=_receiver, args=(store.port, queue))
     receiver.start()
