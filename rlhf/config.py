@@ -346,7 +346,9 @@ class VLLMConfig:
     """C of the truncated importance weight min(π_old / π_vLLM, C) (logprobs=engine)."""
     engines: int = 1
     """placement=actors: how many engine actors (each tensor_parallel_size GPUs, or
-    cpus_per_engine CPUs, of its own); each rollout's prompts are split over them."""
+    cpus_per_engine CPUs, of its own); each rollout's prompts are split over them. Their
+    devices are theirs alone: `sleep` does not apply to them, and gpu_memory_utilization may
+    be high (0.9)."""
     cpus_per_engine: float = 1.0
     """placement=actors on CPUs: the CPUs each engine actor reserves (and its threads)."""
 

@@ -64,7 +64,8 @@ class EngineActors:
 
 
 def start_engine_actors(count: int, settings: SamplerSettings, model_config: str, eos_token_id: int,
-                        cpus_per_engine: float = 1.0, timeout_s: float = 120.0, name: str = "rlhf-vllm") -> EngineActors:
+                        cpus_per_engine: float = 1.0, timeout_s: float = 120.0,
+                        name: str = "rlhf-vllm") -> EngineActors:
     """`count` engines built from `settings` (seed + engine index each), ready to sample; on a
     failure the ones already started are freed before the error is raised."""
     import ray

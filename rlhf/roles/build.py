@@ -129,8 +129,8 @@ def compute_dtype(cfg: PPOConfig, strategy: Strategy) -> torch.dtype:
     to engine actors, and (rollout.vllm.dtype=auto) what those engines run in."""
     if cfg.rollout.vllm.dtype != "auto":
         return getattr(torch, cfg.rollout.vllm.dtype)
-    cuda = strategy.device.type == "cuda"
-    precision = forward_precision(cfg.strategy, cfg.model, strategy.device.type, cuda and torch.cuda.is_bf16_supported())
+    device = strategy.device.type
+    precision = forward_precision(cfg.strategy, cfg.model, device, device == "cuda" and torch.cuda.is_bf16_supported())
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -155,13 +155,14 @@ class VLLMSampler:
             # longest (vLLM requires the step's budget to cover max_model_len then).
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(settings.max_model_len or 32768, 8192)
+        extension = self.worker_extension
         self.llm = LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=settings.dtype, seed=settings.seed,
                        gpu_memory_utilization=settings.gpu_memory_utilization,
                        tensor_parallel_size=settings.tensor_parallel_size,
                        enable_sleep_mode=settings.enable_sleep_mode, enforce_eager=settings.enforce_eager,
                        load_format=settings.load_format, generation_config="vllm",
                        logprobs_mode="processed_logprobs",
-                       worker_extension_cls=f"{self.worker_extension.__module__}.{self.worker_extension.__qualname__}", **kwargs)
+                       worker_extension_cls=f"{extension.__module__}.{extension.__qualname__}", **kwargs)
         self.asleep = False
         self.weights_awake = False
         """Asleep on a GPU with the weights woken for a sync, the KV cache not yet."""

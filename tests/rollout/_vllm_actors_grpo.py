@@ -2,9 +2,10 @@
 prompts from a tiny Llama built from scratch (head size 32, which the CPU engine accepts), on
 a private local Ray, with the actor a Ray role group of two FSDP2 workers (gloo) and one vLLM
 engine actor of its own (rollout.vllm.placement=actors): rank 0 broadcasts what both ranks
-gather, rank 1 samples its share of the prompts from the same engine. The reward is the answer's share of digits, which differs
-between the answers of a group from the first iteration on, so every iteration moves the
-policy. Writes the run's metrics, and how far the policy moved, to argv[2] as JSON."""
+gather, rank 1 samples its share of the prompts from the same engine. The reward is the
+answer's share of digits, which differs between the answers of a group from the first
+iteration on, so every iteration moves the policy. Writes the run's metrics, and how far the
+policy moved, to argv[2] as JSON."""
 
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ def main(root: str, out_path: str) -> None:
     model_dir = create_tiny_checkpoint(TinyModelConfig(hidden_size=64, num_heads=2, intermediate_size=128,
                                                        vocab_size=256), texts, root_dir / "model", seed=0)
     cfg = load_config(PPOConfig, [str(REPO / "configs/arithmetic/grpo.yaml")], [
-        f"model.path={model_dir}",
-        f"data.prompts.path={data['prompts']}", f"data.eval_prompts.path={data['prompts_eval']}",
-        f"output_dir={root_dir / 'grpo'}", "logging.progress=false", "reward.functions=[_vllm_actors_grpo:digit_share]",
-        "ppo.iterations=4", "ppo.eval_every=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=64",
-        "ppo.micro_batch_size=32", "strategy.name=fsdp", "resources.workers_per_node=2", "ppo.actor_lr=3.0e-3", "eval.max_prompts=8", "eval.samples_per_prompt=2",
+        f"model.path={model_dir}", f"data.prompts.path={data['prompts']}",
+        f"data.eval_prompts.path={data['prompts_eval']}", f"output_dir={root_dir / 'grpo'}", "logging.progress=false",
+        "reward.functions=[_vllm_actors_grpo:digit_share]", "ppo.iterations=4", "ppo.eval_every=2",
+        "ppo.rollout_batch_size=8", "ppo.mini_batch_size=64", "ppo.micro_batch_size=32", "ppo.actor_lr=3.0e-3",
+        "strategy.name=fsdp", "resources.workers_per_node=2", "eval.max_prompts=8", "eval.samples_per_prompt=2",
         "rollout.drop_uniform_groups=false", "rollout.engine=vllm", "rollout.vllm.placement=actors",
         "rollout.vllm.engines=1", "rollout.vllm.kv_cache_gib=0.25", "rollout.vllm.cpus_per_engine=1",
         "ray.enabled=true", "ray.num_cpus=3", "resources.cpus_per_worker=1",

@@ -3,6 +3,7 @@ rank 0 (rlhf/rollout/vllm_actors.py, weight_broadcast.py, rlhf/ray/vllm_engines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import sys
@@ -19,7 +20,8 @@ from rlhf.rollout.vllm_actors import RemoteSamplers
 from rlhf.rollout.weight_broadcast import WeightGroup, open_store
 
 REPO = Path(__file__).resolve().parents[2]
-HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def _receiver(port: int, queue) -> None:
@@ -101,9 +103,9 @@ def test_the_engine_actor_samples_from_the_broadcast_weights_and_a_stale_one_doe
     """After an update and a broadcast, the engine actor's log-probs of its sampled tokens equal
     the trainer's forward over them (fp32, 1e-4); with the broadcast skipped they are off by
     far more (a stale engine fails the check)."""
-    done = run_isolated([sys.executable, str(Path(__file__).with_name("_vllm_actor_sync.py")), str(tmp_path / "out.json")],
-                        timeout=600, env={"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1",
-                                          "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    script = Path(__file__).with_name("_vllm_actor_sync.py")
+    done = run_isolated([sys.executable, str(script), str(tmp_path / "out.json")], timeout=600,
+                        env={"PYTHONPATH": str(REPO), **VLLM_ENV})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["engine_pid"] != out["driver_pid"]  # the engine ran in its own process
@@ -127,8 +129,7 @@ def test_grpo_with_an_engine_actor_syncs_it_before_every_rollout(tmp_path):
     iterations = 4
     done = run_isolated([sys.executable, str(Path(__file__).with_name("_vllm_actors_grpo.py")), str(tmp_path),
                          str(tmp_path / "out.json")], timeout=900,
-                        env={"PYTHONPATH": f"{REPO}:{Path(__file__).parent}", "VLLM_CPU_KVCACHE_SPACE": "1",
-                             "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                        env={"PYTHONPATH": f"{REPO}:{Path(__file__).parent}", **VLLM_ENV})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     trained = [row for row in out["rows"] if "ppo/reward_raw" in row]
