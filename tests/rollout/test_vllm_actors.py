@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _weight_receiver import receive
 from cluster.loopback import loopback_namespace_available, run_isolated
 from rlhf.errors import UserError
 from rlhf.ray.vllm_engines import engine_layout
@@ -22,11 +23,6 @@ from rlhf.rollout.weight_broadcast import WeightGroup, open_store
 REPO = Path(__file__).resolve().parents[2]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-
-
-def _receiver(port: int, queue) -> None:
-    group = WeightGroup(open_store("127.0.0.1", 1, 2, port), 1, 2, torch.device("cpu"))
-    queue.put([(name, tensor.dtype, tuple(tensor.shape), tensor.float().tolist()) for name, tensor in group.receive()])
 
 
 def test_the_weight_group_sends_names_shapes_and_dtypes_before_each_tensor():
@@ -44,7 +40,7 @@ def test_the_weight_group_sends_names_shapes_and_dtypes_before_each_tensor():
                  and c.status == psutil.CONN_LISTEN}
     assert listening == {"127.0.0.1"}
     queue = context.Queue()
-    receiver = context.Process(target=_receiver, args=(store.port, queue))
+    receiver = context.Process(target=receive, args=(store.port, queue))
     receiver.start()
     try:
         group = WeightGroup(store, 0, 2, torch.device("cpu"))

@@ -1,0 +1,13 @@
+"""Rank 1 of test_vllm_actors.py's weight-group test, in a spawned process: a module of its own,
+so that the child imports torch and the group alone, not the test module's imports."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.rollout.weight_broadcast import WeightGroup, open_store
+
+
+def receive(port: int, queue) -> None:
+    group = WeightGroup(open_store("127.0.0.1", 1, 2, port), 1, 2, torch.device("cpu"))
+    queue.put([(name, tensor.dtype, tuple(tensor.shape), tensor.float().tolist()) for name, tensor in group.receive()])
