@@ -26,7 +26,7 @@ import torch
 from rlhf.rollout.engine import Collective, SamplingParams, row_slices
 from rlhf.rollout.vllm_engine import VLLMEngine
 from rlhf.rollout.vllm_sampler import SamplerSettings, VLLMSampler
-from rlhf.rollout.weight_broadcast import WeightGroup, WeightReceiver, open_store
+from rlhf.rollout.weight_broadcast import WeightGroup, WeightReceiver, backend_for, open_store
 from rlhf.rollout.weights import iter_full_weights
 
 
@@ -50,16 +50,16 @@ class EngineActor:
         with tempfile.TemporaryDirectory(prefix="rlhf-vllm-actor-") as directory:
             (Path(directory) / "config.json").write_text(model_config)
             self.sampler = ActorSampler(directory, settings, eos_token_id)
-        self.workers = settings.tensor_parallel_size
         self.syncs = 0
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[tuple[list[int], list[float]]]:
         return self.sampler.generate(prompts, params, seeds)
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int) -> list[int]:
+    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str) -> list[int]:
         """Every worker of this engine joins the group (ranks first_rank, first_rank + 1, ...)."""
-        return self.sampler.llm.collective_rpc("rlhf_join_weight_group", args=(host, port, first_rank, world_size))
+        return self.sampler.llm.collective_rpc("rlhf_join_weight_group",
+                                               args=(host, port, first_rank, world_size, backend))
 
     def receive_weights(self) -> int:
         """Receive one broadcast of the trainer's weights into every worker; tensors loaded."""
@@ -131,10 +131,11 @@ class EngineActorsEngine(VLLMEngine):
         if self.rank != 0:
             return
         world_size = 1 + len(engines) * workers_per_engine
-        store = open_store(host, 0, world_size)
-        joined = [engine.join_weight_group.remote(host, store.port, 1 + index * workers_per_engine, world_size)
-                  for index, engine in enumerate(engines)]
         device = getattr(self.world, "device", None) or torch.device("cpu")
+        store = open_store(host, 0, world_size)
+        joined = [engine.join_weight_group.remote(host, store.port, 1 + index * workers_per_engine, world_size,
+                                                  backend_for(device))
+                  for index, engine in enumerate(engines)]
         self.group = WeightGroup(store, 0, world_size, device, address=host)  # once every engine worker has joined
         ray.get(joined)
 

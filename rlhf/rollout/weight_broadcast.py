@@ -11,8 +11,10 @@ fixed-size header (HF name, dtype, shape) so that every receiver can allocate th
 then the tensor itself, on the group's device (a CPU tensor in an NCCL broadcast is an error).
 An empty header ends the stream. The receiving side is `WeightReceiver`, which vLLM mixes into
 its worker class (`worker_extension_cls`) and which `LLM.collective_rpc` calls in every worker,
-so the workers of a tensor-parallel engine in other processes receive too; each loads every
-tensor into its model (`load_weights`, which takes HF names and slices its own shard).
+so the workers of a tensor-parallel engine in other processes receive too; each reloads what
+it received a decoder layer at a time (`WeightLoader` of vllm_sampler.py: vLLM's in-place
+reload takes HF names and slices each worker's own shard). Both ends are told the backend by
+trainer rank 0's device; a vLLM worker on another kind of device refuses to join.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def open_store(host: str, rank: int, world_size: int, port: int = 0,
         raise
 
 
+def backend_for(device: torch.device) -> str:
+    """The collective backend for tensors on `device`: NCCL for CUDA tensors, gloo for CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 class WeightGroup:
     """One side's member of the weight-sync group; rank 0 (trainer rank 0) is the sender."""
 
@@ -75,7 +82,7 @@ class WeightGroup:
         self.rank, self.world_size, self.device = rank, world_size, device
         store = dist.PrefixStore(GROUP_PREFIX, store)
         # Constructing the backend is the rendezvous: it returns once every rank has joined.
-        if device.type == "cuda":
+        if backend_for(device) == "nccl":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             self.backend = dist.ProcessGroupNCCL(store, rank, world_size, options)
@@ -137,9 +144,15 @@ class WeightReceiver(WeightLoader):
     repacks a layer's linears once its weights are in), so a worker holds one layer of
     received tensors at most."""
 
-    def rlhf_join_weight_group(self, host: str, port: int, first_rank: int, world_size: int,
+    def rlhf_join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str,
                                timeout_s: float = 600.0) -> int:
-        """Join as rank `first_rank` + this worker's rank in its engine; returns that rank."""
+        """Join as rank `first_rank` + this worker's rank in its engine; returns that rank.
+        `backend`: the sender's (from its device); a worker on another kind of device could
+        not take part in the same collective, and says so rather than waiting for it."""
+        if backend_for(self.device) != backend:
+            raise RuntimeError(f"weight sync: trainer rank 0 broadcasts with {backend}, but this vLLM worker is on "
+                               f"{self.device} ({backend_for(self.device)}): trainer and engines need the same kind "
+                               "of device")
         rank = first_rank + int(getattr(self, "rank", 0))
         timeout = timedelta(seconds=timeout_s)
         store = open_store(host, rank, world_size, port, timeout)
