@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -136,8 +137,7 @@ class EngineActorsEngine(VLLMEngine):
         joined = [engine.join_weight_group.remote(host, store.port, 1 + index * workers_per_engine, world_size,
                                                   backend_for(device))
                   for index, engine in enumerate(engines)]
-        self.group = WeightGroup(store, 0, world_size, device, address=host)  # once every engine worker has joined
-        ray.get(joined)
+        self.group = _rendezvous(lambda: WeightGroup(store, 0, world_size, device, address=host), joined)
 
     def sync_weights(self, model: torch.nn.Module | None = None, world: Collective | None = None) -> int:
         """Broadcast the trainer's current weights to every engine (every trainer rank calls
@@ -166,6 +166,35 @@ class EngineActorsEngine(VLLMEngine):
             world.all_reduce({"synced": 1.0}, op="max")
         self.synced_once = True
         return sent
+
+
+def _rendezvous(build: Callable[[], WeightGroup], joined: list) -> WeightGroup:
+    """`build()` (rank 0's side of the group, which returns once every engine worker has
+    joined) while the engines' join calls are watched: an engine that fails to join (vLLM
+    missing, another kind of device) raises its error here at once, rather than after the
+    rendezvous has waited out its timeout."""
+    import ray
+
+    built: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            built["group"] = build()
+        except BaseException as error:  # re-raised in the caller's thread
+            built["error"] = error
+
+    thread = threading.Thread(target=run, name="rlhf-weight-group", daemon=True)
+    thread.start()
+    pending = list(joined)
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        if pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ray.get(done)  # raises a failed join
+    if "error" in built:
+        raise built["error"]
+    ray.get(joined)
+    return built["group"]
 
 
 def policy_config_json(model: torch.nn.Module) -> str:

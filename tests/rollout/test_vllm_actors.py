@@ -154,3 +154,29 @@ def test_engine_actors_need_the_ppo_role_groups(tmp_path):
     assert load_config(PPOConfig, grpo, common + role_groups + ["rollout.vllm.engines=2"]).rollout.vllm.engines == 2
     with pytest.raises(ConfigError, match="rollout.vllm.engines=0"):
         load_config(PPOConfig, grpo, common + role_groups + ["rollout.vllm.engines=0"])
+
+
+def test_an_engine_that_cannot_join_fails_the_rendezvous_at_once(monkeypatch):
+    """Rank 0's side of the group would wait for the missing worker until its timeout; the
+    failed join call is raised instead, as soon as it comes back."""
+    import threading
+    import types
+
+    from rlhf.rollout.vllm_actors import _rendezvous
+
+    class Failed:
+        error = RuntimeError("this vLLM worker is on cuda:0 (nccl)")
+
+    def get(refs):
+        for ref in refs:
+            if isinstance(ref, Failed):
+                raise ref.error
+        return list(refs)
+
+    fake = types.SimpleNamespace(wait=lambda pending, num_returns, timeout: (list(pending), []), get=get)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    never = threading.Event()
+    with pytest.raises(RuntimeError, match="cuda:0"):
+        _rendezvous(lambda: never.wait(), [Failed()])
+    never.set()  # lets the abandoned rendezvous thread end
+    assert _rendezvous(lambda: "group", ["joined"]) == "group"
