@@ -9,6 +9,7 @@ import torch
 from rlhf.algorithms.losses import lm_nll
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatch
 from rlhf.kernels.fused_head import loss_head, tied_gradient_slot
+from rlhf.models.kept_logits import forward_keeping
 from rlhf.models.segments import segment_kwargs
 
 
@@ -36,12 +37,12 @@ def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tens
     )
     head = loss_head(module)
     if head is None:
-        logits = module(**inputs, logits_to_keep=predicts_target).logits  # (target tokens, vocab)
+        logits = forward_keeping(module, predicts_target, **inputs).logits  # (target tokens, vocab)
         nll, count = lm_nll(logits, target_ids)
         return nll, int(count)
     # No logits from the forward (an empty selection); the head is then called as a module, so
     # engines that gather its weight around its forward (ZeRO-3) do so.
     nothing = torch.zeros_like(predicts_target)
-    hidden = module(**inputs, logits_to_keep=nothing, output_hidden_states=True).hidden_states[-1]
+    hidden = forward_keeping(module, nothing, **inputs, output_hidden_states=True).hidden_states[-1]
     nll = head(hidden[predicts_target], targets=target_ids, weight_gradient_sink=tied_gradient_slot(module, head))
     return nll, int(target_ids.numel())

@@ -33,6 +33,7 @@ from rlhf.data.records import PromptRecord, RankRecord
 from rlhf.errors import UserError
 from rlhf.kernels import accelerate
 from rlhf.models.engines import reshard_frozen, unwrap_engine
+from rlhf.models.kept_logits import forward_keeping
 from rlhf.models.loading import disable_dropout, load_causal_lm
 from rlhf.models.positions import position_ids_from_mask
 from rlhf.models.reward import transformers_model
@@ -143,7 +144,7 @@ class PreferenceBatches:
 def answer_logps(module: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
     """(answers,) summed log-prob of each answer's tokens given its prompt, float32, from one
     forward pass over the micro-batch. Only the positions that predict an answer token reach
-    the output layer (`logits_to_keep`); the shared prompt's last position is computed once
+    the output layer (`forward_keeping`); the shared prompt's last position is computed once
     and read by all K answers."""
     rank = batch.rank
     rows, width = rank.input_ids.shape
@@ -155,8 +156,8 @@ def answer_logps(module: torch.nn.Module, batch: PreferenceBatch) -> torch.Tenso
         positions = rank.position_ids
     else:
         mask, positions = rank.attention_mask, position_ids_from_mask(rank.attention_mask)
-    logits = module(input_ids=rank.input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                    logits_to_keep=keep.view(rows, width)).logits  # (kept positions, vocab), row-major
+    logits = forward_keeping(module, keep.view(rows, width), input_ids=rank.input_ids, attention_mask=mask,
+                             position_ids=positions, use_cache=False).logits  # (kept positions, vocab), row-major
     logits = logits.float()
     kept_row = keep.long().cumsum(0) - 1  # flat position -> row of `logits`
     at = kept_row[batch.token_source]
