@@ -98,6 +98,7 @@ open(out, "w").write(json.dumps(answers))
 
 
 @pytest.mark.slow
+@pytest.mark.claim
 @pytest.mark.vllm
 def test_vllm_samples_the_quickstart_tiny_export_with_the_forwards_log_probs(quickstart_data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
