@@ -459,11 +459,11 @@ def test_plan_command_says_when_nothing_fits(capsys):
 
 
 def test_plan_command_json(capsys):
-    assert run(["sft", "train.micro_batch_size=8", "--config", SFT, "--device", "cpu", "--device-memory-gb", "0.018",
+    assert run(["sft", "train.micro_batch_size=8", "--config", SFT, "--device", "cpu", "--device-memory-gb", "0.02",
                 "--json"]) == 3
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is False and data["need_bytes"] > data["usable_bytes"]
-    assert data["usable_bytes"] == int(int(0.018 * GiB) * 0.9)
+    assert data["usable_bytes"] == int(0.02 * GiB * 0.9)
     assert {c["kind"] for c in data["components"]} >= {"parameters", "gradients", "optimizer", "activations"}
     assert data["suggestions"] and all(s["need_bytes"] <= data["usable_bytes"] for s in data["suggestions"])
     assert data["suggestions"][0]["overrides"] == ["train.micro_batch_size=4"]
