@@ -26,18 +26,28 @@ SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(autouse=True)
-def _launch_variables_stay_in_their_test():
-    """A stage run in-process exports the single-process launch variables (rlhf/distributed/
-    env.py); they must not reach later tests, where LOCAL_WORLD_SIZE=1 would make `rlhf plan`
-    see one worker per node (and HSDP) in a plan of several workers."""
-    saved = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
-    yield
-    for name, value in saved.items():
+_LAUNCH_AT_START = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+
+
+def _restore_launch_variables() -> None:
+    for name, value in _LAUNCH_AT_START.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _launch_variables_stay_in_their_test():
+    """A stage run in-process exports the single-process launch variables (rlhf/distributed/
+    env.py); they must not reach later tests, where LOCAL_WORLD_SIZE=1 would make `rlhf plan`
+    see one worker per node (and HSDP) in a plan of several workers. Reset to the session's
+    start before each test too: a session fixture that runs a stage (quickstart_models) is set
+    up before this fixture, inside some later test's setup, and its exports would reach that
+    test (the fresh-clone suite planned FSDP2 over 2 ranks as whole copies: plan 2x measured)."""
+    _restore_launch_variables()
+    yield
+    _restore_launch_variables()
 
 
 @pytest.fixture

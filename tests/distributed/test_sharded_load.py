@@ -126,7 +126,7 @@ def _wide_model(tiny_model_dir: Path, out: Path, hidden: int, layers: int) -> Pa
 
 
 @pytest.mark.claim  # two 2-rank launches side by side, ~60 s on 2 cores
-def test_plan_matches_the_measured_memory_of_two_ranks_loading_ppo(tiny_model_dir, tmp_path):
+def test_plan_matches_the_measured_memory_of_two_ranks_loading_ppo(tiny_model_dir, tmp_path, no_launcher):
     """`rlhf plan`'s load_peak against the resident-set peak of 2 FSDP2 ranks building PPO's four
     models (benchmarks/load_memory.py). What every rank holds whatever the model (libraries,
     the process group, the model classes imported on first use) is measured by the same launch
