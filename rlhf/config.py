@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rlhf.config_sections import (
+    AlarmsConfig,
     DataSourceConfig,
     KernelsConfig,
     LoggingConfig,
@@ -723,6 +724,9 @@ class PPOConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     eval: PPOEvalConfig = field(default_factory=PPOEvalConfig)
+    alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
+    """Health alarms checked each iteration (KL budget, length/repetition hacking, collapses,
+    overoptimisation...): printed, logged as alarms/<name> and listed by `rlhf report`."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr_scheduler="constant", warmup_ratio=0.0))
     """Optimizer settings shared by actor and critic (their learning rates are ppo.actor_lr and
     ppo.critic_lr); save_every/resume count iterations."""
@@ -756,8 +760,8 @@ class PPOConfig:
         return self.ppo.uses_critic
 
     def validate(self) -> None:
-        sections = [self.model, self.data, self.rollout, self.reward, self.kl, self.ppo, self.train, self.strategy,
-                    self.logging, self.resources, self.ray, self.kernels]
+        sections = [self.model, self.data, self.rollout, self.reward, self.kl, self.ppo, self.alarms, self.train,
+                    self.strategy, self.logging, self.resources, self.ray, self.kernels]
         for section in sections + ([self.reward_model] if self.uses_reward_model or not self.reward.from_code else []):
             section.validate()
         samples = self.samples_per_iteration

@@ -362,3 +362,69 @@ def gpu_share_problem(gpus_per_worker: float, roles_sharing: int) -> Optional[st
                 f"{per_role:.3g} GPUs each, which Ray cannot place on whole devices: use 1 GPU per worker "
                 f"(all roles of a group on it) or a multiple of {roles_sharing}")
     return None
+
+
+@dataclass
+class AlarmsConfig:
+    """Health alarms of a PPO / GRPO run (rlhf/logging/alarms.py), checked every iteration from
+    the metrics the loop logs. Each fires once when its condition starts holding (again after it
+    stopped): one printed line with the numbers and what to try, alarms/<name> = 1 in the metrics
+    and the trackers, and a line in `rlhf report`. Trend alarms compare the mean of the last
+    `window` iterations with the mean of the first `window` (the SFT policy's behaviour). A
+    threshold of 0 turns its alarm off."""
+
+    enabled: bool = True
+    """Check the alarms at all."""
+    window: int = 5
+    """Iterations averaged on each side of a comparison (smooths the noise of one batch)."""
+    kl_budget: Optional[float] = None
+    """kl_budget: the mean ppo/kl (nats per answer) of the last `window` iterations above this.
+    None: kl.target."""
+    length_growth: float = 1.5
+    """length_growth: the mean response length grew by more than this factor (length hacking)."""
+    repetition_rise: float = 0.2
+    """repetition_rise: ppo/repetition, the share of an answer's n-grams that repeat an earlier
+    one, rose by more than this (absolute; repetition hacking)."""
+    repetition_ngram: int = 3
+    """n of the n-grams ppo/repetition counts (metric only; it is logged whatever the alarms)."""
+    eos_drop: float = 0.5
+    """eos_collapse: the EOS rate fell below this fraction of its start (answers run to
+    rollout.max_new_tokens)."""
+    entropy_drop: float = 0.3
+    """entropy_collapse: the policy's entropy fell below this fraction of its start."""
+    explained_variance_patience: int = 10
+    """value_explained_variance: the critic's explained variance was negative this many
+    iterations in a row (its values explain the returns worse than their mean). Runs with a critic
+    only; the first iterations of a fresh critic are often negative."""
+    clip_frac_max: float = 0.3
+    """clip_frac_high: the mean clip fraction of the last `window` iterations above this."""
+    approx_kl_max: float = 0.05
+    """approx_kl_high: the mean approx KL (old vs updated policy, per token) of the last `window`
+    iterations above this."""
+    overoptimization_evals: int = 3
+    """overoptimization: over the last this-many evaluations, the held-out reward-model score
+    rose (least-squares slope > 0) while eval.gold_reward fell; without a gold reward, the training
+    reward rose while the held-out reward fell. 0: off; else >= 2."""
+    overoptimization_min_fall: float = 0.1
+    """The fall of the gold (held-out) reward over those evaluations (of the fitted line) must
+    exceed this fraction of its whole range so far (max - min over every evaluation): noise on
+    a plateau stays quiet."""
+
+    def validate(self) -> None:
+        if self.window < 1:
+            raise ConfigError("alarms.window must be >= 1 (iterations averaged)")
+        if self.kl_budget is not None and self.kl_budget <= 0:
+            raise ConfigError("alarms.kl_budget must be > 0 (nats per answer), or null for kl.target")
+        if self.repetition_ngram < 1:
+            raise ConfigError("alarms.repetition_ngram must be >= 1")
+        for name in ("length_growth", "repetition_rise", "eos_drop", "entropy_drop", "clip_frac_max", "approx_kl_max",
+                     "explained_variance_patience", "overoptimization_min_fall"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"alarms.{name} must be >= 0 (0 turns its alarm off)")
+        if self.length_growth and self.length_growth <= 1:
+            raise ConfigError(f"alarms.length_growth={self.length_growth}: a growth factor > 1, or 0 for off")
+        for name in ("eos_drop", "entropy_drop"):
+            if getattr(self, name) >= 1:
+                raise ConfigError(f"alarms.{name}={getattr(self, name)}: a fraction of the start below 1, or 0 for off")
+        if self.overoptimization_evals == 1 or self.overoptimization_evals < 0:
+            raise ConfigError("alarms.overoptimization_evals: 0 (off) or >= 2 evaluations (a trend needs two points)")

@@ -16,6 +16,7 @@ import time
 from rlhf.config import PPOConfig
 from rlhf.data.prompt_dataset import PromptStream, prompt_batch
 from rlhf.data.splits import load_split
+from rlhf.logging.alarms import AlarmMonitor
 from rlhf.logging.tables import rollout_rows
 from rlhf.models.loading import load_tokenizer
 from rlhf.ray.ppo_roles import build_ppo_roles, ppo_world, uses_role_groups
@@ -53,7 +54,8 @@ def main(cfg: PPOConfig) -> StageResult:
                                       load_gold_reward(cfg.eval.gold_reward), seed=cfg.seed + 1)
         state = PPOState.from_config(cfg, reward_stats_for(cfg), roles.policy.module if cfg.ppo.ema_decay > 0 else None)
         schedule = Schedule(cfg.ppo.iterations, cfg.ppo.eval_every, save_every=cfg.train.save_every)
-        start = run.begin(schedule, roles.trained(), roles.models(), evaluation, state)
+        start = run.begin(schedule, roles.trained(), roles.models(), evaluation, state,
+                          alarms=AlarmMonitor(cfg.alarms, cfg.kl.target))
 
         for iteration in range(start, cfg.ppo.iterations):
             done, timings = iteration + 1, {}
@@ -73,7 +75,8 @@ def main(cfg: PPOConfig) -> StageResult:
             # 2. Rewards (normalised score - β·KL) and advantages over the global batch.
             experience, row_metrics = make_experience(scored, state.normalizer, state.kl_controller.value,
                                                       cfg.kl.estimator, cfg.kl.in_loss, cfg.ppo.gamma, cfg.ppo.lam,
-                                                      cfg.ppo.whiten_advantages, cfg.ppo.advantage, group)
+                                                      cfg.ppo.whiten_advantages, cfg.ppo.advantage, group,
+                                                      cfg.alarms.repetition_ngram)
             row.update(row_metrics)
 
             # 3. PPO epochs over shuffled global mini-batches (the groups with signal) for actor and
@@ -91,7 +94,7 @@ def main(cfg: PPOConfig) -> StageResult:
             # 4. Adapt the KL coefficient to the measured KL of the global batch (Ziegler et al.).
             state.kl_controller.update(row["ppo/kl"], n_steps=cfg.samples_per_iteration)
 
-            # 5. Log, evaluate, checkpoint.
+            # 5. Log, evaluate, check the health alarms, checkpoint.
             row.update(world.all_reduce(timings, op="max"))
             row["perf/generate_tokens_per_s"] = float(scored.rollout.response_mask.sum()) / row["perf/generate_seconds"]
             row["perf/samples_per_s"] = cfg.samples_per_iteration / sum(timings.values())

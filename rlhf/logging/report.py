@@ -16,13 +16,17 @@ last eval KL).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from rlhf.config import KLConfig
+from rlhf.config_sections import AlarmsConfig
 from rlhf.errors import UserError
+from rlhf.logging.alarms import ADVICE, AlarmMonitor
 from rlhf.logging.trackers import read_jsonl
 
 STAGES = ("sft", "rm", "dpo", "ppo")
@@ -136,6 +140,22 @@ class Run:
     def skipped_iterations(self) -> int:
         """PPO iterations (DPO steps) skipped for a non-finite reward, log-prob or loss."""
         return sum(v > 0 for v in self.series(f"{self.stage}/skipped_nonfinite")[1])
+
+    @property
+    def alarms(self) -> list[tuple[int, str, str]]:
+        """(iteration, alarm, what it saw) of each alarm the run logged (alarms/<name> = 1); what
+        it saw is replayed from the metrics with the run's `alarms` config (empty when the
+        replay does not find it, e.g. metrics of a run cut short)."""
+        logged = [(row["step"], key[len("alarms/"):]) for row in self.rows for key in sorted(row)
+                  if key.startswith("alarms/")]
+        if not logged:
+            return []
+        settings = self.setting("alarms") or {}
+        known = {f.name for f in dataclasses.fields(AlarmsConfig)}
+        monitor = AlarmMonitor(AlarmsConfig(**{k: v for k, v in settings.items() if k in known}),
+                               float(self.setting("kl.target") or KLConfig.target))
+        seen = {(a.step, a.name): a.seen for a in monitor.replay(self.rows)}
+        return [(step, name, seen.get((step, name), "")) for step, name in logged]
 
     @property
     def kind(self) -> str:
@@ -549,7 +569,20 @@ def _ppo_section(runs: list[Run], report: Report) -> list[str]:
                   "", *_image(report, "ppo_groups.png", "Group reward mean, within-group std, uniform-group share"),
                   *_image(report, "ppo_rewards.png", "Reward by source, components and function failures")]
     lines += _image(report, "ppo_frontier.png", "Reward-KL frontier")
-    return lines
+    return lines + _alarms_section(runs)
+
+
+def _alarms_section(runs: list[Run]) -> list[str]:
+    """The health alarms each run logged (rlhf/logging/alarms.py), with what to try."""
+    lines = ["### Health alarms", ""]
+    for run in runs:
+        alarms = run.alarms
+        if not alarms:
+            lines.append(f"- `{run.label}`: no health alarms")
+        for step, name, seen in alarms:
+            lines.append(f"- `{run.label}` iteration {step}: **{name}**" + (f": {seen}" if seen else "")
+                         + f". Try: {ADVICE.get(name, 'see docs/dashboards.md')}")
+    return lines + [""]
 
 
 def make_report(run_dirs: Sequence[str | Path], out: str | Path) -> Report:

@@ -32,6 +32,7 @@ from rlhf.algorithms.advantages import (
     rloo_advantages,
     uniform_groups,
 )
+from rlhf.algorithms.repetition import repeated_ngram_share
 from rlhf.algorithms.rewards import RunningMoments, normalize_scores, shape_rewards
 from rlhf.algorithms.tis import logprob_gap
 from rlhf.rollout.types import Experience, Scored
@@ -70,7 +71,7 @@ class RewardNormalizer:
 @torch.no_grad()
 def make_experience(scored: Scored, normalizer: RewardNormalizer, kl_coef: float, kl_estimator: str,
                     kl_in_loss: bool, gamma: float, lam: float, whiten_advantages: bool, advantage: str = "gae",
-                    group_size: int = 1) -> tuple[Experience, dict[str, float]]:
+                    group_size: int = 1, repetition_ngram: int = 3) -> tuple[Experience, dict[str, float]]:
     """Per-token rewards (the normalised score on the last response token, minus β·KL on every
     response token unless the KL goes into the loss), advantages and returns, and the batch's
     metrics. `scored` is the global batch (see `gather_scored`), in groups of `group_size`
@@ -79,7 +80,9 @@ def make_experience(scored: Scored, normalizer: RewardNormalizer, kl_coef: float
     - grpo / dr_grpo / rloo: each answer's sequence reward (score - β·Σ KL) against its group
       (Shao et al. 2024; Liu et al. 2025; Ahmadian et al. 2024), on every response token;
     - reinforce_pp: discounted returns of the per-token rewards, whitened over the global batch
-      (Hu 2025)."""
+      (Hu 2025).
+    ppo/repetition is the mean share of an answer's `repetition_ngram`-grams that repeat an
+    earlier one of that answer (a health alarm watches it)."""
     rollout, mask = scored.rollout, scored.rollout.response_mask
     scores = normalizer(scored.scores, rollout.eos_found)
     kl = kl_estimate(scored.logprobs, scored.ref_logprobs, kl_estimator) * mask
@@ -108,6 +111,7 @@ def make_experience(scored: Scored, normalizer: RewardNormalizer, kl_coef: float
         "ppo/kl_coef": kl_coef,
         "ppo/response_length": float(rollout.response_lengths.float().mean()),
         "ppo/eos_rate": float(rollout.eos_found.float().mean()),
+        "ppo/repetition": float(repeated_ngram_share(rollout.responses, mask, repetition_ngram).mean()),
         "ppo/advantage_mean": float(masked_mean(advantages, mask)),
         "ppo/advantage_std": float(advantages[mask > 0].std()) if mask.sum() > 1 else 0.0,
         **{f"reward/{name}": float(values.float().mean()) for name, values in sorted(scored.sources.items())},

@@ -29,7 +29,8 @@ from rlhf.distributed.strategy import Strategy, World
 from rlhf.errors import UserError
 from rlhf.distributed.precision import LOW_PRECISION, describe as describe_precision
 from rlhf.kernels import configure_process
-from rlhf.logging.metrics import MetricsWriter, Progress
+from rlhf.logging.alarms import AlarmMonitor
+from rlhf.logging.metrics import MetricsWriter, Progress, read_metrics
 from rlhf.training.guards import NonFiniteGuard
 from rlhf.training.output import FINISHED_MARKER, claim_output_dir
 from rlhf.training.run_lock import LOCK_NAME, RunLock
@@ -87,6 +88,7 @@ class Run:
         self.initial_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.finite = True
+        self.alarms: AlarmMonitor | None = None
 
     # -- start ------------------------------------------------------------------------------
     @classmethod
@@ -166,10 +168,13 @@ class Run:
 
     # -- begin ------------------------------------------------------------------------------
     def begin(self, schedule: Schedule, trainees: dict[str, Checkpointable], models: Sequence[torch.nn.Module] = (),
-              evaluate: Callable[[int], dict[str, float]] | None = None, state: LoopState | None = None) -> int:
+              evaluate: Callable[[int], dict[str, float]] | None = None, state: LoopState | None = None,
+              alarms: AlarmMonitor | None = None) -> int:
         """Resume the trainees (and `state`) from the checkpoint `train.resume` asks for, open
         the metrics, evaluate a fresh run at step 0 and start the progress bar; returns the step
-        to start from. `models` are counted for perf/mfu."""
+        to start from. `models` are counted for perf/mfu; `alarms` are checked at the end of each
+        step on the main worker (a resumed run first replays the metrics it keeps, so an alarm
+        that already fired does not fire again)."""
         self.schedule, self.trainees, self.state, self.evaluate = schedule, trainees, state, evaluate
         if self.world.is_main:
             save_config(self.cfg, self.dir / "config.yaml")
@@ -188,6 +193,9 @@ class Run:
             self.initial_eval = evaluate(0)
             self.metrics.log(0, self.initial_eval)
             self.say("step 0: " + _format(self.initial_eval))
+        if alarms is not None and self.world.is_main:
+            self.alarms = alarms
+            alarms.replay(read_metrics(self.dir) if start else [{"step": 0, **self.initial_eval}])
         self.last_eval = dict(self.initial_eval)
         self.progress = Progress(schedule.total, self.stage, enabled=self.world.is_main and self.cfg.logging.progress,
                                  initial=start)
@@ -211,7 +219,11 @@ class Run:
         if evaluated:
             self.last_eval = self.evaluate(done)
             row.update(self.last_eval)
-        if done % schedule.log_every == 0 or evaluated or not self.finite:
+        alarms = self.alarms.check(done, row) if self.alarms is not None else []
+        for alarm in alarms:
+            row[alarm.metric] = 1.0
+            self.say(alarm.line())
+        if done % schedule.log_every == 0 or evaluated or alarms or not self.finite:
             self.metrics.log(done, row)
         self.progress.update(progress)
         more = done < schedule.total

@@ -54,6 +54,7 @@ def test_grpo_raises_held_out_accuracy_without_a_reward_model(fp32_grpo):
     assert sum(r["ppo/reward_raw"] for r in trained[-10:]) / 10 > sum(r["ppo/reward_raw"] for r in trained[:10]) / 10 + 0.08
     assert all(0 <= r["ppo/uniform_group_share"] <= 1 for r in trained)
     assert "ppo/value_loss" not in rows[-1] and result.model_dir.is_dir()
+    assert not [k for row in rows for k in row if k.startswith("alarms/")]  # the default health alarms stay quiet
 
 
 @pytest.mark.slow

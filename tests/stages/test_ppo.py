@@ -22,19 +22,30 @@ def ppo_config(tmp_path: Path, data: dict, models: dict, *overrides: str) -> PPO
         f"data.pretrain.path={data['pretrain']}", f"output_dir={tmp_path}", "logging.progress=false", *overrides])
 
 
-def test_ppo_smoke_on_tiny_models_logs_every_metric(tmp_path, quickstart_data, tiny_model_dir):
+def test_ppo_smoke_on_tiny_models_logs_every_metric(tmp_path, capsys, quickstart_data, tiny_model_dir):
+    from rlhf.logging.report import make_report
+
     models = {"sft": tiny_model_dir, "rm": tiny_model_dir}
+    # approx KL > 0 from the second mini-batch on (the policy moved): a ceiling of 1e-10 over one
+    # iteration provokes that health alarm at iteration 1, and only once while it keeps holding.
     cfg = ppo_config(tmp_path, quickstart_data, models, "ppo.iterations=2", "ppo.eval_every=1",
                      "reward.normalize=running", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=4",
-                     "ppo.micro_batch_size=2", "rollout.max_new_tokens=6", "eval.max_prompts=4", "ppo.ptx_coef=0.5")
+                     "ppo.micro_batch_size=2", "rollout.max_new_tokens=6", "eval.max_prompts=4", "ppo.ptx_coef=0.5",
+                     "alarms.window=1", "alarms.approx_kl_max=1e-10")
     result = ppo.main(cfg)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     for key in ("ppo/reward_raw", "ppo/reward_normalized", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/policy_loss",
                 "ppo/value_loss", "ppo/clip_frac", "ppo/approx_kl", "ppo/explained_variance", "ppo/advantage_mean",
-                "ppo/return_mean", "ppo/response_length", "ppo/eos_rate", "ppo/ptx_loss", "perf/generate_seconds",
-                "perf/score_seconds", "perf/train_seconds", "perf/generate_tokens_per_s", "eval/gold_reward"):
+                "ppo/return_mean", "ppo/response_length", "ppo/eos_rate", "ppo/repetition", "ppo/ptx_loss",
+                "perf/generate_seconds", "perf/score_seconds", "perf/train_seconds", "perf/generate_tokens_per_s",
+                "eval/gold_reward"):
         assert key in rows[1], key
+    assert [[k for k in r if k.startswith("alarms/")] for r in rows] == [[], ["alarms/approx_kl_high"], []]
+    printed = [line for line in capsys.readouterr().out.splitlines() if "ALARM" in line]
+    assert len(printed) == 1 and "approx_kl_high at iteration 1" in printed[0] and "ppo.actor_lr" in printed[0]
+    report = make_report([tmp_path], tmp_path / "report").text
+    assert "iteration 1: **approx_kl_high**: approx KL" in report and "no health alarms" not in report
     assert rows[1]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
     assert (result.model_dir / "model.safetensors").is_file()
     assert (tmp_path / "samples.jsonl").is_file()
@@ -55,6 +66,8 @@ def test_gold_reward_rises_30_percent_within_the_kl_budget(baseline):
     assert after >= 1.3 * before, f"gold reward {before:.3f} -> {after:.3f}"
     assert result.metrics["eval/kl"] < cfg.kl.target
     assert result.metrics["eval/reward"] > result.metrics["initial_eval/reward"]
+    # The default health alarms stay quiet on this healthy run.
+    assert not [k for row in read_metrics(cfg.output_dir) for k in row if k.startswith("alarms/")]
 
 
 @pytest.mark.slow
