@@ -28,9 +28,11 @@ from typing import Any, Optional, Sequence
 
 LINEAGE_FILE = "lineage.json"
 
-DEFAULT_IGNORED: tuple[str, ...] = ("logging", "train.resume", "train.save_every", "train.keep_last", "output_dir")
-"""Dotted config keys that do not change what a stage produces (where it logs, how often it
-checkpoints, where it writes), so changing them must not force a re-run."""
+DEFAULT_IGNORED: tuple[str, ...] = ("logging", "alarms", "train.resume", "train.save_every", "train.keep_last",
+                                    "output_dir")
+"""Dotted config keys that do not change what a stage produces (where it logs, which health
+alarms it raises, how often it checkpoints, where it writes), so changing them must not force a
+re-run (nor does a PPO run from before the `alarms` section existed)."""
 
 _CHUNK = 1 << 20  # 1 MiB: bounded memory on multi-GB data files
 _GIT_TIMEOUT_S = 5.0

@@ -101,6 +101,8 @@ def test_config_hash_ignores_default_ignored_leaves():
     # Removing an ignored section entirely is the same as changing it.
     trimmed = {key: value for key, value in CONFIG.items() if key != "logging"}
     assert config_hash(trimmed) == base
+    # The health alarms (PPO) only watch a run: a run from before the section existed matches.
+    assert config_hash({**CONFIG, "alarms": {"window": 3, "kl_budget": 1.0}}) == base
 
 
 def test_config_hash_dotted_ignore_removes_only_that_leaf_and_tolerates_missing_keys():
