@@ -22,7 +22,8 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
     epilog = "config keys (override any with key=value):\n" + "\n".join(describe(stage.config))
     description = stage.summary
     if name == "rm":
-        description += "\n\nAlso: rlhf rm score --model DIR --data FILE --out FILE (see rlhf rm score --help)."
+        description += ("\n\nAlso: rlhf rm score --model DIR --data FILE --out FILE (see rlhf rm score --help), and "
+                        "rlhf rm eval --model DIR --data FILE (see rlhf rm eval --help).")
     parser = sub.add_parser(
         name,
         help=stage.summary,
@@ -32,10 +33,11 @@ def _stage_parser(sub: argparse._SubParsersAction, name: str) -> None:
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config; repeat to layer several (later files win)")
-    parser.add_argument("--address", metavar="ADDRESS",
-                        help="run on Ray and join this cluster: auto, HOST:PORT or ray://HOST:PORT "
-                        "(same as ray.enabled=true ray.address=ADDRESS)")
-    if name != "pipeline":
+    if name != "eval":  # one process, never on Ray
+        parser.add_argument("--address", metavar="ADDRESS",
+                            help="run on Ray and join this cluster: auto, HOST:PORT or ray://HOST:PORT "
+                            "(same as ray.enabled=true ray.address=ADDRESS)")
+    if name not in ("pipeline", "eval"):
         parser.add_argument("--overwrite", action="store_true",
                             help="train again into an output_dir that holds a finished run (same as overwrite=true)")
     if name == "pipeline":
@@ -109,13 +111,16 @@ def _run_stage(name: str, args: argparse.Namespace) -> None:
     stage = STAGES[name]
     _prepare_process()
     overrides = list(args.overrides)
-    if args.address:
+    if getattr(args, "address", None):
         overrides += ["ray.enabled=true", f"ray.address={args.address}"]
     if getattr(args, "overwrite", False):
         overrides.append("overwrite=true")
     cfg = load_config(stage.config, args.config, overrides)
     if name == "pipeline":
         stage.main(cfg, start_from=args.start_from)
+        return
+    if name == "eval":
+        stage.main(cfg)
         return
     from rlhf.distributed.env import detect_launch
 
@@ -217,11 +222,39 @@ def _run_score(argv: Sequence[str]) -> None:
           f"over {summary['pairs']} pairs" + (f"; {summary['skipped']} malformed rows skipped" if summary["skipped"] else ""))
 
 
+def build_rm_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf rm eval",
+                                     description="Held-out pairwise accuracy and mean margin of a reward model on a "
+                                     "ranked data file: every pair of a row's K answers whose scores differ.")
+    parser.add_argument("--model", required=True, help="reward-model directory (the model/ of an rm run)")
+    parser.add_argument("--data", required=True, help="ranked data file (any accepted rank format)")
+    parser.add_argument("--out", help="also write the numbers as JSON here")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--max-prompt-length", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    return parser
+
+
+def _run_rm_eval(argv: Sequence[str]) -> None:
+    from rlhf.scoring import rank_accuracy, write_json
+
+    args = build_rm_eval_parser().parse_args(argv)
+    _prepare_process()
+    summary = rank_accuracy(args.model, args.data, args.max_length, args.max_prompt_length, args.on_error,
+                            args.batch_size)
+    if args.out:
+        write_json(args.out, summary)
+    print(f"pairwise accuracy {summary['accuracy']:.4f} over {summary['pairs']} pairs of {summary['rows']} rows; "
+          f"mean margin {summary['mean_margin']:.4f}" + (f"; {summary['skipped']} malformed rows skipped"
+                                                         if summary["skipped"] else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["rm", "score"]:
+    if argv[:2] in (["rm", "score"], ["rm", "eval"]):
         try:
-            _run_score(argv[2:])
+            (_run_score if argv[1] == "score" else _run_rm_eval)(argv[2:])
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

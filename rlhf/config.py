@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -815,6 +816,90 @@ def _check_ray_batch(train: TrainConfig, resources: ResourcesConfig, ray: RayCon
                           "(workers = resources.num_nodes x resources.workers_per_node)")
 
 
+_FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def judge_kind(spec: str) -> str:
+    """What an eval judge entry names: "reference" (the prompt rows' reference answers),
+    "function" (module:function) or "model" (a reward-model directory)."""
+    if spec == "reference":
+        return "reference"
+    return "function" if _FUNCTION_SPEC.match(spec) else "model"
+
+
+@dataclass
+class EvalConfig:
+    """`rlhf eval`: answers sampled from a policy (and a baseline, with the same random numbers)
+    for held-out prompts, judged and measured; eval.json and eval.md in `output_dir`."""
+
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    """The model evaluated: a model directory (a stage's model/ export) or hub id."""
+    baseline: ModelConfig = field(default_factory=ModelConfig)
+    """What the policy is compared with (e.g. the SFT export); empty: no win rates."""
+    reference: ModelConfig = field(default_factory=ModelConfig)
+    """The reference of the KL; empty: the baseline; neither given: no KL."""
+    prompts: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Held-out prompts (`prompt` or `messages` rows); a row's `reference_field` column, where
+    present, is its reference answer (ROUGE-L, BLEU, the "reference" judge)."""
+    pretrain: DataSourceConfig = field(default_factory=DataSourceConfig)
+    """Plain `text` rows for perplexity (the PPO-ptx promise: the policy still models them); empty: none."""
+    judges: List[str] = field(default_factory=list)
+    """Each a reward-model directory, a "module:function" called as f(prompt, response, **fields)
+    (the prompt row's other columns, those it takes) returning a float (or a dict of floats,
+    summed), e.g. rlhf.data.quickstart:gold_reward, or
+    "reference": ROUGE-L F1 against the prompt row's reference answer."""
+    reference_field: str = "reference"
+    """Prompt-row column holding the reference answer."""
+    max_prompts: int = 0
+    """The first prompts of the file that are used; 0: all."""
+    samples_per_prompt: int = 1
+    """Answers sampled per prompt and model; more make the means and win rates less noisy."""
+    max_prompt_length: int = 256
+    """Prompts keep their last tokens beyond this."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    """Sampling temperature (> 0); the KL is that of the distribution sampled from."""
+    top_p: float = 1.0
+    batch_size: int = 32
+    """Prompts decoded (and sequences scored) together."""
+    rm_max_length: int = 512
+    """Tokens of prompt + answer a reward-model judge reads."""
+    pretrain_max_length: int = 512
+    """Tokens per pretraining text for perplexity (longer texts keep their start)."""
+    pretrain_max_rows: int = 256
+    """Pretraining texts used for perplexity; 0: all."""
+    repetition_ngram: int = 3
+    """n of the repetition rate: the share of an answer's word n-grams that repeat an earlier one."""
+    on_error: str = "raise"
+    """raise: stop at the first malformed data row; skip: skip and count malformed rows."""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    output_dir: str = "runs/eval"
+    """Where eval.json and eval.md are written."""
+    seed: int = 0
+    """Seeds the sampling: answer i of the policy and of the baseline use the same random numbers."""
+
+    def validate(self) -> None:
+        self.policy.validate()
+        for name, section in (("baseline", self.baseline), ("reference", self.reference)):
+            if section.path or section.tiny is not None:
+                try:
+                    section.validate()
+                except ConfigError as exc:
+                    raise ConfigError(str(exc).replace("model.", f"{name}.", 1)) from None
+        if not self.prompts.given:
+            raise ConfigError("prompts.path is required (held-out prompts)")
+        for index, spec in enumerate(self.judges):
+            if judge_kind(spec) == "model" and not os.path.isdir(os.path.expanduser(spec)):
+                raise ConfigError(f"judges[{index}]={spec!r} is not 'reference', a module:function, or an existing "
+                                  "reward-model directory")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0 (the KL is that of the distribution sampled from)")
+        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.max_new_tokens < 1 or self.repetition_ngram < 1:
+            raise ConfigError("samples_per_prompt, batch_size, max_new_tokens and repetition_ngram must be >= 1")
+        _choice("on_error", self.on_error, ("raise", "skip"))
+        self.kernels.validate()
+
+
 PIPELINE_STAGES = ("sft", "rm", "dpo", "ppo")
 
 
@@ -841,6 +926,11 @@ class PipelineConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: Optional[EvalConfig] = None
+    """Given: `rlhf eval` after the last stage into output_dir/eval. Left empty, its policy is
+    the last stage's export, its baseline (and KL reference) the SFT export, its prompts the
+    last stage's held-out prompts, and its judges the gold rule (ppo/dpo eval.gold_reward)
+    where configured plus the RM export where the pipeline has one."""
 
     def _ppo_reads_rm(self) -> bool:
         """PPO's reward model (and default critic) is the RM export when the RM runs in this

@@ -1,4 +1,5 @@
-"""`rlhf rm score`: a trained reward model's score for every answer of a data file."""
+"""`rlhf rm score` and `rlhf rm eval`: a trained reward model's score for every answer of a data
+file, and its pairwise accuracy on it."""
 
 from __future__ import annotations
 
@@ -39,24 +40,54 @@ def score_records(model: torch.nn.Module, tokenizer, records: list[RankRecord], 
     return out
 
 
-def score_file(model_dir: str, data: str, out: str, max_length: int, max_prompt_length: int,
-               on_error: str = "raise", batch_size: int = 8) -> dict[str, float]:
+def _load_and_score(model_dir: str, data: str, max_length: int, max_prompt_length: int, on_error: str,
+                    batch_size: int) -> tuple[list[RankRecord], list[list[float]], int]:
     records, report = load_records("rank", DataSourceConfig(path=data), on_error)
     cfg = ModelConfig(path=model_dir)
     tokenizer = load_tokenizer(cfg)
     model = load_scalar_model(cfg, pick_device()).eval()
     accelerate(model, KernelsConfig())
-    scores = score_records(model, tokenizer, records, max_length, max_prompt_length, batch_size)
+    return records, score_records(model, tokenizer, records, max_length, max_prompt_length, batch_size), report.skipped
+
+
+def pair_accuracy(records: list[RankRecord], scores: list[list[float]]) -> dict[str, float]:
+    """Over every pair of a record's answers whose preference scores differ (all C(K,2) pairs
+    of a K-way ranking without ties): the share the model orders as the data does (a model
+    tie counts as wrong), and the mean margin score(better) - score(worse)."""
+    pairs = correct = 0
+    margin = 0.0
+    for record, row_scores in zip(records, scores):
+        for better, worse in record.pairs():
+            pairs += 1
+            correct += row_scores[better] > row_scores[worse]
+            margin += row_scores[better] - row_scores[worse]
+    return {"pairs": pairs, "accuracy": correct / max(pairs, 1), "mean_margin": margin / max(pairs, 1)}
+
+
+def rank_accuracy(model_dir: str, data: str, max_length: int, max_prompt_length: int, on_error: str = "raise",
+                  batch_size: int = 8) -> dict[str, float]:
+    records, scores, skipped = _load_and_score(model_dir, data, max_length, max_prompt_length, on_error, batch_size)
+    return {"model": model_dir, "data": data, "rows": len(records), "skipped": skipped,
+            **pair_accuracy(records, scores)}
+
+
+def write_json(path: str, values: dict) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(values, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def score_file(model_dir: str, data: str, out: str, max_length: int, max_prompt_length: int,
+               on_error: str = "raise", batch_size: int = 8) -> dict[str, float]:
+    records, scores, skipped = _load_and_score(model_dir, data, max_length, max_prompt_length, on_error, batch_size)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    pairs = correct = 0
     with tmp.open("w", encoding="utf-8") as handle:
         for record, row_scores in zip(records, scores):
             handle.write(json.dumps({"source": record.source, "prompt": record.prompt[-1].content,
                                      "responses": record.responses, "scores": row_scores}) + "\n")
-            for better, worse in record.pairs():
-                pairs += 1
-                correct += row_scores[better] > row_scores[worse]
     os.replace(tmp, out_path)
-    return {"rows": len(records), "skipped": report.skipped, "pairs": pairs, "accuracy": correct / max(pairs, 1)}
+    return {"rows": len(records), "skipped": skipped, **pair_accuracy(records, scores)}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import DPOConfig, PipelineConfig, PPOConfig, RMConfig, SFTConfig
+from rlhf.config import DPOConfig, EvalConfig, PipelineConfig, PPOConfig, RMConfig, SFTConfig
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ STAGES: dict[str, Stage] = {
     "dpo": Stage("dpo", DPOConfig, "stages.dpo",
                  "Direct preference optimisation (DPO / IPO) of the SFT model on ranked answers.",
                  ("data.train", "data.eval", "eval.prompts")),
+    "eval": Stage("eval", EvalConfig, "stages.eval",
+                  "Judge a policy's sampled answers (and its win rate against a baseline) on held-out prompts.",
+                  ("prompts", "pretrain")),
     "pipeline": Stage("pipeline", PipelineConfig, "stages.pipeline",
                       "Run SFT -> RM -> PPO (or SFT -> DPO) with lineage, skipping stages that are up to date."),
 }

@@ -1,0 +1,1 @@
+"""`rlhf eval` and `rlhf rm eval`: judging a policy's sampled answers, and a reward model's ranking."""
