@@ -957,6 +957,36 @@ class PipelineConfig:
             section.path = str(root / parent / "model")
         return cfg
 
+    def wired_eval(self, pending: bool = False) -> EvalConfig:
+        """The eval section as the pipeline runs it after its last stage (see `eval`). `pending`:
+        before the stages ran, parent exports stand in as placeholders and the RM judge is left out."""
+        import copy
+
+        root, last = Path(self.output_dir), self.stages[-1]
+        cfg = copy.deepcopy(self.eval)
+        cfg.output_dir = str(root / "eval")
+        cfg.kernels = cfg.kernels.effective()
+
+        def export(stage: str) -> str:
+            return f"pending-{stage}" if pending else str(root / stage / "model")
+
+        if not cfg.policy.path and cfg.policy.tiny is None:
+            cfg.policy.path = export(last)
+        if not cfg.baseline.path and cfg.baseline.tiny is None and last != "sft":
+            cfg.baseline.path = export("sft")
+        stage = getattr(self, last)
+        if not cfg.prompts.given:
+            held_out = stage.data.eval_prompts if last == "ppo" else stage.eval.prompts if last == "dpo" else None
+            if held_out is not None and held_out.given:
+                cfg.prompts = copy.deepcopy(held_out)
+        if not cfg.pretrain.given and last in ("sft", "ppo"):
+            cfg.pretrain = copy.deepcopy(stage.data.pretrain)
+        if not cfg.judges:
+            gold = stage.eval.gold_reward if last in ("ppo", "dpo") else None
+            reads_rm = "rm" in self.stages or (last == "ppo" and self._ppo_reads_rm())
+            cfg.judges = ([gold] if gold else []) + ([export("rm")] if reads_rm and not pending else [])
+        return cfg
+
     def parents(self, stage: str) -> list[str]:
         """Earlier stages whose exports this stage reads (by the wiring above)."""
         if stage in ("rm", "dpo"):
@@ -984,6 +1014,11 @@ class PipelineConfig:
                 cfg.validate()
             except ConfigError as exc:
                 raise ConfigError(f"{stage} section: {exc}") from None
+        if self.eval is not None:
+            try:
+                self.wired_eval(pending=True).validate()
+            except ConfigError as exc:
+                raise ConfigError(f"eval section: {exc}") from None
 
 
 STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,

@@ -1,5 +1,7 @@
 """A short table of a quickstart-style run: SFT eval loss, RM held-out accuracy, DPO held-out
-accuracy and gold reward, PPO (or GRPO, ...) gold reward before/after, reward and KL. `python -m rlhf.summary runs/quickstart`."""
+accuracy and gold reward, PPO (or GRPO, ...) gold reward before/after, reward and KL, and where
+the pipeline ran `rlhf eval`: the final policy's win rate against SFT, reward and KL.
+`python -m rlhf.summary runs/quickstart`."""
 
 from __future__ import annotations
 
@@ -37,6 +39,26 @@ def summary_rows(root: str | Path) -> list[tuple[str, str]]:
             rows.append(("PPO gold reward (held-out)", _before_after(ppo, "eval/gold_reward")))
         rows.append(("PPO reward (held-out)", f"{ppo.get('initial_eval/reward', float('nan')):.3f} -> {ppo['eval/reward']:.3f}"))
         rows.append(("PPO KL to reference (nats/answer)", f"{ppo['eval/kl']:.3f}"))
+    return rows + eval_rows(root / "eval" / "eval.json")
+
+
+def eval_rows(path: Path) -> list[tuple[str, str]]:
+    """The headline numbers of an `rlhf eval` run: win rate against the baseline and reward per
+    judge, and the KL to the reference."""
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text(encoding="utf-8"))
+    policy, baseline = result["models"]["policy"], result["models"].get("baseline")
+    rows = []
+    for judge in result["judges"]:
+        win = result["win_rate"].get(judge)
+        if win:
+            rows.append((f"Eval win rate vs baseline ({judge})", f"{win['rate']:.3f} [{win['low']:.3f}, {win['high']:.3f}]"))
+        before = f"{baseline[f'reward/{judge}']:.3f} -> " if baseline else ""
+        rows.append((f"Eval reward ({judge}{', baseline -> policy' if baseline else ''})",
+                     f"{before}{policy[f'reward/{judge}']:.3f}"))
+    if "kl" in policy:
+        rows.append(("Eval KL to reference (nats/answer)", f"{policy['kl']:.3f}"))
     return rows
 
 

@@ -7,7 +7,9 @@ resolved config, hashes of its input data, its parents' lineage ids, the code ve
 metrics summary. A stage is skipped when the stored lineage equals the one it would produce
 and its model export is complete, so a second run of the same config trains nothing; a
 changed field re-runs its stage and, through the parent ids, every stage after it. `--from`
-forces a restart point. A stage that was interrupted resumes from its last checkpoint.
+forces a restart point. A stage that was interrupted resumes from its last checkpoint. With an
+`eval` section, `rlhf eval` then judges the last stage's export against the SFT export
+(output_dir/eval/eval.json, eval.md), every time: it is quick and trains nothing.
 """
 
 from __future__ import annotations
@@ -129,6 +131,14 @@ def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
             (run_dir / PENDING_FILE).unlink(missing_ok=True)
             lineages[stage] = expected
             outcome[stage] = "ran"
+
+        # 5. Judge the last stage's export against the SFT export (always: it trains nothing).
+        if cfg.eval is not None:
+            eval_cfg = cfg.wired_eval()
+            eval_cfg.validate()
+            print(f"[pipeline] eval: {eval_cfg.policy.path} against {eval_cfg.baseline.path or 'no baseline'}")
+            STAGES["eval"].main(eval_cfg)
+            outcome["eval"] = "ran"
 
     print_table(summary_rows(root))
     return outcome

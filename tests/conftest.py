@@ -160,3 +160,18 @@ def quickstart_models(tmp_path_factory, quickstart_data) -> dict[str, Path]:
     rm_result = rm.main(rm_cfg)
     return {"sft": sft_result.model_dir, "rm": rm_result.model_dir, "sft_metrics": sft_result.metrics,
             "rm_metrics": rm_result.metrics}
+
+
+@pytest.fixture(scope="session")
+def quickstart_ppo(tmp_path_factory, quickstart_data, quickstart_models):
+    """The quickstart PPO run (configs/ppo.yaml on the session's SFT and RM exports), trained
+    once per test session: (config, StageResult)."""
+    from rlhf.config import PPOConfig, load_config
+    from stages import ppo
+
+    out = tmp_path_factory.mktemp("ppo_baseline")
+    cfg = load_config(PPOConfig, [str(REPO / "configs" / "ppo.yaml")], [
+        f"model.path={quickstart_models['sft']}", f"reward_model.path={quickstart_models['rm']}",
+        f"data.prompts.path={quickstart_data['prompts']}", f"data.eval_prompts.path={quickstart_data['prompts_eval']}",
+        f"data.pretrain.path={quickstart_data['pretrain']}", f"output_dir={out}", "logging.progress=false"])
+    return cfg, ppo.main(cfg)

@@ -52,10 +52,8 @@ def test_ppo_smoke_on_tiny_models_logs_every_metric(tmp_path, capsys, quickstart
 
 
 @pytest.fixture(scope="session")  # session: the always-run check and the budgeted ones that reuse it run apart
-def baseline(tmp_path_factory, quickstart_data, quickstart_models):
-    out = tmp_path_factory.mktemp("ppo_baseline")
-    cfg = ppo_config(out, quickstart_data, quickstart_models)
-    return cfg, ppo.main(cfg)
+def baseline(quickstart_ppo):
+    return quickstart_ppo  # tests/conftest.py: `rlhf eval`'s test judges the same run
 
 
 @pytest.mark.slow
