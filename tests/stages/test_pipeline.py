@@ -11,6 +11,7 @@ import pytest
 from rlhf.config import PipelineConfig, load_config
 from rlhf.lineage import read_lineage
 from rlhf.logging.metrics import read_metrics
+from rlhf.summary import summary_rows
 from stages import pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,8 +114,15 @@ def test_sft_then_grpo_needs_no_reward_model(tmp_path, quickstart_data):
     root = tmp_path / "run"
     cfg = tiny_pipeline(root, quickstart_data, "stages=[sft,ppo]", "ppo.ppo.advantage=grpo",
                         "ppo.reward.functions=[rlhf.data.quickstart:gold_reward]", "ppo.reward.normalize=none",
-                        "ppo.rollout.n_samples_per_prompt=2", "ppo.ppo.rollout_batch_size=4", "ppo.kl.coef=0")
-    assert pipeline.main(cfg) == {"sft": "ran", "ppo": "ran"}
+                        "ppo.rollout.n_samples_per_prompt=2", "ppo.ppo.rollout_batch_size=4", "ppo.kl.coef=0",
+                        "ppo.eval.gold_reward=rlhf.data.quickstart:gold_reward", "eval.max_prompts=4",
+                        "eval.max_new_tokens=6", "eval.pretrain_max_rows=4")
+    assert pipeline.main(cfg) == {"sft": "ran", "ppo": "ran", "eval": "ran"}
+    # The eval section: the GRPO export judged by the gold rule against the SFT export, in the table.
+    result = json.loads((root / "eval" / "eval.json").read_text())
+    assert (result["policy"], result["baseline"]) == (str(root / "ppo" / "model"), str(root / "sft" / "model"))
+    assert result["judges"] == ["gold_reward"] and result["answers"] == 4 and "perplexity" in result["models"]["policy"]
+    assert "Eval win rate vs baseline (gold_reward)" in dict(summary_rows(root))
     lineage = {stage: read_lineage(root / stage) for stage in ("sft", "ppo")}
     assert lineage["ppo"].parents == {"sft": lineage["sft"].lineage_id}
     assert "reward_model.path" not in lineage["ppo"].inputs and not (root / "rm").exists()
@@ -131,3 +139,18 @@ def test_dpo_is_the_alternative_to_rm_and_ppo(tmp_path, quickstart_data):
         tiny_pipeline(tmp_path / "run", quickstart_data, "stages=[dpo,sft]").validate()
     # Without rewards from code, a PPO stage after [sft] alone reads the RM export of an earlier run.
     assert tiny_pipeline(tmp_path / "run", quickstart_data, "stages=[sft,ppo]").parents("ppo") == ["sft", "rm"]
+
+
+def test_the_eval_section_is_wired_to_the_last_export_sft_and_the_judges(tmp_path, quickstart_data):
+    root = tmp_path / "run"
+    cfg = tiny_pipeline(root, quickstart_data, "eval.samples_per_prompt=2")
+    wired = cfg.wired_eval()
+    assert (wired.policy.path, wired.baseline.path) == (str(root / "ppo" / "model"), str(root / "sft" / "model"))
+    assert wired.judges == ["rlhf.data.quickstart:gold_reward", str(root / "rm" / "model")]
+    assert wired.prompts.path == quickstart_data["prompts_eval"] and wired.pretrain.path == quickstart_data["pretrain"]
+    assert wired.output_dir == str(root / "eval") and wired.samples_per_prompt == 2
+    assert tiny_pipeline(root, quickstart_data).eval is None  # no section: no eval
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval section: judges\\[0\\]='no/such/dir'"):
+        tiny_pipeline(root, quickstart_data, "eval.judges=[no/such/dir]")
