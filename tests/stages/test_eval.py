@@ -60,6 +60,7 @@ def test_rm_eval_with_a_missing_model_is_one_line(tmp_path, quickstart_data, cap
 
 
 @pytest.mark.slow
+@pytest.mark.claim
 def test_quickstart_ppo_beats_sft_and_the_rm_ranks_as_the_gold_rule(tmp_path, quickstart_ppo, quickstart_models,
                                                                     quickstart_data, capsys):
     """The issue's check: `rlhf eval` on the quickstart PPO export against the SFT export
@@ -79,15 +80,23 @@ def test_quickstart_ppo_beats_sft_and_the_rm_ranks_as_the_gold_rule(tmp_path, qu
     assert 0 < result["models"]["policy"]["kl"] < cfg.kl.target
     capsys.readouterr()
 
-    rank = tmp_path / "hand.jsonl"
-    rows = [("List 3 fruits in uppercase.", ["APPLE, PEAR, MANGO", "APPLE, PEAR, DOG", "APPLE, APPLE, pear", "RED, BLUE"]),
-            ("Name 2 animals, in lowercase.", ["cat, dog", "cat, red", "Cat, Cat", "iron, gold"]),
+    # Hand-made 3-way rankings, strictly ordered by the gold rule (1.0 > 0.4-0.67 > 0); the
+    # same file reversed must give exactly the complementary accuracy and the opposite margin.
+    rows = [("List 3 fruits in uppercase.", ["APPLE, PEAR, MANGO", "APPLE, PEAR, DOG", "RED, BLUE"]),
+            ("Name 2 animals, in lowercase.", ["cat, dog", "cat, red", "iron, gold"]),
             ("Give me 4 colors capitalized, separated by commas.",
-             ["Red, Blue, Green, Pink", "Red, Blue, Green, Tin", "red, red, blue, blue", "Cow, Goat, Lion, Duck"])]
-    rank.write_text("".join(json.dumps({"prompt": p, "responses": r, "scores": [3, 2, 1, 0]}) + "\n" for p, r in rows))
-    assert main(["rm", "eval", "--model", str(quickstart_models["rm"]), "--data", str(rank),
-                 "--out", str(tmp_path / "rm_eval.json")]) == 0
-    out = json.loads((tmp_path / "rm_eval.json").read_text())
-    assert out["pairs"] == 3 * 6  # C(4,2) pairs per row
-    assert out["accuracy"] >= 0.8 and out["mean_margin"] > 0, out
-    assert f"pairwise accuracy {out['accuracy']:.4f} over 18 pairs" in capsys.readouterr().out
+             ["Red, Blue, Green, Pink", "Red, Blue, Tin, Duck", "Cow, Goat, Lion, Duck"]),
+            ("List 5 metals in lowercase.", ["iron, gold, silver, copper, tin", "iron, gold, dog, cat, red",
+                                             "apple, pear, plum, cow, owl"])]
+    out = {}
+    for name, scores in (("gold", [2, 1, 0]), ("reversed", [0, 1, 2])):
+        rank = tmp_path / f"{name}.jsonl"
+        rank.write_text("".join(json.dumps({"prompt": p, "responses": r, "scores": scores}) + "\n" for p, r in rows))
+        assert main(["rm", "eval", "--model", str(quickstart_models["rm"]), "--data", str(rank),
+                     "--out", str(tmp_path / f"{name}_eval.json")]) == 0
+        out[name] = json.loads((tmp_path / f"{name}_eval.json").read_text())
+        assert out[name]["pairs"] == 4 * 3  # C(3,2) pairs per row
+        assert f"pairwise accuracy {out[name]['accuracy']:.4f} over 12 pairs" in capsys.readouterr().out
+    assert out["gold"]["accuracy"] >= 0.75 and out["gold"]["mean_margin"] > 0, out
+    assert out["reversed"]["accuracy"] == pytest.approx(1 - out["gold"]["accuracy"])
+    assert out["reversed"]["mean_margin"] == pytest.approx(-out["gold"]["mean_margin"], rel=1e-5)
