@@ -390,7 +390,9 @@ class RolloutConfig:
     """0 disables top-k filtering."""
     top_p: float = 1.0
     batch_size: int = 32
-    """Prompts generated together."""
+    """Sequences generated together (each of a prompt's ppo.n_samples_per_prompt answers counts
+    as one): the decode and hf engines' batch; the vLLM engine hands each engine at most this
+    many requests per call (answers are seeded one by one, so it changes no token)."""
     reuse_logprobs: Union[bool, str] = "auto"
     """auto, true or false. Use the decode engine's log-probs of the sampled tokens as PPO's old
     log-probs (π_old) instead of a second actor forward. In fp32 the two differ only by float

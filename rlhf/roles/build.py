@@ -100,7 +100,7 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
         # The Ray layer starts the engine actors and attaches them (rlhf/ray/vllm_engines.py);
         # vLLM itself runs there, not in the trainer's process.
         return EngineActorsEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, world=strategy,
-                                  dtype=compute_dtype(cfg, strategy))
+                                  dtype=compute_dtype(cfg, strategy), batch_size=cfg.rollout.batch_size)
     try:
         from rlhf.rollout.vllm_engine import VLLMEngine
         from rlhf.rollout.vllm_sampler import SamplerSettings
@@ -121,7 +121,7 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
         enable_sleep_mode=vllm.sleep and strategy.device.type == "cuda", enforce_eager=vllm.enforce_eager,
         load_format="dummy", distributed_executor_backend="external_launcher" if on_gpus else None)
     return VLLMEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, settings, world=strategy,
-                      sleep=vllm.sleep)
+                      sleep=vllm.sleep, batch_size=cfg.rollout.batch_size)
 
 
 def compute_dtype(cfg: PPOConfig, strategy: Strategy) -> torch.dtype:

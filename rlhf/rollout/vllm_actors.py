@@ -54,8 +54,9 @@ class EngineActor:
         self.syncs = 0
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> list[tuple[list[int], list[float]]]:
-        return self.sampler.generate(prompts, params, seeds)
+                 seeds: Sequence[int] | None = None, batch_size: int | None = None
+                 ) -> list[tuple[list[int], list[float]]]:
+        return self.sampler.generate(prompts, params, seeds, batch_size)
 
     def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str) -> list[int]:
         """Every worker of this engine joins the group (ranks first_rank, first_rank + 1, ...)."""
@@ -87,7 +88,9 @@ class RemoteSamplers:
         self.engines = list(engines)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 seeds: Sequence[int] | None = None) -> list[tuple[list[int], list[float]]]:
+                 seeds: Sequence[int] | None = None, batch_size: int | None = None
+                 ) -> list[tuple[list[int], list[float]]]:
+        """`batch_size`: per engine and vLLM call."""
         import ray
 
         if not self.engines:
@@ -96,7 +99,7 @@ class RemoteSamplers:
         for engine, part in zip(self.engines, row_slices(len(prompts), len(self.engines))):
             if part.stop > part.start:
                 refs.append(engine.generate.remote([list(p) for p in prompts[part]], params,
-                                                   None if seeds is None else list(seeds[part])))
+                                                   None if seeds is None else list(seeds[part]), batch_size))
         return [answer for answers in ray.get(refs) for answer in answers]
 
     def sleep(self) -> None:
@@ -110,11 +113,11 @@ class EngineActorsEngine(VLLMEngine):
     """The PPO actor role's engine when its vLLM engines are Ray actors."""
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, world: Collective | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, batch_size: int = 32):
         """`dtype`: what the weights are sent as (the trainer's compute dtype; None: as they
         are). The engine actors come later, with `attach` (the Ray layer starts them)."""
         super().__init__(model, eos_token_id, pad_token_id, SamplerSettings(), world=world, sleep=False,
-                         sampler=RemoteSamplers())
+                         sampler=RemoteSamplers(), batch_size=batch_size)
         self.dtype = dtype
         self.group: WeightGroup | None = None
 

@@ -12,6 +12,9 @@ rollout.vllm.placement=colocate), returned as the decode engine returns them.
   merged). The actor calls it before a rollout whenever an update has changed them (and
   before the first one: the engine starts from random weights of the model's shape, so it
   never reads a checkpoint the trainer has already loaded, possibly as GGUF or sharded).
+- Batches: each engine is handed at most `batch_size` (rollout.batch_size) requests per vLLM
+  call, so that its KV cache and a step's activations are bounded by it as the decode
+  engine's are; every answer keeps its seed, so the chunking changes no token.
 - Memory: with `sleep` the engine's KV cache (on a GPU also its weights) is released after
   each rollout and restored before the next (`VLLMSampler.sleep`).
 
@@ -80,10 +83,12 @@ class VLLMEngine(RolloutEngine):
     needs_sync = True
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, settings: SamplerSettings,
-                 world: Collective | None = None, sleep: bool = True, sampler: VLLMSampler | None = None):
+                 world: Collective | None = None, sleep: bool = True, sampler: VLLMSampler | None = None,
+                 batch_size: int = 32):
         """An engine for the policy `model` (the trainer's module); `settings` as rollout.vllm
-        gives them. `sampler`: an engine built already (tests share one)."""
-        super().__init__(model, eos_token_id, pad_token_id, world=world, gather_weights=False)
+        gives them. `sampler`: an engine built already (tests share one). `batch_size`: answers
+        (sequences: each of a group's n counts) per vLLM call."""
+        super().__init__(model, eos_token_id, pad_token_id, batch_size, world=world, gather_weights=False)
         self.sleep = sleep
         if sampler is None:
             sampler = colocated_sampler(model, settings, eos_token_id)
@@ -102,7 +107,7 @@ class VLLMEngine(RolloutEngine):
         request_seeds = None if seeds is None else [sample_seed(seeds.seed, int(i)) for i in seeds.ids]
         self.sampler.wake_up()
         try:
-            answers = self.sampler.generate(prompts, params, request_seeds)
+            answers = self.sampler.generate(prompts, params, request_seeds, batch_size=self.batch_size)
         finally:
             if self.sleep:
                 self.sampler.sleep()

@@ -178,16 +178,28 @@ class VLLMSampler:
                               seed=seed, logprobs=0, stop_token_ids=[self.eos_token_id], ignore_eos=True,
                               detokenize=False, skip_special_tokens=False)
 
-    def generate(self, prompts: Sequence[Sequence[int]], params, seeds: Sequence[int] | None = None
-                 ) -> list[tuple[list[int], list[float]]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params, seeds: Sequence[int] | None = None,
+                 batch_size: int | None = None) -> list[tuple[list[int], list[float]]]:
         """For each prompt (token ids) its sampled tokens (EOS included where it came) and each
         one's log-prob under softmax(logits / T) (with top-k/top-p set: of the filtered
         distribution, see the module docstring). `params`: rlhf's `SamplingParams`. `seeds`:
-        one per prompt, so that an answer depends only on its own seed."""
-        from vllm.inputs import TokensPrompt
-
+        one per prompt, so that an answer depends only on its own seed, not on which prompts
+        share its call. `batch_size`: at most that many prompts per vLLM call (None: all)."""
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        step = batch_size or max(len(prompts), 1)
+        results = []
+        for start in range(0, len(prompts), step):
+            part = slice(start, start + step)
+            results += self._generate(prompts[part], params, None if seeds is None else seeds[part])
+        return results
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params, seeds: Sequence[int] | None
+                  ) -> list[tuple[list[int], list[float]]]:
+        from vllm.inputs import TokensPrompt
+
         per_prompt = [self.sampling_params(params.max_new_tokens, params.temperature, params.top_k, params.top_p,
                                            None if seeds is None else int(seeds[i])) for i in range(len(prompts))]
         requests = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts]

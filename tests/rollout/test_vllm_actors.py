@@ -75,7 +75,7 @@ class _FakeEngine:
     """An engine actor's `generate` with Ray's call shape; answers tag the engine and the seed."""
 
     def __init__(self, index: int, calls: list):
-        self.generate = _Remote(lambda prompts, params, seeds: (calls.append((index, len(prompts))) or
+        self.generate = _Remote(lambda prompts, params, seeds, batch_size: (calls.append((index, len(prompts))) or
                                                                 [([index, seed], [0.0, 0.0]) for seed in seeds]))
 
 

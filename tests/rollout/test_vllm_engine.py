@@ -101,6 +101,24 @@ def test_answers_are_the_policys_cut_at_eos_and_seeded_per_answer(setup):
     assert filtered.logprobs is None
 
 
+def test_rollout_batch_size_chunks_the_calls_and_changes_no_token(setup, monkeypatch):
+    actor, _ = setup
+    engine, llm = actor.engine, actor.engine.sampler.llm
+    sizes: list[int] = []
+    generate = llm.generate
+    monkeypatch.setattr(llm, "generate", lambda requests, *args, **kwargs: (sizes.append(len(requests)) or
+                                                                             generate(requests, *args, **kwargs)))
+    seeds = SampleSeeds(21, range(len(PROMPTS)))
+    monkeypatch.setattr(engine, "batch_size", 3)
+    chunked = engine.generate(PROMPTS, PARAMS, seeds)
+    assert sizes == [3, 3, 2]
+    monkeypatch.setattr(engine, "batch_size", len(PROMPTS))
+    whole = engine.generate(PROMPTS, PARAMS, seeds)
+    assert sizes[3:] == [len(PROMPTS)]
+    assert chunked.responses.tolist() == whole.responses.tolist()
+    assert torch.allclose(chunked.logprobs, whole.logprobs, atol=SAME)
+
+
 def test_after_an_update_only_a_synced_engine_samples_the_new_policy(setup):
     actor, _ = setup
     rollout = actor.generate(PROMPTS, PARAMS, seed=11)
