@@ -325,8 +325,10 @@ class VLLMConfig:
     """Longest prompt + answer the engine accepts; None: data.max_prompt_length +
     rollout.max_new_tokens."""
     dtype: str = "auto"
-    """The engine's weights and compute: auto (the dtype of the actor's weights), float32,
-    bfloat16, float16."""
+    """The engine's weights and compute: float32, bfloat16, float16, or auto: what the actor's
+    forwards compute in, for both placements: bf16/fp16 where strategy.mixed_precision resolved
+    to it (auto: a GPU with bf16, or a CPU whose bf16 probe / RLHF_CPU_BF16 says so), else the
+    dtype of the actor's weights (rlhf/rollout/vllm_dtype.py)."""
     tensor_parallel_size: int = 1
     """Devices one engine spans. Colocated: 1 per trainer process (each process samples its own
     share of the prompts); larger with placement=actors."""

