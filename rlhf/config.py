@@ -355,6 +355,10 @@ class VLLMConfig:
     be high (0.9)."""
     cpus_per_engine: float = 1.0
     """placement=actors on CPUs: the CPUs each engine actor reserves (and its threads)."""
+    sync_timeout_s: float = 300.0
+    """placement=actors: the longest one collective of the weight broadcast (and the engines'
+    joining it) may wait. An engine actor that dies mid-broadcast fails the sync with the
+    engine and the tensor named: over gloo at once, over NCCL after this long."""
 
     def validate(self) -> None:
         _choice("rollout.vllm.placement", self.placement, ("colocate", "actors"))
@@ -375,6 +379,8 @@ class VLLMConfig:
         if self.engines < 1 or self.cpus_per_engine <= 0:
             raise ConfigError(f"rollout.vllm.engines={self.engines} must be >= 1 and rollout.vllm.cpus_per_engine="
                               f"{self.cpus_per_engine} > 0")
+        if self.sync_timeout_s <= 0:
+            raise ConfigError(f"rollout.vllm.sync_timeout_s={self.sync_timeout_s} must be > 0")
         if self.tis_cap < 1:
             raise ConfigError(f"rollout.vllm.tis_cap={self.tis_cap} must be >= 1 (a cap below 1 shrinks every token)")
 

@@ -101,7 +101,7 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
         # vLLM itself runs there, not in the trainer's process.
         return EngineActorsEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, world=strategy,
                                   dtype=strategy_engine_dtype(vllm.dtype, strategy, model),
-                                  batch_size=cfg.rollout.batch_size)
+                                  batch_size=cfg.rollout.batch_size, sync_timeout_s=vllm.sync_timeout_s)
     try:
         from rlhf.rollout.vllm_engine import VLLMEngine
         from rlhf.rollout.vllm_sampler import SamplerSettings

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +28,7 @@ import torch
 from rlhf.rollout.engine import Collective, SamplingParams, row_slices
 from rlhf.rollout.vllm_engine import VLLMEngine
 from rlhf.rollout.vllm_sampler import SamplerSettings, VLLMSampler
-from rlhf.rollout.weight_broadcast import WeightGroup, WeightReceiver, backend_for, open_store
+from rlhf.rollout.weight_broadcast import WeightGroup, WeightReceiver, WeightSyncError, backend_for, open_store
 from rlhf.rollout.weights import iter_full_weights
 
 
@@ -58,10 +59,12 @@ class EngineActor:
                  ) -> list[tuple[list[int], list[float]]]:
         return self.sampler.generate(prompts, params, seeds, batch_size)
 
-    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str) -> list[int]:
-        """Every worker of this engine joins the group (ranks first_rank, first_rank + 1, ...)."""
+    def join_weight_group(self, host: str, port: int, first_rank: int, world_size: int, backend: str,
+                          timeout_s: float = 600.0) -> list[int]:
+        """Every worker of this engine joins the group (ranks first_rank, first_rank + 1, ...);
+        `timeout_s` bounds each of its collectives."""
         return self.sampler.llm.collective_rpc("rlhf_join_weight_group",
-                                               args=(host, port, first_rank, world_size, backend))
+                                               args=(host, port, first_rank, world_size, backend, timeout_s))
 
     def receive_weights(self) -> int:
         """Receive one broadcast of the trainer's weights into every worker; tensors loaded."""
@@ -113,12 +116,15 @@ class EngineActorsEngine(VLLMEngine):
     """The PPO actor role's engine when its vLLM engines are Ray actors."""
 
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, world: Collective | None = None,
-                 dtype: torch.dtype | None = None, batch_size: int = 32):
+                 dtype: torch.dtype | None = None, batch_size: int = 32, sync_timeout_s: float = 300.0):
         """`dtype`: what the weights are sent as (the trainer's compute dtype; None: as they
-        are). The engine actors come later, with `attach` (the Ray layer starts them)."""
+        are). `sync_timeout_s`: the longest any collective of the weight broadcast may wait
+        (rollout.vllm.sync_timeout_s). The engine actors come later, with `attach` (the Ray
+        layer starts them)."""
         super().__init__(model, eos_token_id, pad_token_id, SamplerSettings(), world=world, sleep=False,
                          sampler=RemoteSamplers(), batch_size=batch_size)
         self.dtype = dtype
+        self.sync_timeout = timedelta(seconds=sync_timeout_s)
         self.group: WeightGroup | None = None
 
     @property
@@ -136,11 +142,12 @@ class EngineActorsEngine(VLLMEngine):
             return
         world_size = 1 + len(engines) * workers_per_engine
         device = getattr(self.world, "device", None) or torch.device("cpu")
-        store = open_store(host, 0, world_size)
+        timeout = self.sync_timeout
+        store = open_store(host, 0, world_size, timeout=timeout)
         joined = [engine.join_weight_group.remote(host, store.port, 1 + index * workers_per_engine, world_size,
-                                                  backend_for(device))
+                                                  backend_for(device), timeout.total_seconds())
                   for index, engine in enumerate(engines)]
-        self.group = _rendezvous(lambda: WeightGroup(store, 0, world_size, device, address=host), joined)
+        self.group = _rendezvous(lambda: WeightGroup(store, 0, world_size, device, timeout, address=host), joined)
 
     def sync_weights(self, model: torch.nn.Module | None = None, world: Collective | None = None) -> int:
         """Broadcast the trainer's current weights to every engine (every trainer rank calls
@@ -158,7 +165,10 @@ class EngineActorsEngine(VLLMEngine):
             if self.group is None:
                 raise RuntimeError("rollout.vllm.placement=actors: the engine actors were never attached")
             received = [engine.receive_weights.remote() for engine in self.sampler.engines]
-            sent = self.group.send(weights, self.dtype)
+            try:
+                sent = self.group.send(weights, self.dtype)
+            except WeightSyncError as error:
+                raise WeightSyncError(f"{error}; {_failed_engines(received)}", error.tensor) from error
             counts = ray.get(received)
             if any(count != sent for count in counts):
                 raise RuntimeError(f"weight sync: {sent} tensors sent, the engines loaded {counts}")
@@ -169,6 +179,26 @@ class EngineActorsEngine(VLLMEngine):
             world.all_reduce({"synced": 1.0}, op="max")
         self.synced_once = True
         return sent
+
+
+def _failed_engines(received: list, wait_s: float = 10.0) -> str:
+    """Which engine actors' receiving calls (`received`, one per engine, in engine order) have
+    failed, waiting up to `wait_s` for a dead actor's failure to reach us."""
+    import ray
+
+    ray.wait(received, num_returns=len(received), timeout=wait_s)
+    failed = []
+    for index, ref in enumerate(received):
+        ready, _ = ray.wait([ref], timeout=0)
+        if not ready:
+            continue
+        try:
+            ray.get(ready[0])
+        except Exception as error:  # noqa: BLE001  # reported, not handled
+            failed.append(f"engine actor {index} ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+    if not failed:
+        return f"no engine actor of {len(received)} reported a failure within {wait_s:.0f} s"
+    return "failed: " + "; ".join(failed)
 
 
 def _rendezvous(build: Callable[[], WeightGroup], joined: list) -> WeightGroup:

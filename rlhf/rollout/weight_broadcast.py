@@ -9,7 +9,11 @@ is touched, and both sides may already have theirs.
 After each actor update, trainer rank 0 sends each whole tensor, one at a time: first a
 fixed-size header (HF name, dtype, shape) so that every receiver can allocate the buffer,
 then the tensor itself, on the group's device (a CPU tensor in an NCCL broadcast is an error).
-An empty header ends the stream. The receiving side is `WeightReceiver`, which vLLM mixes into
+An empty header ends the stream. Every collective waits at most the group's timeout
+(rollout.vllm.sync_timeout_s): a receiver that dies mid-stream fails the sender's broadcast
+(gloo at once, when the connection closes; NCCL when the wait runs out) with a
+`WeightSyncError` that names the tensor, rather than a trainer that waits for ever; the engine
+actors' client then names the engine that died (vllm_actors.py). The receiving side is `WeightReceiver`, which vLLM mixes into
 its worker class (`worker_extension_cls`) and which `LLM.collective_rpc` calls in every worker,
 so the workers of a tensor-parallel engine in other processes receive too; each reloads what
 it received a decoder layer at a time (`WeightLoader` of vllm_sampler.py: vLLM's in-place
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterable, Iterator
 
@@ -37,6 +43,15 @@ GROUP_PREFIX = "rlhf-weight-sync"
 
 DTYPES = {str(dtype): dtype for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64,
                                            torch.int32, torch.int8, torch.uint8, torch.bool)}
+
+
+class WeightSyncError(RuntimeError):
+    """A weight broadcast that failed or timed out part-way (a receiver died or stopped)."""
+
+    def __init__(self, message: str, tensor: str | None):
+        super().__init__(message)
+        self.tensor = tensor
+        """The HF name being sent when it failed (None: the end marker)."""
 
 
 def open_store(host: str, rank: int, world_size: int, port: int = 0,
@@ -79,7 +94,7 @@ class WeightGroup:
         """`address`: this process's node address (gloo listens there and tells the others
         to connect to it; by default gloo takes what the host name resolves to, often a
         loopback address that other nodes cannot reach)."""
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.device, self.timeout = rank, world_size, device, timeout
         store = dist.PrefixStore(GROUP_PREFIX, store)
         # Constructing the backend is the rendezvous: it returns once every rank has joined.
         if backend_for(device) == "nccl":
@@ -100,7 +115,7 @@ class WeightGroup:
             raise ValueError(f"weight sync: a tensor on {tensor.device} in a broadcast on {self.device}")
         options = dist.BroadcastOptions()
         options.rootRank, options.rootTensor = 0, 0
-        self.backend.broadcast([tensor], options).wait()
+        self.backend.broadcast([tensor], options).wait(self.timeout)
 
     def _header(self, header: dict | None = None) -> dict | None:
         """Broadcast one header from rank 0; every rank returns it (None: the stream's end)."""
@@ -117,16 +132,31 @@ class WeightGroup:
 
     def send(self, named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> int:
         """Rank 0: every (HF name, whole tensor) of `named`, cast to `dtype` (the trainer's
-        compute dtype; None: as given), one at a time; returns how many were sent."""
+        compute dtype; None: as given), one at a time; returns how many were sent. A broadcast
+        that fails or outlasts the group's timeout raises `WeightSyncError` naming the tensor."""
         assert self.rank == 0, "only rank 0 sends"
-        count = 0
+        count, started = 0, time.monotonic()
         for name, tensor in named:
             tensor = tensor.detach().to(device=self.device, dtype=dtype or tensor.dtype).contiguous()
-            self._header({"name": name, "dtype": str(tensor.dtype), "shape": list(tensor.shape)})
-            self._broadcast(tensor)
+            with self._failing_as(f"tensor {count + 1} ({name!r})", name, started):
+                self._header({"name": name, "dtype": str(tensor.dtype), "shape": list(tensor.shape)})
+                self._broadcast(tensor)
             count += 1
-        self._header(None)
+        with self._failing_as("the end-of-stream marker", None, started):
+            self._header(None)
         return count
+
+    @contextmanager
+    def _failing_as(self, what: str, name: str | None, started: float) -> Iterator[None]:
+        """A failed or timed-out collective (gloo and NCCL raise RuntimeErrors) as a WeightSyncError."""
+        try:
+            yield
+        except RuntimeError as error:
+            raise WeightSyncError(
+                f"weight sync: the broadcast of {what} to the {self.world_size - 1} vLLM engine worker(s) failed "
+                f"{time.monotonic() - started:.1f} s into the sync (timeout {self.timeout.total_seconds():.0f} s, "
+                f"rollout.vllm.sync_timeout_s): a receiver died or stopped receiving ({str(error).splitlines()[0]})",
+                name) from error
 
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Ranks > 0: each (name, tensor) as it arrives, until rank 0 ends the stream."""

@@ -63,6 +63,7 @@ def main(out_path: str) -> None:
     from rlhf.rollout.engine import SamplingParams
     from rlhf.rollout.vllm_actors import EngineActorsEngine, RemoteSamplers, policy_config_json
     from rlhf.rollout.vllm_sampler import SamplerSettings
+    from rlhf.rollout.weight_broadcast import WeightSyncError
 
     torch.set_num_threads(1)
     started = time.time()
@@ -91,7 +92,16 @@ def main(out_path: str) -> None:
         alone = engine.generate(prompts, params, seeds=seeds)
         same = bool(torch.equal(alone.sequences, split.sequences) and torch.equal(alone.logprobs, split.logprobs))
         pids = ray.get([handle.__ray_call__.remote(lambda actor: os.getpid()) for handle in engines.handles])
-        out = {"sent": sent, "resent": resent, "params": len(list(model.parameters())),
+        # Engine 1 dies: the next sync fails, naming it and a tensor, instead of waiting for it.
+        engine.sampler = RemoteSamplers(engines.handles)
+        ray.kill(engines.handles[1], no_restart=True)
+        tick = time.time()
+        try:
+            engine.sync_weights()
+            dead_engine_error = None
+        except WeightSyncError as error:
+            dead_engine_error = {"message": str(error), "tensor": error.tensor, "seconds": time.time() - tick}
+        out = {"dead_engine_error": dead_engine_error, "sent": sent, "resent": resent, "params": len(list(model.parameters())),
                "synced_before_update": synced_before, "stale": stale, "synced": synced,
                "split_equals_one_engine": same, "startup_s": ready, "sync_s": sync_s, "engine_pids": pids,
                "driver_pid": os.getpid()}

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _weight_receiver import receive
+from _weight_receiver import receive, receive_one_header_then_die
 from cluster.loopback import loopback_namespace_available, run_isolated
 from rlhf.errors import UserError
 from rlhf.ray.vllm_engines import engine_layout
 from rlhf.rollout.engine import row_slices
 from rlhf.rollout.vllm_actors import RemoteSamplers
-from rlhf.rollout.weight_broadcast import WeightGroup, open_store
+from rlhf.rollout.weight_broadcast import WeightGroup, WeightSyncError, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -66,6 +66,35 @@ def test_engine_layouts_give_each_engine_its_own_devices():
         engine_layout(2, on_gpus=False, cpus_per_engine=1)
 
 
+def test_a_receiver_that_dies_mid_broadcast_fails_the_sender_in_bounded_time_naming_the_tensor():
+    """The receiver is SIGKILLed after the first header: the sender raises WeightSyncError
+    naming a tensor of the stream within the group's timeout (plus slack), never hangs."""
+    import time
+    from datetime import timedelta
+
+    context = multiprocessing.get_context("spawn")
+    store = open_store("127.0.0.1", 0, 2)
+    receiver = context.Process(target=receive_one_header_then_die, args=(store.port,))
+    receiver.start()
+    try:
+        group = WeightGroup(store, 0, 2, torch.device("cpu"), timeout=timedelta(seconds=TIMEOUT_S))
+        # Enough data that no socket buffer could swallow the rest of the stream unread.
+        named = ((f"model.layers.{i}.mlp.up_proj.weight", torch.ones(512, 512)) for i in range(64))
+        started = time.monotonic()
+        with pytest.raises(WeightSyncError, match=r"model\.layers\.\d+\.mlp\.up_proj\.weight") as failed:
+            group.send(named)
+        elapsed = time.monotonic() - started
+    finally:
+        receiver.join(timeout=60)
+    assert receiver.exitcode == -9
+    assert failed.value.tensor.startswith("model.layers.")
+    assert "sync_timeout_s" in str(failed.value)
+    assert elapsed < TIMEOUT_S + 10
+
+
+TIMEOUT_S = 20
+
+
 class _Remote:
     def __init__(self, fn):
         self.remote = fn
@@ -99,7 +128,8 @@ def test_engine_actors_sample_from_the_broadcast_weights_and_stale_ones_do_not(t
     """Two engine actors: after an update and a broadcast, their log-probs of the tokens they
     sampled equal the trainer's forward over them (fp32, 1e-4); with the broadcast skipped
     they are off by far more (a stale engine fails the check). Prompts split over the two
-    give the answers one engine gives them (seeded per answer)."""
+    give the answers one engine gives them (seeded per answer). A killed engine fails the next
+    sync with its index and a tensor named, within seconds."""
     script = Path(__file__).with_name("_vllm_actor_sync.py")
     done = run_isolated([sys.executable, str(script), str(tmp_path / "out.json")], timeout=600,
                         env={"PYTHONPATH": str(REPO), **VLLM_ENV})
@@ -113,6 +143,10 @@ def test_engine_actors_sample_from_the_broadcast_weights_and_stale_ones_do_not(t
     assert out["synced_before_update"][0] < tolerance and out["synced"][0] < tolerance, out
     assert out["stale"][1] > 100 * tolerance, out  # mean gap: the stale engines are far outside the tolerance
     assert out["split_equals_one_engine"]  # prompts split over two engines: the answers one engine gives
+    # A killed engine actor fails the next sync at once (gloo sees the closed connection), named.
+    dead = out["dead_engine_error"]
+    assert dead is not None and dead["tensor"] and dead["seconds"] < 30, dead
+    assert "engine actor 1 (" in dead["message"] and "engine actor 0" not in dead["message"], dead["message"]
 
 
 @pytest.mark.slow
