@@ -231,6 +231,18 @@ def alternate(rounds: int, ours: Callable[[], Ours], peer: Callable[[], Peer] | 
     return ours_runs, peer_runs
 
 
+def rotate(rounds: int, sides: Sequence[Callable[[], Ours]]) -> list[list[Ours]]:
+    """`alternate` for more than two sides: round r runs them in order (A, B, C) when r is
+    even and reversed (C, B, A) when odd, so a drift of the machine's speed weighs on every
+    side alike; returns each side's runs."""
+    runs: list[list[Ours]] = [[] for _ in sides]
+    for round_index in range(rounds):
+        order = range(len(sides)) if round_index % 2 == 0 else reversed(range(len(sides)))
+        for index in order:
+            runs[index].append(sides[index]())
+    return runs
+
+
 def paired_ratio(ours: Sequence[float], peer: Sequence[float]) -> float | None:
     """The median over rounds of ours/peer, each round's two runs taken back to back."""
     ratios = [r for r in (ratio(o, p) for o, p in zip(ours, peer)) if r is not None]

