@@ -3,6 +3,10 @@
 
     python benchmarks/grpo.py --model tiny|smollm2 [--no-peer] [--overrides key=value ...]
 
+With `--overrides rollout.engine=vllm` the result also holds `vllm_startup`: the engine's
+import, construction and first rollout, measured before the stage, apart from its timed steps
+(benchmarks/vllm_side.py).
+
 One sample is one answer taken through a whole GRPO step: generate (each prompt's group of
 answers), score (the reward rule of benchmarks/reward_rule.py on every answer, the frozen
 reference's log-probs) and train (one optimizer step over all the step's answers). Both sides
@@ -23,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import common
+import vllm_side
 
 KL_COEF = 0.04
 LR = 1e-6
@@ -63,6 +68,8 @@ def main() -> None:
                 "beta": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": LR,
                 "reward_dir": str(common.HERE), "reward": REWARD})
 
+        startup = vllm_side.stage_startup(args.overrides, policy, records[8 : 8 + prompts_per_step], group,
+                                          scale.ppo_new_tokens, scale.max_prompt_length)
         ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
         ours_rates, fields = common.rl_step_rates(ours_runs, samples)
         ours_row = {"side": args.label, "model": args.model, **fields,
@@ -82,7 +89,7 @@ def main() -> None:
                 ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "reward",
                  "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "prompts_per_step": prompts_per_step, "samples_per_prompt": group,
-                 "max_new_tokens": scale.ppo_new_tokens, "kl_coef": KL_COEF, "overrides": args.overrides,
+                 "max_new_tokens": scale.ppo_new_tokens, "kl_coef": KL_COEF, "overrides": args.overrides, "vllm_startup": startup,
                  "rounds": args.rounds})
 
 

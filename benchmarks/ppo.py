@@ -3,6 +3,10 @@ PPOTrainer (TRL 1.12, the last release that ships it, from its own venv).
 
     python benchmarks/ppo.py --model tiny|smollm2 [--no-peer] [--overrides key=value ...]
 
+With `--overrides rollout.engine=vllm` the result also holds `vllm_startup`: the engine's
+import, construction and first rollout, measured before the stage, apart from its timed steps
+(benchmarks/vllm_side.py).
+
 One sample is one prompt's rollout taken through a whole PPO iteration: generate, score
 (reference log-probs, values, reward; ours also reuses the sampler's log-probs instead of
 an actor forward unless rollout.reuse_logprobs=false) and train (actor and critic over the
@@ -19,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import common
+import vllm_side
 
 PPO_EPOCHS = 2
 KL_COEF = 0.05
@@ -54,6 +59,8 @@ def main() -> None:
                 "mini_batch_size": mini, "ppo_epochs": PPO_EPOCHS, "response_length": scale.ppo_new_tokens,
                 "temperature": 1.0, "kl_coef": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-6})
 
+        startup = vllm_side.stage_startup(args.overrides, policy, records[8 : 8 + batch], 1,
+                                          scale.ppo_new_tokens, scale.max_prompt_length)
         ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
         ours_rates, fields = common.rl_step_rates(ours_runs, batch)
         ours_row = {"side": args.label, "model": args.model, **fields}
@@ -71,7 +78,7 @@ def main() -> None:
     common.emit(f"ppo_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows,
                 ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "batch": batch, "mini_batch": mini, "ppo_epochs": PPO_EPOCHS,
-                 "overrides": args.overrides, "rounds": args.rounds})
+                 "overrides": args.overrides, "vllm_startup": startup, "rounds": args.rounds})
 
 
 if __name__ == "__main__":
