@@ -389,8 +389,10 @@ class VLLMConfig:
 class RolloutConfig:
     engine: str = "decode"
     """decode: our sampling loop (prompts bucketed by length, finished rows leave the batch,
-    log-probs kept for PPO); hf: transformers `generate`; vllm: vLLM (rollout.vllm.*).
-    benchmarks/rollout.py compares them."""
+    log-probs kept for PPO); hf: transformers `generate`; vllm: vLLM (rollout.vllm.*); auto:
+    vllm or decode by device, installed vLLM, model and rollout.batch_size (the table in
+    rlhf/rollout/engine_choice.py), decided when the config is validated, said in the run's
+    log and recorded in config.yaml. benchmarks/rollout.py compares them."""
     max_new_tokens: int = 64
     temperature: float = 1.0
     """Sampling temperature; PPO log-probs are computed from logits divided by the same value."""
@@ -437,7 +439,7 @@ class RolloutConfig:
     """The vLLM engine's settings (rollout.engine=vllm)."""
 
     def validate(self) -> None:
-        _choice("rollout.engine", self.engine, ("decode", "hf", "vllm"))
+        _choice("rollout.engine", self.engine, ("decode", "hf", "vllm", "auto"))
         self.vllm.validate()
         if self.engine == "vllm" and self.temperature > 2:
             raise ConfigError(f"rollout.temperature={self.temperature} with rollout.engine=vllm: vLLM samples at "
@@ -770,11 +772,31 @@ class PPOConfig:
     def uses_critic(self) -> bool:
         return self.ppo.uses_critic
 
+    def _choose_rollout_engine(self) -> None:
+        """rollout.engine=auto -> decode or vllm (rlhf/rollout/engine_choice.py), from the
+        workers' device as `worker_devices` tells it (a GPU only where every candidate is
+        one) and the policy's shape read from its config; the reason is kept for the run's
+        log (`rollout.engine_reason`). The choice is then validated as if it had been given."""
+        from rlhf.plan.shapes import count_parameters
+        from rlhf.rollout.engine_choice import EngineFacts, choose_engine, vllm_importable
+
+        kinds = {kind for kind, _ in worker_devices(self.resources, self.ray)}
+        shape = count_parameters(self.model)
+        choice = choose_engine(EngineFacts(
+            device="cuda" if kinds == {"cuda"} else "cpu", vllm_importable=vllm_importable(),
+            architecture=shape.architecture, head_dim=shape.head_dim, params=shape.params,
+            batch_size=self.rollout.batch_size, temperature=max(self.rollout.temperature, self.eval.temperature or 0)))
+        self.rollout.engine = choice.engine
+        self.rollout.engine_reason = choice.reason  # not a field: the run's log says it, config.yaml has the engine
+        self.rollout.validate()
+
     def validate(self) -> None:
         sections = [self.model, self.data, self.rollout, self.reward, self.kl, self.ppo, self.alarms, self.train,
                     self.strategy, self.logging, self.resources, self.ray, self.kernels]
         for section in sections + ([self.reward_model] if self.uses_reward_model or not self.reward.from_code else []):
             section.validate()
+        if self.rollout.engine == "auto":
+            self._choose_rollout_engine()
         samples = self.samples_per_iteration
         if samples % self.ppo.mini_batch_size:
             raise ConfigError(f"ppo.rollout_batch_size x rollout.n_samples_per_prompt = {self.ppo.rollout_batch_size} x "

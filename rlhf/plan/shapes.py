@@ -34,6 +34,8 @@ class ModelShape:
     """None: hidden_size // num_heads."""
     tied_embeddings: bool = True
     """The LM head shares the input embedding's weights."""
+    architecture: Optional[str] = None
+    """The transformers class that builds it (LlamaForCausalLM, ...)."""
 
     @property
     def kv_width(self) -> int:
@@ -95,6 +97,7 @@ def count_parameters(model_cfg: ModelConfig, field_name: str = "model") -> Model
         num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or hidden // heads,
         tied_embeddings=head is None or head.weight is embedding.weight,
+        architecture=type(model).__name__,
     )
 
 

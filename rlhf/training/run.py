@@ -106,6 +106,9 @@ class Run:
             run.resources.close()
             raise UserError(refusal or f"{stage}: rank 0 refused output_dir {cfg.output_dir}")
         run._record_precision()
+        reason = getattr(getattr(cfg, "rollout", None), "engine_reason", None)
+        if reason:
+            run.say(f"rollout engine: {cfg.rollout.engine} (rollout.engine=auto: {reason})")
         return run
 
     def _record_precision(self) -> None:
