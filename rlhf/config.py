@@ -400,7 +400,7 @@ class RolloutConfig:
     """0 disables top-k filtering."""
     top_p: float = 1.0
     batch_size: int = 32
-    """Sequences generated together (each of a prompt's ppo.n_samples_per_prompt answers counts
+    """Sequences generated together (each of a prompt's rollout.n_samples_per_prompt answers counts
     as one): the decode and hf engines' batch; the vLLM engine hands each engine at most this
     many requests per call (answers are seeded one by one, so it changes no token)."""
     reuse_logprobs: Union[bool, str] = "auto"
