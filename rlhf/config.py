@@ -469,33 +469,34 @@ def _check_reuse_logprobs(value: Union[bool, str]) -> None:
         raise ConfigError(f"rollout.reuse_logprobs={value!r} is not one of: auto, true, false")
 
 
-def worker_devices(resources: ResourcesConfig, ray: RayConfig) -> list[tuple[str, bool]]:
+def worker_devices(resources: ResourcesConfig, ray: RayConfig, cfg: Any = None) -> list[tuple[str, bool]]:
     """The (device type, strategy.mixed_precision=auto gives bf16 there) pairs a stage's workers
     may run on, as far as the process that validates the config can tell. Without Ray (a plain
     process, or a torchrun / deepspeed-launcher worker, each of which loads the config itself)
     and on a local Ray that is this machine: its GPU, or its CPU as the probe decides (timed
     once per process, rlhf/distributed/precision.py). On a remote Ray cluster (`ray.address`
     set) only resources.gpus_per_worker says: 0 is CPU, > 0 a GPU of unknown kind, unset either;
-    a remote CPU may resolve either way."""
+    a remote CPU may resolve either way. `cfg`: the stage config whose model the probe times.
+    """
     remote = ray.enabled and bool(ray.address)
     gpus = resources.gpus_per_worker if ray.enabled else None
     if gpus == 0 or (ray.enabled and not remote and ray.num_gpus == 0):
-        return _cpu_devices(remote)
+        return _cpu_devices(remote, cfg)
     if remote:
-        return [("cuda", True), ("cuda", False)] + ([] if gpus else _cpu_devices(remote))
+        return [("cuda", True), ("cuda", False)] + ([] if gpus else _cpu_devices(remote, cfg))
     import torch  # here only: loading a config needs no torch otherwise
 
     if torch.cuda.is_available():
         return [("cuda", torch.cuda.is_bf16_supported())]
-    return _cpu_devices(remote)
+    return _cpu_devices(remote, cfg)
 
 
-def _cpu_devices(remote: bool) -> list[tuple[str, bool]]:
+def _cpu_devices(remote: bool, cfg: Any = None) -> list[tuple[str, bool]]:
     if remote:
         return [("cpu", False), ("cpu", True)]
-    from rlhf.distributed.precision import cpu_bf16_probe
+    from rlhf.distributed.precision import cpu_bf16_probe, probe_shape
 
-    return [("cpu", cpu_bf16_probe().bf16)]
+    return [("cpu", cpu_bf16_probe(shape=probe_shape(cfg)).bf16)]
 
 
 def resolve_reuse_logprobs(cfg: "PPOConfig", devices: Optional[Sequence[tuple[str, bool]]] = None) -> bool:
@@ -510,7 +511,7 @@ def resolve_reuse_logprobs(cfg: "PPOConfig", devices: Optional[Sequence[tuple[st
                               "rollout.reuse_logprobs=auto (the actor recomputes them), and rollout.vllm.logprobs=engine "
                               "to correct for the gap with truncated importance sampling")
         return False
-    devices = worker_devices(cfg.resources, cfg.ray) if devices is None else devices
+    devices = worker_devices(cfg.resources, cfg.ray, cfg) if devices is None else devices
     precisions = sorted({forward_precision(cfg.strategy, cfg.model, kind, bf16) for kind, bf16 in devices})
     fp32 = precisions == ["fp32"]
     if cfg.rollout.reuse_logprobs == "auto":

@@ -119,9 +119,12 @@ def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
             (run_dir / FINISHED_MARKER).unlink(missing_ok=True)
             write_lineage(run_dir, expected, PENDING_FILE)
             if cfg.ray.enabled and not ray_started:
+                from rlhf.distributed.precision import probe_shape
                 from rlhf.ray.session import ray_session
 
-                session.enter_context(ray_session(cfg.ray, STAGES[stage].code_dirs()))  # once, when a stage runs
+                # Once, when a stage runs; its workers take this stage's bf16 decision (the
+                # pipeline's stages share one backbone, so later stages' widths agree).
+                session.enter_context(ray_session(cfg.ray, STAGES[stage].code_dirs(), probe_shape(stage_cfg)))
                 ray_started = True
             result = _run(stage, stage_cfg)
 

@@ -34,7 +34,7 @@ import torch
 from rlhf.config_sections import StrategyConfig
 from rlhf.distributed import reshard
 from rlhf.distributed.env import prepare_deepspeed_import
-from rlhf.distributed.precision import resolve_precision
+from rlhf.distributed.precision import ProbeShape, resolve_precision
 from rlhf.distributed.group import DistributedStrategy
 from rlhf.distributed.optim import OptimizerSpec, build_scheduler, param_groups
 from rlhf.distributed.strategy import TrainedModel
@@ -85,10 +85,12 @@ def build_deepspeed_config(
     world_size: int,
     device_type: str,
     raw: dict | None = None,
+    probe_shape: ProbeShape | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON for one model, from our config, with `raw` merged over it."""
+    """The DeepSpeed JSON for one model, from our config, with `raw` merged over it
+    (`probe_shape`: the strategy's, for `auto` on a CPU)."""
     on_gpu = device_type == "cuda"
-    precision = resolve_precision(cfg.mixed_precision, torch.device(device_type))
+    precision = resolve_precision(cfg.mixed_precision, torch.device(device_type), probe_shape)
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -127,11 +129,12 @@ def build_deepspeed_config(
     return _merge(config, raw)
 
 
-def partitioned_config(cfg: StrategyConfig, world_size: int, device_type: str, raw: dict | None = None) -> dict:
+def partitioned_config(cfg: StrategyConfig, world_size: int, device_type: str, raw: dict | None = None,
+                       probe_shape: ProbeShape | None = None) -> dict:
     """The ZeRO-3 config that builds models partitioned (zero.Init) and runs frozen ones: no
     optimizer, one micro-batch per step (frozen engines never step); parameter offload,
     precision and the raw JSON's ZeRO and precision keys as for the trained models."""
-    precision = resolve_precision(cfg.mixed_precision, torch.device(device_type))
+    precision = resolve_precision(cfg.mixed_precision, torch.device(device_type), probe_shape)
     zero: dict[str, Any] = {"stage": 3}
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
@@ -171,7 +174,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1
     ) -> TrainedModel:
         config = build_deepspeed_config(self.cfg, spec, micro_batch_size, accumulation, self.world_size,
-                                        self.device.type, load_raw_config(self.cfg.deepspeed_config))
+                                        self.device.type, load_raw_config(self.cfg.deepspeed_config), self.probe_shape)
         engine, optimizer, _, scheduler = _deepspeed().initialize(
             model=model,
             model_parameters=param_groups(model, spec.weight_decay),
@@ -183,7 +186,7 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def _partitioned_config(self) -> dict:
         return partitioned_config(self.cfg, self.world_size, self.device.type,
-                                  load_raw_config(self.cfg.deepspeed_config))
+                                  load_raw_config(self.cfg.deepspeed_config), self.probe_shape)
 
     def placement(self) -> Placement:
         """ZeRO-3: built partitioned (zero.Init), so no rank holds a whole model; ZeRO 0-2

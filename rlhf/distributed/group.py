@@ -47,13 +47,13 @@ class DistributedStrategy(Strategy):
         """strategy.mixed_precision as this worker resolves it (auto: a timing on the CPU,
         rlhf/distributed/precision.py), the same on every worker, else a UserError: workers
         computing in different precisions would not give one model."""
-        precision = resolve_precision(self.cfg.mixed_precision, self.device)
+        precision = resolve_precision(self.cfg.mixed_precision, self.device, self.probe_shape)
         votes = self.all_reduce({name: float(precision == name) for name in ("no", "bf16", "fp16")}, op="sum")
         if votes[precision] < self.world_size:
             raise UserError(
                 f"strategy.mixed_precision={self.cfg.mixed_precision} resolves differently on the workers "
                 f"({', '.join(f'{int(n)} {name}' for name, n in votes.items() if n)}; this one: "
-                f"{cpu_bf16_probe().reason}); set strategy.mixed_precision=bf16 or no")
+                f"{cpu_bf16_probe(shape=self.probe_shape).reason}); set strategy.mixed_precision=bf16 or no")
         return precision
 
     def teardown(self) -> None:

@@ -47,13 +47,13 @@ class SingleStrategy(Strategy):
 
     def setup(self, seed: int) -> None:
         super().setup(seed)
-        self.precision = resolve_precision(self.cfg.mixed_precision, self.device)
+        self.precision = resolve_precision(self.cfg.mixed_precision, self.device, self.probe_shape)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
         """The autocast dtype of forwards, None for fp32."""
         return LOW_PRECISION.get(getattr(self, "precision", None) or
-                                 resolve_precision(self.cfg.mixed_precision, self.device))
+                                 resolve_precision(self.cfg.mixed_precision, self.device, self.probe_shape))
 
     def wrap(
         self, model: torch.nn.Module, spec: OptimizerSpec, accumulation: int = 1, micro_batch_size: int = 1

@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf.config_sections import StrategyConfig
 from rlhf.distributed.optim import OptimizerSpec
+from rlhf.distributed.precision import ProbeShape
 from rlhf.errors import ConfigError
 from rlhf.models.loading import WHOLE, Placement
 
@@ -153,9 +154,11 @@ REDUCE_OPS = ("mean", "sum", "max")
 class Strategy(World, ABC):
     """A world that trains: wraps models for an engine and runs their steps."""
 
-    def __init__(self, cfg: StrategyConfig):
+    def __init__(self, cfg: StrategyConfig, probe_shape: ProbeShape | None = None):
         super().__init__()
         self.cfg = cfg
+        self.probe_shape = probe_shape
+        """The model shape strategy.mixed_precision=auto times bf16 at on a CPU (precision.py)."""
 
     def accumulation_steps(self, global_batch_size: int, micro_batch_size: int) -> int:
         """Micro-batches per worker per optimizer step; a ConfigError unless the global batch

@@ -23,8 +23,10 @@ def run_stage_on_ray(stage: Any, cfg: Any) -> dict:
     then starts again with `train.resume=auto`, i.e. from the newest complete checkpoint,
     which restores the data position, so no batch is trained twice or skipped. After
     `train.max_restarts` restarts the stage stops, naming the role and the cause."""
+    from rlhf.distributed.precision import probe_shape
+
     name = stage.name
-    with ray_session(cfg.ray, stage.code_dirs()):
+    with ray_session(cfg.ray, stage.code_dirs(), probe_shape(cfg)):
         restarts = 0
         while True:
             try:

@@ -14,6 +14,7 @@ import torch
 
 from rlhf.config import PPOConfig
 from rlhf.distributed.factory import build_strategy
+from rlhf.distributed.precision import probe_shape
 from rlhf.distributed.strategy import World
 from rlhf.kernels import configure_process
 from rlhf.models.loading import load_tokenizer
@@ -41,7 +42,7 @@ class RoleWorker(WorkerBase):
         joins = trained or (cfg.strategy.shards_weights and self.world_size > 1)
         if joins:
             self.export_launch_env(master_addr, master_port)
-        self.world = build_strategy(cfg.strategy) if joins else World()
+        self.world = build_strategy(cfg.strategy, probe_shape(cfg)) if joins else World()
         self.world.setup(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         if self.role == "actor":

@@ -17,7 +17,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from rlhf.config_sections import RayConfig
 
@@ -39,9 +39,11 @@ def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str]) -> dict[
     return chosen
 
 
-def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None, code_dirs: Sequence[str] = ()) -> dict:
+def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None, code_dirs: Sequence[str] = (),
+                probe_shape: Any = None) -> dict:
     """`code_dirs`: package directories shipped to a joined cluster besides `rlhf` itself (the
-    stage registry's, which the caller knows)."""
+    stage registry's, which the caller knows). `probe_shape`: the model the driver's bf16
+    probe timed (precision.probe_shape of the stage config)."""
     environ = os.environ if environ is None else environ
     env = {"env_vars": forwarded_env(environ, cfg.env_vars)}
     if not cfg.address and "RLHF_CPU_BF16" not in env["env_vars"]:
@@ -49,7 +51,7 @@ def runtime_env(cfg: RayConfig, environ: Mapping[str, str] | None = None, code_d
         # config validation used (rollout.reuse_logprobs), instead of timing their own.
         from rlhf.distributed.precision import cpu_bf16_probe
 
-        env["env_vars"]["RLHF_CPU_BF16"] = "1" if cpu_bf16_probe(environ).bf16 else "0"
+        env["env_vars"]["RLHF_CPU_BF16"] = "1" if cpu_bf16_probe(environ, probe_shape).bf16 else "0"
     if cfg.working_dir:
         env["working_dir"] = str(Path(cfg.working_dir).resolve())
         env["excludes"] = list(EXCLUDES)
@@ -78,8 +80,9 @@ def join_auth_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = ()) -> Iterator[None]:
-    """Ray initialised for the block (reused when the caller already started it)."""
+def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = (), probe_shape: Any = None) -> Iterator[None]:
+    """Ray initialised for the block (reused when the caller already started it); `probe_shape`
+    as for `runtime_env`."""
     # Ray reads its authentication mode once, when imported: set only before that (a process
     # that imported Ray already, such as one running a local test cluster, keeps its mode).
     if cfg.address and "ray" not in sys.modules:
@@ -90,7 +93,7 @@ def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = ()) -> Iterator[None]
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg, code_dirs=code_dirs),
+    kwargs: dict = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg, code_dirs=code_dirs, probe_shape=probe_shape),
                     "log_to_driver": True}
     if cfg.address:
         kwargs["address"] = cfg.address

@@ -27,7 +27,7 @@ from rlhf.distributed.checkpoint import Checkpointable, CheckpointManager
 from rlhf.distributed.factory import build_strategy
 from rlhf.distributed.strategy import Strategy, World
 from rlhf.errors import UserError
-from rlhf.distributed.precision import LOW_PRECISION, describe as describe_precision
+from rlhf.distributed.precision import LOW_PRECISION, describe as describe_precision, probe_shape
 from rlhf.kernels import configure_process
 from rlhf.logging.alarms import AlarmMonitor
 from rlhf.logging.metrics import MetricsWriter, Progress, read_metrics
@@ -98,7 +98,7 @@ class Run:
         configured strategy."""
         cfg.kernels = cfg.kernels.effective()  # what runs is what config.yaml records
         configure_process(cfg.kernels)
-        world = world or build_strategy(cfg.strategy)
+        world = world or build_strategy(cfg.strategy, probe_shape(cfg))
         world.setup(cfg.seed)
         run = cls(stage, cfg, world, layout)
         refusal = run._claim() if world.is_main else None
@@ -117,7 +117,8 @@ class Run:
         precision = getattr(self.world, "precision", None)
         if precision is None:  # a world that trains nothing itself (the Ray PPO driver)
             return
-        self.say("precision: " + describe_precision(self.cfg.strategy.mixed_precision, precision, self.world.device))
+        self.say("precision: " + describe_precision(self.cfg.strategy.mixed_precision, precision, self.world.device,
+                                                      getattr(self.world, "probe_shape", None)))
         self.cfg.strategy.mixed_precision = precision
 
     def _claim(self) -> str | None:

@@ -40,7 +40,7 @@ def test_the_probe_runs_once_per_process_and_the_override_skips_it(monkeypatch):
     timings = []
     monkeypatch.delenv("RLHF_CPU_BF16", raising=False)  # the suite pins it; here the probe decides
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: FLAGS)
-    monkeypatch.setattr(precision, "time_layer", lambda: timings.append(1) or (1.0, 0.4))
+    monkeypatch.setattr(precision, "time_layer", lambda shape: timings.append(1) or (1.0, 0.4))
     precision._probe.cache_clear()
     try:
         first = precision.cpu_bf16_probe({})
@@ -57,8 +57,51 @@ def test_the_probe_runs_once_per_process_and_the_override_skips_it(monkeypatch):
     assert precision.resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
+def test_auto_probes_at_the_models_own_width_once_per_shape(monkeypatch):
+    """The quickstart's hidden-64 model trained slower in bf16 than in fp32 while a SmolLM2-wide
+    layer ran faster: `auto` decides per model, from a timing of that model's MLP (stubbed here:
+    bf16 loses below hidden 256, wins above)."""
+    from rlhf.config import SFTConfig, load_config
+    from rlhf.distributed.factory import build_strategy
+
+    timed = []
+
+    def timer(shape):
+        timed.append(shape)
+        return (1.0, 1.25) if shape.hidden < 256 else (1.0, 0.5)
+
+    monkeypatch.delenv("RLHF_CPU_BF16", raising=False)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: FLAGS)
+    monkeypatch.setattr(precision, "time_layer", timer)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    precision._probe.cache_clear()
+    try:
+        tiny = load_config(SFTConfig, overrides=["model.tiny.hidden_size=64", "model.tiny.intermediate_size=256",
+                                                 "train.micro_batch_size=2", "data.max_length=128", "data.max_prompt_length=64",
+                                                 "data.train.path=x"])
+        shape = precision.probe_shape(tiny)
+        assert shape == precision.ProbeShape(64, 256, 2 * 128)
+        tiny.train.micro_batch_size = 64  # 8192 tokens: clamped, the probe stays short
+        assert precision.probe_shape(tiny).tokens == precision.TOKENS[1]
+        cpu = torch.device("cpu")
+        assert precision.resolve_precision("auto", cpu, shape) == "no"
+        assert precision.resolve_precision("auto", cpu) == "bf16"  # no model known: SmolLM2's width
+        assert precision.resolve_precision("auto", cpu, shape) == "no" and timed == [shape, precision.SMOLLM2]
+        strategy = build_strategy(tiny.strategy, shape)
+        strategy.setup(seed=0)
+        assert strategy.compute_dtype is None and timed == [shape, precision.SMOLLM2]
+        line = precision.describe("auto", "no", cpu, shape)
+        assert "only 0.80x as fast" in line and "MLP of 64x256 over 256 tokens" in line
+        # Pinned, or not auto: nothing is read or timed.
+        assert precision.probe_shape(tiny, {"RLHF_CPU_BF16": "0"}) is None
+        tiny.strategy.mixed_precision = "no"
+        assert precision.probe_shape(tiny) is None
+    finally:
+        precision._probe.cache_clear()
+
+
 def test_the_layer_timing_runs_bf16_products_under_autocast():
-    fp32_s, bf16_s = precision.time_layer(width=32, rounds=1)
+    fp32_s, bf16_s = precision.time_layer(precision.ProbeShape(32, 64, 16), rounds=1)
     assert fp32_s > 0 and bf16_s > 0
 
 
