@@ -167,9 +167,14 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+PROCESSOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""The vector flags that decide a CPU's fp32 and bf16 matmul speed."""
+
+
 def processor() -> dict:
-    """The CPU as /proc/cpuinfo names it (model name, family, model) and the vector flags that
-    decide its fp32/bf16 speed; the processor changes between sessions (MACHINE-NOTES.md)."""
+    """The CPU as /proc/cpuinfo names it (vendor, model name, family, model), its logical
+    cores and the PROCESSOR_FLAGS it has; the processor changes between sessions
+    (MACHINE-NOTES.md), and numbers from two processors are never compared (report.py)."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -179,10 +184,28 @@ def processor() -> dict:
                 if not line.strip() and info:
                     break
     except OSError:
-        return {"model_name": platform.processor() or None}
+        return {"vendor": None, "model_name": platform.processor() or None, "cores": os.cpu_count()}
     flags = set(info.get("flags", "").split())
-    return {"model_name": info.get("model name"), "family": info.get("cpu family"), "model": info.get("model"),
-            "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})}
+    return {"vendor": info.get("vendor_id"), "model_name": info.get("model name"), "family": info.get("cpu family"),
+            "model": info.get("model"), "cores": os.cpu_count(),
+            "flags": [flag for flag in PROCESSOR_FLAGS if flag in flags]}
+
+
+def processor_key(result: dict) -> str:
+    """One line naming the processor a result was measured on; results with different keys
+    never share a table. Results that recorded no processor read as unknown; older ones that
+    recorded no vendor or cores read them from the model name and the machine's CPU count."""
+    machine_info = result.get("machine", {})
+    cpu = machine_info.get("processor") or {}
+    name = cpu.get("model_name")
+    if not name:
+        return "unknown processor (not recorded)"
+    vendor = cpu.get("vendor") or ("AuthenticAMD" if "AMD" in name else "GenuineIntel" if "Intel" in name
+                                   else "unknown-vendor")
+    flags = "+".join(flag for flag in PROCESSOR_FLAGS if flag in (cpu.get("flags") or ())) or "no listed flags"
+    gpu = machine_info.get("gpu")
+    return (f"{vendor} {name} (family {cpu.get('family')}, model {cpu.get('model')}, "
+            f"{cpu.get('cores') or machine_info.get('cpus')} cores, {flags})" + (f", GPU {gpu}" if gpu else ""))
 
 
 def machine() -> dict:
@@ -286,7 +309,25 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
                         help="ours/peer runs in ABBA order; the ratio is the median over rounds")
     parser.add_argument("--label", default="ours", help="names our row and the result file")
     parser.add_argument("--overrides", nargs="*", default=[], help="extra key=value for our stage")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="both sides' compute: ours strategy.mixed_precision=no|bf16 (fp32 master weights), "
+                             "TRL's bf16=False|True; bf16 results are named *_bf16")
     return parser
+
+
+PRECISIONS = ("fp32", "bf16")
+"""--precision -> strategy.mixed_precision of ours; TRL's `bf16` flag is precision == "bf16"."""
+
+
+def precision_overrides(precision: str) -> list[str]:
+    """Our stage's precision, explicit (never `auto`): both sides compute in the same dtype."""
+    return [f"strategy.mixed_precision={'no' if precision == 'fp32' else precision}"]
+
+
+def result_name(kind: str, args: argparse.Namespace) -> str:
+    """<kind>_<model>[_<label>][_bf16]: fp32 keeps the names earlier results have."""
+    return (f"{kind}_{args.model}" + ("" if args.label == "ours" else f"_{args.label}")
+            + ("" if args.precision == "fp32" else f"_{args.precision}"))
 
 
 def add_project_to_path() -> None:
@@ -318,7 +359,7 @@ def run_stage(stage: str, overrides: Sequence[str], warmup: int) -> list[dict]:
     return rows[warmup:]
 
 
-PRECISION_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRECISION_DTYPES = {"no": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """strategy.mixed_precision as a run resolved it -> the dtype its products run in."""
 
 

@@ -16,7 +16,9 @@ template), prompts per step and answers per prompt, response length, temperature
 update per generation (TRL's `num_iterations=1`, ours `ppo.ppo_epochs=1` with one mini-batch),
 clip 0.2, group-normalised advantages ((r - mean) / std), KL to the reference in the loss with
 β = 0.04 and the k3 estimator (TRL's `beta`), the loss averaged over all the step's answer
-tokens (TRL's default `dapo`, ours `token_mean`), learning rate and fp32. Rates are medians over
+tokens (TRL's default `dapo`, ours `token_mean`), learning rate and precision (`--precision
+fp32|bf16`: ours strategy.mixed_precision=no|bf16, TRL's bf16=False|True; bf16 results in
+grpo_<model>_bf16.json). Rates are medians over
 the timed steps after the warm-up; with a peer, the two sides run `--rounds` times in ABBA order
 and the ratio is the median of the rounds' ratios.
 """
@@ -59,16 +61,17 @@ def main() -> None:
                 f"ppo.mini_batch_size={samples}", f"ppo.micro_batch_size={samples}", "ppo.ppo_epochs=1",
                 "ppo.clip_eps=0.2", "ppo.loss_aggregation=token_mean", f"ppo.actor_lr={LR}",
                 f"ppo.eval_every={scale.warmup + steps}", "eval.max_prompts=2", "eval.samples_per_prompt=1",
-                "train.save_every=0", *args.overrides], scale.warmup)
+                "train.save_every=0", *common.precision_overrides(args.precision), *args.overrides], scale.warmup)
 
         def run_peer() -> dict:
             return common.run_peer("trl", "trl_grpo.py", {
                 "policy_dir": str(policy), "prompts": str(prompts), "prompts_per_step": prompts_per_step,
                 "num_generations": group, "max_completion_length": scale.ppo_new_tokens, "temperature": 1.0,
                 "beta": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": LR,
-                "reward_dir": str(common.HERE), "reward": REWARD})
+                "reward_dir": str(common.HERE), "reward": REWARD, "bf16": args.precision == "bf16"})
 
-        startup = vllm_side.stage_startup(args.overrides, policy, records[8 : 8 + prompts_per_step], group,
+        startup = vllm_side.stage_startup([*common.precision_overrides(args.precision), *args.overrides],
+                                          policy, records[8 : 8 + prompts_per_step], group,
                                           scale.ppo_new_tokens, scale.max_prompt_length)
         ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
         ours_rates, fields = common.rl_step_rates(ours_runs, samples)
@@ -85,12 +88,12 @@ def main() -> None:
                          "reward": common.median([x for p in peer_runs for x in p["rewards"]])})
             ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
             ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
-    common.emit(f"grpo_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows,
+    common.emit(common.result_name("grpo", args), rows,
                 ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "reward",
                  "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "prompts_per_step": prompts_per_step, "samples_per_prompt": group,
                  "max_new_tokens": scale.ppo_new_tokens, "kl_coef": KL_COEF, "overrides": args.overrides, "vllm_startup": startup,
-                 "rounds": args.rounds})
+                 "rounds": args.rounds, "precision": args.precision})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ One sample is one prompt's rollout taken through a whole PPO iteration: generate
 an actor forward unless rollout.reuse_logprobs=false) and train (actor and critic over the
 same mini-batches and epochs). Same policy, reward model (critic initialised from it),
 prompts, rollout batch, mini-batch, PPO epochs, response length, temperature 1 and KL
-coefficient on both sides; no reward normalisation on either. Rates are medians over the
+coefficient and precision on both sides (`--precision fp32|bf16`: ours
+strategy.mixed_precision=no|bf16, TRL's bf16=False|True; bf16 results in ppo_<model>_bf16.json);
+no reward normalisation on either. Our rows also split the training phase (train_s) into the
+actor's and critic's forward+backward, the ptx loss and the optimizer steps (perf/train_*). Rates are medians over the
 timed iterations after the warm-up; with a peer, the two sides run `--rounds` times in ABBA
 order and the ratio is the median of the rounds' ratios.
 """
@@ -50,16 +53,19 @@ def main() -> None:
                 "kl.estimator=k1", f"ppo.iterations={scale.warmup + steps}", f"ppo.rollout_batch_size={batch}",
                 f"ppo.mini_batch_size={mini}", f"ppo.micro_batch_size={mini}", f"ppo.ppo_epochs={PPO_EPOCHS}",
                 "ppo.actor_lr=1e-6", "ppo.critic_lr=5e-6", f"ppo.eval_every={scale.warmup + steps}",
-                "eval.max_prompts=2", "eval.samples_per_prompt=1", "train.save_every=0", *args.overrides],
+                "eval.max_prompts=2", "eval.samples_per_prompt=1", "train.save_every=0",
+                *common.precision_overrides(args.precision), *args.overrides],
                 scale.warmup)
 
         def run_peer() -> dict:
             return common.run_peer("trl-ppo", "trl_ppo.py", {
                 "policy_dir": str(policy), "reward_dir": str(reward), "prompts": str(prompts), "batch_size": batch,
                 "mini_batch_size": mini, "ppo_epochs": PPO_EPOCHS, "response_length": scale.ppo_new_tokens,
-                "temperature": 1.0, "kl_coef": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-6})
+                "temperature": 1.0, "kl_coef": KL_COEF, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-6,
+                "bf16": args.precision == "bf16"})
 
-        startup = vllm_side.stage_startup(args.overrides, policy, records[8 : 8 + batch], 1,
+        startup = vllm_side.stage_startup([*common.precision_overrides(args.precision), *args.overrides],
+                                          policy, records[8 : 8 + batch], 1,
                                           scale.ppo_new_tokens, scale.max_prompt_length)
         ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
         ours_rates, fields = common.rl_step_rates(ours_runs, batch)
@@ -75,10 +81,10 @@ def main() -> None:
                          or None})
             ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
             ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
-    common.emit(f"ppo_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows,
+    common.emit(common.result_name("ppo", args), rows,
                 ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "batch": batch, "mini_batch": mini, "ppo_epochs": PPO_EPOCHS,
-                 "overrides": args.overrides, "vllm_startup": startup, "rounds": args.rounds})
+                 "overrides": args.overrides, "vllm_startup": startup, "rounds": args.rounds, "precision": args.precision})
 
 
 if __name__ == "__main__":

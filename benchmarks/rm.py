@@ -8,8 +8,9 @@ scale): ours as prompts x K answers, every C(K,2) pair of a prompt compared from
 scores (InstructGPT's layout), by default with each prompt forwarded once for its K answers
 (`data.share_prompt`; `--overrides data.share_prompt=false` gives one row per answer); TRL as (chosen, rejected) pairs, the C(K,2) pairs of a
 prompt expanded into separate rows as its data format requires. A pair is one comparison
-in the loss. Same records, lengths, learning rate and fp32; TRL's bf16 and gradient
-checkpointing off. Per-step rates are medians over the timed steps after the warm-up; the
+in the loss. Same records, lengths, learning rate and precision (`--precision fp32|bf16`:
+ours strategy.mixed_precision=no|bf16, TRL's bf16=False|True; bf16 results in
+rm_<model>_bf16.json); TRL's gradient checkpointing off. Per-step rates are medians over the timed steps after the warm-up; the
 two sides run `--rounds` times in ABBA order and the ratio is the median of the rounds' ratios.
 """
 
@@ -44,12 +45,14 @@ def main() -> None:
                     f"data.max_length={scale.max_length}", f"data.max_prompt_length={scale.max_prompt_length}",
                     f"train.micro_batch_size={prompts_per_step}", f"train.global_batch_size={prompts_per_step}",
                     f"train.max_steps={scale.warmup + steps}", "train.lr=1e-5", "train.lr_scheduler=constant",
-                    "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0", *args.overrides], scale.warmup)
+                    "train.warmup_ratio=0", "train.save_every=0", "train.eval_every=0",
+                    *common.precision_overrides(args.precision), *args.overrides], scale.warmup)
 
             def run_peer() -> dict:
                 return common.run_peer("trl", "trl_rm.py", {
                     "model_dir": str(directory), "data": str(data), "pairs_per_step": pairs_per_step_peer,
-                    "max_length": scale.max_length, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-5})
+                    "max_length": scale.max_length, "warmup": scale.warmup, "steps": steps, "seed": 0, "lr": 1e-5,
+                    "bf16": args.precision == "bf16"})
 
             ours_runs, peer_runs = common.alternate(args.rounds, run_ours, None if args.no_peer else run_peer)
             ours_rates = [common.median([r["perf/pairs_per_s"] for r in run]) for run in ours_runs]
@@ -66,9 +69,10 @@ def main() -> None:
                              "dropped_pairs": max(p["dropped_pairs"] for p in peer_runs)})
                 ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
                 ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
-    common.emit(f"rm_{args.model}" + ("" if args.label == "ours" else f"_{args.label}"), rows, ["side", "model", "k", "pairs_per_s", "pairs_per_step", "sequences_per_step",
+    common.emit(common.result_name("rm", args), rows, ["side", "model", "k", "pairs_per_s", "pairs_per_step", "sequences_per_step",
                                            "step_s", "dropped_pairs", "ratio", "round_ratios"],
-                {"steps": steps, "warmup": scale.warmup, "rounds": args.rounds, "overrides": args.overrides})
+                {"steps": steps, "warmup": scale.warmup, "rounds": args.rounds, "overrides": args.overrides,
+                 "precision": args.precision})
 
 
 if __name__ == "__main__":

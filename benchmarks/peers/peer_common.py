@@ -57,9 +57,11 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def common_args(spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
-    """TrainingArguments shared by all peers: plain fp32 CPU training, constant LR, no eval/save/reporting.
+    """TrainingArguments shared by all peers: CPU training in fp32, or with bf16 autocast over fp32
+    weights where the spec says `"bf16": true` (the benchmark's --precision bf16), constant LR,
+    no eval/save/reporting.
 
-    TRL 1.x turns bf16 and gradient checkpointing on by default; both are turned off here.
+    TRL 1.x turns bf16 and gradient checkpointing on by default; both are set explicitly here.
     Logging every step keeps the per-step loss; `Trainer` logs after `on_step_end`, outside `StepTimer`'s window.
     """
     return {
@@ -69,7 +71,7 @@ def common_args(spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
         "gradient_accumulation_steps": 1,
-        "bf16": False,
+        "bf16": bool(spec.get("bf16", False)),
         "fp16": False,
         "gradient_checkpointing": False,
         "use_cpu": True,
