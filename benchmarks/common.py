@@ -394,4 +394,10 @@ def rl_step_rates(runs: list[list[dict]], samples_per_step: int) -> tuple[list[f
     fields = {"samples_per_s": median(rates), "step_s": median([step_seconds(r) for r in rows]),
               **{f"{part}_s": median([r[f"perf/{part}_seconds"] for r in rows]) for part in ("generate", "score", "train")},
               "new_tokens": median([r["ppo/response_length"] for r in rows])}
+    # The training phase per role and phase (perf/train_<role>[_<phase>]_seconds; the split
+    # only where the run was on the CPU): train_actor_s, train_actor_forward_backward_s, ...
+    phases = sorted(key for key in rows[0] if key.startswith("perf/train_") and key.endswith("_seconds")
+                    and key != "perf/train_seconds") if rows else []
+    fields.update({key[len("perf/"):-len("_seconds")] + "_s": median([r[key] for r in rows if key in r])
+                   for key in phases})
     return rates, fields

@@ -81,8 +81,10 @@ def main() -> None:
                          or None})
             ours_row["ratio"] = common.paired_ratio(ours_rates, peer_rates)
             ours_row["round_ratios"] = [round(o / p, 3) for o, p in zip(ours_rates, peer_rates)]
+    phases = [key for key in ours_row if key.startswith("train_") and key != "train_s"]
     common.emit(common.result_name("ppo", args), rows,
-                ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", "new_tokens", "ratio", "round_ratios"],
+                ["side", "model", "samples_per_s", "step_s", "generate_s", "score_s", "train_s", *phases, "new_tokens",
+                 "ratio", "round_ratios"],
                 {"steps": steps, "warmup": scale.warmup, "batch": batch, "mini_batch": mini, "ppo_epochs": PPO_EPOCHS,
                  "overrides": args.overrides, "vllm_startup": startup, "rounds": args.rounds, "precision": args.precision})
 

@@ -28,7 +28,8 @@ from rlhf.rollout.decode import SampleSeeds
 from rlhf.rollout.engine import RolloutEngine, SamplingParams
 from rlhf.rollout.types import Experience, Rollout
 from rlhf.kernels.lm_loss import lm_forward_nll
-from rlhf.roles.update import Means, PolicyLossSettings, actor_loss, critic_loss, mini_batch_shares, ptx_loss
+from rlhf.roles.update import (Means, PhaseTimes, PolicyLossSettings, actor_loss, critic_loss, mini_batch_shares,
+                               ptx_loss)
 
 
 @dataclass(frozen=True)
@@ -178,29 +179,34 @@ class Actor:
         optimizer step per global mini-batch of `orders`, on this worker's share of it.
         `experience` is the global batch; `step_offset` numbers the optimizer steps of the run
         (the PPO-ptx data position). Returns the iteration's statistics over every worker of
-        this role (a collective)."""
+        this role (a collective), with its time per phase (`PhaseTimes`)."""
         strategy, settings = self.strategy, self.loss
-        means = Means()
+        means, clock = Means(), PhaseTimes("actor", strategy.device)
         steps = mini_batch_shares(orders, self.mini_batch_size, self.micro_batch_size, strategy.rank,
                                   strategy.world_size)
         for step, mini_batch in enumerate(steps):
             denominator = loss_denominator(experience.rollout.response_mask[mini_batch.samples], settings.aggregation,
                                            self.aggregation_constant)
             for index in mini_batch.micro_batches:
-                part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
-                logprobs, entropy = policy_logprobs(self.trained.module, part.rollout, self.temperature,
-                                                    with_entropy=True, entropy_grad=settings.entropy_coef != 0)
-                loss, stats = actor_loss(logprobs, entropy, part, kl_coef, settings, denominator)
-                strategy.backward(self.trained, loss)
+                with clock.phase("forward_backward"):
+                    part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
+                    logprobs, entropy = policy_logprobs(self.trained.module, part.rollout, self.temperature,
+                                                        with_entropy=True, entropy_grad=settings.entropy_coef != 0)
+                    loss, stats = actor_loss(logprobs, entropy, part, kl_coef, settings, denominator)
+                    strategy.backward(self.trained, loss)
                 means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
             if self.ptx_batch is not None:
-                batch = self.ptx_batch(step_offset + step).to(strategy.device)
-                nll, tokens = lm_forward_nll(self.trained.module, batch)
-                tokens_all = strategy.all_reduce({"n": float(tokens)}, op="sum")["n"]
-                strategy.backward(self.trained, ptx_loss(nll, tokens_all, self.ptx_coef))
+                with clock.phase("ptx"):
+                    batch = self.ptx_batch(step_offset + step).to(strategy.device)
+                    nll, tokens = lm_forward_nll(self.trained.module, batch)
+                    tokens_all = strategy.all_reduce({"n": float(tokens)}, op="sum")["n"]
+                    strategy.backward(self.trained, ptx_loss(nll, tokens_all, self.ptx_coef))
                 means.add(weight=float(tokens), **{"ppo/ptx_loss": float(nll.detach()) / max(tokens, 1)})
-            means.add(**{"ppo/actor_grad_norm": strategy.step(self.trained)})
+            with clock.phase("step"):
+                grad_norm = strategy.step(self.trained)
+            means.add(**{"ppo/actor_grad_norm": grad_norm})
             self.engine_current = not getattr(self.engine, "needs_sync", False)
+        means.add(**clock.result())  # once per worker: the mean over the role's workers
         return means.result(strategy)
 
 
@@ -232,17 +238,21 @@ class Critic:
         """Clipped value-loss steps over the same mini-batches as the actor's (token mean over
         each global mini-batch)."""
         strategy = self.strategy
-        means = Means()
+        means, clock = Means(), PhaseTimes("critic", strategy.device)
         for mini_batch in mini_batch_shares(orders, self.mini_batch_size, self.micro_batch_size, strategy.rank,
                                             strategy.world_size):
             tokens = float(experience.rollout.response_mask[mini_batch.samples].sum())
             for index in mini_batch.micro_batches:
-                part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
-                values = response_values(self.trained.module, part.rollout)
-                loss, stats = critic_loss(values, part, self.value_clip_eps, tokens)
-                strategy.backward(self.trained, loss)
+                with clock.phase("forward_backward"):
+                    part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
+                    values = response_values(self.trained.module, part.rollout)
+                    loss, stats = critic_loss(values, part, self.value_clip_eps, tokens)
+                    strategy.backward(self.trained, loss)
                 means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
-            means.add(**{"ppo/critic_grad_norm": strategy.step(self.trained)})
+            with clock.phase("step"):
+                grad_norm = strategy.step(self.trained)
+            means.add(**{"ppo/critic_grad_norm": grad_norm})
+        means.add(**clock.result())  # once per worker: the mean over the role's workers
         return means.result(strategy)
 
 

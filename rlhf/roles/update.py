@@ -9,8 +9,10 @@ Logged statistics are token-weighted the same way (`Means`).
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -128,3 +130,31 @@ class Means:
             sums = {k: totals[f"s:{k}"] for k in sums}
             weights = {k: totals[f"w:{k}"] for k in weights}
         return {k: sums[k] / weights[k] if weights[k] else 0.0 for k in sums}
+
+
+class PhaseTimes:
+    """Wall-clock seconds of a role's update, whole and per phase, as perf/train_<role>_*
+    metrics: the PPO training phase is most of a step, and these say where it goes. On the
+    CPU every call returns when its work is done, so each phase is timed as it runs. On a GPU
+    kernels run ahead of the host; the update's only synchronisation is the grad norm read back
+    after each optimizer step, so there only the whole update is reported, and no
+    synchronisation is added to split it."""
+
+    def __init__(self, role: str, device: torch.device):
+        self.role, self.split = role, device.type == "cpu"
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.split:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def result(self) -> dict[str, float]:
+        """{perf/train_<role>_seconds, perf/train_<role>_<phase>_seconds} (split on the CPU only)."""
+        return {f"perf/train_{self.role}_seconds": time.perf_counter() - self.started,
+                **{f"perf/train_{self.role}_{name}_seconds": value for name, value in self.seconds.items()}}

@@ -47,6 +47,13 @@ def test_ppo_smoke_on_tiny_models_logs_every_metric(tmp_path, capsys, quickstart
     report = make_report([tmp_path], tmp_path / "report").text
     assert "iteration 1: **approx_kl_high**: approx KL" in report and "no health alarms" not in report
     assert rows[1]["ppo/kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
+    # The training phase split per role and phase (on the CPU): the parts lie within their
+    # role's update, and the two updates within the phase.
+    train = rows[1]
+    for role, phases in (("actor", ("forward_backward", "ptx", "step")), ("critic", ("forward_backward", "step"))):
+        parts = [train[f"perf/train_{role}_{phase}_seconds"] for phase in phases]
+        assert all(part > 0 for part in parts) and sum(parts) <= train[f"perf/train_{role}_seconds"]
+    assert train["perf/train_actor_seconds"] + train["perf/train_critic_seconds"] <= train["perf/train_seconds"]
     assert (result.model_dir / "model.safetensors").is_file()
     assert (tmp_path / "samples.jsonl").is_file()
 
