@@ -320,7 +320,7 @@ def _pass(phase: str, role: str, shape: ModelShape, batch: int, seq: int, logit_
 def _sft_components(cfg, shapes: dict, workers: int, device_type: str, answers: int,
                     device_memory: int) -> list[Component]:
     shape = shapes["model"]
-    prec = precision(cfg.strategy, cfg.model, device_type)
+    prec = precision(cfg.strategy, cfg.model, device_type, cfg)
     seq, batch = cfg.data.max_length, cfg.train.micro_batch_size
     over = shard_workers(cfg, workers, _trained_state(shape, shape.params, cfg.model.lora), device_type, device_memory)
     rows = _trained_model("", "model", shape, shape.params, cfg.model.lora, prec, cfg.strategy, over)
@@ -332,7 +332,7 @@ def _rm_components(cfg, shapes: dict, workers: int, device_type: str, answers: i
     # A batch element is a prompt with its K answers; a scalar head, so no vocabulary logits.
     # The RM stage trains all weights (it does not apply model.lora).
     shape = shapes["model"]
-    prec = precision(cfg.strategy, cfg.model, device_type)
+    prec = precision(cfg.strategy, cfg.model, device_type, cfg)
     seq, prompts = cfg.data.max_length, cfg.train.micro_batch_size
     over = shard_workers(cfg, workers, _trained_state(shape, shape.scalar_params, None), device_type, device_memory)
     rows = _trained_model("", "model", shape, shape.scalar_params, None, prec, cfg.strategy, over)
@@ -348,8 +348,8 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
     actor, reward = shapes["model"], shapes.get("reward_model")
     critic_cfg = cfg.reward_model if cfg.ppo.critic_init == "reward" else cfg.model
     critic = reward if cfg.ppo.critic_init == "reward" else actor
-    actor_prec = precision(cfg.strategy, cfg.model, device_type)
-    critic_prec = precision(cfg.strategy, critic_cfg, device_type)
+    actor_prec = precision(cfg.strategy, cfg.model, device_type, cfg)
+    critic_prec = precision(cfg.strategy, critic_cfg, device_type, cfg)
     ref_bytes = model_bytes(cfg.model.dtype, device_type)
     rm_bytes = model_bytes(cfg.reward_model.dtype, device_type)
     prompt, new = cfg.data.max_prompt_length, cfg.rollout.max_new_tokens
@@ -534,7 +534,7 @@ def estimate(stage_cfg: Any, stage: str, workers: int, device_memory: Optional[i
         model = f"policy {model}; reward model {describe_model(stage_cfg.reward_model, shapes['reward_model'])}"
     plan = Plan(stage, workers, device_type, int(device_memory), memory_source or "--device-memory-gb", components,
                 describe_strategy(stage_cfg.strategy),
-                precision(stage_cfg.strategy, stage_cfg.model, device_type).name, model,
+                precision(stage_cfg.strategy, stage_cfg.model, device_type, stage_cfg).name, model,
                 cfg=stage_cfg, shapes=shapes, answers_per_prompt=answers_per_prompt,
                 load_transient=load_transient(stage_cfg, stage, shapes, device_type, workers))
     groups = stage_cfg.ppo.role_groups() if stage == "ppo" else None

@@ -17,7 +17,7 @@ the weights (2 bytes per parameter) live through a forward and its backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from rlhf.config_sections import ModelConfig, StrategyConfig
 
@@ -47,20 +47,21 @@ def model_bytes(dtype: str, device_type: str) -> int:
     return _DTYPE_BYTES[dtype]
 
 
-def resolve_mixed_precision(name: str, device_type: str) -> str:
+def resolve_mixed_precision(name: str, device_type: str, stage_cfg: Any = None) -> str:
     """strategy.mixed_precision -> no / bf16 / fp16 (auto: bf16 on CUDA; on the CPU as this
-    machine's bf16 probe decides)."""
+    machine's bf16 probe decides for `stage_cfg`'s model, as the run's own probe does)."""
     if name != "auto":
         return "no" if name == "False" else name
     if device_type == "cuda":
         return "bf16"
-    from rlhf.distributed.precision import cpu_bf16_probe  # here only: the plan needs no torch otherwise
+    from rlhf.distributed.precision import cpu_bf16_probe, probe_shape  # here only: the plan needs no torch otherwise
 
-    return "bf16" if cpu_bf16_probe().bf16 else "no"
+    return "bf16" if cpu_bf16_probe(shape=probe_shape(stage_cfg)).bf16 else "no"
 
 
-def precision(strategy: StrategyConfig, model_cfg: ModelConfig, device_type: str) -> Precision:
-    mixed = resolve_mixed_precision(strategy.mixed_precision, device_type)
+def precision(strategy: StrategyConfig, model_cfg: ModelConfig, device_type: str, stage_cfg: Any = None) -> Precision:
+    """`stage_cfg`: the stage config, whose model `auto` probes bf16 at on a CPU."""
+    mixed = resolve_mixed_precision(strategy.mixed_precision, device_type, stage_cfg)
     if strategy.name == "deepspeed" and mixed in ("bf16", "fp16"):
         # ZeRO paper: 16-bit weights and gradients, K = 12 bytes of fp32 master, m and v.
         return Precision(f"{mixed} mixed precision, fp32 master weights and AdamW states", 2, 2, 12, 2)
