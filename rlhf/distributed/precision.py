@@ -4,14 +4,16 @@ than the fp32 products training uses now. Without those instructions bf16 matmul
 ~1 GFLOP/s (MACHINE-NOTES); with them they ran at 2x (Zen 5, avx512_bf16) to 7x (Xeon, AMX)
 the fp32 peak, but a small model's casts can eat that, hence the timing.
 
-The probe times the MLP of the model the run trains as training runs it (`ProbeShape`: its
-hidden and intermediate widths, a micro-batch's tokens as rows): the up projection (tokens,
-hidden) x (hidden, intermediate) and the down projection back, with fp32 weights: in fp32
-through the kernel CPU linear layers use (rlhf/kernels/cpu_linear.py), and under CPU autocast
-bf16 with the casts of inputs and weights included (what the single strategy's autocast pays
-on each call). The width decides: a SmolLM2-wide layer runs ~2x faster in bf16 on Zen 5, but
-the quickstart's hidden-64 model trained slower in bf16 (74 against 58 ms a step), its casts
-costing more than its products gain. bf16 must win by MARGIN, so that timing noise on a
+The probe times a training step of a one-layer model of the run's shape (`ProbeShape`: its
+widths, heads and vocabulary, a micro-batch's tokens): forward, LM loss and backward of a Llama
+layer and output layer with fp32 weights, in fp32 and under CPU autocast bf16 with every cast
+included (what the single strategy's autocast pays). A whole layer, not its products alone:
+at the quickstart's hidden 64 the MLP's products alone still ran 1.2-1.7x faster in bf16 on
+Zen 5, yet the model trained slower in bf16 (74 against 58 ms a step): the casts and small
+operations around the products eat the gain, and a one-layer step shows it (1.02-1.05x),
+while a SmolLM2-wide one runs ~2x faster. The vocabulary is capped at VOCAB_CAP so that the
+probe stays short on a large-vocabulary model (the cap leaves bf16 less of the head's large
+product to win on, so it errs towards fp32). bf16 must win by MARGIN, so that timing noise on a
 machine where the two are close does not flip the choice from run to run. The result is
 cached per process and shape; the workers of one run agree on it or stop
 (DistributedStrategy._agreed_precision).
@@ -43,20 +45,32 @@ TOKENS = (64, 1024)
 few enough that the probe stays well under a second on one core."""
 
 
+VOCAB_CAP = 8192
+SEQUENCE = 128
+"""The probe's rows are sequences of this length (fewer where the micro-batch has fewer tokens)."""
+
+
 @dataclass(frozen=True)
 class ProbeShape:
-    """The products the probe times: a model's MLP at a micro-batch's token count."""
+    """What the probe times: one layer of a model of these sizes over a micro-batch's tokens."""
 
     hidden: int
     intermediate: int
     tokens: int
+    heads: int
+    kv_heads: int
+    vocab: int
 
     @property
     def flops(self) -> int:
-        return 2 * 2 * self.tokens * self.hidden * self.intermediate  # up and down projection
+        """Of a training step (6 per parameter and token) of the layer and the capped head."""
+        kv_width = self.hidden // self.heads * self.kv_heads
+        params = (2 * self.hidden * self.hidden + 2 * self.hidden * kv_width + 3 * self.hidden * self.intermediate
+                  + self.hidden * min(self.vocab, VOCAB_CAP))
+        return 6 * self.tokens * params
 
 
-SMOLLM2 = ProbeShape(576, 1536, 512)
+SMOLLM2 = ProbeShape(576, 1536, 512, heads=9, kv_heads=3, vocab=49152)
 """Where the run's model is not known (plan estimates, a config without a model): SmolLM2-135M,
 the model this project benchmarks on the CPU."""
 
@@ -115,30 +129,38 @@ def decide(flags: tuple[str, ...], fp32_seconds: float | None, bf16_seconds: flo
                                f"(needs {MARGIN}x)", flags, **timed)
 
 
-def time_layer(shape: ProbeShape = SMOLLM2, rounds: int = 7) -> tuple[float, float]:
-    """(fp32 seconds, autocast-bf16 seconds) of an MLP's two projections (see the module doc):
+def time_layer(shape: ProbeShape = SMOLLM2, rounds: int = 3) -> tuple[float, float]:
+    """(fp32 seconds, autocast-bf16 seconds) of a one-layer model's training step (see the module doc):
     the best of `rounds`, the two taken in turn so that a busy spell weighs on both, on one
     thread (the ratio is per core; two threads on a core another process is using time
     nothing but the contention)."""
-    from rlhf.kernels.cpu_linear import cpu_linear
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape.tokens, shape.hidden, generator=generator)
-    up = torch.randn(shape.intermediate, shape.hidden, generator=generator, requires_grad=True)
-    down = torch.randn(shape.hidden, shape.intermediate, generator=generator, requires_grad=True)
+    vocab = min(shape.vocab, VOCAB_CAP)
+    sequence = min(shape.tokens, SEQUENCE)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=1, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         max_position_embeddings=sequence)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        ids = torch.randint(0, vocab, (max(1, shape.tokens // sequence), sequence))
 
     def fp32() -> None:
-        cpu_linear(cpu_linear(x, up), down)
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
 
     def bf16() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh region: the weights' casts count
-            cpu_linear(cpu_linear(x, up), down)
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     best = [float("inf"), float("inf")]
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # a caller under no_grad (a frozen model's setup) still gets a backward
             fp32(), bf16()  # warm-up: first-call costs (kernel choice, allocations)
             for _ in range(rounds):
                 for index, step in enumerate((fp32, bf16)):
@@ -175,10 +197,10 @@ def probe_shape(cfg: Any, environ: Mapping[str, str] | None = None) -> ProbeShap
     if (model is None or getattr(getattr(cfg, "strategy", None), "mixed_precision", "auto") != "auto"
             or environ.get(ENV, "").strip() in ("0", "1") or not cpu_bf16_flags() or torch.cuda.is_available()):
         return None
-    widths = _model_widths(model)
-    if widths is None:
+    sizes = _model_sizes(model)
+    if sizes is None:
         return SMOLLM2
-    return ProbeShape(*widths, tokens=min(max(micro_batch_tokens(cfg), TOKENS[0]), TOKENS[1]))
+    return ProbeShape(tokens=min(max(micro_batch_tokens(cfg), TOKENS[0]), TOKENS[1]), **sizes)
 
 
 def micro_batch_tokens(cfg: Any) -> int:
@@ -189,9 +211,11 @@ def micro_batch_tokens(cfg: Any) -> int:
     return cfg.train.micro_batch_size * cfg.data.max_length
 
 
-def _model_widths(model: Any) -> tuple[int, int] | None:
+def _model_sizes(model: Any) -> dict[str, int] | None:
     if model.tiny is not None:
-        return model.tiny.hidden_size, model.tiny.intermediate_size
+        tiny = model.tiny
+        return {"hidden": tiny.hidden_size, "intermediate": tiny.intermediate_size, "heads": tiny.num_heads,
+                "kv_heads": tiny.num_heads, "vocab": tiny.vocab_size}
     try:
         from rlhf.plan.shapes import read_model_config
 
@@ -199,8 +223,12 @@ def _model_widths(model: Any) -> tuple[int, int] | None:
     except UserError:  # loading the model reports it; the probe falls back
         return None
     config = getattr(config, "text_config", None) or config
-    hidden = getattr(config, "hidden_size", None)
-    return (hidden, getattr(config, "intermediate_size", None) or 4 * hidden) if hidden else None
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if not hidden or not heads:
+        return None
+    return {"hidden": hidden, "intermediate": getattr(config, "intermediate_size", None) or 4 * hidden,
+            "heads": heads, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "vocab": getattr(config, "vocab_size", None) or VOCAB_CAP}
 
 
 def resolve_precision(name: str, device: torch.device, shape: ProbeShape | None = None) -> str:
@@ -226,6 +254,7 @@ def describe(name: str, resolved: str, device: torch.device, shape: ProbeShape |
         return f"{what} (strategy.mixed_precision=auto on a GPU)"
     probe = cpu_bf16_probe(shape=shape)
     size = probe.shape
-    timed = (f"; {probe.bf16_gflops} against {probe.fp32_gflops} GFLOP/s, an MLP of {size.hidden}x{size.intermediate} "
-             f"over {size.tokens} tokens on one core" if probe.fp32_gflops is not None else "")
+    timed = (f"; {probe.bf16_gflops} against {probe.fp32_gflops} GFLOP/s, a training step of one layer of "
+             f"{size.hidden}x{size.intermediate} and the head over {size.tokens} tokens on one core"
+             if probe.fp32_gflops is not None else "")
     return f"{what} (strategy.mixed_precision=auto: {probe.reason}{timed})"

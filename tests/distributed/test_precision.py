@@ -59,8 +59,8 @@ def test_the_probe_runs_once_per_process_and_the_override_skips_it(monkeypatch):
 
 def test_auto_probes_at_the_models_own_width_once_per_shape(monkeypatch):
     """The quickstart's hidden-64 model trained slower in bf16 than in fp32 while a SmolLM2-wide
-    layer ran faster: `auto` decides per model, from a timing of that model's MLP (stubbed here:
-    bf16 loses below hidden 256, wins above)."""
+    layer ran faster: `auto` decides per model, from a timing of a layer of that model's shape
+    (stubbed here: bf16 loses below hidden 256, wins above)."""
     from rlhf.config import SFTConfig, load_config
     from rlhf.distributed.factory import build_strategy
 
@@ -80,7 +80,7 @@ def test_auto_probes_at_the_models_own_width_once_per_shape(monkeypatch):
                                                  "train.micro_batch_size=2", "data.max_length=128", "data.max_prompt_length=64",
                                                  "data.train.path=x"])
         shape = precision.probe_shape(tiny)
-        assert shape == precision.ProbeShape(64, 256, 2 * 128)
+        assert shape == precision.ProbeShape(64, 256, 2 * 128, heads=4, kv_heads=4, vocab=512)
         tiny.train.micro_batch_size = 64  # 8192 tokens: clamped, the probe stays short
         assert precision.probe_shape(tiny).tokens == precision.TOKENS[1]
         cpu = torch.device("cpu")
@@ -91,7 +91,7 @@ def test_auto_probes_at_the_models_own_width_once_per_shape(monkeypatch):
         strategy.setup(seed=0)
         assert strategy.compute_dtype is None and timed == [shape, precision.SMOLLM2]
         line = precision.describe("auto", "no", cpu, shape)
-        assert "only 0.80x as fast" in line and "MLP of 64x256 over 256 tokens" in line
+        assert "only 0.80x as fast" in line and "one layer of 64x256 and the head over 256 tokens" in line
         # Pinned, or not auto: nothing is read or timed.
         assert precision.probe_shape(tiny, {"RLHF_CPU_BF16": "0"}) is None
         tiny.strategy.mixed_precision = "no"
@@ -101,7 +101,7 @@ def test_auto_probes_at_the_models_own_width_once_per_shape(monkeypatch):
 
 
 def test_the_layer_timing_runs_bf16_products_under_autocast():
-    fp32_s, bf16_s = precision.time_layer(precision.ProbeShape(32, 64, 16), rounds=1)
+    fp32_s, bf16_s = precision.time_layer(precision.ProbeShape(32, 64, 16, heads=2, kv_heads=1, vocab=64), rounds=1)
     assert fp32_s > 0 and bf16_s > 0
 
 
