@@ -216,11 +216,16 @@ def _model_sizes(model: Any) -> dict[str, int] | None:
         tiny = model.tiny
         return {"hidden": tiny.hidden_size, "intermediate": tiny.intermediate_size, "heads": tiny.num_heads,
                 "kv_heads": tiny.num_heads, "vocab": tiny.vocab_size}
-    try:
-        from rlhf.plan.shapes import read_model_config
+    from transformers import AutoConfig
 
-        config = read_model_config(model, "model")
-    except UserError:  # loading the model reports it; the probe falls back
+    from rlhf.models.loading import resolve_location
+
+    try:
+        location, gguf_file = resolve_location(model, model.path, "model.path")
+        # The config only, never code shipped with a checkpoint.
+        config = AutoConfig.from_pretrained(location, revision=model.revision, trust_remote_code=False,
+                                            **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (UserError, OSError, ValueError):  # loading the model reports it; the probe falls back
         return None
     config = getattr(config, "text_config", None) or config
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)

@@ -75,7 +75,7 @@ def count_parameters(model_cfg: ModelConfig, field_name: str = "model") -> Model
     else:
         from transformers import AutoModelForCausalLM
 
-        config = read_model_config(model_cfg, field_name)
+        config = _read_model_config(model_cfg, field_name)
         try:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config)
@@ -101,7 +101,7 @@ def count_parameters(model_cfg: ModelConfig, field_name: str = "model") -> Model
     )
 
 
-def read_model_config(model_cfg: ModelConfig, field_name: str):
+def _read_model_config(model_cfg: ModelConfig, field_name: str):
     from transformers import AutoConfig
 
     from rlhf.models.loading import resolve_location
