@@ -31,8 +31,8 @@ def engine_dtype(requested: str, precision: str, param_dtype: torch.dtype) -> to
 def strategy_engine_dtype(requested: str, strategy, model: torch.nn.Module) -> torch.dtype:
     """`engine_dtype` for a set-up strategy (its `precision`, else resolved here from its
     config as setup would) and the trained `model`."""
-    precision = getattr(strategy, "precision", None) or resolve_precision(strategy.cfg.mixed_precision,
-                                                                         strategy.device)
+    precision = getattr(strategy, "precision", None) or resolve_precision(
+        strategy.cfg.mixed_precision, strategy.device, getattr(strategy, "probe_shape", None))
     return engine_dtype(requested, precision, next(model.parameters()).dtype)
 
 
