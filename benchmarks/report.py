@@ -28,7 +28,7 @@ TARGETS = {  # key: (issue, what, the ratio or fraction it needs)
     "mfu": ("9", "SFT MFU vs the measured fp32 matmul peak", 0.70),
     "mfu_bf16": ("26", "SFT MFU vs the measured bf16 matmul peak", 0.30),
 }
-VARIANTS = ("", "_logits", "_padded", "_packed", "_grouped", "_rows", "_generate")
+VARIANTS = ("", "_logits", "_padded", "_packed", "_grouped", "_rows", "_generate", "_decode", "_vllm")
 KINDS = ("sft", "rm", "ppo", "rollout", "grpo", "dpo")
 
 
@@ -56,6 +56,7 @@ def checks(name: str, result: dict, model: str, precision: str) -> list[tuple]:
     found = []
     main = {f"{kind}_{model}" + ("" if precision == "fp32" else f"_{precision}"): kind
             for kind in ("sft", "ppo", "grpo", "dpo", "rm", "rollout")}
+    main[f"rollout_{model}_vllm" + ("" if precision == "fp32" else f"_{precision}")] = "rollout"
     kind = main.get(name)
     if kind is None:
         return found

