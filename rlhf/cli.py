@@ -281,9 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "report":
             _run_report(args)
         elif args.command == "plan":
+            from rlhf.config import STAGE_CONFIGS, load_config
             from rlhf.plan import run_plan
 
-            return run_plan(args)  # 0: fits, 3: does not fit
+            cfg = load_config(STAGE_CONFIGS[args.stage], args.config, args.overrides)
+            return run_plan(args, cfg)  # 0: fits, 3: does not fit
         elif args.command == "doctor":
             from rlhf.doctor import run_doctor
             from stages import STAGES

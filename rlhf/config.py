@@ -316,11 +316,15 @@ class VLLMConfig:
     (tensor-parallel engines on a cluster), fed by a broadcast from trainer rank 0."""
     gpu_memory_utilization: float = 0.3
     """Fraction of the device's memory the engine may take for its weights, activations and KV
-    cache (on the CPU backend: of the host's memory), when kv_cache_gib is unset. Colocated,
-    the trainer needs the rest: `rlhf plan` counts the engine's share in every phase it holds it."""
+    cache on a GPU, when kv_cache_gib is unset (on the CPU the cache is sized to the rollout,
+    see kv_cache_gib). Colocated, the trainer needs the rest: `rlhf plan` counts the engine's
+    share in every phase it holds it."""
     kv_cache_gib: Optional[float] = None
-    """KV cache size in GiB, instead of what gpu_memory_utilization leaves (on the CPU backend
-    the environment variable VLLM_CPU_KVCACHE_SPACE, whole GiB, overrides it)."""
+    """KV cache size in GiB. None: on a GPU what gpu_memory_utilization leaves; on the CPU what
+    rollout.batch_size answers of max_model_len tokens hold (rlhf/rollout/vllm_kv.py: the CPU
+    engine frees and re-allocates its cache around every rollout, and a host-sized cache made
+    that cost more than the rollout). On the CPU backend the environment variable
+    VLLM_CPU_KVCACHE_SPACE, whole GiB, overrides it."""
     max_model_len: Optional[int] = None
     """Longest prompt + answer the engine accepts; None: data.max_prompt_length +
     rollout.max_new_tokens."""
@@ -781,12 +785,15 @@ class PPOConfig:
         from rlhf.plan.shapes import count_parameters
         from rlhf.rollout.engine_choice import EngineFacts, choose_engine, vllm_importable
 
-        kinds = {kind for kind, _ in worker_devices(self.resources, self.ray)}
+        devices = worker_devices(self.resources, self.ray, self)
+        kinds = {kind for kind, _ in devices}
+        precisions = {forward_precision(self.strategy, self.model, kind, bf16) for kind, bf16 in devices}
         shape = count_parameters(self.model)
         choice = choose_engine(EngineFacts(
             device="cuda" if kinds == {"cuda"} else "cpu", vllm_importable=vllm_importable(),
             architecture=shape.architecture, head_dim=shape.head_dim, params=shape.params,
-            batch_size=self.rollout.batch_size, temperature=max(self.rollout.temperature, self.eval.temperature or 0)))
+            batch_size=self.rollout.batch_size, temperature=max(self.rollout.temperature, self.eval.temperature or 0),
+            precision="fp32" if "fp32" in precisions else precisions.pop()))
         self.rollout.engine = choice.engine
         self.rollout.engine_reason = choice.reason  # not a field: the run's log says it, config.yaml has the engine
         self.rollout.validate()

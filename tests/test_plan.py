@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import PPOConfig, RMConfig, SFTConfig, load_config
+from rlhf.config import STAGE_CONFIGS, PPOConfig, RMConfig, SFTConfig, load_config
 from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
 from rlhf.plan import (
@@ -428,7 +428,8 @@ def test_offload_does_not_help_on_a_cpu_run():
 def run(argv):
     parser = argparse.ArgumentParser(prog="rlhf")
     add_plan_parser(parser.add_subparsers(dest="command"))
-    return run_plan(parser.parse_args(["plan", *argv]))
+    args = parser.parse_args(["plan", *argv])
+    return run_plan(args, load_config(STAGE_CONFIGS[args.stage], args.config, args.overrides))
 
 
 def test_plan_command_fits_the_quickstart_sft(capsys, monkeypatch):

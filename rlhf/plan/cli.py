@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from rlhf.errors import UserError
 from rlhf.plan.devices import default_workers, detect_device_type
@@ -124,11 +125,10 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
                         help="dotted overrides, e.g. train.micro_batch_size=8")
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    """Print the plan; 0 when it fits, 3 when it does not. Config errors (UserError) propagate."""
-    from rlhf.config import STAGE_CONFIGS, load_config
-
-    cfg = load_config(STAGE_CONFIGS[args.stage], args.config, args.overrides)
+def run_plan(args: argparse.Namespace, cfg: Any) -> int:
+    """Print the plan of `cfg` (the stage config `args` name, loaded by the caller: rlhf.config
+    reads model shapes from this package); 0 when it fits, 3 when it does not. Config errors
+    (UserError) propagate."""
     workers = args.workers if args.workers is not None else default_workers(cfg)
     device_type = args.device or detect_device_type()
     memory = source = None

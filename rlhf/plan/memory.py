@@ -489,6 +489,12 @@ def _vllm_engine(cfg, actor: ModelShape, prec: Precision, device_type: str, devi
     if vllm.kv_cache_gib is not None:
         kv = int(vllm.kv_cache_gib * (1 << 30))
         kv_name = f"vLLM KV cache (rollout.vllm.kv_cache_gib={vllm.kv_cache_gib:g})"
+    elif device_type == "cpu":  # sized to the calls' answers (rlhf/rollout/vllm_kv.py)
+        from rlhf.rollout.vllm_kv import rollout_kv_bytes
+
+        seq = vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        kv = rollout_kv_bytes(cfg.rollout.batch_size, seq, 2 * actor.num_layers * actor.kv_width * width)
+        kv_name = f"vLLM KV cache ({cfg.rollout.batch_size} answers of {seq} tokens, rollout.batch_size)"
     else:
         kv = max(int(vllm.gpu_memory_utilization * device_memory) - weights, 0)
         kv_name = f"vLLM KV cache (rollout.vllm.gpu_memory_utilization={vllm.gpu_memory_utilization:g} less its weights)"

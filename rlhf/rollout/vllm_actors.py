@@ -230,10 +230,15 @@ def _rendezvous(build: Callable[[], WeightGroup], joined: list) -> WeightGroup:
     return built["group"]
 
 
-def policy_config_json(model: torch.nn.Module) -> str:
-    """The policy's config.json text, for engine actors to build an engine of its shape."""
+def policy_config(model: torch.nn.Module):
+    """The policy's transformers config, under an engine wrapper or PEFT."""
     from rlhf.models.engines import unwrap_engine
 
     root = unwrap_engine(model)
     base = root.get_base_model() if hasattr(root, "get_base_model") else root  # PEFT
-    return base.config.to_json_string(use_diff=False)
+    return base.config
+
+
+def policy_config_json(model: torch.nn.Module) -> str:
+    """The policy's config.json text, for engine actors to build an engine of its shape."""
+    return policy_config(model).to_json_string(use_diff=False)
