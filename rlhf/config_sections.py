@@ -260,6 +260,9 @@ class LoggingConfig:
     and assumes 1.4e11 on CPU. Unknown GPUs log no perf/mfu unless this is set."""
     progress: bool = True
     """Show a tqdm progress bar (plain log lines when output is not a terminal)."""
+    verbose: bool = False
+    """Also show the libraries' own progress bars and info messages (transformers' and the hub's
+    weight loading and saving, vLLM's INFO lines); off, a stage prints only its own lines."""
 
     def validate(self) -> None:
         for backend in self.backends:

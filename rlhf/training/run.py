@@ -31,6 +31,7 @@ from rlhf.distributed.precision import LOW_PRECISION, describe as describe_preci
 from rlhf.kernels import configure_process
 from rlhf.logging.alarms import AlarmMonitor
 from rlhf.logging.metrics import MetricsWriter, Progress, read_metrics
+from rlhf.logging.quiet import quiet_third_party
 from rlhf.training.guards import NonFiniteGuard
 from rlhf.training.output import FINISHED_MARKER, claim_output_dir
 from rlhf.training.run_lock import LOCK_NAME, RunLock
@@ -98,6 +99,7 @@ class Run:
         configured strategy."""
         cfg.kernels = cfg.kernels.effective()  # what runs is what config.yaml records
         configure_process(cfg.kernels)
+        quiet_third_party(cfg.logging.verbose)
         world = world or build_strategy(cfg.strategy, probe_shape(cfg))
         world.setup(cfg.seed)
         run = cls(stage, cfg, world, layout)

@@ -1,0 +1,32 @@
+"""Third-party progress bars and info logs are off in a run unless logging.verbose."""
+
+import os
+
+import pytest
+from huggingface_hub.utils import are_progress_bars_disabled
+from transformers.utils import logging as hf_logging
+
+from rlhf.logging.quiet import quiet_third_party
+
+
+@pytest.fixture
+def restore_library_logging(monkeypatch):
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    yield
+    quiet_third_party(verbose=True)
+
+
+def test_quiet_turns_the_libraries_bars_and_info_off_and_verbose_back_on(restore_library_logging):
+    quiet_third_party(verbose=False)
+    assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    assert hf_logging.get_verbosity() == hf_logging.ERROR
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+    quiet_third_party(verbose=True)
+    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    assert hf_logging.get_verbosity() == hf_logging.WARNING
+
+
+def test_a_vllm_level_the_user_set_is_kept(restore_library_logging, monkeypatch):
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    quiet_third_party(verbose=False)
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
