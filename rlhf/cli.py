@@ -202,9 +202,14 @@ def _run_generate(args: argparse.Namespace) -> None:
 def build_score_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf rm score",
                                      description="Score every answer of a ranked data file with a reward model.")
+    parser.add_argument("--out", required=True, help="JSONL file to write, one row per data row")
+    return _add_rank_file_arguments(parser)
+
+
+def _add_rank_file_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """What `rlhf rm score` and `rlhf rm eval` both read: a reward model and a ranked file."""
     parser.add_argument("--model", required=True, help="reward-model directory (the model/ of an rm run)")
     parser.add_argument("--data", required=True, help="ranked data file (any accepted rank format)")
-    parser.add_argument("--out", required=True, help="JSONL file to write, one row per data row")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-prompt-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -226,25 +231,20 @@ def build_rm_eval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf rm eval",
                                      description="Held-out pairwise accuracy and mean margin of a reward model on a "
                                      "ranked data file: every pair of a row's K answers whose scores differ.")
-    parser.add_argument("--model", required=True, help="reward-model directory (the model/ of an rm run)")
-    parser.add_argument("--data", required=True, help="ranked data file (any accepted rank format)")
     parser.add_argument("--out", help="also write the numbers as JSON here")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--max-prompt-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    return parser
+    return _add_rank_file_arguments(parser)
 
 
 def _run_rm_eval(argv: Sequence[str]) -> None:
-    from rlhf.scoring import rank_accuracy, write_json
+    from rlhf.files import write_text_atomic
+    from rlhf.scoring import rank_accuracy
 
     args = build_rm_eval_parser().parse_args(argv)
     _prepare_process()
     summary = rank_accuracy(args.model, args.data, args.max_length, args.max_prompt_length, args.on_error,
                             args.batch_size)
     if args.out:
-        write_json(args.out, summary)
+        write_text_atomic(args.out, json.dumps(summary, indent=1) + "\n")
     print(f"pairwise accuracy {summary['accuracy']:.4f} over {summary['pairs']} pairs of {summary['rows']} rows; "
           f"mean margin {summary['mean_margin']:.4f}" + (f"; {summary['skipped']} malformed rows skipped"
                                                          if summary["skipped"] else ""))

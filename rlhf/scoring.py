@@ -71,14 +71,6 @@ def rank_accuracy(model_dir: str, data: str, max_length: int, max_prompt_length:
             **pair_accuracy(records, scores)}
 
 
-def write_json(path: str, values: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(values, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-
-
 def score_file(model_dir: str, data: str, out: str, max_length: int, max_prompt_length: int,
                on_error: str = "raise", batch_size: int = 8) -> dict[str, float]:
     records, scores, skipped = _load_and_score(model_dir, data, max_length, max_prompt_length, on_error, batch_size)

@@ -37,6 +37,7 @@ import torch
 
 from rlhf.distributed.strategy import World
 from rlhf.errors import UserError
+from rlhf.files import write_text_atomic
 from rlhf.models.export import DiskFullError, disk_full_reason, release_frames
 
 META = "meta.json"
@@ -120,16 +121,6 @@ def batch_problem(saved: dict[str, int], batch: dict[str, int]) -> str | None:
     return (f"was trained with {was}; this run sets {now}. Keep them to resume (the number of workers may change: "
             f"the accumulation steps are re-derived so that the global batch is the same), or start fresh with "
             f"train.resume=never")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _step_of(name: str) -> int | None:
@@ -368,7 +359,7 @@ class CheckpointManager:
                 os.replace(tmp, final)
                 renamed = True
                 where = self.root / "latest"
-                _write_text_atomic(self.root / "latest", name)
+                write_text_atomic(self.root / "latest", name)
             except Exception as exc:  # noqa: BLE001
                 error = exc
         # Renamed but `latest` not moved: the new directory goes too, unless `latest` already

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from rlhf.files import write_text_atomic
 
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 
@@ -45,13 +45,9 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def write_report(out_dir: str | Path, result: dict) -> tuple[Path, Path]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = out / EVAL_JSON, out / EVAL_MD
     for path, text in zip(paths, (json.dumps(result, indent=1) + "\n", markdown(result))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return paths
 
 
