@@ -47,17 +47,17 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir
     assert trained.scheduler.last_epoch == 1
 
     # Dying after the rename but before the pointer moves: `latest` still names step 1.
-    real_write = checkpoint_module._write_text_atomic
+    real_write = checkpoint_module.write_text_atomic
 
     def die(path, text):
         raise KeyboardInterrupt("killed")
 
-    checkpoint_module._write_text_atomic = die
+    checkpoint_module.write_text_atomic = die
     try:
         with pytest.raises(KeyboardInterrupt):
             manager.save({"policy": trained}, 2, {"step": 2})
     finally:
-        checkpoint_module._write_text_atomic = real_write
+        checkpoint_module.write_text_atomic = real_write
     assert manager.resolve("auto") == root / "step-1"
 
     # A later save replaces the leftovers and moves the pointer.

@@ -183,7 +183,7 @@ def test_pointer_write_out_of_space_keeps_the_previous_checkpoint(tmp_path, monk
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpoint_module, "_write_text_atomic", full)
+    monkeypatch.setattr(checkpoint_module, "write_text_atomic", full)
     with pytest.raises(DiskFullError, match=f"while writing {root / 'latest'}"):
         manager.save({"policy": Trainee()}, 2, {"step": 2})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1"]
