@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _stage_parser(sub, name)
 
-    data = sub.add_parser("data", help="Inspect data files; write the quickstart task.")
+    data = sub.add_parser("data", help="Inspect data files; write the quickstart tasks; fetch HH-RLHF.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="action")
     inspect = data_sub.add_parser("inspect", help="Counts, token-length percentiles and truncation of a data file.")
     inspect.add_argument("file", help="JSONL/JSON/Parquet/CSV file, saved datasets dir, or hub id")
@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="directory to write the .jsonl files into")
     synth.add_argument("--task", choices=("quickstart", "arithmetic"), default="quickstart")
     synth.add_argument("--seed", type=int, default=0)
+    fetch = data_sub.add_parser("fetch", help="Download a public preference dataset and split it by prompt into the "
+                                "files each stage reads (SFT, ranked, prompts, pretraining, held-out sets).")
+    fetch.add_argument("dataset", choices=("hh-rlhf",), help="hh-rlhf: Anthropic/hh-rlhf from the Hugging Face hub")
+    fetch.add_argument("--out", default="data/hh_rlhf", help="directory to write the .jsonl files and manifest.json")
+    fetch.add_argument("--from", dest="source", metavar="FILE",
+                       help="read a local copy (JSONL of {chosen, rejected} HH dialogues) instead of the hub")
+    fetch.add_argument("--subset", default="harmless-base", help="the hub dataset's data_dir (default harmless-base)")
+    fetch.add_argument("--split", default="train", help="the hub split to read (default train)")
+    fetch.add_argument("--rows", type=int, help="read at most this many rows")
+    fetch.add_argument("--seed", type=int, default=0, help="seed of the prompt shuffle that assigns files")
 
     generate = sub.add_parser("generate", help="Answer prompts with a trained model.")
     generate.add_argument("--model", required=True, help="model directory or hub id")
@@ -161,6 +171,20 @@ def _run_data(args: argparse.Namespace) -> None:
         synthesize = {"quickstart": quickstart.synthesize, "arithmetic": arithmetic.synthesize}[args.task]
         for name, path in synthesize(args.out, seed=args.seed).items():
             print(f"{name}: {path}")
+        return
+    if args.data_command == "fetch":
+        from rlhf.data import hh_rlhf
+
+        written = hh_rlhf.fetch(args.out, source=args.source, subset=args.subset, split=args.split, rows=args.rows,
+                                seed=args.seed)
+        manifest = json.loads(open(written.pop("manifest"), encoding="utf-8").read())
+        for name, path in written.items():
+            print(f"{name}: {path} ({manifest['rows'][name]} rows)")
+        dropped = manifest["dropped"]
+        if any(dropped[key] for key in ("unreadable", "ties", "empty_chosen")):
+            print(f"left out: {dropped['unreadable']} unreadable rows, {dropped['empty_chosen']} demonstrations with "
+                  f"an empty answer, {dropped['ties']} ranked pairs with identical "
+                  f"answers (manifest.json lists examples)")
         return
     from rlhf.config_sections import DataSourceConfig
     from rlhf.data.inspect import inspect_data

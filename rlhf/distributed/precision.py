@@ -222,9 +222,12 @@ def _model_sizes(model: Any) -> dict[str, int] | None:
 
     try:
         location, gguf_file = resolve_location(model, model.path, "model.path")
-        # The config only, never code shipped with a checkpoint.
+        # The config only, never code shipped with a checkpoint; and only from disk or the
+        # hub's cache: validating a config must not wait on the network (offline, the hub
+        # client retries for half a minute), and a pipeline's not-yet-trained parents are
+        # placeholders that no hub knows.
         config = AutoConfig.from_pretrained(location, revision=model.revision, trust_remote_code=False,
-                                            **({"gguf_file": gguf_file} if gguf_file else {}))
+                                            local_files_only=True, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (UserError, OSError, ValueError):  # loading the model reports it; the probe falls back
         return None
     config = getattr(config, "text_config", None) or config

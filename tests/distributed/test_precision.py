@@ -100,6 +100,30 @@ def test_auto_probes_at_the_models_own_width_once_per_shape(monkeypatch):
         precision._probe.cache_clear()
 
 
+def test_the_probe_reads_a_model_config_from_disk_only(monkeypatch):
+    """Validating a pipeline config probes its PPO stage, whose model is a placeholder until SFT
+    has run: offline, asking the hub about it cost half a minute of retries."""
+    import transformers
+
+    from rlhf.config import SFTConfig, load_config
+
+    asked = []
+
+    def from_pretrained(location, **kwargs):
+        asked.append((location, kwargs.get("local_files_only")))
+        raise OSError(f"{location} is not in the local cache")
+
+    monkeypatch.delenv("RLHF_CPU_BF16", raising=False)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: FLAGS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    cfg = load_config(SFTConfig, overrides=["model.path=org/not-cached", "data.train.path=x",
+                                            "strategy.mixed_precision=no"])
+    cfg.strategy.mixed_precision = "auto"
+    assert precision.probe_shape(cfg) == precision.SMOLLM2
+    assert asked == [("org/not-cached", True)]
+
+
 def test_the_layer_timing_runs_bf16_products_under_autocast():
     fp32_s, bf16_s = precision.time_layer(precision.ProbeShape(32, 64, 16, heads=2, kv_heads=1, vocab=64), rounds=1)
     assert fp32_s > 0 and bf16_s > 0
