@@ -19,8 +19,25 @@ def quiet_third_party(verbose: bool) -> None:
         hf_logging.enable_progress_bar()
         hf_logging.set_verbosity_warning()
         enable_progress_bars()
+        _gguf_conversion_bar(show=True)
         return
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     disable_progress_bars()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    _gguf_conversion_bar(show=False)
+
+
+def _gguf_conversion_bar(show: bool) -> None:
+    """transformers converts GGUF tensors under a bare tqdm bar that its progress switch does not
+    reach (and tqdm reads its TQDM_* defaults once, at import), so the module's `tqdm` is swapped
+    for one that starts disabled."""
+    from functools import partial
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # another transformers: nothing to silence
+        return
+    original = bar.func if isinstance(bar, partial) else bar
+    gguf_utils.tqdm = original if show else partial(original, disable=True)
