@@ -94,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=8)
     generate.add_argument("--seed", type=int, default=0)
 
+    export = sub.add_parser("export", help="Copy a finished run's model with a model card; optionally push it to the hub.",
+                            description="Copy the model of a finished run (weights, config and tokenizer files, byte "
+                            "for byte) into DIR with a README.md model card: the stage and its hyper-parameters, the "
+                            "chain of runs back to the base model, each data file's sha256 and rows from the lineage, "
+                            "the config without secrets, the eval table and how to load it. DIR is written whole or "
+                            "not at all.")
+    export.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a stage's run directory (e.g. runs/quickstart/ppo), or a pipeline's output directory "
+                        "(e.g. runs/quickstart: its last stage is taken)")
+    export.add_argument("--to", required=True, metavar="DIR", help="the directory to write (new or empty)")
+    export.add_argument("--force", action="store_true", help="replace DIR when it holds something")
+    export.add_argument("--push-to-hub", metavar="REPO",
+                        help="then upload DIR to this hub model repository (owner/name), created if missing; the "
+                        "token is huggingface_hub's usual one (HF_TOKEN or `hf auth login`)")
+    export.add_argument("--private", action="store_true", help="create the hub repository private")
+
     from rlhf.plan import add_plan_parser
 
     add_plan_parser(sub)
@@ -217,6 +233,27 @@ def _run_report(args: argparse.Namespace) -> None:
     print(f"\nwrote {len(report.images)} plots and {report.markdown}")
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from rlhf.sharing.export import export_run
+    from rlhf.sharing.hub import PushError, push_to_hub
+
+    if args.private and not args.push_to_hub:
+        raise UserError("--private applies to --push-to-hub only")
+    done = export_run(args.run_dir, args.to, force=args.force, hub_repo=args.push_to_hub)
+    if done.located.picked:
+        print(f"picked {done.located.picked}")
+    print(f"exported {done.located.run.stage} ({done.located.run.dir}) to {done.directory}: {len(done.files)} files, "
+          f"{done.bytes / 2**20:.1f} MiB, model card {done.directory / 'README.md'}")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(done.directory, args.push_to_hub, args.private)
+        except PushError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1  # the export stands; only the upload failed
+        print(f"pushed to {url}")
+    return 0
+
+
 def _run_generate(args: argparse.Namespace) -> None:
     from rlhf.generate import generate_cli
 
@@ -295,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf.training.stop import Interrupted, stop_on_signals
 
     try:
-        if args.command not in ("data", "generate", "report", "plan", "doctor"):
+        if args.command not in ("data", "generate", "report", "plan", "doctor", "export"):
             with stop_on_signals():
                 _run_stage(args.command, args)
         elif args.command == "data":
@@ -304,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_generate(args)
         elif args.command == "report":
             _run_report(args)
+        elif args.command == "export":
+            return _run_export(args)
         elif args.command == "plan":
             from rlhf.config import STAGE_CONFIGS, load_config
             from rlhf.plan import run_plan

@@ -1,0 +1,82 @@
+"""`rlhf export`: a finished run's model as a shareable directory, its files copied byte for byte
+(nothing re-saved) plus a README.md model card, built in a temporary directory beside the target
+and renamed into place so that the target never holds half an export."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.errors import UserError
+from rlhf.sharing.card import render
+from rlhf.sharing.run_dir import FINISHED_CONFIG, Located, chain, locate, trained_from
+
+CARD = "README.md"
+LEFT_OUT = {FINISHED_CONFIG.name}
+"""Files of the run's model/ not shared: rlhf_config.yaml is the raw config (the card holds it
+without secrets)."""
+
+
+@dataclass
+class Exported:
+    located: Located
+    directory: Path
+    files: list[str]
+    bytes: int
+
+
+def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, force: bool = False,
+               hub_repo: str | None = None) -> Exported:
+    """Copy the finished run at `run_dir` (a stage's run directory or a pipeline's output) to
+    `to` with a model card. `to` may not exist or be empty unless `force`, which replaces it in
+    one rename. `hub_repo` is the repository the card's loading snippet names (default: `to`)."""
+    located = locate(run_dir)
+    run = located.run
+    target = Path(to)
+    _check_target(target, run.dir, force)
+    ancestors = chain(run)
+    ancestor_dirs = {p.run.dir for p in ancestors if p.run is not None}
+    others = [p for p in trained_from(run) if p.run is None or p.run.dir not in ancestor_dirs]
+    card = render(located, ancestors, others, hub_repo or str(target))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    try:
+        shutil.copytree(run.model_dir, tmp, dirs_exist_ok=True, ignore=lambda _, names: LEFT_OUT & set(names))
+        (tmp / CARD).write_text(card, encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is for sharing
+        if target.exists():
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():  # failed between the two renames
+            os.replace(old, target)
+        raise UserError(f"could not write {target}: {exc.strerror or exc} (nothing was left half-way; "
+                        f"{'the previous contents are kept' if target.exists() else 'it was not created'})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
+    files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    return Exported(located, target, files, sum((target / f).stat().st_size for f in files))
+
+
+def _check_target(target: Path, run_dir: Path, force: bool) -> None:
+    resolved, run = target.resolve(), run_dir.resolve()
+    model = run / "model"
+    if resolved in (run, model) or resolved in run.parents or model in resolved.parents:
+        raise UserError(f"--to {target}: would replace the run itself or its model; choose a directory outside "
+                        f"{run_dir / 'model'} that does not hold the run")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--to {target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise UserError(f"--to {target}: exists and is not empty; pass --force to replace it")
