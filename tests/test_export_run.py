@@ -137,10 +137,19 @@ def test_the_cards_snippet_loads_the_export_and_generates(pipeline_dir, tmp_path
     assert scope["output"].shape[1] > scope["inputs"]["input_ids"].shape[1]  # it generated
 
 
-def test_an_sft_run_without_an_eval_report_says_not_evaluated(pipeline_dir, tmp_path):
-    export_run(pipeline_dir / "sft", tmp_path / "sft")
+def test_without_a_report_of_this_export_the_card_says_not_evaluated(pipeline_dir, tmp_path):
+    export_run(pipeline_dir / "sft", tmp_path / "sft")  # the pipeline's report judged the PPO export
     card = (tmp_path / "sft" / "README.md").read_text()
     assert "Not evaluated" in card and "SFT <- base" in card and front_matter(card)["tags"][:2] == ["rlhf", "sft"]
+
+    report, lineage = pipeline_dir / "eval" / "eval.json", pipeline_dir / "ppo" / "lineage.json"
+    kept = report.stat().st_mtime
+    os.utime(report, (kept, lineage.stat().st_mtime - 60))  # a report of an earlier export of ppo/
+    try:
+        export_run(pipeline_dir / "ppo", tmp_path / "ppo")
+    finally:
+        os.utime(report, (kept, kept))
+    assert "Not evaluated" in (tmp_path / "ppo" / "README.md").read_text()
 
 
 def test_a_push_offline_fails_in_one_line_and_keeps_the_export(pipeline_dir, tmp_path):

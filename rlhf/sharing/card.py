@@ -84,17 +84,29 @@ def _has_credentials(text: str) -> bool:
 
 
 def find_eval(run: StageRun) -> Optional[dict]:
-    """The `rlhf eval` report (eval.json) that judged this run's export, if one is beside it."""
+    """The `rlhf eval` report (eval.json) beside the run that judged this export: its policy is
+    this run's model/ and it was written after the run finished (an older one judged an earlier
+    export of the same directory)."""
+    finished = (run.dir / "lineage.json").stat().st_mtime
     for rel in EVAL_DIRS:
         file = run.dir / rel / "eval.json"
         try:
             report = json.loads(file.read_text(encoding="utf-8"))
+            written = file.stat().st_mtime
         except (OSError, ValueError):
             continue
         policy = report.get("policy") if isinstance(report, dict) else None
-        if policy and Path(policy).expanduser().resolve() == run.model_dir.resolve() and "models" in report:
+        if isinstance(policy, str) and _names_model(policy, run) and "models" in report and written >= finished:
             return report
     return None
+
+
+def _names_model(policy: str, run: StageRun) -> bool:
+    path = Path(policy).expanduser()
+    if path.resolve() == run.model_dir.resolve():
+        return True
+    # A pipeline with a relative output_dir records a relative path, relative to where it ran.
+    return not path.is_absolute() and path.parts[-2:] == (run.dir.name, "model")
 
 
 def base_model(root: StageRun) -> dict:
