@@ -5,6 +5,7 @@ never printed; any failure becomes one `PushError` line that says the local expo
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 
@@ -27,7 +28,7 @@ def push_to_hub(directory: str | os.PathLike, repo: str, private: bool = False) 
 
 
 def failure_line(repo: str, directory: Path, exc: BaseException, private: bool = False) -> str:
-    later = f"hf upload {repo} {directory}" + (" --private" if private else "")
+    later = f"hf upload {shlex.quote(repo)} {shlex.quote(str(directory))}" + (" --private" if private else "")
     return (f"could not reach the Hugging Face hub to push {repo} ({_reason(exc)}); the export in {directory} is "
             f"complete, push it later with: {later}")
 
