@@ -166,9 +166,9 @@ def render(located: Located, chain: list[Parent], others: list[Parent], model_re
 
 def _what(run: StageRun, algo: str) -> str:
     code = run.lineage.code
-    commit = code.get("git_commit")
-    made = f"rlhf {code.get('package', '?')}" + (f" at commit {commit[:12]}" + (" (uncommitted changes)"
-                                                   if code.get("git_dirty") else "") if commit else "")
+    made = f"rlhf {code.get('package', '?')}"
+    if code.get("git_commit"):
+        made += f" at commit {code['git_commit'][:12]}" + (" (uncommitted changes)" if code.get("git_dirty") else "")
     lines = ["## What it is", "",
              f"Stage `{run.stage}`: {_STAGE_WHAT.get(run.stage, run.stage)}, with {algo}. Trained by {made}; "
              f"finished {run.lineage.created}, lineage id `{run.lineage.lineage_id[:12]}`.", "",
