@@ -97,12 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="Copy a finished run's model with a model card; optionally push it to the hub.",
                             description="Copy the model of a finished run (weights, config and tokenizer files, byte "
                             "for byte) into DIR with a README.md model card: the stage and its hyper-parameters, the "
-                            "chain of runs back to the base model, each data file's sha256 and rows from the lineage, "
-                            "the config without secrets, the eval table and how to load it. DIR is written whole or "
+                            "chain of runs back to the base model, each data file's sha256 and rows from the lineage "
+                            "(hashed at export for a run started without rlhf pipeline), the config without "
+                            "secrets, the eval table and how to load it. DIR is written whole or "
                             "not at all.")
     export.add_argument("run_dir", metavar="RUN_DIR",
-                        help="a stage's run directory (e.g. runs/quickstart/ppo), or a pipeline's output directory "
-                        "(e.g. runs/quickstart: its last stage is taken)")
+                        help="a stage's run directory (e.g. runs/quickstart/ppo, or the output_dir of `rlhf sft` run "
+                        "directly), or a pipeline's output directory (e.g. runs/quickstart: its last stage is taken)")
     export.add_argument("--to", required=True, metavar="DIR", help="the directory to write (new or empty)")
     export.add_argument("--force", action="store_true", help="replace DIR when it holds something")
     export.add_argument("--push-to-hub", metavar="REPO",
@@ -236,10 +237,11 @@ def _run_report(args: argparse.Namespace) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from rlhf.sharing.export import export_run
     from rlhf.sharing.hub import PushError, push_to_hub
+    from stages import STAGES
 
     if args.private and not args.push_to_hub:
         raise UserError("--private applies to --push-to-hub only")
-    done = export_run(args.run_dir, args.to, force=args.force, hub_repo=args.push_to_hub)
+    done = export_run(args.run_dir, args.to, force=args.force, hub_repo=args.push_to_hub, stages=STAGES)
     if done.located.picked:
         print(f"picked {done.located.picked}")
     print(f"exported {done.located.run.stage} ({done.located.run.dir}) to {done.directory}: {len(done.files)} files, "

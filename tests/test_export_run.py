@@ -1,7 +1,8 @@
 """`rlhf export`: a finished pipeline's last stage copied byte for byte with a model card that
 holds the chain to the base model, the lineage's data hashes, the config without secrets and the
 eval table; the card's snippet loads and generates; a push offline fails in one line and keeps
-the export; DIR is replaced whole or not at all; bad input is one line.
+the export; DIR is replaced whole or not at all; bad input is one line. A stage run started
+directly (no lineage.json) is exported too, its data hashed at export and the card saying so.
 
 The run directories are made by the project's own writers (export_pretrained, save_config,
 write_lineage, write_report) on a tiny model, as `rlhf pipeline` lays them out, so the test
@@ -229,3 +230,63 @@ def test_bad_input_is_one_line(pipeline_dir, tmp_path, capsys):
         with pytest.raises(UserError, match="would replace the run itself"):
             export_run(pipeline_dir / "ppo", inside, force=True)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_run_started_directly_is_exported_with_its_data_hashed_at_export(pipeline_dir, tmp_path, capsys):
+    """The PPO run as `rlhf ppo --config ...` leaves it: no lineage.json; its model.path is the
+    pipeline's SFT export, so the chain goes on through SFT's lineage to the hub base model."""
+    import shutil
+
+    from rlhf.lineage import data_hash
+    from stages import STAGES
+
+    run = tmp_path / "my_ppo"
+    shutil.copytree(pipeline_dir / "ppo", run)
+    (run / "lineage.json").unlink()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (
+        {"step": 5, "eval/gold_reward": 0.125, "ppo/kl": 0.2}, {"step": 10, "ppo/kl": 0.3},
+        {"step": 10, "eval/gold_reward": 0.375})))
+    out = tmp_path / "share"
+    assert export(run, "--to", out) == 0
+    assert f"exported ppo ({run})" in capsys.readouterr().out
+    shared = [p.name for p in (run / "model").iterdir() if p.name != "rlhf_config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(shared + ["README.md"])
+    for name in shared:
+        assert (out / name).read_bytes() == (run / "model" / name).read_bytes(), name
+
+    card = (out / "README.md").read_text()
+    assert front_matter(card)["base_model"] == BASE_HUB_ID and "PPO <- SFT <- base" in card
+    assert "| `ppo.iterations` | 7 |" in card and "lineage id" not in card.split("## Base model")[0]
+    assert "the ppo run was started directly (not by `rlhf pipeline`)" in card
+    assert "hashed at export time, not at training: a file changed since training would not be noticed" in card
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("prompts", "pretrain"):
+        path = config["data"][key]["path"]
+        assert f"| ppo | `data.{key}` | `{path}` | `{data_hash(path)}` (at export, not at training) |" in card
+    sft_hash = json.loads((pipeline_dir / "sft" / "lineage.json").read_text())["inputs"]["data.train"]
+    assert f"| `{sft_hash}` | " in card  # the SFT run's hash is still the one its lineage recorded
+    assert "| eval/gold_reward | 0.375 |" in card and "ppo/kl" not in card.split("## Evaluation")[1]
+    assert all(secret not in card for secret in SECRETS.values())
+
+    # Unfinished (no finished config) or a lineage.json that cannot be read: refused, nothing written.
+    (run / "lineage.json").write_text("{")
+    with pytest.raises(UserError, match="unreadable lineage.json"):
+        export_run(run, tmp_path / "a", stages=STAGES)
+    (run / "lineage.json").unlink()
+    (run / "model" / "rlhf_config.yaml").unlink()
+    with pytest.raises(UserError, match="no lineage.json, so no finished export .*still going or was stopped"):
+        export_run(run, tmp_path / "a", stages=STAGES)
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_stage_of_a_direct_run_is_told_by_its_saved_config():
+    from rlhf.config import config_to_dict
+    from rlhf.sharing.unrecorded import stage_of
+    from stages import STAGES
+
+    for name in ("sft", "rm", "dpo", "ppo"):
+        config = config_to_dict(STAGES[name].config())
+        assert stage_of(config, STAGES) == name
+        del config["kernels"]  # saved before a section existed
+        assert stage_of(config, STAGES) == name
+    assert stage_of({"model": {}, "unknown_section": {}}, STAGES) is None

@@ -1,7 +1,8 @@
 """The model card (README.md) of an exported run: YAML front matter the hub reads, then what the
 model is, what it was trained from and on, its config without secrets, its evaluation and how
 to load it. Everything comes from the run directory; nothing is loaded or computed anew except
-the row counts of data files that still have their recorded hash."""
+the row counts of data files that still have their recorded hash, and, for a run started
+directly (no lineage), the hashes of its data files, which the card says were taken at export."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def find_eval(run: StageRun) -> Optional[dict]:
     """The `rlhf eval` report (eval.json) beside the run that judged this export: its policy is
     this run's model/ and it was written after the run finished (an older one judged an earlier
     export of the same directory)."""
-    finished = (run.dir / "lineage.json").stat().st_mtime
+    finished = run.finished_file.stat().st_mtime
     for rel in EVAL_DIRS:
         file = run.dir / rel / "eval.json"
         try:
@@ -169,9 +170,14 @@ def _what(run: StageRun, algo: str) -> str:
     made = f"rlhf {code.get('package', '?')}"
     if code.get("git_commit"):
         made += f" at commit {code['git_commit'][:12]}" + (" (uncommitted changes)" if code.get("git_dirty") else "")
+    if run.direct:
+        made = "rlhf, started directly rather than by `rlhf pipeline`, so no lineage (code version not recorded)"
+        finished = f"finished {run.lineage.created}."
+    else:
+        finished = f"finished {run.lineage.created}, lineage id `{run.lineage.lineage_id[:12]}`."
     lines = ["## What it is", "",
              f"Stage `{run.stage}`: {_STAGE_WHAT.get(run.stage, run.stage)}, with {algo}. Trained by {made}; "
-             f"finished {run.lineage.created}, lineage id `{run.lineage.lineage_id[:12]}`.", "",
+             f"{finished}", "",
              "| hyper-parameter | value |", "|---|---|"]
     for key in _KEY_PARAMS.get(run.stage, ()):
         value = lookup(run.config, key)
@@ -195,8 +201,13 @@ def _lineage_section(run: StageRun, chain: list[Parent], others: list[Parent], b
 def _parent_text(parent: Parent) -> str:
     if parent.run is None:
         return "its run directory or lineage is gone"
-    text = f"`{parent.run.dir}`, lineage id `{parent.run.lineage.lineage_id[:12]}`"
-    if not parent.current:
+    if parent.run.direct:
+        text = f"`{parent.run.dir}`, started directly (no lineage)"
+    else:
+        text = f"`{parent.run.dir}`, lineage id `{parent.run.lineage.lineage_id[:12]}`"
+    if parent.current is None:
+        text += " (the run using it recorded no lineage of it, so a re-training since would not show here)"
+    elif not parent.current:
         text += " (re-trained since: the run this model used had another lineage id)"
     metrics = {k: v for k, v in parent.run.lineage.metrics.items() if k.startswith("eval/")}
     if metrics:
@@ -206,12 +217,23 @@ def _parent_text(parent: Parent) -> str:
 
 def _data_section(run: StageRun, chain: list[Parent], others: list[Parent]) -> str:
     runs = [run] + [p.run for p in chain + others if p.run is not None]
-    lines = ["## Data", "", "Every data file of every run above, with the sha256 its lineage recorded.", "",
+    intro = "Every data file of every run above, with the sha256 its lineage recorded."
+    direct = [one.stage for one in runs if one.direct]
+    if direct:
+        named = f"the {', '.join(direct)} run{'s were' if len(direct) > 1 else ' was'}"
+        recorded = "" if len(direct) == len(runs) else " as its lineage recorded"
+        intro = (f"Every data file of every run above with its sha256{recorded}; "
+                 f"{named} started directly (not by `rlhf pipeline`) and recorded no lineage, so those files were "
+                 "hashed at export time, not at training: a file changed since training would not be noticed.")
+    lines = ["## Data", "", intro, "",
              "| stage | config key | file | sha256 | rows |", "|---|---|---|---|---|"]
     for one in runs:
         for item in data_inputs(one):
             rows = str(item.rows) if item.rows is not None else f"? ({item.note})" if item.note else "?"
-            lines.append(f"| {item.stage} | `{item.key}` | `{item.path}` | `{item.sha256}` | {rows} |")
+            sha = f"`{item.sha256}`" if item.sha256 else "?"
+            if item.at_export:
+                sha += " (at export, not at training)"
+            lines.append(f"| {item.stage} | `{item.key}` | `{item.path}` | {sha} | {rows} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +256,8 @@ def _eval_section(run: StageRun) -> str:
         lines += ["Not evaluated (no `rlhf eval` report of this export beside the run).", ""]
     metrics = {k: v for k, v in run.lineage.metrics.items() if isinstance(v, (int, float))}
     if metrics:
-        lines += ["Held-out numbers the stage logged while training (from its lineage):", "",
+        source = "the last of each in its metrics.jsonl" if run.direct else "from its lineage"
+        lines += [f"Held-out numbers the stage logged while training ({source}):", "",
                   "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, Optional
 
 from rlhf.errors import UserError
 from rlhf.sharing.card import render
@@ -29,11 +30,13 @@ class Exported:
 
 
 def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, force: bool = False,
-               hub_repo: str | None = None) -> Exported:
+               hub_repo: str | None = None, stages: Optional[Mapping[str, Any]] = None) -> Exported:
     """Copy the finished run at `run_dir` (a stage's run directory or a pipeline's output) to
     `to` with a model card. `to` may not exist or be empty unless `force`, which replaces it in
-    one rename. `hub_repo` is the repository the card's loading snippet names (default: `to`)."""
-    located = locate(run_dir)
+    one rename. `hub_repo` is the repository the card's loading snippet names (default: `to`).
+    `stages`, the stage registry, lets a run started directly (no lineage.json) be exported:
+    it tells its stage and data keys from its saved config."""
+    located = locate(run_dir, stages)
     run = located.run
     target = Path(to)
     _check_target(target, run.dir, force)

@@ -2,7 +2,10 @@
 the chain of runs it was trained from, and each data file it read.
 
 Accepts a stage's run directory (e.g. runs/quickstart/ppo: model/, lineage.json, config.yaml) or
-a pipeline's output directory (runs/quickstart), from which it picks the last stage.
+a pipeline's output directory (runs/quickstart), from which it picks the last stage. A stage run
+started directly has no lineage.json: given the stage registry, its finished export and saved
+config stand in, and what the lineage would have recorded is taken at export time
+(unrecorded.py).
 """
 
 from __future__ import annotations
@@ -12,18 +15,22 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
 from rlhf.errors import UserError
 from rlhf.lineage import LINEAGE_FILE, Lineage, artifact_complete, data_hash, read_lineage
+from rlhf.sharing.unrecorded import finished_at, hash_inputs, last_eval_metrics, stage_of
 
 CONFIG_FILE = "config.yaml"
 FINISHED_CONFIG = Path("model") / "rlhf_config.yaml"  # the same config, written when the stage finished
 PIPELINE_FILE = "pipeline.yaml"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_CACHE = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+MODEL_KEYS = ("model.path", "reward_model.path", "reference.path")
+"""Config keys naming a model a run started from or used; a run started directly knows its
+parents only through these."""
 
 
 @dataclass
@@ -33,6 +40,11 @@ class StageRun:
     dir: Path
     lineage: Lineage
     config: dict
+    direct: bool = False
+    """Started directly, without lineage.json: `lineage` was built at export time (data hashed
+    now, metrics from metrics.jsonl, no code version, no lineage id)."""
+    given: list["Parent"] = field(default_factory=list)
+    """A direct run's parents: the finished runs whose model/ its config's model paths name."""
 
     @property
     def stage(self) -> str:
@@ -41,6 +53,11 @@ class StageRun:
     @property
     def model_dir(self) -> Path:
         return self.dir / "model"
+
+    @property
+    def finished_file(self) -> Path:
+        """Written last when the run finished: lineage.json, or a direct run's finished config."""
+        return self.dir / (FINISHED_CONFIG if self.direct else LINEAGE_FILE)
 
 
 @dataclass
@@ -51,8 +68,9 @@ class Parent:
     """The lineage's name for it: "sft", "rm", ..."""
     run: Optional[StageRun]
     """None when its directory or lineage is gone."""
-    current: bool
-    """Whether its lineage id is still the one recorded when this run was trained."""
+    current: Optional[bool]
+    """Whether its lineage id is still the one recorded when this run was trained; None when
+    this run recorded none (it was started directly)."""
 
 
 @dataclass
@@ -66,6 +84,8 @@ class DataInput:
     rows: Optional[int]
     """Counted from the file when it still has the recorded hash; None otherwise."""
     note: str = ""
+    at_export: bool = False
+    """`sha256` was computed at export time, not recorded at training (a direct run)."""
 
 
 @dataclass
@@ -76,43 +96,112 @@ class Located:
     chain: list[Parent] = field(default_factory=list)
 
 
-def locate(path: str | Path) -> Located:
+def locate(path: str | Path, stages: Optional[Mapping[str, Any]] = None) -> Located:
     """The finished stage at `path` (a stage's run directory or a pipeline's output directory);
-    a `UserError` naming what is missing otherwise."""
+    a `UserError` naming what is missing otherwise. `stages`: the stage registry (name -> entry
+    with `config` and `inputs`), without which a run started directly is refused."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such run directory")
     if not path.is_dir():
         raise UserError(f"{path}: not a directory (give a stage's run directory, e.g. runs/quickstart/ppo)")
     if (path / LINEAGE_FILE).exists() or (path / "model").is_dir():
-        return Located(read_stage(path))
+        return Located(read_stage(path, stages))
     return _pick_from_pipeline(path)
 
 
-def read_stage(path: Path) -> StageRun:
+def read_stage(path: Path, stages: Optional[Mapping[str, Any]] = None) -> StageRun:
+    if stages is not None and not (path / LINEAGE_FILE).exists() and (path / FINISHED_CONFIG).is_file():
+        return read_direct(path, stages)
     lineage = read_lineage(path)
     if lineage is None:
-        why = "unreadable" if (path / LINEAGE_FILE).exists() else "no"
-        raise UserError(f"{path}: {why} {LINEAGE_FILE}, so no finished export to share (rlhf pipeline writes it "
-                        "after a stage's export is complete; a run that is still going or was stopped has none)")
+        if (path / LINEAGE_FILE).exists():
+            raise UserError(f"{path}: unreadable {LINEAGE_FILE}, so no finished export to share (rlhf pipeline writes "
+                            "it after a stage's export is complete; a run that is still going or was stopped has none)")
+        raise UserError(f"{path}: no {LINEAGE_FILE}, so no finished export to share (nor {FINISHED_CONFIG}: a stage "
+                        f"writes that when it finishes, rlhf pipeline {LINEAGE_FILE} after it; a run that is still "
+                        "going or was stopped has neither)")
     complete, why = artifact_complete(path / "model")
     if not complete:
         raise UserError(f"{path}: the model export is incomplete ({why})")
     return StageRun(path, lineage, read_config(path))
 
 
+def read_direct(path: Path, stages: Mapping[str, Any], seen: frozenset = frozenset()) -> StageRun:
+    """A finished run started directly (its finished config there, no lineage.json): the
+    lineage it would have had, built now from that config, its data files and metrics.jsonl."""
+    complete, why = artifact_complete(path / "model")
+    if not complete:
+        raise UserError(f"{path}: the model export is incomplete ({why})")
+    # The finished config, not config.yaml: a run started again there with --overwrite rewrites
+    # config.yaml at once, while this one was saved with the export being shared.
+    config = _read_yaml(path / FINISHED_CONFIG)
+    stage = stage_of(config, stages)
+    if stage is None:
+        raise UserError(f"{path / FINISHED_CONFIG}: cannot tell which stage wrote this config (its top-level keys "
+                        f"{', '.join(sorted(config))} fit no single stage's config)")
+    keys = tuple(getattr(stages[stage], "inputs", ()))
+    lineage = Lineage(stage, "", hash_inputs(config, keys), {}, code={}, metrics=last_eval_metrics(path),
+                      created=finished_at(path / FINISHED_CONFIG))
+    run = StageRun(path, lineage, config, direct=True)
+    run.given = _given_runs(run, stages, seen | {path.resolve()})
+    return run
+
+
+def _given_runs(run: StageRun, stages: Mapping[str, Any], seen: frozenset) -> list[Parent]:
+    """The finished runs whose exports the config's model paths name, read as the chain needs
+    them: by their lineage when they have one, else as direct runs. One that cannot be read is
+    left out; the card then names the path as it is."""
+    parents: list[Parent] = []
+    for key in MODEL_KEYS:
+        given = lookup(run.config, key)
+        if not isinstance(given, str) or not given:
+            continue
+        model = Path(given).expanduser()
+        candidate = model.parent
+        try:
+            resolved = candidate.resolve()
+        except OSError:
+            continue
+        if model.name != "model" or resolved in seen or any(p.run.dir.resolve() == resolved for p in parents):
+            continue
+        parent: Optional[StageRun] = None
+        if (candidate / LINEAGE_FILE).exists():
+            lineage = read_lineage(candidate)
+            if lineage is not None:
+                try:
+                    config = read_config(candidate)
+                except UserError:
+                    config = {}
+                parent = StageRun(candidate, lineage, config)
+        elif (candidate / FINISHED_CONFIG).is_file():
+            try:
+                parent = read_direct(candidate, stages, seen)
+            except UserError:
+                parent = None
+        if parent is not None:
+            parents.append(Parent(parent.stage, parent, None))
+    return parents
+
+
 def read_config(path: Path) -> dict:
     for name in (CONFIG_FILE, FINISHED_CONFIG):
         file = path / name
         if file.is_file():
-            try:
-                config = yaml.safe_load(file.read_text(encoding="utf-8"))
-            except (yaml.YAMLError, UnicodeDecodeError) as exc:
-                raise UserError(f"{file}: not readable YAML ({str(exc).splitlines()[0]})") from None
-            if not isinstance(config, dict):
-                raise UserError(f"{file}: expected a mapping of config keys, got {type(config).__name__}")
-            return config
+            return _read_yaml(file)
     raise UserError(f"{path}: no {CONFIG_FILE} (the stage's saved config)")
+
+
+def _read_yaml(file: Path) -> dict:
+    try:
+        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file}: not readable YAML ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise UserError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file}: expected a mapping of config keys, got {type(config).__name__}")
+    return config
 
 
 def _pick_from_pipeline(path: Path) -> Located:
@@ -148,7 +237,10 @@ def lookup(config: dict, dotted: str) -> Any:
 
 
 def trained_from(run: StageRun) -> list[Parent]:
-    """The runs named in `run`'s lineage as parents, read from the directories beside it."""
+    """The runs named in `run`'s lineage as parents, read from the directories beside it (for a
+    direct run: those its model paths name)."""
+    if run.direct:
+        return run.given
     parents = []
     for role, lineage_id in run.lineage.parents.items():
         sibling = run.dir.parent / role
@@ -207,8 +299,9 @@ def hub_id(path: str) -> Optional[str]:
 
 
 def data_inputs(run: StageRun) -> list[DataInput]:
-    """Each data source in `run`'s lineage (model paths excluded) with the recorded hash, and its
-    row count when the file there now still has that hash."""
+    """Each data source in `run`'s lineage (model paths excluded) with the recorded hash (a
+    direct run's: hashed at export), and its row count when the file there now still has that
+    hash."""
     rows = []
     for key, recorded in run.lineage.inputs.items():
         if key.endswith(".path"):  # a model the user gave (model.path, reward_model.path)
@@ -218,11 +311,13 @@ def data_inputs(run: StageRun) -> list[DataInput]:
         local = Path(path).expanduser()
         if not local.exists():
             note = "hub dataset (only its id is hashed)" if hub_id(path) else "file no longer there"
-            rows.append(DataInput(run.stage, key, path, recorded, None, note))
+            if run.direct and not hub_id(path):
+                recorded = ""  # hashed now it would be the hash of its name, not of any data
+            rows.append(DataInput(run.stage, key, path, recorded, None, note, run.direct))
         elif data_hash(path) != recorded:
-            rows.append(DataInput(run.stage, key, path, recorded, None, "changed since training"))
+            rows.append(DataInput(run.stage, key, path, recorded, None, "changed since training", run.direct))
         else:
-            rows.append(DataInput(run.stage, key, path, recorded, count_rows(local)))
+            rows.append(DataInput(run.stage, key, path, recorded, count_rows(local), at_export=run.direct))
     return rows
 
 
