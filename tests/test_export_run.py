@@ -266,7 +266,12 @@ def test_a_run_started_directly_is_exported_with_its_data_hashed_at_export(pipel
     sft_hash = json.loads((pipeline_dir / "sft" / "lineage.json").read_text())["inputs"]["data.train"]
     assert f"| `{sft_hash}` | " in card  # the SFT run's hash is still the one its lineage recorded
     assert "| eval/gold_reward | 0.375 |" in card and "ppo/kl" not in card.split("## Evaluation")[1]
+    assert "(the last of each in its metrics.jsonl)" in card
     assert all(secret not in card for secret in SECRETS.values())
+    # The stage's summary saved with the export wins (a reward model's is its exported best step's).
+    (run / "model" / "rlhf_summary.json").write_text(json.dumps({"eval/gold_reward": 0.5, "best_step": 5}))
+    card = (export_run(run, out, force=True, stages=STAGES).directory / "README.md").read_text()
+    assert "| eval/gold_reward | 0.5 |" in card and "(model/rlhf_summary.json, saved with the export)" in card
 
     # Unfinished (no finished config) or a lineage.json that cannot be read: refused, nothing written.
     (run / "lineage.json").write_text("{")

@@ -206,7 +206,7 @@ def _parent_text(parent: Parent) -> str:
     else:
         text = f"`{parent.run.dir}`, lineage id `{parent.run.lineage.lineage_id[:12]}`"
     if parent.current is None:
-        text += " (the run using it recorded no lineage of it, so a re-training since would not show here)"
+        text += "; which version of it was used is not recorded, so a re-training since would not show here"
     elif not parent.current:
         text += " (re-trained since: the run this model used had another lineage id)"
     metrics = {k: v for k, v in parent.run.lineage.metrics.items() if k.startswith("eval/")}
@@ -220,7 +220,8 @@ def _data_section(run: StageRun, chain: list[Parent], others: list[Parent]) -> s
     intro = "Every data file of every run above, with the sha256 its lineage recorded."
     direct = [one.stage for one in runs if one.direct]
     if direct:
-        named = f"the {', '.join(direct)} run{'s were' if len(direct) > 1 else ' was'}"
+        named = f"the {direct[0]} run was" if len(direct) == 1 else \
+            f"the {', '.join(direct[:-1])} and {direct[-1]} runs were"
         recorded = "" if len(direct) == len(runs) else " as its lineage recorded"
         intro = (f"Every data file of every run above with its sha256{recorded}; "
                  f"{named} started directly (not by `rlhf pipeline`) and recorded no lineage, so those files were "
@@ -256,7 +257,7 @@ def _eval_section(run: StageRun) -> str:
         lines += ["Not evaluated (no `rlhf eval` report of this export beside the run).", ""]
     metrics = {k: v for k, v in run.lineage.metrics.items() if isinstance(v, (int, float))}
     if metrics:
-        source = "the last of each in its metrics.jsonl" if run.direct else "from its lineage"
+        source = run.metrics_source if run.direct else "from its lineage"
         lines += [f"Held-out numbers the stage logged while training ({source}):", "",
                   "| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
     return "\n".join(lines) + "\n"

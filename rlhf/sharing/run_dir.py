@@ -21,7 +21,7 @@ import yaml
 
 from rlhf.errors import UserError
 from rlhf.lineage import LINEAGE_FILE, Lineage, artifact_complete, data_hash, read_lineage
-from rlhf.sharing.unrecorded import finished_at, hash_inputs, last_eval_metrics, stage_of
+from rlhf.sharing.unrecorded import finished_at, hash_inputs, stage_of, summary_metrics
 
 CONFIG_FILE = "config.yaml"
 FINISHED_CONFIG = Path("model") / "rlhf_config.yaml"  # the same config, written when the stage finished
@@ -42,7 +42,9 @@ class StageRun:
     config: dict
     direct: bool = False
     """Started directly, without lineage.json: `lineage` was built at export time (data hashed
-    now, metrics from metrics.jsonl, no code version, no lineage id)."""
+    now, metrics from the run's summary, no code version, no lineage id)."""
+    metrics_source: str = ""
+    """Where a direct run's metrics were read from, for the card."""
     given: list["Parent"] = field(default_factory=list)
     """A direct run's parents: the finished runs whose model/ its config's model paths name."""
 
@@ -141,9 +143,10 @@ def read_direct(path: Path, stages: Mapping[str, Any], seen: frozenset = frozens
         raise UserError(f"{path / FINISHED_CONFIG}: cannot tell which stage wrote this config (its top-level keys "
                         f"{', '.join(sorted(config))} fit no single stage's config)")
     keys = tuple(getattr(stages[stage], "inputs", ()))
-    lineage = Lineage(stage, "", hash_inputs(config, keys), {}, code={}, metrics=last_eval_metrics(path),
+    metrics, source = summary_metrics(path)
+    lineage = Lineage(stage, "", hash_inputs(config, keys), {}, code={}, metrics=metrics,
                       created=finished_at(path / FINISHED_CONFIG))
-    run = StageRun(path, lineage, config, direct=True)
+    run = StageRun(path, lineage, config, direct=True, metrics_source=source)
     run.given = _given_runs(run, stages, seen | {path.resolve()})
     return run
 

@@ -1,7 +1,7 @@
 """What a stage run started directly (`rlhf sft --config ...`, no lineage.json) can still tell
 about itself: its stage, read from the shape of its saved config; its data files, hashed now;
-when it finished; and the last held-out numbers in its metrics.jsonl. Only `rlhf pipeline`
-records hashes at training time, so these are facts at export time."""
+when it finished; and its summary numbers. Only `rlhf pipeline` records hashes at training
+time, so these are facts at export time."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 from rlhf.lineage import data_hash
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "rlhf_summary.json"
 
 
 def stage_of(config: dict, stages: Mapping[str, Any]) -> Optional[str]:
@@ -55,6 +56,23 @@ def finished_at(marker: Path) -> str:
     """When the stage wrote `marker` (its finished config), as the lineage writes times."""
     stamp = datetime.fromtimestamp(marker.stat().st_mtime, timezone.utc)
     return stamp.isoformat(timespec="seconds")
+
+
+def summary_metrics(run_dir: Path) -> tuple[dict[str, float], str]:
+    """The numbers the pipeline's lineage would have recorded, and where they came from: the
+    stage's summary saved with the export (model/rlhf_summary.json; for a reward model, the
+    exported best step's, which the last rows of metrics.jsonl need not be), else the last
+    held-out (eval/...) values in metrics.jsonl, else none."""
+    try:
+        summary = json.loads((run_dir / "model" / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict):
+        numbers = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numbers:
+            return numbers, f"model/{SUMMARY_FILE}, saved with the export"
+    last = last_eval_metrics(run_dir)
+    return last, f"the last of each in its {METRICS_FILE}" if last else ""
 
 
 def last_eval_metrics(run_dir: Path) -> dict[str, float]:
