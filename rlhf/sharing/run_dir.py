@@ -113,7 +113,10 @@ def locate(path: str | Path, stages: Optional[Mapping[str, Any]] = None) -> Loca
 
 
 def read_stage(path: Path, stages: Optional[Mapping[str, Any]] = None) -> StageRun:
-    if stages is not None and not (path / LINEAGE_FILE).exists() and (path / FINISHED_CONFIG).is_file():
+    if not (path / LINEAGE_FILE).exists() and (path / FINISHED_CONFIG).is_file():
+        if stages is None:  # a caller of the library, not a user: the CLI always passes the registry
+            raise UserError(f"{path}: no {LINEAGE_FILE}; a run started directly is read with the stage registry "
+                            "(export_run(..., stages=STAGES))")
         return read_direct(path, stages)
     lineage = read_lineage(path)
     if lineage is None:
@@ -131,7 +134,7 @@ def read_stage(path: Path, stages: Optional[Mapping[str, Any]] = None) -> StageR
 
 def read_direct(path: Path, stages: Mapping[str, Any], seen: frozenset = frozenset()) -> StageRun:
     """A finished run started directly (its finished config there, no lineage.json): the
-    lineage it would have had, built now from that config, its data files and metrics.jsonl."""
+    lineage it would have had, built now from that config, its data files and its summary."""
     complete, why = artifact_complete(path / "model")
     if not complete:
         raise UserError(f"{path}: the model export is incomplete ({why})")
