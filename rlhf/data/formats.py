@@ -555,6 +555,29 @@ def _prompt_hh(fields: _Fields) -> list[Message]:
     return _hh_prompt(fields, name, fields.string(name), drop_answer=True)
 
 
+def _hh_reference(fields: _Fields) -> str | None:
+    """The chosen answer of a preference row read as a prompt: what `rlhf eval` compares
+    sampled answers with (ROUGE-L, BLEU, the "reference" judge). An empty chosen answer (HH
+    prefers some empty replies) is an empty reference, so that every row of the file has one."""
+    if not fields.has("chosen"):
+        return None
+    chosen = fields.raw("chosen")
+    if isinstance(chosen, list):  # a conversation ending with the chosen answer
+        last = chosen[-1] if chosen else None
+        if isinstance(last, dict) and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+            return last["content"].strip()
+        return None
+    if not isinstance(chosen, str):
+        return None
+    if not _is_hh(chosen):
+        return chosen.strip()  # prompt + chosen rows: the answer alone
+    turns = _hh_turns(chosen, fields.location, fields.column("chosen"))
+    answer = []
+    while turns and turns[-1][0] == "Assistant":  # as the prompt drops them: all of it is the answer
+        answer.insert(0, turns.pop()[1])
+    return "\n\n".join(a for a in answer if a) if answer else None
+
+
 _PROMPT_PARSERS = {
     "prompt": lambda fields: _prompt(fields, drop_answer=True),
     "messages": _prompt_messages,
@@ -573,6 +596,10 @@ def parse_prompt_row(data: dict, location: str, columns: Mapping[str, str] | Non
     used = {fields.column(name) for name in ("prompt", "messages", "instruction", "input", "instances", "chosen",
                                              "rejected", "text")}
     extra = {str(key): value for key, value in data.items() if key not in used and _plain_json(value)}
+    if "reference" not in extra:
+        reference = _hh_reference(fields)
+        if reference is not None:
+            extra["reference"] = reference
     return PromptRecord(prompt=prompt, source=location, fields=extra)
 
 

@@ -327,6 +327,21 @@ def test_prompt_formats(row, prompt):
     assert record.prompt == prompt and record.source == LOC
 
 
+@pytest.mark.parametrize("row, reference", [
+    ({"chosen": HH, "rejected": "x"}, "Fine, thanks."),
+    ({"chosen": "\n\nHuman: Q\n\nAssistant: A\n\nAssistant: more"}, "A\n\nmore"),  # a run-on answer: all of it
+    ({"chosen": "\n\nHuman: Q\n\nAssistant:", "rejected": "\n\nHuman: Q\n\nAssistant: B"}, ""),  # HH's empty reply
+    ({"prompt": "Q", "chosen": " good ", "rejected": "bad"}, "good"),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}]}, "good"),
+    ({"chosen": HH, "reference": "own"}, "own"),  # the row's own column wins
+    ({"text": HH}, None),
+    ({"prompt": "Q", "answer": "7"}, None),
+])
+def test_a_preference_row_read_as_a_prompt_keeps_its_chosen_answer_as_the_reference(row, reference):
+    # rlhf eval's ROUGE-L, BLEU and "reference" judge read it (HH prompt sets have no other answer).
+    assert parse_prompt_row(row, LOC).fields.get("reference") == reference
+
+
 def test_prompt_must_end_with_user(tmp_path):
     row = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
                         {"role": "assistant", "content": "B"}]}

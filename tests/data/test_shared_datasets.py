@@ -50,6 +50,10 @@ def test_hh_pairs_as_sft_on_chosen():
 def test_hh_pairs_as_prompt_set():
     records, _ = load("prompt", "hh_rlhf_harmless_pairs.jsonl")
     assert len(records) == 2000 and all(record.prompt[-1].role == "user" for record in records)
+    # Each row's chosen answer is its reference for rlhf eval; the four empty ones are empty.
+    references = [record.fields["reference"] for record in records]
+    assert sum(reference == "" for reference in references) == 4
+    assert "\n\nAssistant:" not in references[1952] and references[1952]  # the run-on answer's turns are joined
 
 
 def test_self_instruct_user_oriented_as_prompt_set():
