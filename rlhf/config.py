@@ -917,6 +917,9 @@ class EvalConfig:
     """Where eval.json and eval.md are written."""
     seed: int = 0
     """Seeds the sampling: answer i of the policy and of the baseline use the same random numbers."""
+    verbose: bool = False
+    """Also show the libraries' own progress bars, info messages and known harmless warnings
+    (as a stage's logging.verbose); in `rlhf pipeline`, on when any stage's logging.verbose is."""
 
     def validate(self) -> None:
         self.policy.validate()
@@ -972,6 +975,12 @@ class PipelineConfig:
     last stage's held-out prompts, and its judges the gold rule (ppo/dpo eval.gold_reward)
     where configured plus the RM export where the pipeline has one."""
 
+    @property
+    def verbose(self) -> bool:
+        """The libraries' own output in the pipeline's Ray session and its eval too: when any
+        stage asks for it (logging.verbose)."""
+        return any(getattr(self, stage).logging.verbose for stage in self.stages)
+
     def _ppo_reads_rm(self) -> bool:
         """PPO's reward model (and default critic) is the RM export when the RM runs in this
         pipeline, or when PPO has no other reward (a suffix [ppo] after an earlier [sft, rm])."""
@@ -1006,6 +1015,7 @@ class PipelineConfig:
         cfg = copy.deepcopy(self.eval)
         cfg.output_dir = str(root / "eval")
         cfg.kernels = cfg.kernels.effective()
+        cfg.verbose = cfg.verbose or self.verbose
 
         def export(stage: str) -> str:
             return f"pending-{stage}" if pending else str(root / stage / "model")

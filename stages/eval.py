@@ -19,9 +19,11 @@ from rlhf.evaluation.judges import build_judges, reference_answers
 from rlhf.evaluation.measure import measure_model
 from rlhf.evaluation.metrics import win_rate
 from rlhf.evaluation.report import markdown, write_report
+from rlhf.logging.quiet import quiet_third_party
 
 
 def main(cfg: EvalConfig) -> dict:
+    quiet_third_party(cfg.verbose)
     device = pick_device()
 
     # 1. Data: the held-out prompts (each repeated samples_per_prompt times), their reference

@@ -124,7 +124,8 @@ def main(cfg: PipelineConfig, start_from: str | None = None) -> dict[str, str]:
 
                 # Once, when a stage runs; its workers take this stage's bf16 decision (the
                 # pipeline's stages share one backbone, so later stages' widths agree).
-                session.enter_context(ray_session(cfg.ray, STAGES[stage].code_dirs(), probe_shape(stage_cfg)))
+                session.enter_context(ray_session(cfg.ray, STAGES[stage].code_dirs(), probe_shape(stage_cfg),
+                                                  cfg.verbose))
                 ray_started = True
             result = _run(stage, stage_cfg)
 

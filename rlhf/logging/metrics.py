@@ -87,14 +87,17 @@ def read_samples(run_dir: str | Path, table: str | None = None) -> list[dict]:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines every `every` steps otherwise (CI, files)."""
+    """A tqdm bar on a terminal; plain log lines otherwise (CI, files, Ray workers): at a
+    multiple of `every` steps once `interval` seconds have passed since the last line, and at
+    the end, so a stage says where it is about twice a minute whatever its speed."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0, every: int = 10):
+    def __init__(self, total: int, desc: str, enabled: bool = True, initial: int = 0, every: int = 10,
+                 interval: float = 30.0):
         self.tty = sys.stderr.isatty()
         self.enabled = enabled
-        self.total, self.desc, self.every = total, desc, every
+        self.total, self.desc, self.every, self.interval = total, desc, every, interval
         self.count = initial
-        self._start = time.time()
+        self._start = self._last_line = time.time()
         self.bar = tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True) if enabled and self.tty else None
 
     def update(self, postfix: dict[str, float] | None = None) -> None:
@@ -103,7 +106,9 @@ class Progress:
             self.bar.update(1)
             if postfix:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-        elif self.enabled and (self.count % self.every == 0 or self.count == self.total):
+        elif self.enabled and (self.count == self.total or (
+                self.count % self.every == 0 and time.time() - self._last_line >= self.interval)):
+            self._last_line = time.time()
             rate = self.count / max(time.time() - self._start, 1e-9)
             eta = (self.total - self.count) / max(rate, 1e-9)
             extra = " ".join(f"{k}={v:.4g}" for k, v in (postfix or {}).items())

@@ -26,7 +26,7 @@ def run_stage_on_ray(stage: Any, cfg: Any) -> dict:
     from rlhf.distributed.precision import probe_shape
 
     name = stage.name
-    with ray_session(cfg.ray, stage.code_dirs(), probe_shape(cfg)):
+    with ray_session(cfg.ray, stage.code_dirs(), probe_shape(cfg), cfg.logging.verbose):
         restarts = 0
         while True:
             try:

@@ -80,9 +80,14 @@ def join_auth_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = (), probe_shape: Any = None) -> Iterator[None]:
+def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = (), probe_shape: Any = None,
+                verbose: bool = False) -> Iterator[None]:
     """Ray initialised for the block (reused when the caller already started it); `probe_shape`
-    as for `runtime_env`."""
+    as for `runtime_env`. Ray's own start-up lines and worker prefixes only with `verbose`
+    (logging.verbose; rlhf/logging/quiet.py)."""
+    from rlhf.logging.quiet import quiet_ray
+
+    quiet_kwargs = quiet_ray(verbose)  # before Ray is imported: it reads the prefix setting then
     # Ray reads its authentication mode once, when imported: set only before that (a process
     # that imported Ray already, such as one running a local test cluster, keeps its mode).
     if cfg.address and "ray" not in sys.modules:
@@ -94,7 +99,7 @@ def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = (), probe_shape: Any 
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict = {"namespace": cfg.namespace, "runtime_env": runtime_env(cfg, code_dirs=code_dirs, probe_shape=probe_shape),
-                    "log_to_driver": True}
+                    "log_to_driver": True, **quiet_kwargs}
     if cfg.address:
         kwargs["address"] = cfg.address
     else:

@@ -92,7 +92,7 @@ def test_sigterm_checkpoints_and_the_rerun_resumes_to_the_same_model(stage, stop
 
 def pipeline_command(root: Path, data: dict) -> list[str]:
     return [sys.executable, "-m", "rlhf", "pipeline", "--config", str(REPO / "configs/pipeline.yaml"),
-            f"output_dir={root}", "ray.enabled=false",
+            f"output_dir={root}", "ray.enabled=false", "eval=null",
             f"sft.data.train.path={data['sft']}", f"sft.data.pretrain.path={data['pretrain']}",
             "sft.model.tiny.hidden_size=32", "sft.model.tiny.intermediate_size=64", "sft.train.max_steps=3",
             f"rm.data.train.path={data['rank']}", "rm.train.max_steps=40", "rm.data.eval_fraction=0.02",

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhf.config import PipelineConfig, load_config
 from rlhf.lineage import read_lineage
@@ -17,9 +18,11 @@ from stages import pipeline
 REPO = Path(__file__).resolve().parents[2]
 
 
-def tiny_pipeline(root: Path, data: dict, *overrides: str) -> PipelineConfig:
+def tiny_pipeline(root: Path, data: dict, *overrides: str, shipped_eval: bool = False) -> PipelineConfig:
+    """The shipped pipeline on tiny sizes; without its eval section (lineage decides nothing
+    there) unless `shipped_eval` or an `eval.*` override brings one back."""
     return load_config(PipelineConfig, [str(REPO / "configs" / "pipeline.yaml")], [
-        f"output_dir={root}", "ray.enabled=false",
+        f"output_dir={root}", "ray.enabled=false", *([] if shipped_eval else ["eval=null"]),
         f"sft.data.train.path={data['sft']}", f"sft.data.pretrain.path={data['pretrain']}",
         "sft.model.tiny.hidden_size=32", "sft.model.tiny.intermediate_size=64", "sft.train.max_steps=3",
         f"rm.data.train.path={data['rank']}", "rm.train.max_steps=2", "rm.data.eval_fraction=0.02",
@@ -150,6 +153,13 @@ def test_the_eval_section_is_wired_to_the_last_export_sft_and_the_judges(tmp_pat
     assert wired.prompts.path == quickstart_data["prompts_eval"] and wired.pretrain.path == quickstart_data["pretrain"]
     assert wired.output_dir == str(root / "eval") and wired.samples_per_prompt == 2
     assert tiny_pipeline(root, quickstart_data).eval is None  # no section: no eval
+    # The quickstart's own section: configs/eval.yaml's settings, wired the same way.
+    shipped = tiny_pipeline(root, quickstart_data, shipped_eval=True).wired_eval()
+    assert shipped.judges == wired.judges and (shipped.policy.path, shipped.baseline.path) == (
+        wired.policy.path, wired.baseline.path)
+    alone = yaml.safe_load((REPO / "configs" / "eval.yaml").read_text())  # its paths need the exports
+    for key in ("samples_per_prompt", "max_new_tokens", "max_prompt_length"):
+        assert getattr(shipped, key) == alone[key], key
     from rlhf.config import ConfigError
 
     with pytest.raises(ConfigError, match="eval section: judges\\[0\\]='no/such/dir'"):
