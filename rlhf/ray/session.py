@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ FORWARDED_NAMES = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_ENTITY", "
                    "RLHF_TUNE_HOST_MEMORY", "RLHF_CPU_MATMUL",  # kernel overrides (config.yaml records them)
                    "RLHF_CPU_BF16")  # the bf16 probe's override (rlhf/distributed/precision.py)
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+LAST_LINES_WAIT_S = 1.5
+"""Seconds the driver waits before shutting Ray down, for the workers' last lines."""
 EXCLUDES = [".git", ".venv", "runs", "wandb", "*.safetensors", "*.pt", "__pycache__"]
 
 
@@ -114,4 +117,7 @@ def ray_session(cfg: RayConfig, code_dirs: Sequence[str] = (), probe_shape: Any 
         with stop_on_signals():
             yield
     finally:
+        # Ray forwards the workers' output from their log files every 0.1 s or so, and a
+        # shutdown drops what has not arrived: a stage's last lines (its "done" summary) with it.
+        time.sleep(LAST_LINES_WAIT_S)
         ray.shutdown()
