@@ -79,13 +79,10 @@ def _gguf_conversion_bar(show: bool) -> None:
 
 
 def _harmless_warnings(hidden: bool) -> None:
-    """Our filters in front of the process's others (`filterwarnings` keeps one copy of each),
-    or taken out again."""
+    """Our filters in front of the process's others; verbose puts a "default" one for the same
+    warning in front of that (the first matching filter decides), through the public API only."""
     for entry in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", entry.message, entry.category, entry.module)
-        if not hidden:
-            warnings.filters.pop(0)  # the one just put in front: ours, found without comparing patterns
-    warnings._filters_mutated()  # the module caches its decisions; a removal must reset them too
+        warnings.filterwarnings("ignore" if hidden else "default", entry.message, entry.category, entry.module)
 
 
 class _DropMessages(logging.Filter):
