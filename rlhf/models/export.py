@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.errors import UserError
+from rlhf.files import swap_directory
 
 _NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 _NO_SPACE_TEXT = {
@@ -106,7 +107,6 @@ def export_pretrained(
     directory = Path(directory)
     existed = directory.exists()
     tmp: Path | None = None
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
@@ -115,18 +115,11 @@ def export_pretrained(
         tokenizer.save_pretrained(tmp)
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2), encoding="utf-8")
-        if existed:
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        swap_directory(tmp, directory)
     except BaseException as exc:
         reason = disk_full_reason(exc, tmp or directory.parent) if isinstance(exc, Exception) else None
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not directory.exists():  # failed between the two renames
-            os.replace(old, directory)
         if reason is None:
             raise
         release_frames(exc)

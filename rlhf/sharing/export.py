@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from rlhf.errors import UserError
+from rlhf.files import swap_directory
 from rlhf.sharing.card import render
 from rlhf.sharing.run_dir import FINISHED_CONFIG, Located, chain, locate, trained_from
 
@@ -47,27 +48,17 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, force: bool = 
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         shutil.copytree(run.model_dir, tmp, dirs_exist_ok=True, ignore=lambda _, names: LEFT_OUT & set(names))
         (tmp / CARD).write_text(card, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is for sharing
-        if target.exists():
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        swap_directory(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():  # failed between the two renames
-            os.replace(old, target)
         raise UserError(f"could not write {target}: {exc.strerror or exc} (nothing was left half-way; "
                         f"{'the previous contents are kept' if target.exists() else 'it was not created'})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)
         raise
     files = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
     return Exported(located, target, files, sum((target / f).stat().st_size for f in files))
