@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -23,10 +24,19 @@ from rlhf.training.reward import rank_scores
 
 @torch.no_grad()
 def score_records(model: torch.nn.Module, tokenizer, records: list[RankRecord], max_length: int,
-                  max_prompt_length: int, batch_size: int = 8) -> list[list[float]]:
-    """Scores of each record's answers, in order."""
+                  max_prompt_length: int, batch_size: int = 8,
+                  unfinished: Sequence[bool] | None = None) -> list[list[float]]:
+    """Scores of each record's answers, in order. Answers are encoded closed by EOS, as the RM
+    trained on them; `unfinished[i]` marks record i's answers as cut at a token limit before
+    EOS (a sampled answer that ran out of tokens): those are scored without the EOS, at their
+    last token, as PPO's reward model scores a cut rollout (rlhf/roles/roles.py `scores`)."""
     device = next(model.parameters()).device
     examples = [encode_rank(tokenizer, r, max_length, max_prompt_length) for r in records]
+    for example, cut in zip(examples, unfinished or ()):
+        if cut:
+            for sequence in example.sequences:
+                if len(sequence) > example.prompt_length and sequence[-1] == tokenizer.eos_token_id:
+                    sequence.pop()
     batches = RankBatches(examples, batch_size, tokenizer.pad_token_id, seed=0, shuffle=False,
                           share_prompt=shared_prefix_unsupported(model.config) is None,
                           max_shared_length=attention_window(model.config))

@@ -1,7 +1,8 @@
 """The judges of `rlhf eval`: each scores (prompt, answer) pairs, higher is better. A reward
 model reads the answer re-tokenised with its own tokenizer (it need not share the policy's),
-a function scores by a known rule, and "reference" by ROUGE-L F1 against the prompt row's
-reference answer."""
+closed by EOS only where the policy ended it (an answer cut at max_new_tokens is scored as PPO
+scores a cut rollout, not as a finished one); a function scores by a known rule, and
+"reference" by ROUGE-L F1 against the prompt row's reference answer."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from rlhf.evaluation.metrics import rouge_l
 class Judge(Protocol):
     name: str
 
-    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str]) -> list[float]: ...
+    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str],
+                 finished: Sequence[bool] | None = None) -> list[float]:
+        """`finished[i]`: answer i ended with EOS (None: all did)."""
+        ...
 
 
 class RewardModelJudge:
@@ -40,12 +44,14 @@ class RewardModelJudge:
         accelerate(self.model, kernels)
         self.max_length, self.max_prompt_length, self.batch_size = max_length, max_prompt_length, batch_size
 
-    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str]) -> list[float]:
+    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str],
+                 finished: Sequence[bool] | None = None) -> list[float]:
         from rlhf.scoring import score_records
 
         rows = [RankRecord(prompt=r.prompt, responses=[a], scores=[0.0]) for r, a in zip(records, answers)]
+        unfinished = None if finished is None else [not done for done in finished]
         scores = score_records(self.model, self.tokenizer, rows, self.max_length, self.max_prompt_length,
-                               self.batch_size)
+                               self.batch_size, unfinished)
         return [row[0] for row in scores]
 
 
@@ -62,7 +68,8 @@ class FunctionJudge:
         self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.takes = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD}
 
-    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str]) -> list[float]:
+    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str],
+                 finished: Sequence[bool] | None = None) -> list[float]:
         scores = []
         for record, answer in zip(records, answers):
             fields = {k: v for k, v in record.fields.items() if self.takes_all or k in self.takes}
@@ -77,7 +84,8 @@ class ReferenceJudge:
     def __init__(self, field: str):
         self.field = field
 
-    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str]) -> list[float]:
+    def __call__(self, records: Sequence[PromptRecord], answers: Sequence[str],
+                 finished: Sequence[bool] | None = None) -> list[float]:
         return rouge_l(answers, reference_answers(records, self.field, required=True))
 
 

@@ -37,7 +37,8 @@ def measure_model(cfg: ModelConfig, reference: ModelConfig | None, records: Sequ
     params = SamplingParams(eval_cfg.max_new_tokens, eval_cfg.temperature, 0, eval_cfg.top_p)
     answers = sample_answers(model, tokenizer, prompts.ids, params, eval_cfg.seed, eval_cfg.batch_size,
                              eval_cfg.kernels.llama_decode_step)
-    scores = {judge.name: judge(records, answers.texts) for judge in judges}
+    finished = answers.eos_found.tolist()
+    scores = {judge.name: judge(records, answers.texts, finished) for judge in judges}
     metrics = {f"reward/{name}": mean(values) for name, values in scores.items()}
     metrics["length"] = float(answers.lengths.float().mean())
     metrics["eos_rate"] = float(answers.eos_found.float().mean())
