@@ -7,6 +7,7 @@ name the key and list the valid ones. `validate()` then checks cross-field rules
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -990,15 +991,15 @@ class PipelineConfig:
     def wired(self, stage: str) -> Any:
         """The stage's config as the pipeline runs it: output directory, parent model paths,
         Ray settings and W&B group filled in."""
-        import copy
-
         root = Path(self.output_dir)
         cfg = copy.deepcopy(getattr(self, stage))
         cfg.output_dir = str(root / stage)
         cfg.overwrite = True  # the pipeline re-runs a stage only when its lineage says so
         cfg.ray = copy.deepcopy(self.ray)
         cfg.kernels = cfg.kernels.effective()  # as the stage will record it
-        if stage == "ppo":  # as its validation does (the pipeline validates copies)
+        # As its validation does (the pipeline validates copies); with rollout.engine=auto the
+        # engine is chosen first, at validation, and the log-probs' reuse follows from it.
+        if stage == "ppo" and cfg.rollout.engine != "auto":
             cfg.rollout.reuse_logprobs = resolve_reuse_logprobs(cfg)
         cfg.logging.group = cfg.logging.group or self.logging_group or root.name
         for parent in self.parents(stage):
@@ -1009,8 +1010,6 @@ class PipelineConfig:
     def wired_eval(self, pending: bool = False) -> EvalConfig:
         """The eval section as the pipeline runs it after its last stage (see `eval`). `pending`:
         before the stages ran, parent exports stand in as placeholders and the RM judge is left out."""
-        import copy
-
         root, last = Path(self.output_dir), self.stages[-1]
         cfg = copy.deepcopy(self.eval)
         cfg.output_dir = str(root / "eval")
@@ -1057,10 +1056,16 @@ class PipelineConfig:
         for stage in self.stages:
             cfg = self.wired(stage)
             try:
-                # Parent exports do not exist yet: check everything but their paths.
+                # Parent exports do not exist yet. The reward model's path is a placeholder; the
+                # policy stands in as the model SFT starts from, whose architecture and shape the
+                # export keeps (rollout.engine=auto and the precision probe read them).
                 for parent in self.parents(stage):
-                    section = cfg.reward_model if (stage, parent) == ("ppo", "rm") else cfg.model
-                    section.path = "pending-" + parent
+                    if (stage, parent) == ("ppo", "rm"):
+                        cfg.reward_model.path = "pending-" + parent
+                    else:
+                        base = self.sft.model
+                        cfg.model.path, cfg.model.gguf_file, cfg.model.revision = base.path, base.gguf_file, base.revision
+                        cfg.model.tiny = copy.deepcopy(base.tiny)
                 cfg.validate()
             except ConfigError as exc:
                 raise ConfigError(f"{stage} section: {exc}") from None

@@ -43,3 +43,21 @@ def test_auto_is_resolved_when_the_config_is_validated(monkeypatch, heads, expec
     assert ("head_dim 16" in cfg.rollout.engine_reason) == (expected == "decode")
     if expected == "vllm":  # validated as a given vllm: the actor recomputes the old log-probs
         assert cfg.rollout.reuse_logprobs is False
+
+
+def test_a_pipeline_chooses_from_the_model_sft_starts_from(monkeypatch):
+    """In a pipeline, PPO's policy is the SFT export, which does not exist when the config is
+    validated: the choice reads the model SFT starts from (the export keeps its shape), and the
+    log-probs' reuse follows the choice (a pipeline with engine=auto failed validation on both)."""
+    from rlhf.config import PipelineConfig
+
+    monkeypatch.setattr(engine_choice, "vllm_importable", lambda: True)
+    monkeypatch.setattr(engine_choice, "CPU_VLLM_MIN_PARAMS", 0)
+    monkeypatch.setattr(engine_choice, "CPU_VLLM_MIN_BATCH", 1)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    seen: list[EngineFacts] = []
+    monkeypatch.setattr(engine_choice, "choose_engine", lambda facts: seen.append(facts) or choose_engine(facts))
+    pipeline = str(Path(PPO).with_name("pipeline.yaml"))
+    cfg = load_config(PipelineConfig, [pipeline], ["ppo.rollout.engine=auto", "sft.model.tiny.num_heads=2"])
+    assert [(f.head_dim, f.architecture) for f in seen] == [(32, "LlamaForCausalLM")]  # hidden 64 / 2 heads
+    assert cfg.ppo.rollout.engine == "auto"  # validated on a copy: the stage chooses again when it starts
