@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TypeVar, Union
@@ -34,6 +33,7 @@ from rlhf.config_sections import (
     forward_precision,
 )
 from rlhf.errors import ConfigError
+from rlhf.files import write_text_atomic
 
 T = TypeVar("T")
 
@@ -1181,11 +1181,7 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML next to an output (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def field_docs(cls: type) -> dict[str, str]:

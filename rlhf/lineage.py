@@ -20,11 +20,12 @@ import importlib.metadata
 import json
 import os
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from rlhf.files import write_text_atomic
 
 LINEAGE_FILE = "lineage.json"
 
@@ -240,19 +241,8 @@ def write_lineage(run_dir: str | os.PathLike, lineage: Lineage, name: str = LINE
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / name
-    text = json.dumps(lineage.to_dict(), indent=2, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            # Without fsync a power loss after the rename can leave an empty lineage.json.
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # Without fsync a power loss after the rename can leave an empty lineage.json.
+    return write_text_atomic(path, json.dumps(lineage.to_dict(), indent=2, sort_keys=False) + "\n", fsync=True)
 
 
 def read_lineage(run_dir: str | os.PathLike, name: str = LINEAGE_FILE) -> Optional[Lineage]:

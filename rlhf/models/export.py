@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.errors import UserError
-from rlhf.files import swap_directory
+from rlhf.files import make_shareable, swap_directory
 
 _NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 _NO_SPACE_TEXT = {
@@ -115,6 +115,7 @@ def export_pretrained(
         tokenizer.save_pretrained(tmp)
         for name, payload in (extra_files or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        make_shareable(tmp)
         swap_directory(tmp, directory)
     except BaseException as exc:
         reason = disk_full_reason(exc, tmp or directory.parent) if isinstance(exc, Exception) else None

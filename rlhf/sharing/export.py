@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from rlhf.errors import UserError
-from rlhf.files import swap_directory
+from rlhf.files import make_shareable, swap_directory
 from rlhf.sharing.card import render
 from rlhf.sharing.run_dir import FINISHED_CONFIG, Located, chain, locate, trained_from
 
@@ -51,7 +51,7 @@ def export_run(run_dir: str | os.PathLike, to: str | os.PathLike, force: bool = 
     try:
         shutil.copytree(run.model_dir, tmp, dirs_exist_ok=True, ignore=lambda _, names: LEFT_OUT & set(names))
         (tmp / CARD).write_text(card, encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is for sharing
+        make_shareable(tmp)  # mkdtemp makes it private, and a run's files may be; an export is for sharing
         swap_directory(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
