@@ -1056,16 +1056,19 @@ class PipelineConfig:
         for stage in self.stages:
             cfg = self.wired(stage)
             try:
-                # Parent exports do not exist yet. The reward model's path is a placeholder; the
-                # policy stands in as the model SFT starts from, whose architecture and shape the
-                # export keeps (rollout.engine=auto and the precision probe read them).
+                # Parent exports may not exist yet. The reward model's path is a placeholder. The
+                # policy (the SFT export) is the model SFT starts from when SFT runs here: the
+                # export keeps its architecture and shape, which rollout.engine=auto and the
+                # precision probe read; in a suffix pipeline it is the export an earlier run left.
                 for parent in self.parents(stage):
                     if (stage, parent) == ("ppo", "rm"):
                         cfg.reward_model.path = "pending-" + parent
-                    else:
+                    elif parent in self.stages:
                         base = self.sft.model
                         cfg.model.path, cfg.model.gguf_file, cfg.model.revision = base.path, base.gguf_file, base.revision
                         cfg.model.tiny = copy.deepcopy(base.tiny)
+                    elif not Path(cfg.model.path).is_dir():
+                        cfg.model.path = "pending-" + parent
                 cfg.validate()
             except ConfigError as exc:
                 raise ConfigError(f"{stage} section: {exc}") from None
@@ -1179,8 +1182,6 @@ def config_to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML next to an output (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

@@ -238,11 +238,8 @@ def write_lineage(run_dir: str | os.PathLike, lineage: Lineage, name: str = LINE
     """Write `run_dir/<name>` (lineage.json by default) atomically. The pipeline writes
     lineage.json last, so its presence marks a finished stage and a crash mid-write must
     never leave a half file. Other names serve e.g. a "run in progress" marker."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
     # Without fsync a power loss after the rename can leave an empty lineage.json.
-    return write_text_atomic(path, json.dumps(lineage.to_dict(), indent=2, sort_keys=False) + "\n", fsync=True)
+    return write_text_atomic(Path(run_dir) / name, json.dumps(lineage.to_dict(), indent=2, sort_keys=False) + "\n", fsync=True)
 
 
 def read_lineage(run_dir: str | os.PathLike, name: str = LINEAGE_FILE) -> Optional[Lineage]:

@@ -25,15 +25,15 @@ from rlhf.training.reward import rank_scores
 @torch.no_grad()
 def score_records(model: torch.nn.Module, tokenizer, records: list[RankRecord], max_length: int,
                   max_prompt_length: int, batch_size: int = 8,
-                  unfinished: Sequence[bool] | None = None) -> list[list[float]]:
+                  finished: Sequence[bool] | None = None) -> list[list[float]]:
     """Scores of each record's answers, in order. Answers are encoded closed by EOS, as the RM
-    trained on them; `unfinished[i]` marks record i's answers as cut at a token limit before
+    trained on them; `finished[i]` False marks record i's answers as cut at a token limit before
     EOS (a sampled answer that ran out of tokens): those are scored without the EOS, at their
     last token, as PPO's reward model scores a cut rollout (rlhf/roles/roles.py `scores`)."""
     device = next(model.parameters()).device
     examples = [encode_rank(tokenizer, r, max_length, max_prompt_length) for r in records]
-    for example, cut in zip(examples, unfinished or ()):
-        if cut:
+    for example, done in zip(examples, finished or ()):
+        if not done:
             for sequence in example.sequences:
                 if len(sequence) > example.prompt_length and sequence[-1] == tokenizer.eos_token_id:
                     sequence.pop()

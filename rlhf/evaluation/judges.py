@@ -49,9 +49,8 @@ class RewardModelJudge:
         from rlhf.scoring import score_records
 
         rows = [RankRecord(prompt=r.prompt, responses=[a], scores=[0.0]) for r, a in zip(records, answers)]
-        unfinished = None if finished is None else [not done for done in finished]
         scores = score_records(self.model, self.tokenizer, rows, self.max_length, self.max_prompt_length,
-                               self.batch_size, unfinished)
+                               self.batch_size, finished)
         return [row[0] for row in scores]
 
 

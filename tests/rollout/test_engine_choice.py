@@ -61,3 +61,15 @@ def test_a_pipeline_chooses_from_the_model_sft_starts_from(monkeypatch):
     cfg = load_config(PipelineConfig, [pipeline], ["ppo.rollout.engine=auto", "sft.model.tiny.num_heads=2"])
     assert [(f.head_dim, f.architecture) for f in seen] == [(32, "LlamaForCausalLM")]  # hidden 64 / 2 heads
     assert cfg.ppo.rollout.engine == "auto"  # validated on a copy: the stage chooses again when it starts
+
+
+def test_a_suffix_pipeline_without_an_sft_section_validates(tmp_path, quickstart_data):
+    """[ppo] after an earlier [sft, rm] run: SFT does not run here, so its section may be left out,
+    and the policy is validated as the export the earlier run left (a placeholder until it exists)."""
+    from rlhf.config import PipelineConfig
+
+    config = tmp_path / "suffix.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nstages: [ppo]\nray: {{enabled: false}}\n"
+                      f"ppo:\n  data:\n    prompts: {{path: {quickstart_data['prompts']}}}\n")
+    cfg = load_config(PipelineConfig, [str(config)], [])
+    assert cfg.stages == ["ppo"] and cfg.ppo.model.path == ""  # validated on a copy
