@@ -634,6 +634,10 @@ class PPOAlgoConfig:
     """Answers (samples) per optimizer step within an iteration."""
     micro_batch_size: int = 8
     """Answers per forward/backward on one worker."""
+    padding_free: bool = True
+    """The actor's, critic's and reference's forwards (training and scoring) lay a micro-batch's
+    rows back to back without their padding, each attending to itself only, where the model's
+    attention takes that (`sdpa`, flash-attention) and the rows are padded; false: padded rows."""
     advantage: str = "gae"
     """How answers are credited (rlhf/algorithms/advantages.py). gae: a critic's values and GAE
     (PPO, InstructGPT). Without a critic (not built at all): grpo: (r - group mean) / (group std

@@ -112,7 +112,7 @@ def use_fused_head_loss(model: torch.nn.Module) -> bool:
     return True
 
 
-def _causal_lm(module: torch.nn.Module) -> torch.nn.Module:
+def causal_lm(module: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside an engine wrapper and a PEFT model."""
     model = unwrap_engine(module)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -120,7 +120,7 @@ def _causal_lm(module: torch.nn.Module) -> torch.nn.Module:
 
 def loss_head(module: torch.nn.Module) -> LossHead | None:
     """The model's `LossHead`, or None when its loss must come from logits."""
-    model = _causal_lm(module)
+    model = causal_lm(module)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head if isinstance(head, LossHead) else None
 
@@ -129,7 +129,7 @@ def tied_gradient_slot(module: torch.nn.Module, head: LossHead) -> list | None:
     """The slot of the input embedding's last lookup when that embedding still shares the
     head's weight (a later untying gives each its own gradient); taken, so it serves one
     loss only."""
-    model = _causal_lm(module)
+    model = causal_lm(module)
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(embedding, TiedEmbedding) or embedding.weight is not head.weight:
         return None

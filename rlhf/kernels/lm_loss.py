@@ -4,13 +4,15 @@ the target positions with `rlhf.algorithms.losses.lm_nll`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rlhf.algorithms.losses import lm_nll
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatch
-from rlhf.kernels.fused_head import loss_head, tied_gradient_slot
+from rlhf.kernels.fused_head import causal_lm, loss_head, tied_gradient_slot
 from rlhf.models.kept_logits import forward_keeping
-from rlhf.models.segments import segment_kwargs
+from rlhf.models.segments import segment_attention, segment_kwargs
 
 
 def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
@@ -36,13 +38,18 @@ def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tens
         **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
     )
     head = loss_head(module)
+    # A padding-free row attends once per example: an `sdpa` model not switched for good (the
+    # PPO actor, whose other forwards are padded) is switched for this call.
+    attention = segment_attention(causal_lm(module).config) if batch.segment_lengths else contextlib.nullcontext()
     if head is None:
-        logits = forward_keeping(module, predicts_target, **inputs).logits  # (target tokens, vocab)
+        with attention:
+            logits = forward_keeping(module, predicts_target, **inputs).logits  # (target tokens, vocab)
         nll, count = lm_nll(logits, target_ids)
         return nll, int(count)
     # No logits from the forward (an empty selection); the head is then called as a module, so
     # engines that gather its weight around its forward (ZeRO-3) do so.
     nothing = torch.zeros_like(predicts_target)
-    hidden = forward_keeping(module, nothing, **inputs, output_hidden_states=True).hidden_states[-1]
+    with attention:
+        hidden = forward_keeping(module, nothing, **inputs, output_hidden_states=True).hidden_states[-1]
     nll = head(hidden[predicts_target], targets=target_ids, weight_gradient_sink=tied_gradient_slot(module, head))
     return nll, int(target_ids.numel())

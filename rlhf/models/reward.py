@@ -176,8 +176,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=-1)
 
 
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor, **attention: object) -> torch.Tensor:
     """(batch, seq, hidden) final hidden states (after the last norm).
 
     A bare model runs its backbone alone, which skips the scalar head's pooling. A model
@@ -189,7 +189,8 @@ def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     accumulation lost all but the last micro-batch); FSDP2's root gathers the parameters
     outside the transformer blocks (embedding, final norm, head) and keeps them gathered for
     the head and the backward. The root forward's own head output and pooling are unused."""
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  **attention)
     inner = unwrap_engine(model)
     if inner is model and not (_is_fsdp(model) or _is_fsdp(transformers_model(model))):
         return backbone(model)(**inputs).last_hidden_state

@@ -14,14 +14,26 @@ forward to its attention layers:
   builds from the restarting positions, which is exact but slower.
 Calls without the lengths (evaluation with padding, generation) go through transformers' own
 `sdpa` unchanged. Models with sliding-window layers keep `sdpa` (their window lives in the mask).
+
+PPO's actor, critic, reference and reward model lay a micro-batch of [left-padded prompt,
+right-padded response] rows out the same way (`pack_padding_free`, ppo.padding_free): their
+models keep `sdpa` for generation and padded forwards, and `segment_attention` switches it for
+the padding-free call only.
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 SEGMENT_SDPA = "rlhf_segment_sdpa"
+LENGTH_AWARE_ATTENTION = (SEGMENT_SDPA, "flash_attention_2", "flash_attention_3")
+"""Attention implementations that read the examples' lengths (`segment_kwargs`) and attend
+within each example only."""
 
 
 def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -53,6 +65,8 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    if SEGMENT_SDPA in AttentionInterface._global_mapping:
+        return
     AttentionInterface.register(SEGMENT_SDPA, segment_sdpa_attention)
     # The same masks as sdpa for the calls that carry no lengths.
     ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_SDPA, sdpa_mask)
@@ -77,3 +91,83 @@ def segment_kwargs(lengths: list[int], device: torch.device) -> dict:
     bounds = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     longest = max(lengths, default=0)
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+
+def _sdpa_switchable(config) -> bool:
+    from rlhf.models.shared_prefix import attention_window
+
+    return (getattr(config, "_attn_implementation", None) == "sdpa" and attention_window(config) is None
+            and not getattr(config, "attn_logit_softcapping", None))
+
+
+def takes_segments(config) -> bool:
+    """A model with this config can forward a padding-free row: its attention reads the
+    examples' lengths, or is `sdpa` that `segment_attention` switches for the call."""
+    return getattr(config, "_attn_implementation", None) in LENGTH_AWARE_ATTENTION or _sdpa_switchable(config)
+
+
+@contextlib.contextmanager
+def segment_attention(config) -> Iterator[None]:
+    """Inside, an `sdpa` model attends as `rlhf_segment_sdpa` (once per example of a
+    padding-free row); any other implementation is left as it is. Switched for the call only,
+    as `shared_prompt_attention` does, so the model's other forwards (padded rows, shared-prompt
+    rows, generation) keep their own attention."""
+    if not _sdpa_switchable(config):
+        yield
+        return
+    _register()
+    config._attn_implementation = SEGMENT_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+@dataclass
+class PaddingFreeRows:
+    """The real tokens of a batch of [left-padded prompt, right-padded response] rows laid back
+    to back in one row, positions restarting at every example: the projections and MLPs then
+    run on real tokens only, where the padded batch runs them on every column of every row
+    (with prompts of mixed lengths, most of a batch can be padding)."""
+
+    input_ids: torch.Tensor
+    """(1, real tokens)."""
+    position_ids: torch.Tensor
+    """(1, real tokens): each example's positions from 0."""
+    lengths: list[int]
+    """Real tokens of each example, in batch order."""
+    predictors: torch.Tensor
+    """(response tokens,) the positions in the row whose outputs predict each response token
+    (a response token's previous token), in row-major order of the response mask."""
+    response_slots: torch.Tensor
+    """(response tokens,) where each lands in the flattened (batch, response_length) layout."""
+    batch: int
+    response_length: int
+
+    def kwargs(self) -> dict:
+        """The forward's inputs (no attention mask: the lengths say where each example ends)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                **segment_kwargs(self.lengths, self.input_ids.device)}
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """(response tokens,) -> (batch, response_length), zero off the response mask
+        (differentiable)."""
+        flat = per_token.new_zeros(self.batch * self.response_length)
+        return flat.index_put((self.response_slots,), per_token).view(self.batch, self.response_length)
+
+
+def pack_padding_free(sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
+                      response_mask: torch.Tensor) -> PaddingFreeRows:
+    """A rollout's rows (see rlhf/rollout/types.py; each row's attended tokens contiguous) as
+    one padding-free row."""
+    attended = attention_mask.bool()
+    batch, response_length = response_mask.shape
+    # Each attended token's place in the packed row.
+    packed_at = (attended.flatten().long().cumsum(0) - 1).view(attended.shape)
+    positions = (attended.long().cumsum(-1) - 1)[attended]
+    responses = response_mask.bool()
+    predictors = packed_at[:, prompt_length - 1 : prompt_length - 1 + response_length][responses]
+    return PaddingFreeRows(
+        input_ids=sequences[attended][None], position_ids=positions[None],
+        lengths=attended.sum(-1).tolist(), predictors=predictors,
+        response_slots=responses.flatten().nonzero().squeeze(-1), batch=batch, response_length=response_length)

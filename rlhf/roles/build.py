@@ -169,7 +169,7 @@ def build_pretrain_batches(cfg: PPOConfig, tokenizer) -> SFTBatches:
     records, _ = load_records("pretrain", cfg.data.pretrain, cfg.data.on_error)
     examples = [encode_text(tokenizer, r.text, cfg.data.pretrain_max_length) for r in records]
     return SFTBatches(examples, cfg.ppo.ptx_micro_batch_size, tokenizer.pad_token_id, packing=False,
-                      max_length=cfg.data.pretrain_max_length, seed=cfg.seed)
+                      max_length=cfg.data.pretrain_max_length, seed=cfg.seed, padding_free=cfg.ppo.padding_free)
 
 
 class PretrainStream:

@@ -7,7 +7,8 @@ import torch
 
 from rlhf.algorithms import entropy_from_logits, token_logprobs
 from rlhf.models.positions import position_ids_from_mask
-from rlhf.models.reward import token_values, transformers_model
+from rlhf.models.reward import final_hidden, score_head, sequence_scores, token_values, transformers_model
+from rlhf.models.segments import PaddingFreeRows, pack_padding_free, segment_attention, takes_segments
 from rlhf.models.shared_prefix import (PromptBlocks, SharedPromptRows, attention_window, pack_shared_prompts,
                                        packed_cost_ratio, shared_prefix_attention_mask, shared_prefix_unsupported,
                                        shared_prompt_attention)
@@ -42,6 +43,31 @@ def shared_prompt_rows(model: torch.nn.Module, rollout: Rollout) -> SharedPrompt
     return rows
 
 
+PADDING_FREE_MIN_SHARE = 0.05
+"""A padded micro-batch is laid out padding-free when at least this share of its columns is
+padding (below it, the fewer calls of the padded forward are worth more)."""
+
+
+def padding_free_rows(model: torch.nn.Module, rollout: Rollout, enabled: bool) -> PaddingFreeRows | None:
+    """The rollout's rows as one padding-free row where that is `enabled`, the model's attention
+    can take it (`takes_segments`) and the rows hold padding worth skipping; else None."""
+    if not enabled:
+        return None
+    config = getattr(transformers_model(model), "config", None)
+    mask = rollout.attention_mask
+    if config is None or not takes_segments(config) or mask.shape[0] < 2:
+        return None
+    if 1.0 - float(mask.sum()) / mask.numel() < PADDING_FREE_MIN_SHARE:
+        return None
+    return pack_padding_free(rollout.sequences, mask, rollout.prompt_length, rollout.response_mask)
+
+
+def padding_free_logits(model: torch.nn.Module, rows: PaddingFreeRows) -> torch.Tensor:
+    """(response tokens, vocab) logits that predicted each response token of the packed rows."""
+    with segment_attention(transformers_model(model).config):
+        return model(**rows.kwargs(), use_cache=False, logits_to_keep=rows.predictors).logits[0]
+
+
 def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """(batch, response_length, vocab) logits that predicted each response token; only the
     response region's logits are computed (logits_to_keep)."""
@@ -72,15 +98,26 @@ def packed_response_logits(model: torch.nn.Module, rows: SharedPromptRows) -> to
 
 def policy_logprobs(
     model: torch.nn.Module, rollout: Rollout, temperature: float, with_entropy: bool = False,
-    entropy_grad: bool = False,
+    entropy_grad: bool = False, padding_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the sampled response tokens under softmax(logits / temperature), the
     distribution the sampler drew them from; optionally the per-token entropy, differentiable
     only with `entropy_grad` (as a logged statistic its backward through the vocabulary-wide
     softmax would cost a sizeable share of the actor's step for nothing). Answers sharing a
     prompt are forwarded in one row behind one copy of it where that is cheaper
-    (`shared_prompt_rows`): the same values up to float rounding."""
+    (`shared_prompt_rows`); other rows, with `padding_free`, back to back without their
+    padding (`padding_free_rows`): the same values up to float rounding."""
     packed = shared_prompt_rows(model, rollout)
+    flat = padding_free_rows(model, rollout, padding_free) if packed is None else None
+    if flat is not None:
+        logits = padding_free_logits(model, flat)
+        targets = rollout.responses.flatten()[flat.response_slots]
+        logprobs = token_logprobs(logits[None], targets[None], temperature)[0]
+        entropy = None
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = flat.unpack(entropy_from_logits(logits.float() / temperature))
+        return flat.unpack(logprobs), entropy
     if packed is not None:
         logits, responses = packed_response_logits(model, packed), packed.answers
     else:
@@ -96,8 +133,28 @@ def policy_logprobs(
     return logprobs, entropy
 
 
-def response_values(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(batch, response_length) critic values V(s) of the state before each response token."""
+def response_values(model: torch.nn.Module, rollout: Rollout, padding_free: bool = False) -> torch.Tensor:
+    """(batch, response_length) critic values V(s) of the state before each response token;
+    with `padding_free`, from the rows laid back to back where that pays (`padding_free_rows`)."""
+    flat = padding_free_rows(model, rollout, padding_free)
+    if flat is not None:
+        inputs = flat.kwargs()
+        with segment_attention(transformers_model(model).config):
+            hidden = final_hidden(model, inputs.pop("input_ids"), None, inputs.pop("position_ids"), **inputs)
+        return flat.unpack(score_head(model)(hidden[0, flat.predictors]).squeeze(-1).float())
     values = token_values(model, rollout.sequences, rollout.attention_mask)
     start = rollout.prompt_length - 1
     return values[:, start : start + rollout.response_mask.shape[1]]
+
+
+def response_scores(model: torch.nn.Module, rollout: Rollout, padding_free: bool = False) -> torch.Tensor:
+    """(batch,) reward-model scores, each read at its row's last attended token; with
+    `padding_free`, from the rows laid back to back where that pays (`padding_free_rows`)."""
+    flat = padding_free_rows(model, rollout, padding_free)
+    if flat is None:
+        return sequence_scores(model, rollout.sequences, rollout.attention_mask)
+    inputs = flat.kwargs()
+    with segment_attention(transformers_model(model).config):
+        hidden = final_hidden(model, inputs.pop("input_ids"), None, inputs.pop("position_ids"), **inputs)
+    last = torch.tensor(flat.lengths, device=hidden.device).cumsum(0) - 1
+    return score_head(model)(hidden[0, last]).squeeze(-1).float()

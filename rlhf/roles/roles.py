@@ -22,8 +22,8 @@ from rlhf.algorithms.losses import loss_denominator
 from rlhf.distributed.strategy import TrainedModel
 from rlhf.models.engines import reshard_frozen
 from rlhf.models.loading import disable_dropout
-from rlhf.models.reward import RewardStats, sequence_scores
-from rlhf.roles.forward import policy_logprobs, response_values
+from rlhf.models.reward import RewardStats
+from rlhf.roles.forward import policy_logprobs, response_scores, response_values
 from rlhf.rollout.decode import SampleSeeds
 from rlhf.rollout.engine import RolloutEngine, SamplingParams
 from rlhf.rollout.types import Experience, Rollout
@@ -45,6 +45,9 @@ class ScoringBatches:
     multiples of it where `size` allows, so that the packed forward (rlhf/roles/forward.py)
     keeps every group behind one copy of its prompt instead of forwarding a split group's
     prompt twice."""
+    padding_free: bool = False
+    """Forward each piece's rows back to back without their padding where that pays
+    (rlhf/roles/forward.py `padding_free_rows`; ppo.padding_free)."""
 
     def step(self) -> int:
         """Rows per piece: the most whole groups that fit in `size`; `size` itself where one
@@ -168,8 +171,9 @@ class Actor:
         temperature = temperature or self.temperature
         self.trained.module.eval()
         try:
-            return in_pieces(lambda part: policy_logprobs(self.trained.module, part, temperature)[0], rollout,
-                             self.scoring, self.strategy)
+            return in_pieces(lambda part: policy_logprobs(self.trained.module, part, temperature,
+                                                          padding_free=self.scoring.padding_free)[0],
+                             rollout, self.scoring, self.strategy)
         finally:
             self.trained.module.train()
 
@@ -191,7 +195,8 @@ class Actor:
                 with clock.phase("forward_backward"):
                     part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
                     logprobs, entropy = policy_logprobs(self.trained.module, part.rollout, self.temperature,
-                                                        with_entropy=True, entropy_grad=settings.entropy_coef != 0)
+                                                        with_entropy=True, entropy_grad=settings.entropy_coef != 0,
+                                                        padding_free=self.scoring.padding_free)
                     loss, stats = actor_loss(logprobs, entropy, part, kl_coef, settings, denominator)
                     strategy.backward(self.trained, loss)
                 means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
@@ -228,8 +233,8 @@ class Critic:
         """(batch, response) values, in pieces of `scoring`."""
         self.trained.module.eval()
         try:
-            return in_pieces(lambda part: response_values(self.trained.module, part), rollout, self.scoring,
-                             self.strategy)
+            return in_pieces(lambda part: response_values(self.trained.module, part, self.scoring.padding_free),
+                             rollout, self.scoring, self.strategy)
         finally:
             self.trained.module.train()
 
@@ -245,7 +250,7 @@ class Critic:
             for index in mini_batch.micro_batches:
                 with clock.phase("forward_backward"):
                     part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
-                    values = response_values(self.trained.module, part.rollout)
+                    values = response_values(self.trained.module, part.rollout, self.scoring.padding_free)
                     loss, stats = critic_loss(values, part, self.value_clip_eps, tokens)
                     strategy.backward(self.trained, loss)
                 means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
@@ -273,8 +278,9 @@ class Reference:
         """(batch, response) log-probs under softmax(logits / T), in pieces of `scoring`."""
         temperature = temperature or self.temperature
         try:
-            return in_pieces(lambda part: policy_logprobs(self.model, part, temperature)[0], rollout, self.scoring,
-                             self.world)
+            return in_pieces(lambda part: policy_logprobs(self.model, part, temperature,
+                                                          padding_free=self.scoring.padding_free)[0],
+                             rollout, self.scoring, self.world)
         finally:
             reshard_frozen(self.model)
 
@@ -295,7 +301,7 @@ class RewardModel:
         """(batch,) raw scores, read at the last response token (EOS, or the last token of a
         truncated response), never at padding; in pieces of `scoring`."""
         try:
-            return in_pieces(lambda part: sequence_scores(self.model, part.sequences, part.attention_mask), rollout,
+            return in_pieces(lambda part: response_scores(self.model, part, self.scoring.padding_free), rollout,
                              self.scoring, self.world)
         finally:
             reshard_frozen(self.model)

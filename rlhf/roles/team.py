@@ -43,10 +43,11 @@ def score(rollout: Rollout, actor: Actor, reference: Reference | None, critic: C
 
 
 def scoring_batches(cfg: PPOConfig) -> ScoringBatches:
-    """How every PPO role splits a rollout for its scoring forwards: pieces of
-    ppo.micro_batch_size answers, cut between groups of answers to one prompt where that fits
-    (the roles' builders in rlhf/roles/build.py serve other callers too and leave it whole)."""
-    return ScoringBatches(cfg.ppo.micro_batch_size, cfg.rollout.n_samples_per_prompt)
+    """How every PPO role forwards a rollout: its scoring forwards in pieces of
+    ppo.micro_batch_size answers, cut between groups of answers to one prompt where that fits,
+    and every forward padding-free with ppo.padding_free (the roles' builders in
+    rlhf/roles/build.py serve other callers too and leave it whole and padded)."""
+    return ScoringBatches(cfg.ppo.micro_batch_size, cfg.rollout.n_samples_per_prompt, cfg.ppo.padding_free)
 
 
 class LocalRoles:

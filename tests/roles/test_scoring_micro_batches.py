@@ -61,7 +61,7 @@ class Forwards:
         self.shapes: list[tuple[int, int]] = []
         real = getattr(roles, name)
 
-        def spy(model, batch, *args, **kwargs):  # a Rollout, or sequence_scores' input ids
+        def spy(model, batch, *args, **kwargs):  # a Rollout
             self.shapes.append(tuple(getattr(batch, "sequences", batch).shape))
             return real(model, batch, *args, **kwargs)
 
@@ -116,7 +116,7 @@ def test_critic_values_and_reward_scores_in_pieces_equal_the_whole_batch(scalar,
     mask = rollout.response_mask
     critic = Critic(TrainedModel(scalar, None, None), None, mini_batch_size=8, micro_batch_size=8)
     whole_values, whole_scores = critic.values(rollout) * mask, RewardModel(scalar, None).scores(rollout)
-    values_calls, scores_calls = Forwards(monkeypatch, "response_values"), Forwards(monkeypatch, "sequence_scores")
+    values_calls, scores_calls = Forwards(monkeypatch, "response_values"), Forwards(monkeypatch, "response_scores")
     critic.scoring = ScoringBatches(size, group)
     values = critic.values(rollout)
     scores = RewardModel(scalar, None, scoring=ScoringBatches(size, group)).scores(rollout)
@@ -228,7 +228,7 @@ def test_the_whole_batch_forward_grew_with_the_rollout_batch(tmp_path, quickstar
     team = ppo_roles(tmp_path, quickstart_data, tiny_model_dir)
     try:
         for role in (team.actor, team.reference, team.critic, team.reward_model):
-            assert role.scoring == ScoringBatches(8, 4)  # LocalRoles sets ppo.micro_batch_size and the group
+            assert role.scoring == ScoringBatches(8, 4, padding_free=True)  # LocalRoles: ppo.micro_batch_size, the group, ppo.padding_free
             role.scoring = ScoringBatches()
         small = group_rollout(2, 4, team.reference.model.config.vocab_size, seed=3, short=0).trimmed()
         small_bytes, _ = largest_scoring_tensor(team, small)

@@ -1,0 +1,141 @@
+"""Padding-free PPO forwards (ppo.padding_free): a micro-batch's [left-padded prompt,
+right-padded response] rows laid back to back, each attending to itself only, give the padded
+forward's log-probs, entropies, values and gradients, and skip the padding's compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf.config_sections import ModelConfig
+from rlhf.models.reward import load_scalar_model
+from rlhf.models.segments import pack_padding_free, takes_segments
+from rlhf.roles import forward
+from rlhf.roles.forward import padding_free_rows, policy_logprobs, response_scores, response_values
+from rlhf.rollout.types import Rollout
+
+PROMPT, RESPONSE = 16, 7
+
+
+def padded_rollout(vocab: int, rows: int = 5, seed: int = 0) -> Rollout:
+    """`rows` different prompts of 2..16 tokens (left padding, id 0) and answers of 1..7 tokens
+    (right padding); row 1 fills both regions."""
+    generator = torch.Generator().manual_seed(seed)
+    sequences = torch.randint(3, vocab, (rows, PROMPT + RESPONSE), generator=generator)
+    mask = torch.ones_like(sequences)
+    for row in range(rows):
+        if row == 1:
+            continue
+        prompt = int(torch.randint(2, PROMPT + 1, (1,), generator=generator))
+        answer = int(torch.randint(1, RESPONSE + 1, (1,), generator=generator))
+        mask[row, : PROMPT - prompt] = 0
+        mask[row, PROMPT + answer :] = 0
+    sequences[mask == 0] = 0
+    return Rollout(sequences=sequences, attention_mask=mask, prompt_length=PROMPT,
+                   response_mask=mask[:, PROMPT:].float(), eos_found=torch.ones(rows, dtype=torch.bool))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def critic(tiny_model_dir):
+    return load_scalar_model(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), seed=0).eval()
+
+
+def test_packing_keeps_every_real_token_and_points_at_each_response_token_predictor():
+    rollout = padded_rollout(vocab=50)
+    rows = pack_padding_free(rollout.sequences, rollout.attention_mask, rollout.prompt_length,
+                             rollout.response_mask)
+    mask = rollout.attention_mask.bool()
+    assert rows.input_ids.shape == (1, int(mask.sum()))
+    assert rows.lengths == mask.sum(-1).tolist()
+    # Positions restart at 0 for every example.
+    starts = torch.tensor([0, *rows.lengths]).cumsum(0)[:-1]
+    assert rows.position_ids[0, starts].tolist() == [0] * len(rows.lengths)
+    # The token after each predictor is the response token it predicts.
+    targets = rollout.responses.flatten()[rows.response_slots]
+    assert torch.equal(rows.input_ids[0, rows.predictors + 1], targets)
+    assert rows.predictors.numel() == int(rollout.response_mask.sum())
+    per_token = torch.arange(1.0, rows.predictors.numel() + 1)
+    unpacked = rows.unpack(per_token)
+    assert unpacked.shape == rollout.response_mask.shape
+    assert torch.equal(unpacked[rollout.response_mask.bool()], per_token)
+    assert float(unpacked[~rollout.response_mask.bool()].abs().sum()) == 0.0
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Equal up to float rounding of sums taken in another order: relative to the tensor's scale."""
+    scale = float(expected.abs().max())
+    assert float((actual - expected).abs().max()) <= 1e-5 * scale + 1e-7, name
+
+
+def logprobs_and_grads(model, rollout: Rollout, padding_free: bool):
+    model.zero_grad()
+    logprobs, entropy = policy_logprobs(model, rollout, temperature=0.7, with_entropy=True, entropy_grad=True,
+                                        padding_free=padding_free)
+    mask = rollout.response_mask
+    weights = torch.linspace(-1.0, 1.0, mask.numel()).view_as(mask)  # per-token coefficients, as PPO's loss has
+    ((logprobs * mask * weights).sum() + (entropy * mask).sum()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logprobs.detach() * mask, entropy.detach() * mask, grads
+
+
+def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_forward(lm, monkeypatch):
+    rollout = padded_rollout(lm.config.vocab_size)
+    calls = []
+    real = forward.padding_free_logits
+    monkeypatch.setattr(forward, "padding_free_logits", lambda *a: calls.append(1) or real(*a))
+    free = logprobs_and_grads(lm, rollout, padding_free=True)
+    assert calls, "the padding-free forward did not run"
+    padded = logprobs_and_grads(lm, rollout, padding_free=False)
+    assert len(calls) == 1
+    torch.testing.assert_close(free[0], padded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(free[1], padded[1], rtol=1e-5, atol=1e-5)
+    assert free[2].keys() == padded[2].keys() and len(padded[2]) > 0
+    for name, grad in padded[2].items():
+        assert_close_to_scale(free[2][name], grad, name)
+    # The model's own attention is back as it was: generation and padded forwards use it.
+    assert lm.config._attn_implementation == "sdpa"
+
+
+def test_padding_free_values_and_gradients_equal_the_padded_forward(critic):
+    rollout = padded_rollout(critic.config.vocab_size, seed=1)
+    mask = rollout.response_mask
+    results = []
+    for padding_free in (True, False):
+        critic.zero_grad()
+        values = response_values(critic, rollout, padding_free)
+        (values * mask).pow(2).sum().backward()
+        results.append((values.detach() * mask, {n: p.grad.clone() for n, p in critic.named_parameters()
+                                                 if p.grad is not None}))
+    (free, free_grads), (padded, padded_grads) = results
+    torch.testing.assert_close(free, padded, rtol=1e-5, atol=1e-5)
+    assert free_grads.keys() == padded_grads.keys() and len(padded_grads) > 0
+    for name, grad in padded_grads.items():
+        assert_close_to_scale(free_grads[name], grad, name)
+
+
+def test_padding_free_reward_scores_equal_the_padded_forward(critic):
+    rollout = padded_rollout(critic.config.vocab_size, rows=6, seed=2)
+    with torch.no_grad():
+        free, padded = response_scores(critic, rollout, True), response_scores(critic, rollout, False)
+    assert free.shape == (6,)
+    torch.testing.assert_close(free, padded, rtol=1e-5, atol=1e-5)
+    assert float(padded.std()) > 0  # the rows' scores differ: each was read at its own last token
+
+
+def test_padding_free_only_where_it_pays_and_the_attention_takes_it(lm, monkeypatch):
+    rollout = padded_rollout(lm.config.vocab_size)
+    assert padding_free_rows(lm, rollout, enabled=True) is not None
+    assert padding_free_rows(lm, rollout, enabled=False) is None
+    full = rollout.select(torch.tensor([1]))  # one row: nothing to gain
+    assert padding_free_rows(lm, full, enabled=True) is None
+    unpadded = rollout.select(torch.tensor([1, 1]))  # no padding
+    assert padding_free_rows(lm, unpadded, enabled=True) is None
+    monkeypatch.setattr(lm.config, "_attn_implementation", "eager")  # no lengths read: the padded rows
+    assert not takes_segments(lm.config)
+    assert padding_free_rows(lm, rollout, enabled=True) is None
