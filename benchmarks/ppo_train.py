@@ -6,8 +6,9 @@ step, the ptx term) and what a change to them buys.
 
 The roles are built as the PPO stage builds them (same settings as benchmarks/ppo.py: rollout
 batch 8 (smollm2) or 16 (tiny), mini- and micro-batch half of it, 2 PPO epochs); one rollout is
-generated and scored once (seed 0), then `Actor.update` and `Critic.update` run `--repeats` times
-on that same experience, and each repeat's `perf/train_*` seconds are kept. The learning rates
+generated and scored once (seed 0), then each repeat scores it again (`score_s`: reference,
+critic and reward model, the actor's too with rollout.reuse_logprobs=false) and runs
+`Actor.update` and `Critic.update` on that same experience, keeping their `perf/train_*` seconds. The learning rates
 are tiny, so the weights barely move and every repeat does the same work.
 
 `--variants` names settings from VARIANTS (`padded`, `padding_free`: ppo.padding_free); the variants of one run share the process and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import common
@@ -101,9 +103,13 @@ def main() -> None:
                 order = args.variants if repeat % 2 == 0 else args.variants[::-1]
                 for name in order:
                     apply(name)
+                    started = time.perf_counter()
+                    roles.score(rollout, prompts_batch)
+                    scoring = time.perf_counter() - started
                     metrics = roles.update(experience, orders, cfg.kl.coef, True, 0)
                     if repeat == 0:
                         continue
+                    results[name].setdefault("score", []).append(scoring)
                     for key, value in metrics.items():
                         if key.startswith("perf/train_"):
                             results[name].setdefault(key.removeprefix("perf/").removesuffix("_seconds"), []).append(value)
@@ -111,8 +117,9 @@ def main() -> None:
     for name, phases in results.items():
         row = {"variant": name, **{phase: round(common.median(values), 4) for phase, values in sorted(phases.items())}}
         row["train_s"] = round(row.get("train_actor", 0.0) + row.get("train_critic", 0.0), 4)
+        row["score_s"] = row.pop("score")
         rows.append(row)
-    columns = ["variant", "train_s", *sorted({k for r in rows for k in r} - {"variant", "train_s"})]
+    columns = ["variant", "score_s", "train_s", *sorted({k for r in rows for k in r} - {"variant", "score_s", "train_s"})]
     common.emit(f"ppo_train_{args.model}", rows, columns,
                 {"repeats": args.repeats, "experience": shape, "variants": {n: VARIANTS[n] for n in args.variants},
                  "overrides": args.overrides, "prompts": str(args.prompts or "synthetic"),
