@@ -68,6 +68,13 @@ def padding_free_logits(model: torch.nn.Module, rows: PaddingFreeRows) -> torch.
         return model(**rows.kwargs(), use_cache=False, logits_to_keep=rows.predictors).logits[0]
 
 
+def padding_free_hidden(model: torch.nn.Module, rows: PaddingFreeRows) -> torch.Tensor:
+    """(real tokens, hidden) final hidden states of the packed rows (a scalar-head model's)."""
+    inputs = rows.kwargs()
+    with segment_attention(transformers_model(model).config):
+        return final_hidden(model, inputs.pop("input_ids"), None, inputs.pop("position_ids"), **inputs)[0]
+
+
 def response_logits(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """(batch, response_length, vocab) logits that predicted each response token; only the
     response region's logits are computed (logits_to_keep)."""
@@ -138,10 +145,8 @@ def response_values(model: torch.nn.Module, rollout: Rollout, padding_free: bool
     with `padding_free`, from the rows laid back to back where that pays (`padding_free_rows`)."""
     flat = padding_free_rows(model, rollout, padding_free)
     if flat is not None:
-        inputs = flat.kwargs()
-        with segment_attention(transformers_model(model).config):
-            hidden = final_hidden(model, inputs.pop("input_ids"), None, inputs.pop("position_ids"), **inputs)
-        return flat.unpack(score_head(model)(hidden[0, flat.predictors]).squeeze(-1).float())
+        hidden = padding_free_hidden(model, flat)
+        return flat.unpack(score_head(model)(hidden[flat.predictors]).squeeze(-1).float())
     values = token_values(model, rollout.sequences, rollout.attention_mask)
     start = rollout.prompt_length - 1
     return values[:, start : start + rollout.response_mask.shape[1]]
@@ -153,8 +158,6 @@ def response_scores(model: torch.nn.Module, rollout: Rollout, padding_free: bool
     flat = padding_free_rows(model, rollout, padding_free)
     if flat is None:
         return sequence_scores(model, rollout.sequences, rollout.attention_mask)
-    inputs = flat.kwargs()
-    with segment_attention(transformers_model(model).config):
-        hidden = final_hidden(model, inputs.pop("input_ids"), None, inputs.pop("position_ids"), **inputs)
+    hidden = padding_free_hidden(model, flat)
     last = torch.tensor(flat.lengths, device=hidden.device).cumsum(0) - 1
-    return score_head(model)(hidden[0, last]).squeeze(-1).float()
+    return score_head(model)(hidden[last]).squeeze(-1).float()

@@ -139,3 +139,30 @@ def test_padding_free_only_where_it_pays_and_the_attention_takes_it(lm, monkeypa
     monkeypatch.setattr(lm.config, "_attn_implementation", "eager")  # no lengths read: the padded rows
     assert not takes_segments(lm.config)
     assert padding_free_rows(lm, rollout, enabled=True) is None
+
+
+def test_a_padding_free_forward_builds_no_mask_over_the_packed_row(lm):
+    """transformers would build the packed row's (tokens x tokens) block-diagonal mask, which
+    the examples' lengths make useless (1 GiB at 32k tokens); the switched attention builds
+    none, so the largest tensor of the forward stays far below tokens² bytes."""
+    from rlhf.logging.perf import LargestTensor
+
+    prompt, response = 500, 4
+    generator = torch.Generator().manual_seed(3)
+    sequences = torch.randint(3, lm.config.vocab_size, (3, prompt + response), generator=generator)
+    mask = torch.ones_like(sequences)
+    mask[1, :50] = 0
+    mask[2, :100] = 0
+    mask[2, prompt + 2 :] = 0
+    sequences[mask == 0] = 0
+    rollout = Rollout(sequences=sequences, attention_mask=mask, prompt_length=prompt,
+                      response_mask=mask[:, prompt:].float(), eos_found=torch.ones(3, dtype=torch.bool))
+    tokens = int(mask.sum())
+    assert padding_free_rows(lm, rollout, enabled=True) is not None
+    with torch.no_grad(), LargestTensor() as largest:
+        free, _ = policy_logprobs(lm, rollout, 1.0, padding_free=True)
+    assert largest.bytes < tokens * tokens // 2  # the mask: tokens² bytes
+    with torch.no_grad():
+        padded, _ = policy_logprobs(lm, rollout, 1.0, padding_free=False)
+    response_mask = rollout.response_mask
+    torch.testing.assert_close(free * response_mask, padded * response_mask, rtol=1e-5, atol=1e-5)
