@@ -635,7 +635,7 @@ class PPOAlgoConfig:
     micro_batch_size: int = 8
     """Answers per forward/backward on one worker."""
     padding_free: bool = True
-    """The actor's, critic's and reference's forwards (training and scoring) lay a micro-batch's
+    """Every role's forwards (training and scoring; the PPO-ptx text too) lay a micro-batch's
     rows back to back without their padding, each attending to itself only, where the model's
     attention takes that (`sdpa`, flash-attention) and the rows are padded; false: padded rows."""
     advantage: str = "gae"

@@ -95,11 +95,8 @@ def _register() -> None:
 def use_segment_attention(model: torch.nn.Module) -> bool:
     """Switch a model that attends with `sdpa` to `rlhf_segment_sdpa`; True when it did.
     The switch is not saved with the model (transformers keeps it out of config.json)."""
-    from rlhf.models.shared_prefix import attention_window
-
     config = getattr(model, "config", None)
-    if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or attention_window(config) is not None or getattr(config, "attn_logit_softcapping", None)):
+    if config is None or not _sdpa_switchable(config):
         return False
     _register()
     model.set_attn_implementation(SEGMENT_SDPA)
@@ -114,6 +111,8 @@ def segment_kwargs(lengths: list[int], device: torch.device) -> dict:
 
 
 def _sdpa_switchable(config) -> bool:
+    """An `sdpa` model whose attention needs nothing the lengths cannot carry (no sliding
+    window, no logit softcapping)."""
     from rlhf.models.shared_prefix import attention_window
 
     return (getattr(config, "_attn_implementation", None) == "sdpa" and attention_window(config) is None
@@ -130,9 +129,8 @@ def takes_segments(config) -> bool:
 def segment_attention(config) -> Iterator[None]:
     """Inside, an `sdpa` model attends as `rlhf_segment_sdpa` (once per example of a
     padding-free row, every call with the lengths, no mask built); any other implementation is
-    left as it is. Switched for the call only,
-    as `shared_prompt_attention` does, so the model's other forwards (padded rows, shared-prompt
-    rows, generation) keep their own attention."""
+    left as it is. Switched for the call only, as `shared_prompt_attention` does, so the model's
+    other forwards (padded rows, shared-prompt rows, generation) keep their own attention."""
     if not _sdpa_switchable(config):
         yield
         return

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from rlhf.config_sections import ModelConfig
-from rlhf.models.reward import load_scalar_model
 from rlhf.models.segments import pack_padding_free, takes_segments
 from rlhf.roles import forward
 from rlhf.roles.forward import padding_free_rows, policy_logprobs, response_scores, response_values
@@ -18,35 +15,26 @@ from rlhf.rollout.types import Rollout
 PROMPT, RESPONSE = 16, 7
 
 
-def padded_rollout(vocab: int, rows: int = 5, seed: int = 0) -> Rollout:
-    """`rows` different prompts of 2..16 tokens (left padding, id 0) and answers of 1..7 tokens
-    (right padding); row 1 fills both regions."""
-    generator = torch.Generator().manual_seed(seed)
-    sequences = torch.randint(3, vocab, (rows, PROMPT + RESPONSE), generator=generator)
-    mask = torch.ones_like(sequences)
-    for row in range(rows):
-        if row == 1:
-            continue
-        prompt = int(torch.randint(2, PROMPT + 1, (1,), generator=generator))
-        answer = int(torch.randint(1, RESPONSE + 1, (1,), generator=generator))
-        mask[row, : PROMPT - prompt] = 0
-        mask[row, PROMPT + answer :] = 0
-    sequences[mask == 0] = 0
-    return Rollout(sequences=sequences, attention_mask=mask, prompt_length=PROMPT,
-                   response_mask=mask[:, PROMPT:].float(), eos_found=torch.ones(rows, dtype=torch.bool))
+@pytest.fixture
+def padded_rollout(rollout_of):
+    def build(vocab: int, rows: int = 5, seed: int = 0) -> Rollout:
+        """`rows` different prompts of 2..16 tokens (left padding, id 0) and answers of 1..7
+        tokens (right padding); row 1 fills both regions."""
+        generator = torch.Generator().manual_seed(seed)
+        sequences = torch.randint(3, vocab, (rows, PROMPT + RESPONSE), generator=generator)
+        mask = torch.ones_like(sequences)
+        for row in range(rows):
+            if row == 1:
+                continue
+            prompt = int(torch.randint(2, PROMPT + 1, (1,), generator=generator))
+            answer = int(torch.randint(1, RESPONSE + 1, (1,), generator=generator))
+            mask[row, : PROMPT - prompt] = 0
+            mask[row, PROMPT + answer :] = 0
+        return rollout_of(sequences, mask, PROMPT)
+    return build
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def critic(tiny_model_dir):
-    return load_scalar_model(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), seed=0).eval()
-
-
-def test_packing_keeps_every_real_token_and_points_at_each_response_token_predictor():
+def test_packing_keeps_every_real_token_and_points_at_each_response_token_predictor(padded_rollout):
     rollout = padded_rollout(vocab=50)
     rows = pack_padding_free(rollout.sequences, rollout.attention_mask, rollout.prompt_length,
                              rollout.response_mask)
@@ -84,7 +72,7 @@ def logprobs_and_grads(model, rollout: Rollout, padding_free: bool):
     return logprobs.detach() * mask, entropy.detach() * mask, grads
 
 
-def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_forward(lm, monkeypatch):
+def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_forward(lm, monkeypatch, padded_rollout):
     rollout = padded_rollout(lm.config.vocab_size)
     calls = []
     real = forward.padding_free_logits
@@ -102,15 +90,15 @@ def test_padding_free_log_probs_entropy_and_gradients_equal_the_padded_forward(l
     assert lm.config._attn_implementation == "sdpa"
 
 
-def test_padding_free_values_and_gradients_equal_the_padded_forward(critic):
-    rollout = padded_rollout(critic.config.vocab_size, seed=1)
+def test_padding_free_values_and_gradients_equal_the_padded_forward(scalar, padded_rollout):
+    rollout = padded_rollout(scalar.config.vocab_size, seed=1)
     mask = rollout.response_mask
     results = []
     for padding_free in (True, False):
-        critic.zero_grad()
-        values = response_values(critic, rollout, padding_free)
+        scalar.zero_grad()
+        values = response_values(scalar, rollout, padding_free)
         (values * mask).pow(2).sum().backward()
-        results.append((values.detach() * mask, {n: p.grad.clone() for n, p in critic.named_parameters()
+        results.append((values.detach() * mask, {n: p.grad.clone() for n, p in scalar.named_parameters()
                                                  if p.grad is not None}))
     (free, free_grads), (padded, padded_grads) = results
     torch.testing.assert_close(free, padded, rtol=1e-5, atol=1e-5)
@@ -119,16 +107,16 @@ def test_padding_free_values_and_gradients_equal_the_padded_forward(critic):
         assert_close_to_scale(free_grads[name], grad, name)
 
 
-def test_padding_free_reward_scores_equal_the_padded_forward(critic):
-    rollout = padded_rollout(critic.config.vocab_size, rows=6, seed=2)
+def test_padding_free_reward_scores_equal_the_padded_forward(scalar, padded_rollout):
+    rollout = padded_rollout(scalar.config.vocab_size, rows=6, seed=2)
     with torch.no_grad():
-        free, padded = response_scores(critic, rollout, True), response_scores(critic, rollout, False)
+        free, padded = response_scores(scalar, rollout, True), response_scores(scalar, rollout, False)
     assert free.shape == (6,)
     torch.testing.assert_close(free, padded, rtol=1e-5, atol=1e-5)
     assert float(padded.std()) > 0  # the rows' scores differ: each was read at its own last token
 
 
-def test_padding_free_only_where_it_pays_and_the_attention_takes_it(lm, monkeypatch):
+def test_padding_free_only_where_it_pays_and_the_attention_takes_it(lm, monkeypatch, padded_rollout):
     rollout = padded_rollout(lm.config.vocab_size)
     assert padding_free_rows(lm, rollout, enabled=True) is not None
     assert padding_free_rows(lm, rollout, enabled=False) is None
@@ -141,7 +129,7 @@ def test_padding_free_only_where_it_pays_and_the_attention_takes_it(lm, monkeypa
     assert padding_free_rows(lm, rollout, enabled=True) is None
 
 
-def test_a_padding_free_forward_builds_no_mask_over_the_packed_row(lm):
+def test_a_padding_free_forward_builds_no_mask_over_the_packed_row(lm, rollout_of):
     """transformers would build the packed row's (tokens x tokens) block-diagonal mask, which
     the examples' lengths make useless (1 GiB at 32k tokens); the switched attention builds
     none, so the largest tensor of the forward stays far below tokens² bytes."""
@@ -154,9 +142,7 @@ def test_a_padding_free_forward_builds_no_mask_over_the_packed_row(lm):
     mask[1, :50] = 0
     mask[2, :100] = 0
     mask[2, prompt + 2 :] = 0
-    sequences[mask == 0] = 0
-    rollout = Rollout(sequences=sequences, attention_mask=mask, prompt_length=prompt,
-                      response_mask=mask[:, prompt:].float(), eos_found=torch.ones(3, dtype=torch.bool))
+    rollout = rollout_of(sequences, mask, prompt)
     tokens = int(mask.sum())
     assert padding_free_rows(lm, rollout, enabled=True) is not None
     with torch.no_grad(), LargestTensor() as largest:

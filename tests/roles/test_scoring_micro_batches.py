@@ -10,10 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf.config_sections import ModelConfig
 from rlhf.logging.perf import LargestTensor
 from rlhf.distributed.strategy import TrainedModel
-from rlhf.models.reward import load_scalar_model
 from rlhf.roles import forward, roles
 from rlhf.roles.roles import Actor, Critic, Reference, RewardModel, ScoringBatches
 from rlhf.roles.update import PolicyLossSettings
@@ -42,16 +40,6 @@ def group_rollout(groups: int, group: int, vocab: int, seed: int = 0, short: int
     sequences[mask == 0] = 0
     return Rollout(sequences=sequences, attention_mask=mask, prompt_length=PROMPT,
                    response_mask=mask[:, PROMPT:].float(), eos_found=torch.ones(rows, dtype=torch.bool))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def scalar(tiny_model_dir):
-    return load_scalar_model(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"), seed=0).eval()
 
 
 class Forwards:
