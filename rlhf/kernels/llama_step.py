@@ -17,8 +17,9 @@ model such as the tiny benchmark model, whose prompt pass is light on arithmetic
 - keys and values are written in place into a buffer sized for prompt plus response, and the
   padding mask is an additive bias kept for the whole call, added inside the score product;
 - the attention scale is folded into the queries' rotary table;
-- on CPUs where linear layers run through oneDNN, the weights are packed once per call into
-  its blocked layout (rlhf/kernels/skinny.py).
+- on CPUs the large fp32 weights are packed once per call into oneDNN's blocked layout
+  (rlhf/kernels/skinny.py): a step's products are bound by reading the weights from memory,
+  and the packed layout reads faster.
 `prefill` runs the left-padded prompts with `F.scaled_dot_product_attention` under a causal
 mask over each row's real tokens, at transformers' positions (the running count of real
 tokens), with the model's own rotary module and projection layers.

@@ -61,6 +61,17 @@ def _onednn_for(choice: str) -> bool:
     return avx512 and torch.backends.mkl.is_available() and _cpu_vendor() not in ("", "GenuineIntel")
 
 
+def decode_packing_enabled() -> bool:
+    """Whether decode steps pack their large fp32 weights for oneDNN (see the module doc)."""
+    return _packing_for(_matmul[0])
+
+
+@functools.cache
+def _packing_for(choice: str) -> bool:
+    return (choice != "blas" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x · weightᵀ (+ bias) by oneDNN; `weight` (out, in) may be a strided view."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -1,10 +1,11 @@
 """Decode-time matmuls on the CPU, where a handful of rows (one per sequence) meets every
 weight matrix.
 
-- Where linear layers compute through oneDNN (rlhf/kernels/onednn.py), `few_row_linear` packs
-  each large weight once into oneDNN's blocked layout, where a few rows multiply clearly
-  faster than through the transposed product below.
-- Otherwise the product is y = (W · xᵀ)ᵀ instead of y = x · Wᵀ: MKL picks a poor kernel for
+- Wherever PyTorch has oneDNN (rlhf/kernels/onednn.py, `decode_packing_enabled`),
+  `few_row_linear` packs each large weight once into oneDNN's blocked layout, where a few rows
+  multiply clearly faster than through the transposed product below, also on CPUs whose
+  training products stay with MKL.
+- Otherwise (and in `CPULinear`, whose weights change between calls) the product is y = (W · xᵀ)ᵀ instead of y = x · Wᵀ: MKL picks a poor kernel for
   `x · Wᵀ` when x has few rows and W many, so `W · xᵀ` is several times faster on a
   vocabulary-sized head and takes a large share off a whole decode step.
 Both are the same product up to float rounding. GPUs are left alone: their GEMMs handle
@@ -32,7 +33,7 @@ model's matrices), while SmolLM2's matrices, all above this size and read from m
 step, gain from the transposed one."""
 
 PACKED_MIN_WEIGHT = 1 << 17
-"""Where oneDNN computes linear layers, weights from this many elements (512 KB in fp32) are
+"""Where decode steps pack for oneDNN, weights from this many elements (512 KB in fp32) are
 packed: the packed product overtakes the plain one at about this size (a 1024 × 128 block at
 8-16 rows), while smaller blocks lose to its fixed cost per call."""
 
@@ -54,7 +55,7 @@ def few_row_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Ca
     the transposed product, or plain `F.linear` for small or GPU weights. A partial, since a
     decode step of a small model is bound by per-call overhead."""
     cpu = weight.device.type == "cpu"
-    if cpu and weight.numel() >= PACKED_MIN_WEIGHT and weight.dtype == torch.float32 and onednn.onednn_enabled():
+    if cpu and weight.numel() >= PACKED_MIN_WEIGHT and weight.dtype == torch.float32 and onednn.decode_packing_enabled():
         return functools.partial(onednn.packed_linear, packed=onednn.pack_weight(weight, rows=8), bias=bias)
     if cpu and weight.numel() >= SKINNY_MIN_WEIGHT:
         return functools.partial(linear_for_few_rows, weight=weight, bias=bias)

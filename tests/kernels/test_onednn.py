@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 @pytest.fixture
 def enabled(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(onednn, "decode_packing_enabled", lambda: True)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -114,23 +115,29 @@ def test_nothing_is_rebound_on_a_module():
 
 
 def test_the_choice_follows_the_config_and_the_cpu(monkeypatch):
-    def choice(value, vendor="AuthenticAMD", capability="AVX512"):
+    def choice(value, vendor="AuthenticAMD", capability="AVX512", decode=False):
         monkeypatch.setattr(onednn, "_cpu_vendor", lambda: vendor)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         onednn._onednn_for.cache_clear()
+        onednn._packing_for.cache_clear()
         previous = onednn._matmul[0]
         try:
             onednn.set_cpu_matmul(value)
-            return onednn.onednn_enabled()
+            return onednn.decode_packing_enabled() if decode else onednn.onednn_enabled()
         finally:
             onednn._matmul[0] = previous
             onednn._onednn_for.cache_clear()
+            onednn._packing_for.cache_clear()
 
     assert choice("blas") is False
     assert choice("onednn", vendor="GenuineIntel", capability="AVX2") is True
     assert choice("auto") is (torch.backends.mkl.is_available())
     assert choice("auto", vendor="GenuineIntel") is False  # MKL uses AVX-512 on Intel itself
     assert choice("auto", capability="AVX2") is False
+    # Decode steps pack for oneDNN on any CPU, training's BLAS chips included, unless told blas.
+    for vendor, capability in (("AuthenticAMD", "AVX2"), ("GenuineIntel", "AVX512"), ("AuthenticAMD", "AVX512")):
+        assert choice("auto", vendor, capability, decode=True) is True
+    assert choice("blas", decode=True) is False
     with pytest.raises(ValueError, match="kernels.cpu_matmul"):
         choice("fast")
 

@@ -12,6 +12,7 @@ from rlhf.kernels.skinny import SKINNY_ROWS
 def test_same_outputs_for_few_and_many_rows(monkeypatch):
     monkeypatch.setattr(skinny, "SKINNY_MIN_WEIGHT", 256)  # the 8 x 4 layer stays below it
     monkeypatch.setattr(onednn, "onednn_enabled", lambda: False)  # the BLAS path
+    monkeypatch.setattr(onednn, "decode_packing_enabled", lambda: False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False),
                                 torch.nn.GELU(), torch.nn.Linear(8, 4))
@@ -57,7 +58,7 @@ def test_residual_products_equal_the_sum_on_every_path(monkeypatch, path):
     weight, bias = torch.randn(32, 16), torch.randn(32)
     monkeypatch.setattr(skinny, "SKINNY_MIN_WEIGHT", 1 << 18 if path == "plain" else 256)
     monkeypatch.setattr(skinny, "PACKED_MIN_WEIGHT", 1 << 17 if path == "plain" else 256)
-    monkeypatch.setattr(onednn, "onednn_enabled", lambda: path == "packed")
+    monkeypatch.setattr(onednn, "decode_packing_enabled", lambda: path == "packed")
     for b in (None, bias):
         got = skinny.few_row_linear_add(weight, b)(residual, x)
         torch.testing.assert_close(got, residual + torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
