@@ -32,7 +32,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "padded": {"padding_free": False},
     "padding_free": {"padding_free": True},
 }
-"""Named settings for `--variants`: fields of every role's `ScoringBatches` (rlhf/roles/roles.py),
+"""Named settings for `--variants`: fields of every role's `RoleForwards` (rlhf/roles/roles.py),
 which say how its training and scoring forwards lay out the rows."""
 
 
@@ -130,11 +130,11 @@ def variant_switch(roles):
     """A function that puts the roles in a named variant's settings (`default`: as built)."""
     from dataclasses import replace
 
-    built = {role: role.scoring for role in (roles.actor, roles.critic, roles.reference) if role is not None}
+    built = {role: role.forwards for role in (roles.actor, roles.critic, roles.reference) if role is not None}
 
     def apply(name: str) -> None:
-        for role, scoring in built.items():
-            role.scoring = replace(scoring, **VARIANTS[name])
+        for role, forwards in built.items():
+            role.forwards = replace(forwards, **VARIANTS[name])
     return apply
 
 

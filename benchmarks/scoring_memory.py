@@ -8,7 +8,7 @@
 reward model's scores, on a synthetic rollout (random tokens; prompts of 1/2..1 and answers of
 1/4..1 of their budget, the longest at full width; `--group` consecutive answers per prompt).
 Each batch size is scored twice in the same process: `whole`, every role forwarding the whole
-batch at once (`ScoringBatches()`, what the code did before issue 24), and `pieces`, the roles
+batch at once (`RoleForwards()`, what the code did before issue 24), and `pieces`, the roles
 as LocalRoles builds them (pieces of ppo.micro_batch_size rows, cut between groups, trimmed).
 
 Measured, per run:
@@ -105,7 +105,7 @@ def main() -> None:
     from rlhf.distributed.factory import build_strategy
     from rlhf.logging.perf import LargestTensor
     from rlhf.models.loading import load_tokenizer
-    from rlhf.roles.roles import ScoringBatches
+    from rlhf.roles.roles import RoleForwards
     from rlhf.roles.team import LocalRoles
 
     policy, reward = common.model_dir(args.model), common.reward_model_dir(args.model)
@@ -123,7 +123,7 @@ def main() -> None:
         tokenizer = load_tokenizer(cfg.model)
         team = LocalRoles(cfg, strategy, tokenizer)
     roles = [role for role in (team.actor, team.reference, team.critic, team.reward_model) if role is not None]
-    pieces = {id(role): role.scoring for role in roles}
+    pieces = {id(role): role.forwards for role in roles}
     vocab = team.reference.model.config.vocab_size
     rows_out = []
     try:
@@ -133,7 +133,7 @@ def main() -> None:
             prompts = PromptBatch([[0]] * rows, ["p"] * rows, [{}] * rows)
             for mode in ("whole", "pieces"):
                 for role in roles:
-                    role.scoring = ScoringBatches() if mode == "whole" else pieces[id(role)]
+                    role.forwards = RoleForwards() if mode == "whole" else pieces[id(role)]
                 team.score(rollout, prompts)  # warm-up: first-call allocations and caches
                 peak, _ = profiled_peak(lambda: team.score(rollout, prompts))
                 with LargestTensor() as largest:

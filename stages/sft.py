@@ -18,7 +18,6 @@ from rlhf.kernels import accelerate
 from rlhf.models.init import resolve_model_path
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.lora import apply_lora
-from rlhf.models.segments import use_segment_attention
 from rlhf.kernels.lm_loss import lm_forward_nll
 from rlhf.training.lm import LMEvaluation, StepPlan, step_micro_batches
 from rlhf.training.run import Run, Schedule, StageResult
@@ -40,8 +39,6 @@ def main(cfg: SFTConfig) -> StageResult:
         tokenizer = load_tokenizer(cfg.model, model_path if cfg.model.tiny else None)
         # Placed as the strategy shards (ZeRO-3: partitioned as built; FSDP2: meta, read per shard).
         model = load_causal_lm(cfg.model, strategy.device, model_path, placement=strategy.placement())
-        if cfg.data.padding_free:
-            use_segment_attention(model)  # attention once per example of a padding-free row
         model = apply_lora(model, cfg.model.lora, seed=cfg.seed)
 
         # 3. Tokenise with the chat template; prompt tokens get label -100.

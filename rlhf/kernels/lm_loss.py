@@ -38,8 +38,7 @@ def lm_forward_nll(module: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tens
         **(segment_kwargs(batch.segment_lengths, batch.input_ids.device) if batch.segment_lengths else {}),
     )
     head = loss_head(module)
-    # A padding-free row attends once per example: an `sdpa` model not switched for good (the
-    # PPO actor, whose other forwards are padded) is switched for this call.
+    # A padding-free row attends once per example: an `sdpa` model is switched for this call.
     attention = segment_attention(causal_lm(module).config) if batch.segment_lengths else contextlib.nullcontext()
     if head is None:
         with attention:

@@ -28,6 +28,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
 from rlhf.config_sections import ModelConfig
 from rlhf.data.template import ensure_chat_template
 from rlhf.errors import UserError
+from rlhf.models.checkpointing import enable_gradient_checkpointing
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -292,7 +293,7 @@ def load_causal_lm(
         if gguf_file:
             detach_gguf_quantizer(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         model.config.use_cache = False
     # Partitioned parameters are already on the device zero.Init chose; meta ones have no data yet.
     return model.to(device) if placement.mode == "whole" else model

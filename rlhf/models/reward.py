@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 
 from rlhf.config_sections import ModelConfig
 from rlhf.errors import UserError
+from rlhf.models.checkpointing import enable_gradient_checkpointing
 from rlhf.models.engines import unwrap_engine
 from rlhf.models.loading import (PendingWeights, Placement, model_kwargs, build_empty, build_partitioned_from_gguf,
                                  detach_gguf_quantizer, effective_placement, resolve_location, zero3_construction)
@@ -97,7 +98,7 @@ def load_scalar_model(
             with placement.modify(params):  # a partitioned head is whole (on rank 0) in here
                 _init_head(head, seed)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     text_config = model.config.get_text_config()
     if text_config.pad_token_id is None:
         # transformers' own pooling (never read here: scores come from `sequence_scores`) refuses

@@ -1,24 +1,23 @@
 """Padding-free rows: several examples concatenated in one row, each attending to itself only.
 
-A padding-free SFT micro-batch is one row holding its examples back to back, positions
-restarting at every example, with `cu_seq_lens_q`/`cu_seq_lens_k` (the examples' cumulative
-lengths, the names transformers' flash-attention kernels read) passed through the model's
-forward to its attention layers:
+A padding-free micro-batch is one row holding its examples back to back, positions restarting
+at every example, with `cu_seq_lens_q`/`cu_seq_lens_k` (the examples' cumulative lengths, the
+names transformers' flash-attention kernels read) passed through the model's forward to its
+attention layers:
 - `flash_attention_2/3` use them as they are (varlen kernels);
-- `rlhf_segment_sdpa`, which `use_segment_attention` sets in place of `sdpa`, runs PyTorch's
-  SDPA once per example with `is_causal`, so no work is spent on pairs of tokens from
-  different examples (a block-diagonal mask over the whole row does that work and masks it,
-  and on SmolLM2-sized examples took about three times as long per layer; BENCHMARKS.md,
-  'Measurements behind the code');
-- any other implementation ignores them and gets the block-diagonal mask that transformers
-  builds from the restarting positions, which is exact but slower.
-Calls without the lengths (evaluation with padding, generation) go through transformers' own
-`sdpa` unchanged. Models with sliding-window layers keep `sdpa` (their window lives in the mask).
-
-PPO's actor, critic, reference and reward model lay a micro-batch of [left-padded prompt,
-right-padded response] rows out the same way (`pack_padding_free`, ppo.padding_free): their
-models keep `sdpa` for generation and padded forwards, and `segment_attention` switches it for
-the padding-free call only.
+- an `sdpa` model is switched for that call only (`segment_attention`) to `rlhf_segment_sdpa`,
+  which runs PyTorch's SDPA once per example with `is_causal` and builds no mask: no work is
+  spent on pairs of tokens from different examples (a block-diagonal mask over the whole row
+  does that work and masks it, and on SmolLM2-sized examples took about three times as long
+  per layer; BENCHMARKS.md, 'Measurements behind the code'), and no (tokens x tokens) mask is
+  allocated (1 GiB at 32k tokens);
+- any other implementation, and `sdpa` models with sliding-window layers (their window lives
+  in the mask) or logit softcapping, get the block-diagonal mask that transformers builds from
+  the restarting positions: exact, but slower.
+The SFT loss (`lm_forward_nll`) and PPO's actor, critic, reference and reward model
+(`pack_padding_free`, ppo.padding_free) take this path; every other forward of the same model
+(padded rows, generation, shared-prompt rows) keeps its own attention. Gradient checkpointing
+recomputes under the attention of the forward (rlhf/models/checkpointing.py).
 """
 
 from __future__ import annotations
@@ -40,15 +39,10 @@ def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: (batch, heads, seq, dim) in, (batch, seq,
-    heads, dim) out."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    heads, dim) out; one padding-free row and its examples' lengths (`segment_kwargs`)."""
     bounds = kwargs.get("cu_seq_lens_q")
-    if (bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]
-            or getattr(module, "sliding_window", None) or kwargs.get("softcap") is not None
-            or kwargs.get("position_bias") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if bounds is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        raise RuntimeError("a padding-free forward takes one row and its examples' lengths (segment_kwargs)")
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     edges = bounds.tolist()
     lengths = [end - start for start, end in zip(edges[:-1], edges[1:])]
@@ -61,46 +55,18 @@ def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-SEGMENT_SDPA_BY_LENGTHS = "rlhf_segment_sdpa_by_lengths"
-"""What `segment_attention` switches an `sdpa` model to for one padding-free call: the same
-attention, and no mask built at all. transformers would otherwise build the packed row's
-block-diagonal mask, (tokens x tokens) booleans that the lengths make useless: 1 GiB at 32k
-tokens."""
-
-
-def _segment_sdpa_by_lengths(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
-    if kwargs.get("cu_seq_lens_q") is None or query.shape[0] != 1:
-        raise RuntimeError("a padding-free forward takes one row and its examples' lengths (segment_kwargs)")
-    return segment_sdpa_attention(module, query, key, value, None, **kwargs)
-
-
 def _no_mask(*args, **kwargs) -> None:
     return None
 
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     if SEGMENT_SDPA in AttentionInterface._global_mapping:
         return
     AttentionInterface.register(SEGMENT_SDPA, segment_sdpa_attention)
-    # The same masks as sdpa for the calls that carry no lengths.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_SDPA, sdpa_mask)
-    AttentionInterface.register(SEGMENT_SDPA_BY_LENGTHS, _segment_sdpa_by_lengths)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_SDPA_BY_LENGTHS, _no_mask)
-
-
-def use_segment_attention(model: torch.nn.Module) -> bool:
-    """Switch a model that attends with `sdpa` to `rlhf_segment_sdpa`; True when it did.
-    The switch is not saved with the model (transformers keeps it out of config.json)."""
-    config = getattr(model, "config", None)
-    if config is None or not _sdpa_switchable(config):
-        return False
-    _register()
-    model.set_attn_implementation(SEGMENT_SDPA)
-    return True
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENT_SDPA, _no_mask)
 
 
 def segment_kwargs(lengths: list[int], device: torch.device) -> dict:
@@ -120,22 +86,23 @@ def _sdpa_switchable(config) -> bool:
 
 
 def takes_segments(config) -> bool:
-    """A model with this config can forward a padding-free row: its attention reads the
-    examples' lengths, or is `sdpa` that `segment_attention` switches for the call."""
+    """A model with this config attends within each example of a padding-free row without a
+    mask: its attention reads the examples' lengths, or is `sdpa` that `segment_attention`
+    switches for the call."""
     return getattr(config, "_attn_implementation", None) in LENGTH_AWARE_ATTENTION or _sdpa_switchable(config)
 
 
 @contextlib.contextmanager
 def segment_attention(config) -> Iterator[None]:
     """Inside, an `sdpa` model attends as `rlhf_segment_sdpa` (once per example of a
-    padding-free row, every call with the lengths, no mask built); any other implementation is
-    left as it is. Switched for the call only, as `shared_prompt_attention` does, so the model's
-    other forwards (padded rows, shared-prompt rows, generation) keep their own attention."""
+    padding-free row, no mask built); any other implementation is left as it is. Switched for
+    the call only, as `shared_prompt_attention` does, so the model's other forwards keep their
+    own attention, and nothing of the switch reaches a saved config.json."""
     if not _sdpa_switchable(config):
         yield
         return
     _register()
-    config._attn_implementation = SEGMENT_SDPA_BY_LENGTHS
+    config._attn_implementation = SEGMENT_SDPA
     try:
         yield
     finally:

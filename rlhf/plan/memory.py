@@ -389,7 +389,7 @@ def _ppo_components(cfg, shapes: dict, workers: int, device_type: str, answers: 
     if cfg.uses_critic:
         rows += _pass("critic train", "critic", critic, micro, seq, 0, critic_width, critic_cfg, True)
     # The experience step scores this worker's rollout in pieces of ppo.micro_batch_size rows
-    # (rlhf/roles/roles.py ScoringBatches), so its peak follows the piece, not the rollout.
+    # (rlhf/roles/roles.py RoleForwards), so its peak follows the piece, not the rollout.
     piece = min(micro, rollout)
     piece_logits = piece * logit_tokens
     rows += _pass("actor log-probs", "actor", actor, piece, seq, piece_logits, actor_width, cfg.model, False)

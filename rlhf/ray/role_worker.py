@@ -20,7 +20,7 @@ from rlhf.kernels import configure_process
 from rlhf.models.loading import load_tokenizer
 from rlhf.ray.stage_worker import WorkerBase, node_ip
 from rlhf.roles.build import build_actor, build_critic, build_reference, build_reward_model
-from rlhf.roles.team import scoring_batches
+from rlhf.roles.team import role_forwards
 from rlhf.rollout.engine import SamplingParams
 from rlhf.rollout.types import Experience, Rollout
 
@@ -54,7 +54,7 @@ class RoleWorker(WorkerBase):
         else:
             self.model = build_reward_model(cfg, self.world)
         # This worker's share of a rollout is scored in pieces of ppo.micro_batch_size, as LocalRoles does.
-        self.model.scoring = scoring_batches(cfg)
+        self.model.forwards = role_forwards(cfg)
 
     # -- forwards ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int | None,

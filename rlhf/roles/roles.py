@@ -6,7 +6,7 @@ reproducible. A trained role updates on its share of every global mini-batch
 (rlhf/training/ppo.py), so the same experience gives the same update on any number of workers.
 
 Their scoring forwards (log-probs, values, reward-model scores of a whole rollout) run in pieces
-of `scoring.size` rows (`ScoringBatches`, ppo.micro_batch_size in PPO), so that the activations
+of `forwards.size` rows (`RoleForwards`, ppo.micro_batch_size in PPO), so that the activations
 and the (rows, response, vocabulary) logits of that phase are those of one micro-batch however
 large the rollout batch is.
 """
@@ -33,10 +33,12 @@ from rlhf.roles.update import (Means, PhaseTimes, PolicyLossSettings, actor_loss
 
 
 @dataclass(frozen=True)
-class ScoringBatches:
-    """How a role's scoring forward splits a rollout batch. The default, one forward over the
-    whole batch, is what a caller that builds a role by hand gets; PPO's roles get
-    ppo.micro_batch_size and the group size (rlhf/roles/team.py, rlhf/ray/role_worker.py)."""
+class RoleForwards:
+    """How a role forwards rollout rows: how its scoring forward splits a rollout batch, and
+    whether its scoring and training forwards drop the rows' padding. The default, one padded
+    forward over the whole batch, is what a caller that builds a role by hand gets; PPO's roles
+    get ppo.micro_batch_size, the group size and ppo.padding_free (rlhf/roles/team.py,
+    rlhf/ray/role_worker.py)."""
 
     size: int | None = None
     """Most rows per forward; None: the whole batch in one forward."""
@@ -78,7 +80,7 @@ class ScoringBatches:
         return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
 
-def in_pieces(forward: Callable[[Rollout], torch.Tensor], rollout: Rollout, batches: ScoringBatches,
+def in_pieces(forward: Callable[[Rollout], torch.Tensor], rollout: Rollout, batches: RoleForwards,
               strategy=None) -> torch.Tensor:
     """`forward(rollout)` ((batch,) or (batch, response_length)) computed piece by piece
     (`batches.slices`). Each piece is trimmed of the columns that are padding in all of its
@@ -127,7 +129,7 @@ class Actor:
         self.loss, self.aggregation_constant = loss, aggregation_constant
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
         self.ptx_coef, self.ptx_batch = ptx_coef, ptx_batch
-        self.scoring = ScoringBatches()
+        self.forwards = RoleForwards()
         """How `logprobs` splits a rollout (whole, unless the builder of the PPO roles sets it)."""
         self.engine_current = not getattr(engine, "needs_sync", False)
         """The engine samples from the trained weights as they are now. An engine with its own
@@ -167,13 +169,13 @@ class Actor:
     @torch.no_grad()
     def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
         """(batch, response) log-probs under softmax(logits / T), T the rollout temperature
-        unless given; in pieces of `scoring`."""
+        unless given; in pieces of `forwards`."""
         temperature = temperature or self.temperature
         self.trained.module.eval()
         try:
             return in_pieces(lambda part: policy_logprobs(self.trained.module, part, temperature,
-                                                          padding_free=self.scoring.padding_free)[0],
-                             rollout, self.scoring, self.strategy)
+                                                          padding_free=self.forwards.padding_free)[0],
+                             rollout, self.forwards, self.strategy)
         finally:
             self.trained.module.train()
 
@@ -196,7 +198,7 @@ class Actor:
                     part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
                     logprobs, entropy = policy_logprobs(self.trained.module, part.rollout, self.temperature,
                                                         with_entropy=True, entropy_grad=settings.entropy_coef != 0,
-                                                        padding_free=self.scoring.padding_free)
+                                                        padding_free=self.forwards.padding_free)
                     loss, stats = actor_loss(logprobs, entropy, part, kl_coef, settings, denominator)
                     strategy.backward(self.trained, loss)
                 means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
@@ -221,7 +223,7 @@ class Critic:
         disable_dropout(trained.module)
         self.trained, self.value_clip_eps = trained, value_clip_eps
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
-        self.scoring = ScoringBatches()
+        self.forwards = RoleForwards()
         """How `values` splits a rollout (whole, unless the builder of the PPO roles sets it)."""
 
     @property
@@ -230,11 +232,11 @@ class Critic:
 
     @torch.no_grad()
     def values(self, rollout: Rollout) -> torch.Tensor:
-        """(batch, response) values, in pieces of `scoring`."""
+        """(batch, response) values, in pieces of `forwards`."""
         self.trained.module.eval()
         try:
-            return in_pieces(lambda part: response_values(self.trained.module, part, self.scoring.padding_free),
-                             rollout, self.scoring, self.strategy)
+            return in_pieces(lambda part: response_values(self.trained.module, part, self.forwards.padding_free),
+                             rollout, self.forwards, self.strategy)
         finally:
             self.trained.module.train()
 
@@ -250,7 +252,7 @@ class Critic:
             for index in mini_batch.micro_batches:
                 with clock.phase("forward_backward"):
                     part = experience.select(index.to(experience.rollout.sequences.device)).trimmed()
-                    values = response_values(self.trained.module, part.rollout, self.scoring.padding_free)
+                    values = response_values(self.trained.module, part.rollout, self.forwards.padding_free)
                     loss, stats = critic_loss(values, part, self.value_clip_eps, tokens)
                     strategy.backward(self.trained, loss)
                 means.add("ppo/", weight=float(part.rollout.response_mask.sum()), **stats)
@@ -262,7 +264,7 @@ class Critic:
 
 
 class Reference:
-    def __init__(self, model: torch.nn.Module, temperature: float, scoring: ScoringBatches | None = None,
+    def __init__(self, model: torch.nn.Module, temperature: float, forwards: RoleForwards | None = None,
                  world=None):
         """`world`: the workers that score together; where it shards `model` its forwards are
         collectives, and the workers agree on their number (`in_pieces`)."""
@@ -270,38 +272,38 @@ class Reference:
         model.eval()  # not chained: a DeepSpeed engine's eval() returns None
         self.model = model.requires_grad_(False)
         self.temperature = temperature
-        self.scoring = scoring or ScoringBatches()
+        self.forwards = forwards or RoleForwards()
         self.world = world
 
     @torch.no_grad()
     def logprobs(self, rollout: Rollout, temperature: float | None = None) -> torch.Tensor:
-        """(batch, response) log-probs under softmax(logits / T), in pieces of `scoring`."""
+        """(batch, response) log-probs under softmax(logits / T), in pieces of `forwards`."""
         temperature = temperature or self.temperature
         try:
             return in_pieces(lambda part: policy_logprobs(self.model, part, temperature,
-                                                          padding_free=self.scoring.padding_free)[0],
-                             rollout, self.scoring, self.world)
+                                                          padding_free=self.forwards.padding_free)[0],
+                             rollout, self.forwards, self.world)
         finally:
             reshard_frozen(self.model)
 
 
 class RewardModel:
-    def __init__(self, model: torch.nn.Module, stats: RewardStats | None, scoring: ScoringBatches | None = None,
+    def __init__(self, model: torch.nn.Module, stats: RewardStats | None, forwards: RoleForwards | None = None,
                  world=None):
         """`world` as for `Reference`."""
         disable_dropout(model)
         model.eval()  # not chained: a DeepSpeed engine's eval() returns None
         self.model = model.requires_grad_(False)
         self.stats = stats
-        self.scoring = scoring or ScoringBatches()
+        self.forwards = forwards or RoleForwards()
         self.world = world
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> torch.Tensor:
         """(batch,) raw scores, read at the last response token (EOS, or the last token of a
-        truncated response), never at padding; in pieces of `scoring`."""
+        truncated response), never at padding; in pieces of `forwards`."""
         try:
-            return in_pieces(lambda part: response_scores(self.model, part, self.scoring.padding_free), rollout,
-                             self.scoring, self.world)
+            return in_pieces(lambda part: response_scores(self.model, part, self.forwards.padding_free), rollout,
+                             self.forwards, self.world)
         finally:
             reshard_frozen(self.model)

@@ -19,7 +19,7 @@ from rlhf.data.prompt_dataset import PromptBatch
 from rlhf.distributed.strategy import Strategy, TrainedModel
 from rlhf.roles.build import build_actor, build_critic, build_reference, build_reward_model
 from rlhf.roles.rewards import RewardSources
-from rlhf.roles.roles import Actor, Critic, Reference, ScoringBatches
+from rlhf.roles.roles import Actor, Critic, Reference, RoleForwards
 from rlhf.rollout.engine import SamplingParams
 from rlhf.rollout.gather import gather_scored, local_rows
 from rlhf.rollout.types import Experience, Rollout, Scored
@@ -30,7 +30,7 @@ def score(rollout: Rollout, actor: Actor, reference: Reference | None, critic: C
     """Everything the roles compute for a rollout before rewards. The sampler's own log-probs
     are π_old on these tokens (`reuse_logprobs`): no second actor forward. Without a reference
     (kl.coef = 0) the KL is zero; without a critic (a critic-free advantage) the values are.
-    Each role's forward runs in pieces of its `scoring` (`scoring_batches`), so the phase's
+    Each role's forward runs in pieces of its `forwards` (`role_forwards`), so the phase's
     peak memory is that of one micro-batch, not of the rollout batch."""
     # Reward functions and a reward service run meanwhile (worker processes, a socket).
     pending = rewards.start(rollout, prompts.texts, prompts.fields)
@@ -42,12 +42,12 @@ def score(rollout: Rollout, actor: Actor, reference: Reference | None, critic: C
     return Scored(rollout, logprobs, ref_logprobs, values, mixed, sources)
 
 
-def scoring_batches(cfg: PPOConfig) -> ScoringBatches:
+def role_forwards(cfg: PPOConfig) -> RoleForwards:
     """How every PPO role forwards a rollout: its scoring forwards in pieces of
     ppo.micro_batch_size answers, cut between groups of answers to one prompt where that fits,
     and every forward padding-free with ppo.padding_free (the roles' builders in
     rlhf/roles/build.py serve other callers too and leave it whole and padded)."""
-    return ScoringBatches(cfg.ppo.micro_batch_size, cfg.rollout.n_samples_per_prompt, cfg.ppo.padding_free)
+    return RoleForwards(cfg.ppo.micro_batch_size, cfg.rollout.n_samples_per_prompt, cfg.ppo.padding_free)
 
 
 class LocalRoles:
@@ -65,7 +65,7 @@ class LocalRoles:
         self.actor = build_actor(cfg, strategy, tokenizer)
         for role in (self.actor, self.critic, self.reference, self.reward_model):
             if role is not None:
-                role.scoring = scoring_batches(cfg)
+                role.forwards = role_forwards(cfg)
         self.nodes = None  # all the roles live in this process
 
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams, seed: int) -> Rollout:

@@ -15,7 +15,6 @@ from rlhf.kernels import fused_head
 from rlhf.kernels.cpu_linear import use_cpu_linears
 from rlhf.kernels.fused_head import LossHead, TiedEmbedding, loss_head, use_fused_head_loss
 from rlhf.models.lora import apply_lora
-from rlhf.models.segments import use_segment_attention
 from rlhf.kernels.lm_loss import lm_forward_nll
 
 CONFIGS = {  # llama-tied's embedding has a padding row (its lookup gets no gradient)
@@ -52,8 +51,6 @@ def test_loss_and_every_gradient_equal_full_logits(name, padding_free):
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(CONFIGS[name]).eval()  # no dropout: both sides equal
     use_cpu_linears(plain)
-    if padding_free:
-        use_segment_attention(plain)
     fused = copy.deepcopy(plain)
     assert use_fused_head_loss(fused)
     batch = _batch(padding_free)

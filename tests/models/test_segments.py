@@ -1,5 +1,5 @@
 """Padding-free rows: the loss and every gradient equal the padded batch's, attention runs once
-per example, and models it cannot serve fall back to an exact mask."""
+per example without a mask, and models it cannot serve fall back to an exact mask."""
 
 import json
 
@@ -9,7 +9,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Mistral
 
 from rlhf.data.sft_dataset import IGNORE_INDEX, SFTBatches, SFTExample, collate_padded, collate_padding_free
 from rlhf.models import segments
-from rlhf.models.segments import SEGMENT_SDPA, use_segment_attention
+from rlhf.models.segments import SEGMENT_SDPA, takes_segments
 from rlhf.kernels.lm_loss import lm_forward_nll
 
 LLAMA_GQA = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -47,20 +47,18 @@ def test_padding_free_row_layout():
 
 @pytest.mark.parametrize("config,implementation", [
     (LLAMA_GQA, "segments"),  # rlhf_segment_sdpa, grouped KV heads
-    (LLAMA_GQA, "sdpa"),      # left on sdpa: transformers' block-diagonal mask
-    (LLAMA_GQA, "eager"),
+    (LLAMA_GQA, "eager"),     # transformers' block-diagonal mask
     (Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128), "segments"),  # q/k/v biases
     (GPT2Config(vocab_size=97, n_positions=128, n_embd=32, n_layer=2, n_head=4), "segments"),  # learned positions
     (MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=128, sliding_window=8), "window"),  # window < example
-], ids=["llama", "llama-sdpa-mask", "llama-eager", "qwen2", "gpt2", "mistral-window"])
+], ids=["llama", "llama-eager", "qwen2", "gpt2", "mistral-window"])
 def test_padding_free_loss_and_gradients_equal_padded(config, implementation):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager" if implementation == "eager" else "sdpa")
     model.eval()  # GPT-2's dropout off; gradients still flow
-    switched = use_segment_attention(model) if implementation in ("segments", "window") else False
-    assert switched == (implementation == "segments")  # a sliding window stays in sdpa's mask
+    assert takes_segments(model.config) == (implementation == "segments")  # a sliding window stays in sdpa's mask
     examples = _examples(config.vocab_size)
     padded_nll, padded_n, padded_grads = _loss_and_grads(model, collate_padded(examples, pad_token_id=0))
     free_nll, free_n, free_grads = _loss_and_grads(model, collate_padding_free(examples))
@@ -74,7 +72,6 @@ def test_padding_free_loss_and_gradients_equal_padded(config, implementation):
 def test_attention_runs_once_per_example(monkeypatch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LLAMA_GQA, attn_implementation="sdpa")
-    assert use_segment_attention(model)
     calls = []
     plain = torch.nn.functional.scaled_dot_product_attention
 
@@ -88,9 +85,10 @@ def test_attention_runs_once_per_example(monkeypatch):
     lengths = [len(e.input_ids) for e in examples]
     # Two layers, each one causal call per example, with no mask.
     assert calls == [(n, n, True, True) for _ in range(2) for n in lengths]
+    assert model.config._attn_implementation == "sdpa"  # switched for the call only
 
 
-def test_calls_without_lengths_and_exports_keep_plain_sdpa(tmp_path):
+def test_a_padding_free_call_leaves_the_models_attention_and_exports_as_they_were(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LLAMA_GQA, attn_implementation="sdpa").eval()
     ids = torch.randint(0, LLAMA_GQA.vocab_size, (2, 9))
@@ -98,7 +96,8 @@ def test_calls_without_lengths_and_exports_keep_plain_sdpa(tmp_path):
     mask[1, :3] = 0  # left padding
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
-        assert use_segment_attention(model) and model.config._attn_implementation == SEGMENT_SDPA
+        lm_forward_nll(model, collate_padding_free(_examples(LLAMA_GQA.vocab_size)))
+        assert model.config._attn_implementation == "sdpa"
         after = model(input_ids=ids, attention_mask=mask).logits
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
@@ -106,7 +105,26 @@ def test_calls_without_lengths_and_exports_keep_plain_sdpa(tmp_path):
     model.save_pretrained(tmp_path)
     assert SEGMENT_SDPA not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
     eager = AutoModelForCausalLM.from_config(LLAMA_GQA, attn_implementation="eager")
-    assert not use_segment_attention(eager) and eager.config._attn_implementation == "eager"
+    assert not takes_segments(eager.config)
+
+
+def test_a_padding_free_sft_forward_builds_no_mask_over_the_row():
+    """transformers would build the row's (tokens x tokens) block-diagonal mask from the
+    restarting positions; the switched attention builds none."""
+    from rlhf.logging.perf import LargestTensor
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LLAMA_GQA, attn_implementation="sdpa").eval()
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for prompt, answer in ((300, 40), (200, 60), (250, 30)):
+        ids = torch.randint(0, LLAMA_GQA.vocab_size, (prompt + answer,), generator=generator).tolist()
+        examples.append(SFTExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    row = collate_padding_free(examples)
+    tokens = row.input_ids.shape[1]
+    with torch.no_grad(), LargestTensor() as largest:
+        lm_forward_nll(model, row)
+    assert largest.bytes < tokens * tokens // 2  # the mask: tokens² bytes
 
 
 def test_padding_free_batches_hold_the_padded_batches_examples():

@@ -61,6 +61,23 @@ def test_packed_group_forward_gives_the_plain_log_probs_entropy_and_gradients(mo
         torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_checkpointed_layers_recompute_the_shared_prompt_rows_as_the_forward_did(tiny_model_dir, monkeypatch):
+    """Backward re-runs a checkpointed layer after `shared_prompt_attention` has switched the
+    attention back; the recomputation must still attend block by block."""
+    from rlhf.config_sections import ModelConfig
+    from rlhf.models.loading import load_causal_lm
+
+    checkpointed = load_causal_lm(ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=True),
+                                  torch.device("cpu"))
+    checkpointed.train()  # transformers checkpoints only in training mode; the tiny model has no dropout
+    rollout = group_rollout(checkpointed.config.vocab_size)
+    packed = logprobs_and_grads(checkpointed, rollout, True, monkeypatch)
+    plain = logprobs_and_grads(checkpointed, rollout, False, monkeypatch)
+    torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-5)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(packed[2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_packing_is_chosen_only_where_it_pays_and_the_model_takes_the_mask(model, tiny_model_dir):
     rollout = group_rollout(model.config.vocab_size)
     # Four prompts for eight rows, prompts longer than the answers: packed.

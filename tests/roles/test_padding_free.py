@@ -152,3 +152,22 @@ def test_a_padding_free_forward_builds_no_mask_over_the_packed_row(lm, rollout_o
         padded, _ = policy_logprobs(lm, rollout, 1.0, padding_free=False)
     response_mask = rollout.response_mask
     torch.testing.assert_close(free * response_mask, padded * response_mask, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpointed_layers_recompute_with_the_forwards_attention(tiny_model_dir, padded_rollout):
+    """With gradient checkpointing, backward re-runs each layer's forward after the padding-free
+    call has switched the attention back: it must attend per example as the forward did, or the
+    packed row's examples would see each other and the gradients be silently wrong."""
+    from rlhf.config_sections import ModelConfig
+    from rlhf.models.loading import load_causal_lm
+
+    checkpointed = load_causal_lm(ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=True),
+                                  torch.device("cpu"))
+    checkpointed.train()  # transformers checkpoints only in training mode; the tiny model has no dropout
+    assert checkpointed.is_gradient_checkpointing
+    rollout = padded_rollout(checkpointed.config.vocab_size, seed=4)
+    free = logprobs_and_grads(checkpointed, rollout, padding_free=True)
+    padded = logprobs_and_grads(checkpointed, rollout, padding_free=False)
+    torch.testing.assert_close(free[0], padded[0], rtol=1e-5, atol=1e-5)
+    for name, grad in padded[2].items():
+        assert_close_to_scale(free[2][name], grad, name)

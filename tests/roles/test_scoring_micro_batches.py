@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from rlhf.logging.perf import LargestTensor
 from rlhf.distributed.strategy import TrainedModel
 from rlhf.roles import forward, roles
-from rlhf.roles.roles import Actor, Critic, Reference, RewardModel, ScoringBatches
+from rlhf.roles.roles import Actor, Critic, Reference, RewardModel, RoleForwards
 from rlhf.roles.update import PolicyLossSettings
 from rlhf.rollout.types import Rollout
 
@@ -69,13 +69,13 @@ class Forwards:
     (1, 1, 1, 2, [(0, 1), (1, 1)]),                          # fewer rows than pieces: an empty one
 ])
 def test_pieces_are_cut_between_groups_where_the_micro_batch_allows(rows, size, group, pieces, expected):
-    slices = ScoringBatches(size, group).slices(rows, pieces)
+    slices = RoleForwards(size, group).slices(rows, pieces)
     assert [(s.start, s.stop) for s in slices] == expected
 
 
 def test_fewer_pieces_than_the_batch_needs_are_refused():
     with pytest.raises(ValueError, match="need 3 pieces"):
-        ScoringBatches(8, 1).slices(20, 2)
+        RoleForwards(8, 1).slices(20, 2)
 
 
 @pytest.mark.parametrize("size, group", [(8, 4), (6, 4), (3, 4), (5, 1)])
@@ -87,10 +87,10 @@ def test_reference_log_probs_in_pieces_equal_the_whole_batch(lm, monkeypatch, si
     real_rows = forward.shared_prompt_rows
     monkeypatch.setattr(forward, "shared_prompt_rows", lambda m, r: packed.append(real_rows(m, r)) or packed[-1])
     calls = Forwards(monkeypatch, "policy_logprobs")
-    pieces = Reference(lm, temperature=0.7, scoring=ScoringBatches(size, group)).logprobs(rollout)
+    pieces = Reference(lm, temperature=0.7, forwards=RoleForwards(size, group)).logprobs(rollout)
     assert pieces.shape == whole.shape
     torch.testing.assert_close(pieces * mask, whole, rtol=1e-5, atol=1e-5)
-    expected = ScoringBatches(size, group).slices(24)
+    expected = RoleForwards(size, group).slices(24)
     assert [rows for rows, _ in calls.shapes] == [s.stop - s.start for s in expected]
     if group == 4 and size >= group:  # whole groups in every piece: each is packed behind one copy of its prompts
         assert len(packed) == len(expected) and all(p is not None for p in packed)
@@ -105,13 +105,13 @@ def test_critic_values_and_reward_scores_in_pieces_equal_the_whole_batch(scalar,
     critic = Critic(TrainedModel(scalar, None, None), None, mini_batch_size=8, micro_batch_size=8)
     whole_values, whole_scores = critic.values(rollout) * mask, RewardModel(scalar, None).scores(rollout)
     values_calls, scores_calls = Forwards(monkeypatch, "response_values"), Forwards(monkeypatch, "response_scores")
-    critic.scoring = ScoringBatches(size, group)
+    critic.forwards = RoleForwards(size, group)
     values = critic.values(rollout)
-    scores = RewardModel(scalar, None, scoring=ScoringBatches(size, group)).scores(rollout)
+    scores = RewardModel(scalar, None, forwards=RoleForwards(size, group)).scores(rollout)
     assert values.shape == whole_values.shape and scores.shape == whole_scores.shape == (24,)
     torch.testing.assert_close(values * mask, whole_values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores, whole_scores, rtol=1e-5, atol=1e-5)
-    pieces = len(ScoringBatches(size, group).slices(24))
+    pieces = len(RoleForwards(size, group).slices(24))
     assert len(values_calls.shapes) == len(scores_calls.shapes) == pieces > 1
     assert max(rows for rows, _ in values_calls.shapes + scores_calls.shapes) <= size
 
@@ -140,9 +140,9 @@ def test_sharded_actor_workers_run_as_many_forwards_as_the_busiest(tiny_model_di
                   mini_batch_size=8, micro_batch_size=4)
     whole = Reference(module, 0.7).logprobs(rollout) * mask
     calls = Forwards(monkeypatch, "policy_logprobs")
-    actor.scoring = ScoringBatches(4, 2)
+    actor.forwards = RoleForwards(4, 2)
     logprobs = actor.logprobs(rollout)
-    assert strategy.asked == [({"pieces": float(len(ScoringBatches(4, 2).slices(rows)))}, "max")]
+    assert strategy.asked == [({"pieces": float(len(RoleForwards(4, 2).slices(rows)))}, "max")]
     assert len(calls.shapes) == pieces
     torch.testing.assert_close(logprobs * mask, whole, rtol=1e-5, atol=1e-5)
     assert module.training  # back in training mode after scoring
@@ -212,12 +212,12 @@ def test_scoring_memory_does_not_grow_with_the_rollout_batch(tmp_path, quickstar
 
 def test_the_whole_batch_forward_grew_with_the_rollout_batch(tmp_path, quickstart_data, tiny_model_dir):
     """The measure above tells the two apart: with every role scoring the whole batch at once
-    (ScoringBatches(), what the code did before issue 24) 64 rows allocate 8 times the logits."""
+    (RoleForwards(), what the code did before issue 24) 64 rows allocate 8 times the logits."""
     team = ppo_roles(tmp_path, quickstart_data, tiny_model_dir)
     try:
         for role in (team.actor, team.reference, team.critic, team.reward_model):
-            assert role.scoring == ScoringBatches(8, 4, padding_free=True)  # LocalRoles: ppo.micro_batch_size, the group, ppo.padding_free
-            role.scoring = ScoringBatches()
+            assert role.forwards == RoleForwards(8, 4, padding_free=True)  # LocalRoles: ppo.micro_batch_size, the group, ppo.padding_free
+            role.forwards = RoleForwards()
         small = group_rollout(2, 4, team.reference.model.config.vocab_size, seed=3, short=0).trimmed()
         small_bytes, _ = largest_scoring_tensor(team, small)
         large_bytes, _ = largest_scoring_tensor(team, small.select(torch.arange(64) % 8))
