@@ -140,3 +140,22 @@ def test_padding_free_batches_hold_the_padded_batches_examples():
     rows = [packed.batch(0, i) for i in range(len(packed))]
     assert all(r.input_ids.shape[0] == 1 and r.attention_mask is None for r in rows)
     assert sorted(n for r in rows for n in r.segment_lengths) == sorted(len(e.input_ids) for e in examples)
+
+
+def test_checkpointed_sft_rows_recompute_per_example(tmp_path):
+    """The SFT model is switched to per-example attention for the padding-free call only; with
+    gradient checkpointing its layers' recomputation in backward must attend the same way."""
+    from rlhf.config_sections import ModelConfig
+    from rlhf.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LLAMA_GQA, attn_implementation="sdpa").save_pretrained(tmp_path)
+    model = load_causal_lm(ModelConfig(path=str(tmp_path), gradient_checkpointing=True), torch.device("cpu"))
+    model.train()  # transformers checkpoints only in training mode; this config has no dropout
+    assert model.is_gradient_checkpointing and takes_segments(model.config)
+    examples = _examples(LLAMA_GQA.vocab_size)
+    padded_nll, _, padded_grads = _loss_and_grads(model, collate_padded(examples, pad_token_id=0))
+    free_nll, _, free_grads = _loss_and_grads(model, collate_padding_free(examples))
+    torch.testing.assert_close(free_nll, padded_nll, rtol=1e-5, atol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(free_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
