@@ -153,7 +153,8 @@ class KernelsConfig:
 
     cpu_matmul: str = "auto"
     """[RLHF_CPU_MATMUL] Linear layers on the CPU: onednn, blas (PyTorch's default), or auto:
-    oneDNN on a non-Intel CPU with AVX-512, where MKL leaves the wide units unused."""
+    oneDNN on a non-Intel CPU with AVX-512, where MKL leaves the wide units unused. Decode
+    steps pack their weights for oneDNN under auto and onednn on any CPU; blas: never."""
     tune_host_memory: bool = True
     """[RLHF_TUNE_HOST_MEMORY] glibc's malloc kept from faulting in fresh pages every step
     (rlhf/kernels/host_memory.py); off: glibc's defaults."""
