@@ -8,6 +8,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from rlhf.rollout.decode import DecodeEngine
 from rlhf.rollout.engine import SamplingParams, left_pad
+from rlhf.kernels import onednn, skinny
 from rlhf.kernels.llama_step import LlamaDecodeStep
 from rlhf.models.autocast import use_autocast
 
@@ -20,11 +21,18 @@ def tiny_llama(**overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("bias,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.bfloat16),
-                                        (True, "autocast")])
-def test_step_logits_equal_the_models_forward_as_rows_leave(bias, dtype):
+@pytest.mark.parametrize("bias,dtype,packed", [(False, torch.float32, False), (True, torch.float32, False),
+                                               (True, torch.float32, True), (False, torch.bfloat16, False),
+                                               (True, "autocast", False)])
+def test_step_logits_equal_the_models_forward_as_rows_leave(bias, dtype, packed, monkeypatch):
     """"autocast": fp32 weights computing in bf16 (mixed precision, rlhf/models/autocast.py);
-    the step casts its weights once and runs in bf16, the model's forward under autocast."""
+    the step casts its weights once and runs in bf16, the model's forward under autocast.
+    `packed`: every weight in oneDNN's blocked layout, as SmolLM2-sized ones are on a CPU."""
+    if packed:
+        if not onednn._packing_for("auto"):
+            pytest.skip("this torch build has no oneDNN linear")
+        monkeypatch.setattr(skinny, "PACKED_MIN_WEIGHT", 256)  # the tiny model's weights are all above it
+        monkeypatch.setattr(onednn, "decode_packing_enabled", lambda: True)
     model = tiny_llama(attention_bias=bias, mlp_bias=bias)
     if bias:  # biases start at zero: give them values so a dropped bias shows
         for name, param in model.named_parameters():
@@ -47,6 +55,8 @@ def test_step_logits_equal_the_models_forward_as_rows_leave(bias, dtype):
         expected = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=theirs,
                          use_cache=True).logits[:, -1]
     step = LlamaDecodeStep(model, compute)
+    products = [step.head, step.layers[0].qkv, step.layers[0].gate_up, step.layers[0].out.keywords.get("product", step.layers[0].out)]
+    assert all((p.func is onednn.packed_linear) == packed for p in products)
     torch.testing.assert_close(step.prefill(ids, mask, max_new_tokens=6), expected, rtol=tolerance, atol=tolerance)
     attention, next_position = mask, positions[:, -1] + 1
     generator = torch.Generator().manual_seed(0)
