@@ -53,7 +53,7 @@ def onednn_enabled() -> bool:
 
 @functools.cache
 def _onednn_for(choice: str) -> bool:
-    if choice == "blas" or not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if choice == "blas" or not _has_onednn_linear():
         return False
     if choice == "onednn":
         return True
@@ -68,8 +68,11 @@ def decode_packing_enabled() -> bool:
 
 @functools.cache
 def _packing_for(choice: str) -> bool:
-    return (choice != "blas" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return choice != "blas" and _has_onednn_linear() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _has_onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -5,9 +5,10 @@ weight matrix.
   `few_row_linear` packs each large weight once into oneDNN's blocked layout, where a few rows
   multiply clearly faster than through the transposed product below, also on CPUs whose
   training products stay with MKL.
-- Otherwise (and in `CPULinear`, whose weights change between calls) the product is y = (W · xᵀ)ᵀ instead of y = x · Wᵀ: MKL picks a poor kernel for
-  `x · Wᵀ` when x has few rows and W many, so `W · xᵀ` is several times faster on a
-  vocabulary-sized head and takes a large share off a whole decode step.
+- Otherwise (and in `CPULinear`, whose weights change between calls) the product is
+  y = (W · xᵀ)ᵀ instead of y = x · Wᵀ: MKL picks a poor kernel for `x · Wᵀ` when x has few rows
+  and W many, so `W · xᵀ` is several times faster on a vocabulary-sized head and takes a large
+  share off a whole decode step.
 Both are the same product up to float rounding. GPUs are left alone: their GEMMs handle
 skinny shapes well. The timings behind both are in BENCHMARKS.md, 'Measurements behind the
 code'.

@@ -21,9 +21,10 @@ import torch
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """transformers' gradient checkpointing (non-reentrant), recomputing under the forward's attention."""
-    configs = {id(c): c for c in (model.config, model.config.get_text_config())}
+    text_config = model.config.get_text_config()
+    configs = [model.config] + ([text_config] if text_config is not model.config else [])
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-        "use_reentrant": False, "context_fn": functools.partial(_recompute_as_forward, list(configs.values()))})
+        "use_reentrant": False, "context_fn": functools.partial(_recompute_as_forward, configs)})
 
 
 def _recompute_as_forward(configs: list) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:

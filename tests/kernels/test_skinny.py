@@ -12,7 +12,6 @@ from rlhf.kernels.skinny import SKINNY_ROWS
 def test_same_outputs_for_few_and_many_rows(monkeypatch):
     monkeypatch.setattr(skinny, "SKINNY_MIN_WEIGHT", 256)  # the 8 x 4 layer stays below it
     monkeypatch.setattr(onednn, "onednn_enabled", lambda: False)  # the BLAS path
-    monkeypatch.setattr(onednn, "decode_packing_enabled", lambda: False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False),
                                 torch.nn.GELU(), torch.nn.Linear(8, 4))
