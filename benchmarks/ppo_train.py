@@ -130,7 +130,8 @@ def variant_switch(roles):
     """A function that puts the roles in a named variant's settings (`default`: as built)."""
     from dataclasses import replace
 
-    built = {role: role.forwards for role in (roles.actor, roles.critic, roles.reference) if role is not None}
+    built = {role: role.forwards for role in (roles.actor, roles.critic, roles.reference, roles.reward_model)
+             if role is not None}
 
     def apply(name: str) -> None:
         for role, forwards in built.items():
